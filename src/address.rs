@@ -1,0 +1,248 @@
+//! Gateway address matching and token extraction.
+//!
+//! A reply arrives at `local+TOKEN@domain`, where `local@domain` is one of the
+//! configured base addresses and `+` any of the configured delimiters (the
+//! same characters as Postfix's `recipient_delimiter`).
+
+use std::fmt;
+
+/// Longest token accepted. An SMTP local part is at most 64 octets (RFC 5321).
+pub const MAX_TOKEN_LEN: usize = 64;
+/// Shortest token accepted: anything shorter cannot carry enough randomness.
+pub const MIN_TOKEN_LEN: usize = 8;
+
+/// A configured base address, kept in lower case for comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseAddress {
+    pub local: String,
+    pub domain: String,
+}
+
+impl BaseAddress {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (local, domain) = s
+            .rsplit_once('@')
+            .ok_or_else(|| format!("`{s}` is not an address of the form local@domain"))?;
+        if local.is_empty() || domain.is_empty() || local.contains(['<', '>', '"', ' ']) || domain.contains(['<', '>', ' ']) {
+            return Err(format!("`{s}` is not an address of the form local@domain"));
+        }
+        Ok(Self {
+            local: local.to_ascii_lowercase(),
+            domain: domain.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl fmt::Display for BaseAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local, self.domain)
+    }
+}
+
+/// What one envelope recipient is, as far as the gateway is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    /// A gateway address carrying a token of valid syntax.
+    Gateway { token: String },
+    /// A bare gateway address: nobody can be identified.
+    GatewayWithoutToken,
+    /// A gateway address whose token has characters or a length no token has.
+    GatewayBadToken,
+    /// Any other recipient: not ours.
+    Other,
+}
+
+/// The configured gateway addresses and delimiters.
+#[derive(Debug, Clone)]
+pub struct GatewayAddresses {
+    bases: Vec<BaseAddress>,
+    delimiters: Vec<char>,
+}
+
+impl GatewayAddresses {
+    pub fn new(bases: Vec<BaseAddress>, delimiters: &str) -> Self {
+        Self {
+            bases,
+            delimiters: delimiters.chars().collect(),
+        }
+    }
+
+    pub fn bases(&self) -> &[BaseAddress] {
+        &self.bases
+    }
+
+    /// Classifies an envelope recipient as Postfix passes it in RCPT
+    /// (`<Calendar+Tok@Example.org>`), or as a bare address.
+    pub fn classify(&self, rcpt: &str) -> Recipient {
+        let Some(addr) = strip_envelope(rcpt) else {
+            return Recipient::Other;
+        };
+        let Some((local, domain)) = addr.rsplit_once('@') else {
+            return Recipient::Other;
+        };
+        let local = unquote(local);
+        for base in &self.bases {
+            if !domain.eq_ignore_ascii_case(&base.domain) {
+                continue;
+            }
+            if local.eq_ignore_ascii_case(&base.local) {
+                return Recipient::GatewayWithoutToken;
+            }
+            let n = base.local.len();
+            // The base local part is ASCII-lower-cased, so a byte prefix check is exact.
+            if local.len() > n
+                && local.is_char_boundary(n)
+                && local[..n].eq_ignore_ascii_case(&base.local)
+            {
+                let mut rest = local[n..].chars();
+                if let Some(d) = rest.next() {
+                    if self.delimiters.contains(&d) {
+                        let token = rest.as_str();
+                        return if valid_token_syntax(token) {
+                            Recipient::Gateway {
+                                token: token.to_owned(),
+                            }
+                        } else {
+                            Recipient::GatewayBadToken
+                        };
+                    }
+                }
+            }
+        }
+        Recipient::Other
+    }
+}
+
+/// Removes angle brackets and a source route (`<@a,@b:user@c>`).
+fn strip_envelope(rcpt: &str) -> Option<&str> {
+    let s = rcpt.trim();
+    let s = s.strip_prefix('<').map(|s| s.strip_suffix('>').unwrap_or(s)).unwrap_or(s);
+    let s = match s.starts_with('@') {
+        true => s.split_once(':').map(|(_, a)| a)?,
+        false => s,
+    };
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+fn unquote(local: &str) -> &str {
+    match local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => inner,
+        _ => local,
+    }
+}
+
+/// Token syntax: 8 to 64 characters of letters, digits, `-`, `_`, `.`, `=`.
+/// Covers CalendarServer's UUIDs and base32/base64url tokens; rejects
+/// anything that could smuggle further address syntax or log noise.
+pub fn valid_token_syntax(token: &str) -> bool {
+    (MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+}
+
+/// A token shortened for logs: tokens are capabilities and never logged in full.
+pub fn token_prefix(token: &str) -> String {
+    let prefix: String = token.chars().take(8).collect();
+    if prefix.len() < token.len() {
+        format!("{prefix}…")
+    } else {
+        prefix
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw() -> GatewayAddresses {
+        GatewayAddresses::new(
+            vec![
+                BaseAddress::parse("calendar@example.org").unwrap(),
+                BaseAddress::parse("Replies@Example.NET").unwrap(),
+            ],
+            "+-",
+        )
+    }
+
+    const UUID: &str = "8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81";
+
+    #[test]
+    fn token_from_raw_rcpt_keeps_case() {
+        assert_eq!(
+            gw().classify("<Calendar+AbCdEf12-34@Example.ORG>"),
+            Recipient::Gateway {
+                token: "AbCdEf12-34".into()
+            }
+        );
+        assert_eq!(
+            gw().classify(&format!("calendar+{UUID}@example.org")),
+            Recipient::Gateway { token: UUID.into() }
+        );
+    }
+
+    #[test]
+    fn second_address_and_second_delimiter() {
+        assert_eq!(
+            gw().classify(&format!("<replies-{UUID}@example.net>")),
+            Recipient::Gateway { token: UUID.into() }
+        );
+    }
+
+    #[test]
+    fn bare_and_bad_tokens() {
+        let g = gw();
+        assert_eq!(g.classify("<calendar@example.org>"), Recipient::GatewayWithoutToken);
+        assert_eq!(g.classify("<CALENDAR@EXAMPLE.ORG>"), Recipient::GatewayWithoutToken);
+        assert_eq!(g.classify("<calendar+@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(g.classify("<calendar+short@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(g.classify("<calendar+abc%def@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(
+            g.classify(&format!("<calendar+{}@example.org>", "a".repeat(65))),
+            Recipient::GatewayBadToken
+        );
+        assert_eq!(g.classify("<calendar+abcdefgh+ijk@example.org>"), Recipient::GatewayBadToken);
+    }
+
+    #[test]
+    fn others() {
+        let g = gw();
+        for r in [
+            "<alice@example.org>",
+            "<calendarx+abcdefgh@example.org>",
+            "<calendar+abcdefgh@example.com>",
+            "<>",
+            "",
+            "<calendar+abcdefgh>",
+            "<é+abcdefgh@example.org>",
+        ] {
+            assert_eq!(g.classify(r), Recipient::Other, "{r}");
+        }
+    }
+
+    #[test]
+    fn source_route_and_quotes() {
+        assert_eq!(
+            gw().classify("<@relay.example:calendar+abcdefgh@example.org>"),
+            Recipient::Gateway {
+                token: "abcdefgh".into()
+            }
+        );
+        assert_eq!(
+            gw().classify("<\"calendar+abcdefgh\"@example.org>"),
+            Recipient::Gateway {
+                token: "abcdefgh".into()
+            }
+        );
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(token_prefix(UUID), "8e3c0d1a…");
+        assert_eq!(token_prefix("abcdefgh"), "abcdefgh");
+    }
+}

@@ -1,0 +1,169 @@
+//! analyse: raw message → what it is (reply, bounce, other, malformed).
+//! Pure code, no I/O: the milter, `deliver` and `inspect` all run it.
+
+use crate::{
+    itip::{self, Itip},
+    message::{self, DeliveryStatus},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An iTIP REPLY from an attendee.
+    Reply,
+    /// A delivery report saying an invitation could not be delivered.
+    Bounce,
+    /// Mail that is no reply: a person's text, a forwarded invitation, TNEF.
+    Other,
+    /// Calendar data that cannot be read.
+    Malformed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reply => "reply",
+            Self::Bounce => "bounce",
+            Self::Other => "other",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    pub kind: Kind,
+    /// One sentence: why the message is what it is.
+    pub reason: String,
+    pub itip: Option<Itip>,
+    /// The calendar text taken, decoded, as received.
+    pub icalendar: Option<String>,
+    pub bounce: Option<DeliveryStatus>,
+    pub message_id: Option<String>,
+    pub from: Option<String>,
+    pub authentication_results: Option<String>,
+}
+
+impl Analysis {
+    fn new(kind: Kind, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason: reason.into(),
+            itip: None,
+            icalendar: None,
+            bounce: None,
+            message_id: None,
+            from: None,
+            authentication_results: None,
+        }
+    }
+}
+
+/// Analyses one message as it arrived (headers and body).
+pub fn analyse(raw: &[u8]) -> Analysis {
+    let summary = match message::read(raw) {
+        Ok(s) => s,
+        Err(reason) => return Analysis::new(Kind::Malformed, reason),
+    };
+    let mut analysis = classify(&summary);
+    analysis.message_id = summary.message_id;
+    analysis.from = summary.from;
+    analysis.authentication_results = summary.authentication_results;
+    analysis
+}
+
+fn classify(summary: &message::MessageSummary) -> Analysis {
+    if let Some(report) = &summary.report {
+        if report.status.action != "failed" {
+            return Analysis::new(
+                Kind::Other,
+                format!(
+                    "a delivery report with action \"{}\" needs no answer from the calendar",
+                    report.status.action
+                ),
+            );
+        }
+        let mut a = Analysis::new(Kind::Bounce, "delivery of an invitation failed");
+        // The returned invitation, when the report carries it whole.
+        if let Some(part) = report.returned_calendars.first() {
+            a.itip = itip::read(&part.text, part.method_param.as_deref()).ok();
+            a.icalendar = Some(part.text.clone());
+        }
+        a.bounce = Some(report.status.clone());
+        return a;
+    }
+
+    if summary.calendars.is_empty() {
+        if let Some(problem) = summary.undecodable.first() {
+            return Analysis::new(Kind::Malformed, problem.clone());
+        }
+        let reason = if summary.has_tnef {
+            "the reply is in Outlook's TNEF format (winmail.dat), which carries no readable calendar data; \
+             please send it as iCalendar"
+        } else if summary.attached_calendars > 0 {
+            "the calendar data is inside a forwarded message; please answer the invitation with your calendar program"
+        } else {
+            "this address only takes calendar replies and the message has no calendar data; \
+             please write to the organizer directly"
+        };
+        return Analysis::new(Kind::Other, reason);
+    }
+
+    // Google sends the same data twice; take the first readable REPLY, else
+    // the first readable part, else report the first error.
+    let mut first_ok: Option<(Itip, &message::CalendarPart)> = None;
+    let mut first_err: Option<String> = None;
+    for part in &summary.calendars {
+        match itip::read(&part.text, part.method_param.as_deref()) {
+            Ok(i) if i.method.as_deref() == Some("REPLY") => {
+                first_ok = Some((i, part));
+                break;
+            }
+            Ok(i) => {
+                if first_ok.is_none() {
+                    first_ok = Some((i, part));
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let Some((itip, part)) = first_ok else {
+        return Analysis::new(
+            Kind::Malformed,
+            first_err.unwrap_or_else(|| "the calendar data cannot be read".into()),
+        );
+    };
+
+    let mut a = match itip.method.as_deref() {
+        Some("REPLY") if itip.components == 0 => {
+            Analysis::new(Kind::Malformed, "the calendar reply holds no event or task")
+        }
+        Some("REPLY") if itip.uid.is_none() => Analysis::new(Kind::Malformed, "the calendar reply has no UID"),
+        Some("REPLY") if itip.attendee.is_none() => {
+            Analysis::new(Kind::Malformed, "the calendar reply names no attendee")
+        }
+        Some("REPLY") => Analysis::new(Kind::Reply, "calendar reply"),
+        Some(m @ ("REQUEST" | "ADD" | "CANCEL" | "PUBLISH")) => Analysis::new(
+            Kind::Other,
+            format!(
+                "the calendar data is an invitation (METHOD:{m}), not a reply; \
+                 please answer it with your calendar program or write to the organizer"
+            ),
+        ),
+        Some(m) => Analysis::new(
+            Kind::Other,
+            format!(
+                "calendar messages with METHOD:{} are not taken here; please write to the organizer",
+                m.chars().take(20).collect::<String>()
+            ),
+        ),
+        None => Analysis::new(
+            Kind::Other,
+            "the calendar data has no METHOD, so it is no reply; please answer with your calendar program",
+        ),
+    };
+    a.icalendar = Some(part.text.clone());
+    a.itip = Some(itip);
+    a
+}

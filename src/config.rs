@@ -1,0 +1,475 @@
+//! Configuration: the TOML schema, its defaults, and validation errors that
+//! name the offending key.
+
+use crate::address::{BaseAddress, GatewayAddresses};
+use serde::Deserialize;
+use std::{
+    fmt, fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Where the packaged configuration lives.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/imip-milter/imip-milter.toml";
+
+/// The configuration shipped with the package, also used by `run` when no
+/// configuration file exists at the default path.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../packaging/imip-milter.toml");
+
+/// A configuration error; always names the key (or the file) it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The milter socket, in Postfix notation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenSocket {
+    Inet(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inet(addr) => write!(f, "inet:{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl ListenSocket {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("inet:") {
+            // Accept the sendmail form PORT@HOST as well as HOST:PORT.
+            let hostport = match rest.split_once('@') {
+                Some((port, host)) => format!("{host}:{port}"),
+                None => rest.to_owned(),
+            };
+            let hostport = hostport.replace("localhost:", "127.0.0.1:");
+            hostport
+                .parse::<SocketAddr>()
+                .map(Self::Inet)
+                .map_err(|_| format!("`{s}` is not inet:ADDRESS:PORT (an IP address and a port)"))
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            Ok(Self::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!("`{s}` must start with inet: or unix:"))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Webhook,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub kind: TargetKind,
+    pub url: String,
+    pub timeout: Duration,
+    /// File holding a bearer token (first line).
+    pub token_file: Option<PathBuf>,
+    /// User name for HTTP basic authentication; the password comes from `password_file`.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub concurrency: usize,
+    pub max_age: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long delivered records are kept to recognise duplicates.
+    pub keep_delivered: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenSocket,
+    pub state_dir: PathBuf,
+    pub max_message_bytes: usize,
+    pub max_sessions: usize,
+    pub log_level: tracing::Level,
+    pub gateway: GatewayAddresses,
+    pub target: TargetConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+    max_message_bytes: Option<i64>,
+    max_sessions: Option<i64>,
+    log_level: Option<String>,
+    gateway: Option<RawGateway>,
+    target: Option<RawTarget>,
+    delivery: Option<RawDelivery>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    addresses: Option<Vec<String>>,
+    delimiters: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    kind: Option<String>,
+    url: Option<String>,
+    timeout: Option<RawDuration>,
+    token_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    concurrency: Option<i64>,
+    max_age: Option<RawDuration>,
+    initial_backoff: Option<RawDuration>,
+    max_backoff: Option<RawDuration>,
+    keep_delivered: Option<RawDuration>,
+}
+
+/// A duration written as seconds (`30`) or with a unit (`500ms`, `30s`, `5m`, `2h`, `5d`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Seconds(i64),
+    Text(String),
+}
+
+fn duration(key: &str, raw: Option<RawDuration>, default: Duration) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(RawDuration::Seconds(n)) if n >= 0 => Ok(Duration::from_secs(n as u64)),
+        Some(RawDuration::Seconds(_)) => Err(ConfigError::new(key, "must not be negative")),
+        Some(RawDuration::Text(s)) => parse_duration(&s)
+            .ok_or_else(|| ConfigError::new(key, format!("`{s}` is not a duration such as 30s, 5m, 2h or 5d"))),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+fn positive(key: &str, raw: Option<i64>, default: usize, max: usize) -> Result<usize, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(n) if n >= 1 && (n as u64) <= max as u64 => Ok(n as usize),
+        Some(n) => Err(ConfigError::new(key, format!("{n} is out of range (1 to {max})"))),
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read configuration file {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|mut e| {
+            e.message = format!("{} (in {})", e.message, path.display());
+            e
+        })
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message names the key and the line; keep it on one line.
+            let msg = e.message().trim().to_owned();
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let key = match e.message().split('`').nth(1) {
+                Some(k) if e.message().starts_with("unknown field") => k.to_owned(),
+                _ => String::new(),
+            };
+            let msg = match line {
+                Some(l) => format!("{msg} at line {l}"),
+                None => msg,
+            };
+            ConfigError::new(&key, msg)
+        })?;
+
+        let listen = ListenSocket::parse(raw.listen.as_deref().unwrap_or("inet:127.0.0.1:8895"))
+            .map_err(|m| ConfigError::new("listen", m))?;
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/imip-milter"));
+        if !state_dir.is_absolute() {
+            return Err(ConfigError::new("state_dir", "must be an absolute path"));
+        }
+        let max_message_bytes =
+            positive("max_message_bytes", raw.max_message_bytes, 10 * 1024 * 1024, 1 << 30)?;
+        let max_sessions = positive("max_sessions", raw.max_sessions, 100, 10_000)?;
+        let log_level = match raw.log_level.as_deref().unwrap_or("info") {
+            "error" => tracing::Level::ERROR,
+            "warn" => tracing::Level::WARN,
+            "info" => tracing::Level::INFO,
+            "debug" => tracing::Level::DEBUG,
+            "trace" => tracing::Level::TRACE,
+            other => {
+                return Err(ConfigError::new(
+                    "log_level",
+                    format!("`{other}` is not one of error, warn, info, debug, trace"),
+                ))
+            }
+        };
+
+        let gateway = raw.gateway.ok_or_else(|| ConfigError::new("gateway", "section is missing"))?;
+        let addresses = gateway
+            .addresses
+            .ok_or_else(|| ConfigError::new("gateway.addresses", "is missing"))?;
+        if addresses.is_empty() {
+            return Err(ConfigError::new("gateway.addresses", "needs at least one address"));
+        }
+        let delimiters = gateway.delimiters.unwrap_or_else(|| "+".to_owned());
+        if delimiters.is_empty() {
+            return Err(ConfigError::new("gateway.delimiters", "needs at least one character"));
+        }
+        if let Some(c) = delimiters.chars().find(|c| c.is_ascii_alphanumeric() || *c == '@' || !c.is_ascii_graphic()) {
+            return Err(ConfigError::new("gateway.delimiters", format!("`{c}` cannot be a delimiter")));
+        }
+        let mut bases = Vec::new();
+        for a in &addresses {
+            let base = BaseAddress::parse(a).map_err(|m| ConfigError::new("gateway.addresses", m))?;
+            if base.local.chars().any(|c| delimiters.contains(c)) {
+                return Err(ConfigError::new(
+                    "gateway.addresses",
+                    format!("`{a}` contains a delimiter character; give the base address without token"),
+                ));
+            }
+            bases.push(base);
+        }
+        let gateway = GatewayAddresses::new(bases, &delimiters);
+
+        let target = raw.target.ok_or_else(|| ConfigError::new("target", "section is missing"))?;
+        let kind = match target.kind.as_deref().unwrap_or("webhook") {
+            "webhook" => TargetKind::Webhook,
+            "calendarserver" | "caldav" => {
+                return Err(ConfigError::new(
+                    "target.kind",
+                    "this target kind is not available in this version; use webhook",
+                ))
+            }
+            other => {
+                return Err(ConfigError::new(
+                    "target.kind",
+                    format!("`{other}` is not one of webhook, calendarserver, caldav"),
+                ))
+            }
+        };
+        let url = target.url.ok_or_else(|| ConfigError::new("target.url", "is missing"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::new("target.url", format!("`{url}` is not an http:// or https:// URL")));
+        }
+        if target.password_file.is_some() != target.username.is_some() {
+            return Err(ConfigError::new(
+                "target.password_file",
+                "basic authentication needs both target.username and target.password_file",
+            ));
+        }
+        if target.token_file.is_some() && target.username.is_some() {
+            return Err(ConfigError::new(
+                "target.token_file",
+                "choose either a bearer token (token_file) or basic authentication (username, password_file)",
+            ));
+        }
+        let target = TargetConfig {
+            kind,
+            url,
+            timeout: duration("target.timeout", target.timeout, Duration::from_secs(30))?,
+            token_file: target.token_file,
+            username: target.username,
+            password_file: target.password_file,
+        };
+        if target.timeout.is_zero() {
+            return Err(ConfigError::new("target.timeout", "must be longer than zero"));
+        }
+
+        let d = raw.delivery.unwrap_or(RawDelivery {
+            concurrency: None,
+            max_age: None,
+            initial_backoff: None,
+            max_backoff: None,
+            keep_delivered: None,
+        });
+        let delivery = DeliveryConfig {
+            concurrency: positive("delivery.concurrency", d.concurrency, 4, 256)?,
+            max_age: duration("delivery.max_age", d.max_age, Duration::from_secs(5 * 86_400))?,
+            initial_backoff: duration("delivery.initial_backoff", d.initial_backoff, Duration::from_secs(1))?,
+            max_backoff: duration("delivery.max_backoff", d.max_backoff, Duration::from_secs(300))?,
+            keep_delivered: duration("delivery.keep_delivered", d.keep_delivered, Duration::from_secs(7 * 86_400))?,
+        };
+        if delivery.initial_backoff.is_zero() {
+            return Err(ConfigError::new("delivery.initial_backoff", "must be longer than zero"));
+        }
+        if delivery.max_backoff < delivery.initial_backoff {
+            return Err(ConfigError::new(
+                "delivery.max_backoff",
+                "must not be shorter than delivery.initial_backoff",
+            ));
+        }
+
+        Ok(Self {
+            listen,
+            state_dir,
+            max_message_bytes,
+            max_sessions,
+            log_level,
+            gateway,
+            target,
+            delivery,
+        })
+    }
+
+    /// Path of the spool database.
+    pub fn spool_path(&self) -> PathBuf {
+        self.state_dir.join("spool.redb")
+    }
+
+    /// Path of the control socket the CLI uses to reach the daemon.
+    pub fn control_path(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+addresses = ["calendar@example.org"]
+[target]
+url = "http://127.0.0.1:9000/imip"
+"#;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.listen, ListenSocket::Inet("127.0.0.1:8895".parse().unwrap()));
+        assert_eq!(c.max_message_bytes, 10_485_760);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/imip-milter"));
+        assert_eq!(c.delivery.max_age, Duration::from_secs(5 * 86400));
+        assert_eq!(c.delivery.initial_backoff, Duration::from_secs(1));
+        assert_eq!(c.delivery.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.target.kind, TargetKind::Webhook);
+    }
+
+    #[test]
+    fn several_addresses_and_delimiters() {
+        let c = Config::parse(
+            r#"
+[gateway]
+addresses = ["calendar@example.org", "Replies@Example.NET"]
+delimiters = "+-"
+[target]
+url = "http://x/"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.gateway.bases().len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("listen = \"tcp:1\"\n", "listen"),
+            ("max_message_bytes = 0\n", "max_message_bytes"),
+            ("state_dir = \"relative\"\n", "state_dir"),
+            ("log_level = \"loud\"\n", "log_level"),
+            ("bogus = 1\n", "bogus"),
+        ];
+        for (prefix, key) in cases {
+            let err = Config::parse(&format!("{prefix}{MINIMAL}")).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            assert!(err.to_string().starts_with(key), "{err}");
+        }
+        let err = Config::parse("[gateway]\naddresses = []\n[target]\nurl=\"http://x\"\n").unwrap_err();
+        assert_eq!(err.key, "gateway.addresses");
+        let err = Config::parse("[gateway]\naddresses = [\"nodomain\"]\n[target]\nurl=\"http://x\"\n").unwrap_err();
+        assert_eq!(err.key, "gateway.addresses");
+        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"ftp://x\"\n").unwrap_err();
+        assert_eq!(err.key, "target.url");
+        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"http://x\"\nkind=\"smtp\"\n").unwrap_err();
+        assert_eq!(err.key, "target.kind");
+        let err = Config::parse(&format!("{MINIMAL}[delivery]\nmax_age = \"soon\"\n")).unwrap_err();
+        assert_eq!(err.key, "delivery.max_age");
+        let err = Config::parse(&format!("{MINIMAL}username = \"u\"\n")).unwrap_err();
+        assert_eq!(err.key, "target.password_file");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5d"), Some(Duration::from_secs(432_000)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("12"), Some(Duration::from_secs(12)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            ListenSocket::parse("inet:8895@127.0.0.1").unwrap(),
+            ListenSocket::Inet("127.0.0.1:8895".parse().unwrap())
+        );
+        assert_eq!(
+            ListenSocket::parse("unix:/var/spool/postfix/imip/milter.sock").unwrap(),
+            ListenSocket::Unix("/var/spool/postfix/imip/milter.sock".into())
+        );
+        assert!(ListenSocket::parse("inet:nohost").is_err());
+    }
+}

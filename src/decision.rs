@@ -1,0 +1,184 @@
+//! decide: the decision table (DESIGN §4) as pure functions from recipient
+//! classes and analysis to a disposition and an SMTP answer.
+
+use crate::{
+    address::Recipient,
+    analysis::{Analysis, Kind},
+};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Accept,
+    Discard,
+    DeleteRecipients,
+    Reject,
+    Tempfail,
+    Redirect,
+}
+
+impl Disposition {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Discard => "discard",
+            Self::DeleteRecipients => "delete-recipients",
+            Self::Reject => "reject",
+            Self::Tempfail => "tempfail",
+            Self::Redirect => "redirect",
+        }
+    }
+}
+
+/// An SMTP answer: reply code, enhanced status code, one line of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpReply {
+    pub code: &'static str,
+    pub enhanced: &'static str,
+    pub text: String,
+}
+
+impl SmtpReply {
+    fn new(code: &'static str, enhanced: &'static str, text: impl Into<String>) -> Self {
+        // Keep within what milter and SMTP allow: one line, printable, ≤ 900 bytes.
+        let mut text: String = text
+            .into()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if text.len() > 900 {
+            let mut end = 900;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        Self { code, enhanced, text }
+    }
+}
+
+impl fmt::Display for SmtpReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.code, self.enhanced, self.text)
+    }
+}
+
+/// What to do with a message (or one recipient, at RCPT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub disposition: Disposition,
+    pub smtp_reply: Option<SmtpReply>,
+    /// Spool the reply before answering (and tempfail if that fails).
+    pub spool: bool,
+    pub reason: String,
+}
+
+impl Decision {
+    fn new(disposition: Disposition, reason: impl Into<String>) -> Self {
+        Self {
+            disposition,
+            smtp_reply: None,
+            spool: false,
+            reason: reason.into(),
+        }
+    }
+
+    fn reply(mut self, code: &'static str, enhanced: &'static str, text: impl Into<String>) -> Self {
+        self.smtp_reply = Some(SmtpReply::new(code, enhanced, text));
+        self
+    }
+}
+
+/// RCPT stage: None lets the recipient through, Some rejects this recipient.
+pub fn decide_recipient(recipient: &Recipient) -> Option<Decision> {
+    match recipient {
+        Recipient::GatewayWithoutToken => Some(
+            Decision::new(Disposition::Reject, "gateway address without token").reply(
+                "550",
+                "5.1.1",
+                "This address only takes replies to calendar invitations; \
+                 please answer the invitation with your calendar program",
+            ),
+        ),
+        Recipient::GatewayBadToken => Some(
+            Decision::new(Disposition::Reject, "token of bad syntax").reply(
+                "550",
+                "5.1.1",
+                "The reply address of this invitation is not valid; please answer the invitation \
+                 with your calendar program",
+            ),
+        ),
+        Recipient::Gateway { .. } | Recipient::Other => None,
+    }
+}
+
+/// DATA stage: with no gateway recipient left, accept (Postfix stops calling us).
+pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
+    if recipients.iter().any(|r| matches!(r, Recipient::Gateway { .. })) {
+        None
+    } else {
+        Some(Decision::new(Disposition::Accept, "no gateway recipient"))
+    }
+}
+
+/// Body stage: the message outgrew `max_message_bytes`.
+pub fn decide_too_large(limit: usize) -> Decision {
+    Decision::new(Disposition::Reject, format!("message larger than {limit} bytes")).reply(
+        "552",
+        "5.3.4",
+        format!("Message too big for the calendar gateway (limit {limit} bytes)"),
+    )
+}
+
+/// EOM: `recipients` are those accepted at RCPT.
+pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision {
+    if let Some(d) = decide_data(recipients) {
+        return d;
+    }
+    let mixed = recipients.iter().any(|r| matches!(r, Recipient::Other));
+    match analysis.kind {
+        Kind::Reply | Kind::Bounce => {
+            let disposition = if mixed {
+                Disposition::DeleteRecipients
+            } else {
+                Disposition::Discard
+            };
+            Decision {
+                spool: true,
+                ..Decision::new(disposition, analysis.reason.clone())
+            }
+        }
+        // Other people receive the message: they keep what the sender wrote,
+        // only the gateway copy goes. Rejecting would bounce it for everyone.
+        Kind::Other | Kind::Malformed if mixed => {
+            Decision::new(Disposition::DeleteRecipients, analysis.reason.clone())
+        }
+        Kind::Other => Decision::new(Disposition::Reject, analysis.reason.clone()).reply(
+            "550",
+            "5.7.1",
+            capitalise(&analysis.reason),
+        ),
+        Kind::Malformed => Decision::new(Disposition::Reject, analysis.reason.clone()).reply(
+            "550",
+            "5.6.0",
+            capitalise(&analysis.reason),
+        ),
+    }
+}
+
+/// EOM: the spool could not store the reply durably.
+pub fn decide_spool_failed(error: &str) -> Decision {
+    Decision::new(Disposition::Tempfail, format!("spool write failed: {error}")).reply(
+        "451",
+        "4.3.0",
+        "Temporary failure storing the calendar reply; please try again later",
+    )
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}

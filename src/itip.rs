@@ -1,0 +1,198 @@
+//! Reading and validating iTIP (RFC 5546) calendar data.
+
+use calcard::{
+    icalendar::{
+        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry, ICalendarParameterName,
+        ICalendarProperty,
+    },
+    Entry,
+};
+
+/// The facts of one iTIP object that routing and the target need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Itip {
+    /// METHOD, upper case (older groupware writes `reply`).
+    pub method: Option<String>,
+    pub uid: Option<String>,
+    /// The first ATTENDEE as a `mailto:` URI with the scheme in lower case.
+    pub attendee: Option<String>,
+    pub partstat: Option<String>,
+    pub organizer: Option<String>,
+    /// Number of scheduling components (VEVENT, VTODO, VJOURNAL).
+    pub components: usize,
+}
+
+/// Reads calendar text. Err is a sentence saying why it cannot be read.
+pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
+    check_structure(text)?;
+    let cal = ICalendar::parse(text).map_err(|e| describe(&e))?;
+    let root = cal
+        .components
+        .first()
+        .filter(|c| c.component_type == ICalendarComponentType::VCalendar)
+        .ok_or_else(|| "the calendar data does not start with BEGIN:VCALENDAR".to_owned())?;
+    let method = root
+        .property(&ICalendarProperty::Method)
+        .and_then(first_text)
+        .or(method_param)
+        .map(|m| m.trim().to_ascii_uppercase());
+
+    let scheduling: Vec<&ICalendarComponent> = cal
+        .components
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.component_type,
+                ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal
+            )
+        })
+        .collect();
+    let first = scheduling.first();
+    let uid = first.and_then(|c| c.uid()).map(str::to_owned);
+    let attendee_entry = first.and_then(|c| c.property(&ICalendarProperty::Attendee));
+    let attendee = attendee_entry.and_then(first_text).map(normalise_mailto);
+    let partstat = attendee_entry
+        .and_then(|e| e.parameter(&ICalendarParameterName::Partstat))
+        .and_then(|p| p.as_text())
+        .map(|p| p.to_ascii_uppercase());
+    let organizer = first
+        .and_then(|c| c.property(&ICalendarProperty::Organizer))
+        .and_then(first_text)
+        .map(normalise_mailto);
+    Ok(Itip {
+        method,
+        uid,
+        attendee,
+        partstat,
+        organizer,
+        components: scheduling.len(),
+    })
+}
+
+/// Nesting depth beyond any real calendar (VCALENDAR > VEVENT > VALARM > ...).
+const MAX_DEPTH: usize = 16;
+
+/// BEGIN/END balance. calcard's parser is lenient and would take a cut-off
+/// object as complete; a truncated reply must be refused, not half-applied.
+fn check_structure(text: &str) -> Result<(), String> {
+    let mut stack: Vec<String> = Vec::new();
+    let mut seen = false;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(name) = strip_prefix_ci(line, "BEGIN:") {
+            if stack.len() >= MAX_DEPTH {
+                return Err("the calendar data is nested too deeply".into());
+            }
+            stack.push(name.trim().to_ascii_uppercase());
+            seen = true;
+        } else if let Some(name) = strip_prefix_ci(line, "END:") {
+            let name = name.trim().to_ascii_uppercase();
+            match stack.pop() {
+                Some(open) if open == name => {
+                    if stack.is_empty() {
+                        return Ok(()); // what follows the object is not ours to judge
+                    }
+                }
+                Some(open) => {
+                    return Err(format!(
+                        "the calendar data is damaged (END:{} where END:{} was expected)",
+                        clip(&name),
+                        clip(&open)
+                    ))
+                }
+                None => return Err(format!("the calendar data is damaged (END:{} without BEGIN)", clip(&name))),
+            }
+        }
+    }
+    match stack.first() {
+        Some(_) => Err(format!(
+            "the calendar data is truncated (BEGIN:{} has no END)",
+            clip(stack.last().map(String::as_str).unwrap_or(""))
+        )),
+        None if !seen => Err("the calendar data holds no VCALENDAR object".into()),
+        None => Ok(()),
+    }
+}
+
+fn strip_prefix_ci<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    match line.get(..prefix.len()) {
+        Some(p) if p.eq_ignore_ascii_case(prefix) => Some(&line[prefix.len()..]),
+        _ => None,
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(30).filter(|c| !c.is_control()).collect()
+}
+
+fn first_text(entry: &ICalendarEntry) -> Option<&str> {
+    entry.values.first().and_then(|v| v.as_text())
+}
+
+/// `MAILTO:Bob@Example.com` → `mailto:Bob@Example.com`; a bare address gains the scheme.
+pub fn normalise_mailto(value: &str) -> String {
+    let v = value.trim();
+    match v.get(..7) {
+        Some(s) if s.eq_ignore_ascii_case("mailto:") => format!("mailto:{}", &v[7..]),
+        _ if v.contains('@') && !v.contains(':') => format!("mailto:{v}"),
+        _ => v.to_owned(),
+    }
+}
+
+fn describe(entry: &Entry) -> String {
+    match entry {
+        Entry::UnterminatedComponent(name) => {
+            format!("the calendar data is truncated (BEGIN:{name} has no END)")
+        }
+        Entry::UnexpectedComponentEnd { expected, found } => format!(
+            "the calendar data is damaged (END:{} where END:{} was expected)",
+            found.as_str(),
+            expected.as_str()
+        ),
+        Entry::InvalidLine(line) => {
+            let shown: String = line.chars().take(60).filter(|c| !c.is_control()).collect();
+            format!("the calendar data has a line that cannot be read: \"{shown}\"")
+        }
+        Entry::TooManyComponents => "the calendar data has too many components".to_owned(),
+        Entry::VCard(_) => "the attachment is a contact card, not calendar data".to_owned(),
+        _ => "the calendar data holds no VCALENDAR object".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPLY: &str = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Test//EN\r\nMETHOD:reply\r\nBEGIN:VEVENT\r\nUID:abc-123\r\nDTSTAMP:20261120T100000Z\r\nDTSTART:20261201T090000Z\r\nORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org\r\nATTENDEE;PARTSTAT=ACCEPTED;CN=Bob:MAILTO:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+
+    #[test]
+    fn reads_reply() {
+        let i = read(REPLY, None).unwrap();
+        assert_eq!(i.method.as_deref(), Some("REPLY"));
+        assert_eq!(i.uid.as_deref(), Some("abc-123"));
+        assert_eq!(i.attendee.as_deref(), Some("mailto:bob@example.com"));
+        assert_eq!(i.partstat.as_deref(), Some("ACCEPTED"));
+        assert_eq!(i.organizer.as_deref(), Some("mailto:alice@example.org"));
+        assert_eq!(i.components, 1);
+    }
+
+    #[test]
+    fn method_from_content_type_when_missing() {
+        let text = REPLY.replace("METHOD:reply\r\n", "");
+        assert_eq!(read(&text, Some("reply")).unwrap().method.as_deref(), Some("REPLY"));
+        assert_eq!(read(&text, None).unwrap().method, None);
+    }
+
+    #[test]
+    fn truncated() {
+        let cut = &REPLY[..REPLY.find("END:VEVENT").unwrap()];
+        let err = read(cut, None).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn not_calendar() {
+        assert!(read("hello world", None).is_err());
+        assert!(read("", None).is_err());
+    }
+}

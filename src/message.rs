@@ -1,0 +1,281 @@
+//! MIME walk: finds the calendar parts of a message, the delivery status of a
+//! bounce and the invitation it returns, and the shapes that carry no usable
+//! calendar data (TNEF, plain text).
+
+use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
+
+/// More parts than this and the message is not a calendar reply anyone wrote.
+pub const MAX_PARTS: usize = 1000;
+/// Calendar parts looked at per message (Google sends two copies; nobody sends 16).
+pub const MAX_CALENDAR_PARTS: usize = 16;
+/// Longest text kept of a delivery-status field.
+const MAX_FIELD_LEN: usize = 512;
+
+/// One calendar part, decoded to text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalendarPart {
+    /// The `method` parameter of the Content-Type, if any.
+    pub method_param: Option<String>,
+    /// The text after transfer and charset decoding, as received otherwise.
+    pub text: String,
+}
+
+/// The per-recipient fields of a `message/delivery-status` part.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryStatus {
+    pub action: String,
+    pub status: Option<String>,
+    pub final_recipient: Option<String>,
+    pub diagnostic: Option<String>,
+}
+
+/// A delivery report (`multipart/report; report-type=delivery-status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub status: DeliveryStatus,
+    /// Calendar parts of the returned message, if the report carries it whole.
+    pub returned_calendars: Vec<CalendarPart>,
+}
+
+/// What the MIME walk found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageSummary {
+    pub message_id: Option<String>,
+    pub from: Option<String>,
+    pub authentication_results: Option<String>,
+    /// Calendar parts of the message itself.
+    pub calendars: Vec<CalendarPart>,
+    /// Calendar parts inside attached (forwarded) messages.
+    pub attached_calendars: usize,
+    pub report: Option<Report>,
+    pub has_tnef: bool,
+    pub has_text: bool,
+    /// Calendar parts whose bytes could not be turned into text.
+    pub undecodable: Vec<String>,
+}
+
+/// Walks a raw message. Err carries a sentence for the sender.
+pub fn read(raw: &[u8]) -> Result<MessageSummary, String> {
+    let message = MessageParser::default()
+        .parse(raw)
+        .ok_or_else(|| "the message has no readable header".to_owned())?;
+    let mut summary = MessageSummary {
+        message_id: message.message_id().map(|id| format!("<{id}>")),
+        from: message
+            .from()
+            .and_then(|a| a.first())
+            .and_then(|a| a.address())
+            .map(str::to_owned),
+        authentication_results: message
+            .header_raw("Authentication-Results")
+            .map(|v| v.trim().chars().take(2048).collect()),
+        ..Default::default()
+    };
+    let mut budget = MAX_PARTS;
+    walk(&message, &mut summary, &mut budget, false)?;
+    Ok(summary)
+}
+
+fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize, nested: bool) -> Result<(), String> {
+    let is_report = message
+        .root_part()
+        .content_type()
+        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report")));
+    let mut status: Option<DeliveryStatus> = None;
+    let mut returned = Vec::new();
+
+    for part in &message.parts {
+        *budget = budget
+            .checked_sub(1)
+            .ok_or_else(|| format!("the message has more than {MAX_PARTS} MIME parts"))?;
+        let (ctype, subtype) = part
+            .content_type()
+            .map(|ct| {
+                (
+                    ct.ctype().to_ascii_lowercase(),
+                    ct.subtype().unwrap_or("").to_ascii_lowercase(),
+                )
+            })
+            .unwrap_or_else(|| ("text".into(), "plain".into()));
+        let filename = part.attachment_name().unwrap_or("").to_ascii_lowercase();
+
+        if let PartType::Message(inner) = &part.body {
+            if nested {
+                continue; // two levels are enough to find a returned invitation
+            }
+            let mut inner_summary = MessageSummary::default();
+            walk(inner, &mut inner_summary, budget, true)?;
+            if is_report {
+                returned.extend(inner_summary.calendars);
+            } else {
+                summary.attached_calendars += inner_summary.calendars.len();
+            }
+            continue;
+        }
+        match (ctype.as_str(), subtype.as_str()) {
+            ("multipart", _) => {}
+            ("message", "delivery-status" | "global-delivery-status") => {
+                if status.is_none() {
+                    status = parse_delivery_status(&String::from_utf8_lossy(part.contents()));
+                }
+            }
+            ("text", "calendar" | "x-vcalendar") | ("application", "ics" | "calendar") => {
+                push_calendar(summary, part);
+            }
+            ("application", "ms-tnef" | "vnd.ms-tnef") => summary.has_tnef = true,
+            _ if filename == "winmail.dat" => summary.has_tnef = true,
+            _ if filename.ends_with(".ics") || filename.ends_with(".vcs") => push_calendar(summary, part),
+            ("text", "plain" | "html") => {
+                if part.text_contents().is_some_and(|t| !t.trim().is_empty()) {
+                    summary.has_text = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(status) = status {
+        summary.report = Some(Report {
+            status,
+            returned_calendars: returned,
+        });
+    }
+    Ok(())
+}
+
+fn push_calendar(summary: &mut MessageSummary, part: &mail_parser::MessagePart<'_>) {
+    if summary.calendars.len() >= MAX_CALENDAR_PARTS {
+        return;
+    }
+    let method_param = part
+        .content_type()
+        .and_then(|ct| ct.attribute("method"))
+        .map(|m| m.trim().to_ascii_uppercase());
+    let charset = part
+        .content_type()
+        .and_then(|ct| ct.attribute("charset"))
+        .map(|c| c.to_ascii_lowercase());
+    let text = match &part.body {
+        PartType::Text(t) | PartType::Html(t) => Some(t.to_string()),
+        PartType::Binary(b) | PartType::InlineBinary(b) => decode_bytes(b, charset.as_deref()),
+        _ => None,
+    };
+    match text {
+        Some(t) => summary.calendars.push(CalendarPart {
+            method_param,
+            text: t.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(t),
+        }),
+        None => summary.undecodable.push(format!(
+            "a calendar attachment is not text in charset {}",
+            charset.as_deref().unwrap_or("utf-8")
+        )),
+    }
+}
+
+/// Decodes an attachment's bytes: UTF-8 unless the part says a Latin charset.
+fn decode_bytes(bytes: &[u8], charset: Option<&str>) -> Option<String> {
+    match charset {
+        Some("iso-8859-1" | "latin1" | "iso-8859-15" | "windows-1252" | "cp1252") => {
+            Some(bytes.iter().map(|&b| b as char).collect())
+        }
+        _ => String::from_utf8(bytes.to_vec()).ok(),
+    }
+}
+
+/// Reads the per-recipient groups of a delivery-status body (RFC 3464) and
+/// returns the first failed one, or else the first one with an Action.
+pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
+    let mut groups: Vec<DeliveryStatus> = Vec::new();
+    let mut current = DeliveryStatus::default();
+    let mut last_field: Option<String> = None;
+    let flush = |current: &mut DeliveryStatus, groups: &mut Vec<DeliveryStatus>| {
+        if !current.action.is_empty() {
+            groups.push(std::mem::take(current));
+        } else {
+            *current = DeliveryStatus::default();
+        }
+    };
+    for line in body.lines().take(10_000) {
+        if line.trim().is_empty() {
+            flush(&mut current, &mut groups);
+            last_field = None;
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some(field) = &last_field {
+                let extra = line.trim();
+                let slot = match field.as_str() {
+                    "diagnostic-code" => current.diagnostic.as_mut(),
+                    _ => None,
+                };
+                if let Some(v) = slot {
+                    v.push(' ');
+                    v.push_str(extra);
+                    truncate(v);
+                }
+            }
+            continue;
+        }
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim();
+        let after_type = |v: &str| v.split_once(';').map(|(_, a)| a.trim()).unwrap_or(v).to_owned();
+        match name.as_str() {
+            "action" => current.action = value.to_ascii_lowercase().chars().take(32).collect(),
+            "status" => current.status = Some(value.chars().take(32).collect()),
+            "final-recipient" => current.final_recipient = Some(clip(after_type(value))),
+            "diagnostic-code" => current.diagnostic = Some(clip(after_type(value))),
+            _ => {}
+        }
+        last_field = Some(name);
+    }
+    flush(&mut current, &mut groups);
+    let first_failed = groups.iter().position(|g| g.action == "failed");
+    match first_failed {
+        Some(i) => Some(groups.swap_remove(i)),
+        None => groups.into_iter().next(),
+    }
+}
+
+fn clip(mut s: String) -> String {
+    truncate(&mut s);
+    s
+}
+
+fn truncate(s: &mut String) {
+    if s.len() > MAX_FIELD_LEN {
+        let mut end = MAX_FIELD_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_status_picks_failed_group() {
+        let body = "Reporting-MTA: dns; mx.example.com\r\n\r\nFinal-Recipient: rfc822; ok@example.com\r\nAction: delivered\r\nStatus: 2.0.0\r\n\r\nFinal-Recipient: rfc822; bob@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 <bob@example.com>:\r\n    Recipient address rejected\r\n";
+        let s = parse_delivery_status(body).unwrap();
+        assert_eq!(s.action, "failed");
+        assert_eq!(s.status.as_deref(), Some("5.1.1"));
+        assert_eq!(s.final_recipient.as_deref(), Some("bob@example.com"));
+        assert_eq!(
+            s.diagnostic.as_deref(),
+            Some("550 5.1.1 <bob@example.com>: Recipient address rejected")
+        );
+    }
+
+    #[test]
+    fn delivery_status_without_action_is_none() {
+        assert_eq!(parse_delivery_status("Reporting-MTA: dns; x\n\n"), None);
+    }
+
+    #[test]
+    fn latin1_attachment() {
+        assert_eq!(decode_bytes(b"Z\xfcrich", Some("iso-8859-1")).as_deref(), Some("Zürich"));
+        assert_eq!(decode_bytes(b"Z\xfcrich", None), None);
+    }
+}
