@@ -7,3 +7,6 @@ pub mod config;
 pub mod decision;
 pub mod itip;
 pub mod message;
+pub mod spool;
+pub mod forward;
+pub mod target;

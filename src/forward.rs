@@ -1,0 +1,252 @@
+//! The delivery worker: hands spooled records to the target, a few at a
+//! time, retrying with exponential backoff, keeping what fails as failed.
+
+use crate::{
+    config::DeliveryConfig,
+    spool::{now_ms, Record, Spool, State},
+    target::{Outcome, Target},
+};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{sync::Semaphore, task::JoinSet, time};
+use tracing::{error, info, warn};
+
+/// Longest sleep between scans, so that a clock change or a lost wake-up costs little.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+/// Backoff before attempt `attempts + 1`: initial × 2^(attempts−1), capped.
+pub fn backoff(cfg: &DeliveryConfig, attempts: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempts.saturating_sub(1).min(30)).unwrap_or(u32::MAX);
+    cfg.initial_backoff.saturating_mul(factor).min(cfg.max_backoff)
+}
+
+/// Applies an outcome to a record.
+pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64) {
+    rec.attempts = rec.attempts.saturating_add(1);
+    match outcome {
+        Outcome::Delivered => {
+            rec.state = State::Delivered;
+            rec.last_error = None;
+            rec.finished_ms = Some(now);
+        }
+        Outcome::Permanent(e) => {
+            rec.state = State::Failed;
+            rec.last_error = Some(e.clone());
+            rec.finished_ms = Some(now);
+        }
+        Outcome::Retry(e) => {
+            let next = now.saturating_add(backoff(cfg, rec.attempts).as_millis() as u64);
+            if next.saturating_sub(rec.created_ms) > cfg.max_age.as_millis() as u64 {
+                rec.state = State::Failed;
+                rec.last_error = Some(format!("{e}; gave up after {} attempts (delivery.max_age)", rec.attempts));
+                rec.finished_ms = Some(now);
+            } else {
+                rec.next_attempt_ms = next;
+                rec.last_error = Some(e.clone());
+            }
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves, then lets deliveries in flight finish.
+pub async fn run(
+    spool: Spool,
+    target: Arc<Target>,
+    cfg: DeliveryConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let limit = Arc::new(Semaphore::new(cfg.concurrency));
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = JoinSet::new();
+    let mut last_purge = 0u64;
+
+    loop {
+        let notified = spool.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let now = now_ms();
+        if now.saturating_sub(last_purge) > 3_600_000 {
+            last_purge = now;
+            let before = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
+            let s = spool.clone();
+            match tokio::task::spawn_blocking(move || s.purge_delivered(before)).await {
+                Ok(Ok(n)) if n > 0 => info!("forgot {n} delivered records older than delivery.keep_delivered"),
+                Ok(Err(e)) => warn!("spool purge failed: {e}"),
+                _ => {}
+            }
+        }
+
+        let scan = {
+            let s = spool.clone();
+            let busy = in_flight.clone();
+            let room = limit.available_permits().max(1) * 4;
+            tokio::task::spawn_blocking(move || {
+                let busy = busy.lock().map(|b| b.clone()).unwrap_or_default();
+                s.due(now, room, &|id| busy.contains(id))
+            })
+            .await
+        };
+        let (due, next) = match scan {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                error!("cannot read the spool: {e}");
+                (Vec::new(), Some(now + 5_000))
+            }
+            Err(e) => {
+                error!("spool scan failed: {e}");
+                (Vec::new(), Some(now + 5_000))
+            }
+        };
+
+        let mut next_wake = next.map(|n| n.saturating_sub(now)).unwrap_or(u64::MAX);
+        for rec in due {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = &mut shutdown => { return drain(tasks).await; }
+            };
+            if let Ok(mut set) = in_flight.lock() {
+                set.insert(rec.id.clone());
+            }
+            let (spool, target, cfg, in_flight) = (spool.clone(), target.clone(), cfg.clone(), in_flight.clone());
+            tasks.spawn(async move {
+                let id = rec.id.clone();
+                deliver_one(&spool, &target, &cfg, rec).await;
+                // Leaves the in-flight set only once its new state is committed.
+                if let Ok(mut set) = in_flight.lock() {
+                    set.remove(&id);
+                }
+                drop(permit);
+            });
+        }
+        // Reap finished tasks and release their ids.
+        while let Some(res) = tasks.try_join_next() {
+            if let Err(e) = res {
+                error!("delivery task failed: {e}");
+            }
+        }
+        if !tasks.is_empty() {
+            // Wake when a delivery ends: its record may be due again soon, and
+            // a permit is free.
+            next_wake = next_wake.min(200);
+        }
+
+        tokio::select! {
+            _ = &mut shutdown => return drain(tasks).await,
+            _ = notified => {}
+            _ = time::sleep(Duration::from_millis(next_wake).min(MAX_IDLE)) => {}
+        }
+    }
+}
+
+async fn drain(mut tasks: JoinSet<()>) {
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            error!("delivery task failed: {e}");
+        }
+    }
+}
+
+async fn deliver_one(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut rec: Record) {
+    let started = std::time::Instant::now();
+    let outcome = target.deliver(&rec).await;
+    let now = now_ms();
+    apply(cfg, &mut rec, &outcome, now);
+    let queue_id = rec.queue_id.clone().unwrap_or_else(|| "-".into());
+    match (&outcome, rec.state) {
+        (Outcome::Delivered, _) => info!(
+            "{queue_id}: delivered id={} kind={} token={} attempts={} latency_ms={}",
+            rec.id,
+            rec.kind,
+            rec.token_prefix,
+            rec.attempts,
+            started.elapsed().as_millis()
+        ),
+        (_, State::Failed) => error!(
+            "{queue_id}: delivery failed for good id={} token={} attempts={}: {}",
+            rec.id,
+            rec.token_prefix,
+            rec.attempts,
+            rec.last_error.as_deref().unwrap_or("")
+        ),
+        _ => warn!(
+            "{queue_id}: delivery deferred id={} token={} attempts={} next_in_ms={}: {}",
+            rec.id,
+            rec.token_prefix,
+            rec.attempts,
+            rec.next_attempt_ms.saturating_sub(now),
+            rec.last_error.as_deref().unwrap_or("")
+        ),
+    }
+    let s = spool.clone();
+    let id = rec.id.clone();
+    match tokio::task::spawn_blocking(move || s.update(&rec)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
+        Err(e) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DeliveryConfig {
+        DeliveryConfig {
+            concurrency: 4,
+            max_age: Duration::from_secs(5 * 86_400),
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+            keep_delivered: Duration::from_secs(86_400),
+        }
+    }
+
+    #[test]
+    fn exponential_from_one_second_capped_at_five_minutes() {
+        let c = cfg();
+        let secs: Vec<u64> = (1..=12).map(|n| backoff(&c, n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff(&c, u32::MAX).as_secs(), 300);
+    }
+
+    fn rec(created_ms: u64) -> Record {
+        Record {
+            id: "x".into(),
+            state: State::Pending,
+            kind: "reply".into(),
+            token_prefix: "abcdefgh…".into(),
+            queue_id: None,
+            created_ms,
+            attempts: 0,
+            next_attempt_ms: created_ms,
+            last_error: None,
+            finished_ms: None,
+            payload: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn outcomes() {
+        let c = cfg();
+        let mut r = rec(1_000);
+        apply(&c, &mut r, &Outcome::Retry("HTTP 503".into()), 2_000);
+        assert_eq!((r.state, r.attempts, r.next_attempt_ms), (State::Pending, 1, 3_000));
+        apply(&c, &mut r, &Outcome::Delivered, 4_000);
+        assert_eq!(r.state, State::Delivered);
+
+        let mut r = rec(1_000);
+        apply(&c, &mut r, &Outcome::Permanent("HTTP 404".into()), 2_000);
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.last_error.as_deref(), Some("HTTP 404"));
+
+        // Past max_age a retryable error fails the record for good.
+        let mut r = rec(0);
+        apply(&c, &mut r, &Outcome::Retry("timed out".into()), 5 * 86_400_000);
+        assert_eq!(r.state, State::Failed);
+        assert!(r.last_error.unwrap().contains("max_age"));
+    }
+}

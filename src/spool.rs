@@ -1,0 +1,528 @@
+//! The durable queue of replies: redb under `state_dir`.
+//!
+//! Appends from concurrent SMTP sessions go through one writer thread that
+//! puts every request waiting at that moment into one transaction (group
+//! commit): one fsync covers many replies, so durability does not cap
+//! throughput. A record's id is a hash of its content, so a reply that
+//! arrives twice is stored, and delivered, once.
+
+use crate::{
+    address::token_prefix,
+    analysis::{Analysis, Kind},
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::{
+    path::Path,
+    sync::{mpsc, Arc},
+    thread,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+use tokio::sync::{oneshot, Notify};
+
+/// id → Record (JSON).
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// id → time of the next attempt (ms since the epoch), for pending records only.
+const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
+
+/// Requests folded into one commit at most.
+const MAX_GROUP: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// One reply or bounce on its way to the target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub state: State,
+    pub kind: String,
+    pub token_prefix: String,
+    pub queue_id: Option<String>,
+    pub created_ms: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub last_error: Option<String>,
+    pub finished_ms: Option<u64>,
+    /// The document handed to the target (DESIGN §3).
+    pub payload: serde_json::Value,
+}
+
+/// The SMTP envelope of one message.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    pub queue_id: Option<String>,
+    pub mail_from: String,
+    pub client_addr: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The delivery id: the same on every retry and on every MX host.
+pub fn delivery_id(token: &str, message_id: Option<&str>, content: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [token, message_id.unwrap_or(""), content] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds the record for one gateway recipient (`rcpt` as received, `token` from it).
+pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token: &str) -> Record {
+    let itip = analysis.itip.as_ref();
+    let bounce = analysis.bounce.as_ref().map(|b| {
+        serde_json::json!({
+            "action": b.action,
+            "status": b.status,
+            "final_recipient": b.final_recipient,
+            "diagnostic": b.diagnostic,
+        })
+    });
+    let content = match (&analysis.icalendar, &bounce) {
+        (Some(cal), None) => cal.clone(),
+        (cal, Some(b)) => format!("{}\0{}", cal.as_deref().unwrap_or(""), b),
+        (None, None) => String::new(),
+    };
+    let id = delivery_id(token, analysis.message_id.as_deref(), &content);
+    let kind = match analysis.kind {
+        Kind::Bounce => "bounce",
+        _ => "reply",
+    };
+    let now = now_ms();
+    let received_at = chrono::DateTime::<chrono::Utc>::from(UNIX_EPOCH + Duration::from_millis(now))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut payload = serde_json::json!({
+        "id": id,
+        "kind": kind,
+        "received_at": received_at,
+        "queue_id": envelope.queue_id,
+        "message_id": analysis.message_id,
+        "envelope": {
+            "mail_from": envelope.mail_from,
+            "rcpt": strip_brackets(rcpt),
+            "client_addr": envelope.client_addr,
+        },
+        "from": analysis.from,
+        "token": token,
+        "method": itip.and_then(|i| i.method.clone()),
+        "uid": itip.and_then(|i| i.uid.clone()),
+        "attendee": itip.and_then(|i| i.attendee.clone()),
+        "partstat": itip.and_then(|i| i.partstat.clone()),
+        "authentication_results": analysis.authentication_results,
+        "icalendar": analysis.icalendar,
+    });
+    if let (Some(b), Some(obj)) = (bounce, payload.as_object_mut()) {
+        obj.insert("bounce".into(), b);
+    }
+    Record {
+        id,
+        state: State::Pending,
+        kind: kind.into(),
+        token_prefix: token_prefix(token),
+        queue_id: envelope.queue_id.clone(),
+        created_ms: now,
+        attempts: 0,
+        next_attempt_ms: now,
+        last_error: None,
+        finished_ms: None,
+        payload,
+    }
+}
+
+fn strip_brackets(rcpt: &str) -> &str {
+    let r = rcpt.trim();
+    r.strip_prefix('<').and_then(|r| r.strip_suffix('>')).unwrap_or(r)
+}
+
+/// Result of an append, per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    New,
+    /// A record with this id exists already: the same reply arrived before.
+    Duplicate,
+}
+
+type AppendReply = oneshot::Sender<Result<Vec<Appended>, String>>;
+
+struct AppendRequest {
+    records: Vec<Record>,
+    reply: AppendReply,
+}
+
+#[derive(Debug)]
+pub struct SpoolError(pub String);
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+macro_rules! redb_try {
+    ($e:expr, $ctx:expr) => {
+        $e.map_err(|e| SpoolError(format!("{}: {}", $ctx, e)))?
+    };
+}
+
+/// Handle to the spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    db: Arc<Database>,
+    appends: mpsc::Sender<AppendRequest>,
+    /// Woken whenever a new record is pending.
+    pub notify: Arc<Notify>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool at `path`. A file that is not a spool is
+    /// an error, never reset.
+    pub fn open(path: &Path) -> Result<Self, SpoolError> {
+        let db = Database::create(path).map_err(|e| {
+            SpoolError(format!(
+                "cannot open spool {}: {e} (a file that is not an imip-milter spool is never overwritten; move it away)",
+                path.display()
+            ))
+        })?;
+        let db = Arc::new(db);
+        {
+            let txn = redb_try!(db.begin_write(), "spool");
+            redb_try!(txn.open_table(RECORDS), "spool");
+            redb_try!(txn.open_table(PENDING), "spool");
+            redb_try!(txn.commit(), "spool");
+        }
+        let (tx, rx) = mpsc::channel::<AppendRequest>();
+        let notify = Arc::new(Notify::new());
+        let writer_db = db.clone();
+        let writer_notify = notify.clone();
+        thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer(writer_db, rx, writer_notify))
+            .map_err(|e| SpoolError(format!("cannot start the spool writer: {e}")))?;
+        Ok(Self {
+            db,
+            appends: tx,
+            notify,
+        })
+    }
+
+    /// Stores records durably; returns once they are on disk.
+    pub async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.appends
+            .send(AppendRequest { records, reply })
+            .map_err(|_| SpoolError("spool writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| SpoolError("spool writer has stopped".into()))?
+            .map_err(SpoolError)
+    }
+
+    /// Pending records due at `now`, at most `limit`, and the earliest time a
+    /// record not yet due becomes due.
+    pub fn due(&self, now: u64, limit: usize, skip: &dyn Fn(&str) -> bool) -> Result<(Vec<Record>, Option<u64>), SpoolError> {
+        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let pending = redb_try!(txn.open_table(PENDING), "spool read");
+        let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let mut due = Vec::new();
+        let mut next: Option<u64> = None;
+        for entry in redb_try!(pending.iter(), "spool read") {
+            let (id, at) = redb_try!(entry, "spool read");
+            let (id, at) = (id.value(), at.value());
+            if skip(id) {
+                continue;
+            }
+            if at <= now && due.len() < limit {
+                if let Some(raw) = redb_try!(records.get(id), "spool read") {
+                    if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
+                        due.push(rec);
+                    }
+                }
+            } else if at > now {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        Ok((due, next))
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Record>, SpoolError> {
+        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let raw = redb_try!(records.get(id), "spool read");
+        Ok(raw.and_then(|r| serde_json::from_slice(r.value()).ok()))
+    }
+
+    /// All records, oldest first; only pending and failed unless `all`.
+    pub fn list(&self, all: bool) -> Result<Vec<Record>, SpoolError> {
+        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let mut out = Vec::new();
+        for entry in redb_try!(records.iter(), "spool read") {
+            let (_, raw) = redb_try!(entry, "spool read");
+            if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
+                if all || rec.state != State::Delivered {
+                    out.push(rec);
+                }
+            }
+        }
+        out.sort_by_key(|r| r.created_ms);
+        Ok(out)
+    }
+
+    /// Writes a changed record (and its pending index entry) durably.
+    pub fn update(&self, rec: &Record) -> Result<(), SpoolError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+        let txn = redb_try!(self.db.begin_write(), "spool write");
+        {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+            if rec.state == State::Pending {
+                redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+            } else {
+                redb_try!(pending.remove(rec.id.as_str()), "spool write");
+            }
+        }
+        redb_try!(txn.commit(), "spool commit");
+        if rec.state == State::Pending {
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Makes a failed (or waiting) record due now. Ok(false): no such record.
+    pub fn retry(&self, id: &str) -> Result<bool, SpoolError> {
+        let Some(mut rec) = self.get(id)? else { return Ok(false) };
+        if rec.state == State::Delivered {
+            return Err(SpoolError(format!("{id} was delivered already")));
+        }
+        rec.state = State::Pending;
+        rec.next_attempt_ms = now_ms();
+        // A manual retry also restarts the age limit.
+        rec.created_ms = rec.next_attempt_ms;
+        rec.finished_ms = None;
+        self.update(&rec)?;
+        Ok(true)
+    }
+
+    /// Retries every failed record; returns how many.
+    pub fn retry_all(&self) -> Result<usize, SpoolError> {
+        let failed: Vec<String> = self
+            .list(false)?
+            .into_iter()
+            .filter(|r| r.state == State::Failed)
+            .map(|r| r.id)
+            .collect();
+        for id in &failed {
+            self.retry(id)?;
+        }
+        Ok(failed.len())
+    }
+
+    /// Removes a record. Ok(false): no such record.
+    pub fn delete(&self, id: &str) -> Result<bool, SpoolError> {
+        let txn = redb_try!(self.db.begin_write(), "spool write");
+        let existed;
+        {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            existed = redb_try!(records.remove(id), "spool write").is_some();
+            redb_try!(pending.remove(id), "spool write");
+        }
+        redb_try!(txn.commit(), "spool commit");
+        Ok(existed)
+    }
+
+    /// Forgets delivered records finished before `before_ms`; returns how many.
+    pub fn purge_delivered(&self, before_ms: u64) -> Result<usize, SpoolError> {
+        let old: Vec<String> = self
+            .list(true)?
+            .into_iter()
+            .filter(|r| r.state == State::Delivered && r.finished_ms.unwrap_or(0) < before_ms)
+            .map(|r| r.id)
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let txn = redb_try!(self.db.begin_write(), "spool write");
+        {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            for id in &old {
+                redb_try!(records.remove(id.as_str()), "spool write");
+            }
+        }
+        redb_try!(txn.commit(), "spool commit");
+        Ok(old.len())
+    }
+
+    /// Counts of pending records and the creation time of the oldest one.
+    pub fn pending_stats(&self) -> Result<(usize, Option<u64>), SpoolError> {
+        let recs = self.list(false)?;
+        let pending: Vec<&Record> = recs.iter().filter(|r| r.state == State::Pending).collect();
+        Ok((pending.len(), pending.iter().map(|r| r.created_ms).min()))
+    }
+}
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>) {
+    // Ends when every Spool handle (and so every sender) is gone.
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = commit_group(&db, &group);
+        let any_new = matches!(&result, Ok(v) if v.iter().flatten().any(|a| *a == Appended::New));
+        match result {
+            Ok(outcomes) => {
+                for (req, out) in group.into_iter().zip(outcomes) {
+                    let _ = req.reply.send(Ok(out));
+                }
+            }
+            Err(e) => {
+                for req in group {
+                    let _ = req.reply.send(Err(e.clone()));
+                }
+            }
+        }
+        if any_new {
+            notify.notify_one();
+        }
+    }
+}
+
+fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Appended>>, String> {
+    let run = || -> Result<Vec<Vec<Appended>>, SpoolError> {
+        let txn = redb_try!(db.begin_write(), "spool write");
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            for req in group {
+                let mut out = Vec::with_capacity(req.records.len());
+                for rec in &req.records {
+                    if redb_try!(records.get(rec.id.as_str()), "spool read").is_some() {
+                        out.push(Appended::Duplicate);
+                        continue;
+                    }
+                    let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+                    redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+                    redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+                    out.push(Appended::New);
+                }
+                outcomes.push(out);
+            }
+        }
+        // Durability::Immediate (the default): fsync before anyone hears "stored".
+        redb_try!(txn.commit(), "spool commit");
+        Ok(outcomes)
+    };
+    run().map_err(|e| e.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::analyse;
+
+    fn record(body: &str) -> Record {
+        let raw = format!(
+            "From: b@example.com\r\nMessage-ID: <m1@x>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:{body}\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:b@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+        );
+        let a = analyse(raw.as_bytes());
+        build_record(&a, &Envelope::default(), "<calendar+abcdefgh12@example.org>", "abcdefgh12")
+    }
+
+    #[tokio::test]
+    async fn append_dedup_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        {
+            let spool = Spool::open(&path).unwrap();
+            let r = record("u1");
+            assert_eq!(r.payload["envelope"]["rcpt"], "calendar+abcdefgh12@example.org");
+            assert_eq!(r.payload["uid"], "u1");
+            assert_eq!(spool.append(vec![r.clone()]).await.unwrap(), vec![Appended::New]);
+            assert_eq!(spool.append(vec![record("u1")]).await.unwrap(), vec![Appended::Duplicate]);
+            assert_eq!(spool.append(vec![record("u2")]).await.unwrap(), vec![Appended::New]);
+        }
+        // Let the writer thread drop its handle before reopening.
+        let mut spool = None;
+        for _ in 0..100 {
+            match Spool::open(&path) {
+                Ok(s) => {
+                    spool = Some(s);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let spool = spool.expect("reopen");
+        let (due, _) = spool.due(now_ms() + 1, 10, &|_| false).unwrap();
+        assert_eq!(due.len(), 2);
+        let mut r = due[0].clone();
+        r.state = State::Failed;
+        spool.update(&r).unwrap();
+        assert_eq!(spool.due(now_ms() + 1, 10, &|_| false).unwrap().0.len(), 1);
+        assert_eq!(spool.retry_all().unwrap(), 1);
+        assert_eq!(spool.due(now_ms() + 1, 10, &|_| false).unwrap().0.len(), 2);
+        assert!(spool.delete(&r.id).unwrap());
+        assert!(!spool.delete(&r.id).unwrap());
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = spool.clone();
+            tasks.push(tokio::spawn(async move { s.append(vec![record(&format!("c{i}"))]).await }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), vec![Appended::New]);
+        }
+        assert_eq!(spool.list(false).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn foreign_file_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        std::fs::write(&path, b"this is not a database, but somebody's notes\n".repeat(100)).unwrap();
+        let e = Spool::open(&path).err().expect("must refuse");
+        assert!(e.0.contains("never overwritten"), "{e}");
+        assert!(std::fs::read(&path).unwrap().starts_with(b"this is not a database"));
+    }
+
+    #[test]
+    fn ids_depend_on_content() {
+        assert_eq!(delivery_id("t", Some("<m>"), "c"), delivery_id("t", Some("<m>"), "c"));
+        assert_ne!(delivery_id("t", Some("<m>"), "c"), delivery_id("t2", Some("<m>"), "c"));
+        assert_ne!(delivery_id("ab", None, "c"), delivery_id("a", None, "bc"));
+    }
+}

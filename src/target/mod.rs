@@ -1,0 +1,38 @@
+//! Delivery targets, one file per kind.
+
+pub mod webhook;
+
+use crate::{
+    config::{TargetConfig, TargetKind},
+    spool::Record,
+};
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Try again later (timeouts, connection errors, 408, 425, 429, 5xx).
+    Retry(String),
+    /// The target refused the record for good; kept as failed.
+    Permanent(String),
+}
+
+/// The configured target.
+pub enum Target {
+    Webhook(webhook::Webhook),
+}
+
+impl Target {
+    /// Builds the target; reads secrets from their files.
+    pub fn new(config: &TargetConfig) -> Result<Self, String> {
+        match config.kind {
+            TargetKind::Webhook => webhook::Webhook::new(config).map(Self::Webhook),
+        }
+    }
+
+    pub async fn deliver(&self, record: &Record) -> Outcome {
+        match self {
+            Self::Webhook(w) => w.deliver(record).await,
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Target `webhook`: POST the record's JSON document to a URL.
+
+use super::Outcome;
+use crate::{config::TargetConfig, spool::Record};
+use reqwest::{header, redirect, Client, StatusCode};
+use std::{fs, path::Path};
+
+pub struct Webhook {
+    client: Client,
+    url: String,
+    auth: Option<String>,
+}
+
+/// First line of a secret file, which must not be empty.
+pub fn read_secret(path: &Path, key: &str) -> Result<String, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    if line.is_empty() {
+        return Err(format!("{key}: {} is empty", path.display()));
+    }
+    Ok(line)
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+impl Webhook {
+    pub fn new(config: &TargetConfig) -> Result<Self, String> {
+        let auth = match (&config.token_file, &config.username, &config.password_file) {
+            (Some(file), _, _) => Some(format!("Bearer {}", read_secret(file, "target.token_file")?)),
+            (None, Some(user), Some(file)) => {
+                let password = read_secret(file, "target.password_file")?;
+                Some(format!("Basic {}", base64(format!("{user}:{password}").as_bytes())))
+            }
+            _ => None,
+        };
+        let client = Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
+            // A redirect would turn the POST into a GET; say so instead.
+            .redirect(redirect::Policy::none())
+            .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            url: config.url.clone(),
+            auth,
+        })
+    }
+
+    pub async fn deliver(&self, record: &Record) -> Outcome {
+        let body = match serde_json::to_vec(&record.payload) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Permanent(format!("cannot encode record: {e}")),
+        };
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", &record.id)
+            .body(body);
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        match req.send().await {
+            Ok(resp) => classify(resp.status()),
+            Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
+            Err(e) if e.is_connect() => Outcome::Retry(format!("cannot connect: {}", root_cause(&e))),
+            Err(e) => Outcome::Retry(root_cause(&e)),
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// DESIGN §3: 2xx done; 408, 425, 429, 5xx retried; other answers permanent.
+pub fn classify(status: StatusCode) -> Outcome {
+    let code = status.as_u16();
+    match code {
+        200..=299 => Outcome::Delivered,
+        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
+        300..=399 => Outcome::Permanent(format!("HTTP {status}: redirects are not followed; fix target.url")),
+        _ => Outcome::Permanent(format!("HTTP {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_rules() {
+        for (code, want) in [(200, 'd'), (204, 'd'), (408, 'r'), (425, 'r'), (429, 'r'), (500, 'r'), (503, 'r'), (400, 'p'), (401, 'p'), (404, 'p'), (409, 'p'), (301, 'p')] {
+            let got = match classify(StatusCode::from_u16(code).unwrap()) {
+                Outcome::Delivered => 'd',
+                Outcome::Retry(_) => 'r',
+                Outcome::Permanent(_) => 'p',
+            };
+            assert_eq!(got, want, "HTTP {code}");
+        }
+    }
+
+    #[test]
+    fn basic_auth_encoding() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+}
