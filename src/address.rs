@@ -23,7 +23,11 @@ impl BaseAddress {
         let (local, domain) = s
             .rsplit_once('@')
             .ok_or_else(|| format!("`{s}` is not an address of the form local@domain"))?;
-        if local.is_empty() || domain.is_empty() || local.contains(['<', '>', '"', ' ']) || domain.contains(['<', '>', ' ']) {
+        if local.is_empty()
+            || domain.is_empty()
+            || local.contains(['<', '>', '"', ' '])
+            || domain.contains(['<', '>', ' '])
+        {
             return Err(format!("`{s}` is not an address of the form local@domain"));
         }
         Ok(Self {
@@ -71,6 +75,43 @@ impl GatewayAddresses {
         &self.bases
     }
 
+    /// The recipient as it may appear in a log: anything after the first
+    /// delimiter cut to 8 characters, since it may be a token.
+    pub fn redact(&self, rcpt: &str) -> String {
+        let r = rcpt.trim();
+        let r = r
+            .strip_prefix('<')
+            .and_then(|r| r.strip_suffix('>'))
+            .unwrap_or(r);
+        let (local, domain) = r.rsplit_once('@').unwrap_or((r, ""));
+        let shown = match local.find(|c| self.delimiters.contains(&c)) {
+            Some(i) => {
+                let (base, rest) = local.split_at(i);
+                let mut chars = rest.chars();
+                let d = chars.next().unwrap_or('+');
+                format!("{base}{d}{}", token_prefix(chars.as_str()))
+            }
+            None => local.to_owned(),
+        };
+        let shown: String = shown
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect();
+        if domain.is_empty() {
+            format!("<{shown}>")
+        } else {
+            format!(
+                "<{shown}@{}>",
+                domain
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(255)
+                    .collect::<String>()
+            )
+        }
+    }
+
     /// Classifies an envelope recipient as Postfix passes it in RCPT
     /// (`<Calendar+Tok@Example.org>`), or as a bare address.
     pub fn classify(&self, rcpt: &str) -> Recipient {
@@ -116,7 +157,10 @@ impl GatewayAddresses {
 /// Removes angle brackets and a source route (`<@a,@b:user@c>`).
 fn strip_envelope(rcpt: &str) -> Option<&str> {
     let s = rcpt.trim();
-    let s = s.strip_prefix('<').map(|s| s.strip_suffix('>').unwrap_or(s)).unwrap_or(s);
+    let s = s
+        .strip_prefix('<')
+        .map(|s| s.strip_suffix('>').unwrap_or(s))
+        .unwrap_or(s);
     let s = match s.starts_with('@') {
         true => s.split_once(':').map(|(_, a)| a)?,
         false => s,
@@ -196,16 +240,34 @@ mod tests {
     #[test]
     fn bare_and_bad_tokens() {
         let g = gw();
-        assert_eq!(g.classify("<calendar@example.org>"), Recipient::GatewayWithoutToken);
-        assert_eq!(g.classify("<CALENDAR@EXAMPLE.ORG>"), Recipient::GatewayWithoutToken);
-        assert_eq!(g.classify("<calendar+@example.org>"), Recipient::GatewayBadToken);
-        assert_eq!(g.classify("<calendar+short@example.org>"), Recipient::GatewayBadToken);
-        assert_eq!(g.classify("<calendar+abc%def@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(
+            g.classify("<calendar@example.org>"),
+            Recipient::GatewayWithoutToken
+        );
+        assert_eq!(
+            g.classify("<CALENDAR@EXAMPLE.ORG>"),
+            Recipient::GatewayWithoutToken
+        );
+        assert_eq!(
+            g.classify("<calendar+@example.org>"),
+            Recipient::GatewayBadToken
+        );
+        assert_eq!(
+            g.classify("<calendar+short@example.org>"),
+            Recipient::GatewayBadToken
+        );
+        assert_eq!(
+            g.classify("<calendar+abc%def@example.org>"),
+            Recipient::GatewayBadToken
+        );
         assert_eq!(
             g.classify(&format!("<calendar+{}@example.org>", "a".repeat(65))),
             Recipient::GatewayBadToken
         );
-        assert_eq!(g.classify("<calendar+abcdefgh+ijk@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(
+            g.classify("<calendar+abcdefgh+ijk@example.org>"),
+            Recipient::GatewayBadToken
+        );
     }
 
     #[test]
@@ -238,6 +300,15 @@ mod tests {
                 token: "abcdefgh".into()
             }
         );
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            gw().redact(&format!("<calendar+{UUID}@example.org>")),
+            "<calendar+8e3c0d1a…@example.org>"
+        );
+        assert_eq!(gw().redact("<alice@example.org>"), "<alice@example.org>");
     }
 
     #[test]

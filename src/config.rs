@@ -173,13 +173,21 @@ enum RawDuration {
     Text(String),
 }
 
-fn duration(key: &str, raw: Option<RawDuration>, default: Duration) -> Result<Duration, ConfigError> {
+fn duration(
+    key: &str,
+    raw: Option<RawDuration>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(default),
         Some(RawDuration::Seconds(n)) if n >= 0 => Ok(Duration::from_secs(n as u64)),
         Some(RawDuration::Seconds(_)) => Err(ConfigError::new(key, "must not be negative")),
-        Some(RawDuration::Text(s)) => parse_duration(&s)
-            .ok_or_else(|| ConfigError::new(key, format!("`{s}` is not a duration such as 30s, 5m, 2h or 5d"))),
+        Some(RawDuration::Text(s)) => parse_duration(&s).ok_or_else(|| {
+            ConfigError::new(
+                key,
+                format!("`{s}` is not a duration such as 30s, 5m, 2h or 5d"),
+            )
+        }),
     }
 }
 
@@ -203,15 +211,22 @@ fn positive(key: &str, raw: Option<i64>, default: usize, max: usize) -> Result<u
     match raw {
         None => Ok(default),
         Some(n) if n >= 1 && (n as u64) <= max as u64 => Ok(n as usize),
-        Some(n) => Err(ConfigError::new(key, format!("{n} is out of range (1 to {max})"))),
+        Some(n) => Err(ConfigError::new(
+            key,
+            format!("{n} is out of range (1 to {max})"),
+        )),
     }
 }
 
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("", format!("cannot read configuration file {}: {e}", path.display())))?;
+        let text = fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "",
+                format!("cannot read configuration file {}: {e}", path.display()),
+            )
+        })?;
         Self::parse(&text).map_err(|mut e| {
             e.message = format!("{} (in {})", e.message, path.display());
             e
@@ -239,12 +254,18 @@ impl Config {
 
         let listen = ListenSocket::parse(raw.listen.as_deref().unwrap_or("inet:127.0.0.1:8895"))
             .map_err(|m| ConfigError::new("listen", m))?;
-        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/imip-milter"));
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/imip-milter"));
         if !state_dir.is_absolute() {
             return Err(ConfigError::new("state_dir", "must be an absolute path"));
         }
-        let max_message_bytes =
-            positive("max_message_bytes", raw.max_message_bytes, 10 * 1024 * 1024, 1 << 30)?;
+        let max_message_bytes = positive(
+            "max_message_bytes",
+            raw.max_message_bytes,
+            10 * 1024 * 1024,
+            1 << 30,
+        )?;
         let max_sessions = positive("max_sessions", raw.max_sessions, 100, 10_000)?;
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => tracing::Level::ERROR,
@@ -260,34 +281,53 @@ impl Config {
             }
         };
 
-        let gateway = raw.gateway.ok_or_else(|| ConfigError::new("gateway", "section is missing"))?;
+        let gateway = raw
+            .gateway
+            .ok_or_else(|| ConfigError::new("gateway", "section is missing"))?;
         let addresses = gateway
             .addresses
             .ok_or_else(|| ConfigError::new("gateway.addresses", "is missing"))?;
         if addresses.is_empty() {
-            return Err(ConfigError::new("gateway.addresses", "needs at least one address"));
+            return Err(ConfigError::new(
+                "gateway.addresses",
+                "needs at least one address",
+            ));
         }
         let delimiters = gateway.delimiters.unwrap_or_else(|| "+".to_owned());
         if delimiters.is_empty() {
-            return Err(ConfigError::new("gateway.delimiters", "needs at least one character"));
+            return Err(ConfigError::new(
+                "gateway.delimiters",
+                "needs at least one character",
+            ));
         }
-        if let Some(c) = delimiters.chars().find(|c| c.is_ascii_alphanumeric() || *c == '@' || !c.is_ascii_graphic()) {
-            return Err(ConfigError::new("gateway.delimiters", format!("`{c}` cannot be a delimiter")));
+        if let Some(c) = delimiters
+            .chars()
+            .find(|c| c.is_ascii_alphanumeric() || *c == '@' || !c.is_ascii_graphic())
+        {
+            return Err(ConfigError::new(
+                "gateway.delimiters",
+                format!("`{c}` cannot be a delimiter"),
+            ));
         }
         let mut bases = Vec::new();
         for a in &addresses {
-            let base = BaseAddress::parse(a).map_err(|m| ConfigError::new("gateway.addresses", m))?;
+            let base =
+                BaseAddress::parse(a).map_err(|m| ConfigError::new("gateway.addresses", m))?;
             if base.local.chars().any(|c| delimiters.contains(c)) {
                 return Err(ConfigError::new(
                     "gateway.addresses",
-                    format!("`{a}` contains a delimiter character; give the base address without token"),
+                    format!(
+                        "`{a}` contains a delimiter character; give the base address without token"
+                    ),
                 ));
             }
             bases.push(base);
         }
         let gateway = GatewayAddresses::new(bases, &delimiters);
 
-        let target = raw.target.ok_or_else(|| ConfigError::new("target", "section is missing"))?;
+        let target = raw
+            .target
+            .ok_or_else(|| ConfigError::new("target", "section is missing"))?;
         let kind = match target.kind.as_deref().unwrap_or("webhook") {
             "webhook" => TargetKind::Webhook,
             "calendarserver" | "caldav" => {
@@ -303,9 +343,14 @@ impl Config {
                 ))
             }
         };
-        let url = target.url.ok_or_else(|| ConfigError::new("target.url", "is missing"))?;
+        let url = target
+            .url
+            .ok_or_else(|| ConfigError::new("target.url", "is missing"))?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::new("target.url", format!("`{url}` is not an http:// or https:// URL")));
+            return Err(ConfigError::new(
+                "target.url",
+                format!("`{url}` is not an http:// or https:// URL"),
+            ));
         }
         if target.password_file.is_some() != target.username.is_some() {
             return Err(ConfigError::new(
@@ -328,7 +373,10 @@ impl Config {
             password_file: target.password_file,
         };
         if target.timeout.is_zero() {
-            return Err(ConfigError::new("target.timeout", "must be longer than zero"));
+            return Err(ConfigError::new(
+                "target.timeout",
+                "must be longer than zero",
+            ));
         }
 
         let d = raw.delivery.unwrap_or(RawDelivery {
@@ -340,13 +388,32 @@ impl Config {
         });
         let delivery = DeliveryConfig {
             concurrency: positive("delivery.concurrency", d.concurrency, 4, 256)?,
-            max_age: duration("delivery.max_age", d.max_age, Duration::from_secs(5 * 86_400))?,
-            initial_backoff: duration("delivery.initial_backoff", d.initial_backoff, Duration::from_secs(1))?,
-            max_backoff: duration("delivery.max_backoff", d.max_backoff, Duration::from_secs(300))?,
-            keep_delivered: duration("delivery.keep_delivered", d.keep_delivered, Duration::from_secs(7 * 86_400))?,
+            max_age: duration(
+                "delivery.max_age",
+                d.max_age,
+                Duration::from_secs(5 * 86_400),
+            )?,
+            initial_backoff: duration(
+                "delivery.initial_backoff",
+                d.initial_backoff,
+                Duration::from_secs(1),
+            )?,
+            max_backoff: duration(
+                "delivery.max_backoff",
+                d.max_backoff,
+                Duration::from_secs(300),
+            )?,
+            keep_delivered: duration(
+                "delivery.keep_delivered",
+                d.keep_delivered,
+                Duration::from_secs(7 * 86_400),
+            )?,
         };
         if delivery.initial_backoff.is_zero() {
-            return Err(ConfigError::new("delivery.initial_backoff", "must be longer than zero"));
+            return Err(ConfigError::new(
+                "delivery.initial_backoff",
+                "must be longer than zero",
+            ));
         }
         if delivery.max_backoff < delivery.initial_backoff {
             return Err(ConfigError::new(
@@ -392,7 +459,10 @@ url = "http://127.0.0.1:9000/imip"
     #[test]
     fn embedded_default_is_valid() {
         let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
-        assert_eq!(c.listen, ListenSocket::Inet("127.0.0.1:8895".parse().unwrap()));
+        assert_eq!(
+            c.listen,
+            ListenSocket::Inet("127.0.0.1:8895".parse().unwrap())
+        );
         assert_eq!(c.max_message_bytes, 10_485_760);
     }
 
@@ -435,13 +505,20 @@ url = "http://x/"
             assert_eq!(err.key, key, "{err}");
             assert!(err.to_string().starts_with(key), "{err}");
         }
-        let err = Config::parse("[gateway]\naddresses = []\n[target]\nurl=\"http://x\"\n").unwrap_err();
+        let err =
+            Config::parse("[gateway]\naddresses = []\n[target]\nurl=\"http://x\"\n").unwrap_err();
         assert_eq!(err.key, "gateway.addresses");
-        let err = Config::parse("[gateway]\naddresses = [\"nodomain\"]\n[target]\nurl=\"http://x\"\n").unwrap_err();
+        let err =
+            Config::parse("[gateway]\naddresses = [\"nodomain\"]\n[target]\nurl=\"http://x\"\n")
+                .unwrap_err();
         assert_eq!(err.key, "gateway.addresses");
-        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"ftp://x\"\n").unwrap_err();
+        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"ftp://x\"\n")
+            .unwrap_err();
         assert_eq!(err.key, "target.url");
-        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"http://x\"\nkind=\"smtp\"\n").unwrap_err();
+        let err = Config::parse(
+            "[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"http://x\"\nkind=\"smtp\"\n",
+        )
+        .unwrap_err();
         assert_eq!(err.key, "target.kind");
         let err = Config::parse(&format!("{MINIMAL}[delivery]\nmax_age = \"soon\"\n")).unwrap_err();
         assert_eq!(err.key, "delivery.max_age");

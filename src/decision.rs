@@ -53,7 +53,11 @@ impl SmtpReply {
             }
             text.truncate(end);
         }
-        Self { code, enhanced, text }
+        Self {
+            code,
+            enhanced,
+            text,
+        }
     }
 }
 
@@ -83,7 +87,12 @@ impl Decision {
         }
     }
 
-    fn reply(mut self, code: &'static str, enhanced: &'static str, text: impl Into<String>) -> Self {
+    fn reply(
+        mut self,
+        code: &'static str,
+        enhanced: &'static str,
+        text: impl Into<String>,
+    ) -> Self {
         self.smtp_reply = Some(SmtpReply::new(code, enhanced, text));
         self
     }
@@ -114,7 +123,10 @@ pub fn decide_recipient(recipient: &Recipient) -> Option<Decision> {
 
 /// DATA stage: with no gateway recipient left, accept (Postfix stops calling us).
 pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
-    if recipients.iter().any(|r| matches!(r, Recipient::Gateway { .. })) {
+    if recipients
+        .iter()
+        .any(|r| matches!(r, Recipient::Gateway { .. }))
+    {
         None
     } else {
         Some(Decision::new(Disposition::Accept, "no gateway recipient"))
@@ -123,7 +135,11 @@ pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
 
 /// Body stage: the message outgrew `max_message_bytes`.
 pub fn decide_too_large(limit: usize) -> Decision {
-    Decision::new(Disposition::Reject, format!("message larger than {limit} bytes")).reply(
+    Decision::new(
+        Disposition::Reject,
+        format!("message larger than {limit} bytes"),
+    )
+    .reply(
         "552",
         "5.3.4",
         format!("Message too big for the calendar gateway (limit {limit} bytes)"),
@@ -168,7 +184,11 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
 
 /// EOM: the spool could not store the reply durably.
 pub fn decide_spool_failed(error: &str) -> Decision {
-    Decision::new(Disposition::Tempfail, format!("spool write failed: {error}")).reply(
+    Decision::new(
+        Disposition::Tempfail,
+        format!("spool write failed: {error}"),
+    )
+    .reply(
         "451",
         "4.3.0",
         "Temporary failure storing the calendar reply; please try again later",

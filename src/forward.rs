@@ -19,8 +19,12 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 
 /// Backoff before attempt `attempts + 1`: initial × 2^(attempts−1), capped.
 pub fn backoff(cfg: &DeliveryConfig, attempts: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempts.saturating_sub(1).min(30)).unwrap_or(u32::MAX);
-    cfg.initial_backoff.saturating_mul(factor).min(cfg.max_backoff)
+    let factor = 1u32
+        .checked_shl(attempts.saturating_sub(1).min(30))
+        .unwrap_or(u32::MAX);
+    cfg.initial_backoff
+        .saturating_mul(factor)
+        .min(cfg.max_backoff)
 }
 
 /// Applies an outcome to a record.
@@ -41,7 +45,10 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
             let next = now.saturating_add(backoff(cfg, rec.attempts).as_millis() as u64);
             if next.saturating_sub(rec.created_ms) > cfg.max_age.as_millis() as u64 {
                 rec.state = State::Failed;
-                rec.last_error = Some(format!("{e}; gave up after {} attempts (delivery.max_age)", rec.attempts));
+                rec.last_error = Some(format!(
+                    "{e}; gave up after {} attempts (delivery.max_age)",
+                    rec.attempts
+                ));
                 rec.finished_ms = Some(now);
             } else {
                 rec.next_attempt_ms = next;
@@ -75,7 +82,9 @@ pub async fn run(
             let before = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
             let s = spool.clone();
             match tokio::task::spawn_blocking(move || s.purge_delivered(before)).await {
-                Ok(Ok(n)) if n > 0 => info!("forgot {n} delivered records older than delivery.keep_delivered"),
+                Ok(Ok(n)) if n > 0 => {
+                    info!("forgot {n} delivered records older than delivery.keep_delivered")
+                }
                 Ok(Err(e)) => warn!("spool purge failed: {e}"),
                 _ => {}
             }
@@ -112,7 +121,12 @@ pub async fn run(
             if let Ok(mut set) = in_flight.lock() {
                 set.insert(rec.id.clone());
             }
-            let (spool, target, cfg, in_flight) = (spool.clone(), target.clone(), cfg.clone(), in_flight.clone());
+            let (spool, target, cfg, in_flight) = (
+                spool.clone(),
+                target.clone(),
+                cfg.clone(),
+                in_flight.clone(),
+            );
             tasks.spawn(async move {
                 let id = rec.id.clone();
                 deliver_one(&spool, &target, &cfg, rec).await;
@@ -234,7 +248,10 @@ mod tests {
         let c = cfg();
         let mut r = rec(1_000);
         apply(&c, &mut r, &Outcome::Retry("HTTP 503".into()), 2_000);
-        assert_eq!((r.state, r.attempts, r.next_attempt_ms), (State::Pending, 1, 3_000));
+        assert_eq!(
+            (r.state, r.attempts, r.next_attempt_ms),
+            (State::Pending, 1, 3_000)
+        );
         apply(&c, &mut r, &Outcome::Delivered, 4_000);
         assert_eq!(r.state, State::Delivered);
 
@@ -245,7 +262,12 @@ mod tests {
 
         // Past max_age a retryable error fails the record for good.
         let mut r = rec(0);
-        apply(&c, &mut r, &Outcome::Retry("timed out".into()), 5 * 86_400_000);
+        apply(
+            &c,
+            &mut r,
+            &Outcome::Retry("timed out".into()),
+            5 * 86_400_000,
+        );
         assert_eq!(r.state, State::Failed);
         assert!(r.last_error.unwrap().contains("max_age"));
     }

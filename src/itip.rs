@@ -2,8 +2,8 @@
 
 use calcard::{
     icalendar::{
-        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry, ICalendarParameterName,
-        ICalendarProperty,
+        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry,
+        ICalendarParameterName, ICalendarProperty,
     },
     Entry,
 };
@@ -43,7 +43,9 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         .filter(|c| {
             matches!(
                 c.component_type,
-                ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal
+                ICalendarComponentType::VEvent
+                    | ICalendarComponentType::VTodo
+                    | ICalendarComponentType::VJournal
             )
         })
         .collect();
@@ -100,7 +102,12 @@ fn check_structure(text: &str) -> Result<(), String> {
                         clip(&open)
                     ))
                 }
-                None => return Err(format!("the calendar data is damaged (END:{} without BEGIN)", clip(&name))),
+                None => {
+                    return Err(format!(
+                        "the calendar data is damaged (END:{} without BEGIN)",
+                        clip(&name)
+                    ))
+                }
             }
         }
     }
@@ -179,7 +186,10 @@ mod tests {
     #[test]
     fn method_from_content_type_when_missing() {
         let text = REPLY.replace("METHOD:reply\r\n", "");
-        assert_eq!(read(&text, Some("reply")).unwrap().method.as_deref(), Some("REPLY"));
+        assert_eq!(
+            read(&text, Some("reply")).unwrap().method.as_deref(),
+            Some("REPLY")
+        );
         assert_eq!(read(&text, None).unwrap().method, None);
     }
 

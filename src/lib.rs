@@ -1,12 +1,125 @@
 //! imip-milter: a milter for Postfix that takes emailed iMIP calendar replies
 //! in-line, spools them durably and hands them to a calendar server.
+//!
+//! `run` starts everything on a listener the caller opened, so tests start
+//! the milter in-process.
 
 pub mod address;
 pub mod analysis;
 pub mod config;
+pub mod control;
 pub mod decision;
+pub mod forward;
+pub mod inspect;
 pub mod itip;
 pub mod message;
+pub mod milter;
 pub mod spool;
-pub mod forward;
 pub mod target;
+
+use config::{Config, ListenSocket};
+use indymilter::Listener;
+use std::{future::Future, io, sync::Arc};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the milter socket named by `listen`. A unix socket replaces a stale
+/// file and is made group-writable for Postfix.
+pub async fn bind(
+    listen: &ListenSocket,
+) -> io::Result<indymilter::EitherListener<tokio::net::TcpListener, tokio::net::UnixListener>> {
+    use indymilter::EitherListener;
+    match listen {
+        ListenSocket::Inet(addr) => Ok(EitherListener::Tcp(
+            tokio::net::TcpListener::bind(addr).await?,
+        )),
+        ListenSocket::Unix(path) => {
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let l = tokio::net::UnixListener::bind(path)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            Ok(EitherListener::Unix(l))
+        }
+    }
+}
+
+/// Creates `state_dir` if missing, private to the daemon's user.
+pub fn prepare_state_dir(config: &Config) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !config.state_dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(|e| {
+                format!(
+                    "state_dir: cannot create {}: {e}",
+                    config.state_dir.display()
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Runs the milter, the delivery worker and the control socket until
+/// `shutdown` resolves; then finishes open sessions and deliveries in flight.
+pub async fn run(
+    config: Config,
+    listener: impl Listener,
+    shutdown: impl Future,
+) -> Result<(), Error> {
+    prepare_state_dir(&config)?;
+    let spool = spool::Spool::open(&config.spool_path())?;
+    let target = Arc::new(target::Target::new(&config.target)?);
+    let control = control::bind(&config.control_path())
+        .map_err(|e| format!("control socket {}: {e}", config.control_path().display()))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let forwarder = tokio::spawn(forward::run(
+        spool.clone(),
+        target,
+        config.delivery.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let control_task = tokio::spawn(control::serve(control, spool.clone()));
+
+    let shared = Arc::new(milter::Shared {
+        gateway: config.gateway.clone(),
+        max_message_bytes: config.max_message_bytes,
+        spool: spool.clone(),
+    });
+    let milter_config = indymilter::Config {
+        max_connections: config.max_sessions,
+        actions: indymilter::Actions::DELETE_RCPT | indymilter::Actions::ADD_RCPT,
+        ..Default::default()
+    };
+    let (pending, oldest) = spool.pending_stats().unwrap_or((0, None));
+    info!(
+        "imip-milter {} listening on {}, spool {} ({pending} pending{})",
+        env!("CARGO_PKG_VERSION"),
+        config.listen,
+        config.spool_path().display(),
+        oldest
+            .map(|o| format!(", oldest {}s", spool::now_ms().saturating_sub(o) / 1000))
+            .unwrap_or_default()
+    );
+
+    let result =
+        indymilter::run(listener, milter::callbacks(shared), milter_config, shutdown).await;
+    info!("milter sessions finished; stopping deliveries");
+    let _ = stop_tx.send(true);
+    if let Err(e) = forwarder.await {
+        error!("delivery worker ended abnormally: {e}");
+    }
+    control_task.abort();
+    let _ = std::fs::remove_file(config.control_path());
+    info!("stopped");
+    result.map_err(|e| format!("milter socket: {e}").into())
+}

@@ -1,1 +1,295 @@
-fn main() {}
+//! Command line: parse arguments, load the configuration, call the library.
+
+use clap::{Args, Parser, Subcommand};
+use imip_milter::{
+    address::{BaseAddress, GatewayAddresses},
+    config::{Config, DEFAULT_CONFIG_PATH, EMBEDDED_DEFAULT},
+    control::{self, Request},
+};
+use std::{io::Read, path::PathBuf, process::ExitCode};
+use tracing::{error, info};
+
+/// sysexits(3)
+const EX_USAGE: u8 = 64;
+const EX_NOINPUT: u8 = 66;
+const EX_SOFTWARE: u8 = 70;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "imip-milter",
+    version,
+    about = "Milter that takes emailed calendar replies in-line and hands them to a calendar server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Configuration file [default: /etc/imip-milter/imip-milter.toml]
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the milter (the daemon)
+    Run(ConfigArg),
+    /// Show the decision the milter would take for a message file
+    Inspect {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Gateway base address (instead of gateway.addresses)
+        #[arg(long, value_name = "ADDR")]
+        gateway: Vec<String>,
+        /// Envelope recipient, as in RCPT TO
+        #[arg(long, value_name = "ADDR", required = true)]
+        rcpt: Vec<String>,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+        /// Message file, or - for standard input
+        file: String,
+    },
+    /// List and manage the spool
+    Queue {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Print the built-in default configuration
+    DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// Pending and failed records (--all: delivered ones too)
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// One record, whole, as JSON
+    Show { id: String },
+    /// Deliver a failed or waiting record now (--all: every failed record)
+    Retry {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Remove a record from the spool
+    Delete { id: String },
+}
+
+fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> Result<Config, String> {
+    match &arg.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        None => {
+            let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if !path.exists() && embedded_fallback {
+                eprintln!("imip-milter: no {DEFAULT_CONFIG_PATH}; using the built-in default configuration");
+                return Config::parse(EMBEDDED_DEFAULT).map_err(|e| e.to_string());
+            }
+            Config::load(&path).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn init_logging(level: tracing::Level) {
+    use std::io::IsTerminal;
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    // journald stamps every line itself.
+    if under_journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(arg) => run(&arg),
+        Command::Inspect {
+            config,
+            gateway,
+            rcpt,
+            json,
+            file,
+        } => inspect(&config, &gateway, &rcpt, json, &file),
+        Command::Queue { config, action } => queue(&config, action),
+        Command::DefaultConfig => {
+            print!("{EMBEDDED_DEFAULT}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run(arg: &ConfigArg) -> ExitCode {
+    let config = match load_config(arg, arg.config.is_none()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    init_logging(config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match imip_milter::bind(&config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("listen: cannot open {}: {e}", config.listen);
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => info!("SIGTERM: finishing open sessions"),
+                        _ = int.recv() => info!("SIGINT: finishing open sessions"),
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        match imip_milter::run(config, listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        }
+    })
+}
+
+fn inspect(
+    arg: &ConfigArg,
+    gateway: &[String],
+    rcpts: &[String],
+    json: bool,
+    file: &str,
+) -> ExitCode {
+    let (gateway, max) = if gateway.is_empty() {
+        match load_config(arg, false) {
+            Ok(c) => (c.gateway, c.max_message_bytes),
+            Err(e) => {
+                eprintln!("imip-milter: {e} (or give --gateway)");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    } else {
+        let config = load_config(arg, false).ok();
+        let mut bases = Vec::new();
+        for g in gateway {
+            match BaseAddress::parse(g) {
+                Ok(b) => bases.push(b),
+                Err(e) => {
+                    eprintln!("imip-milter: --gateway: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            }
+        }
+        let delimiters = "+".to_owned();
+        let max = config
+            .as_ref()
+            .map(|c| c.max_message_bytes)
+            .unwrap_or(10 * 1024 * 1024);
+        (GatewayAddresses::new(bases, &delimiters), max)
+    };
+    let mut raw = Vec::new();
+    let read = if file == "-" {
+        std::io::stdin()
+            .take(max as u64 + 1)
+            .read_to_end(&mut raw)
+            .map(|_| ())
+    } else {
+        std::fs::File::open(file)
+            .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut raw).map(|_| ()))
+    };
+    if let Err(e) = read {
+        eprintln!("imip-milter: {file}: {e}");
+        return ExitCode::from(EX_NOINPUT);
+    }
+    let verdict = imip_milter::inspect::inspect(&gateway, max, rcpts, &raw);
+    if json {
+        match serde_json::to_string(&verdict) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("imip-milter: {e}");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+        }
+    } else {
+        print!("{}", verdict.to_text());
+    }
+    ExitCode::SUCCESS
+}
+
+fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
+    let config = match load_config(arg, false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let (req, list) = match action {
+        QueueAction::List { all } => (Request::List { all }, true),
+        QueueAction::Show { id } => (Request::Show { id }, false),
+        QueueAction::Retry { all: true, .. } => (Request::RetryAll, false),
+        QueueAction::Retry { id: Some(id), .. } => (Request::Retry { id }, false),
+        QueueAction::Retry {
+            id: None,
+            all: false,
+        } => {
+            eprintln!("imip-milter: queue retry needs an ID or --all");
+            return ExitCode::from(EX_USAGE);
+        }
+        QueueAction::Delete { id } => (Request::Delete { id }, false),
+    };
+    match control::request_or_open(&config.control_path(), &config.spool_path(), &req) {
+        Ok(resp) if resp.ok => {
+            match (list, resp.records, resp.count) {
+                (true, Some(records), _) => print!("{}", control::format_list(&records)),
+                (false, Some(records), _) => {
+                    for r in records {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    }
+                }
+                (_, None, Some(n)) => println!("{n} record(s)"),
+                _ => {}
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("imip-milter: {}", resp.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

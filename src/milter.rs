@@ -1,0 +1,334 @@
+//! The milter callbacks and per-session state; nothing else. What to do with
+//! a message is decided in `decision`, from what `analysis` found.
+
+use crate::{
+    address::{token_prefix, GatewayAddresses, Recipient},
+    analysis::{analyse, Analysis},
+    decision::{self, Decision, Disposition},
+    spool::{build_record, Appended, Envelope, Spool},
+};
+use bytes::Bytes;
+use indymilter::{
+    Callbacks, Context, ContextActions, EomContext, SetErrorReply, SocketInfo, Status,
+};
+use std::{
+    ffi::{CStr, CString},
+    sync::Arc,
+};
+use tracing::{debug, error, info, warn};
+
+/// What every session shares.
+pub struct Shared {
+    pub gateway: GatewayAddresses,
+    pub max_message_bytes: usize,
+    pub spool: Spool,
+}
+
+/// State of one SMTP connection.
+#[derive(Default)]
+pub struct Session {
+    client_addr: Option<String>,
+    mail_from: String,
+    /// Recipients accepted at RCPT: the argument as received, and its class.
+    recipients: Vec<(String, Recipient)>,
+    message: Vec<u8>,
+    too_large: bool,
+}
+
+impl Session {
+    fn reset_message(&mut self) {
+        self.mail_from.clear();
+        self.recipients.clear();
+        self.message = Vec::new();
+        self.too_large = false;
+    }
+
+    fn classes(&self) -> Vec<Recipient> {
+        self.recipients.iter().map(|(_, r)| r.clone()).collect()
+    }
+}
+
+fn text(c: &CStr) -> String {
+    String::from_utf8_lossy(c.to_bytes()).into_owned()
+}
+
+fn queue_id(macros: &indymilter::Macros) -> String {
+    macros
+        .get(c"i")
+        .map(text)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "NOQUEUE".into())
+}
+
+fn set_reply(reply: &mut impl SetErrorReply, d: &Decision) {
+    if let Some(r) = &d.smtp_reply {
+        if let Err(e) = reply.set_error_reply(r.code, Some(r.enhanced), [r.text.as_str()]) {
+            warn!("cannot set SMTP reply \"{r}\": {e}");
+        }
+    }
+}
+
+/// The milter callbacks, sharing `shared`.
+pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
+    let on_rcpt = shared.clone();
+    let on_header = shared.clone();
+    let on_body = shared.clone();
+    let on_eom = shared;
+    Callbacks::new()
+        .on_connect(|cx, _host, info| Box::pin(connect(cx, info)))
+        .on_mail(|cx, args| Box::pin(mail(cx, args)))
+        .on_rcpt(move |cx, args| {
+            let s = on_rcpt.clone();
+            Box::pin(async move { rcpt(&s, cx, args) })
+        })
+        .on_data(|cx| Box::pin(data(cx)))
+        .on_header(move |cx, name, value| {
+            let s = on_header.clone();
+            Box::pin(async move { header(&s, cx, name, value) })
+        })
+        .on_eoh(|cx| Box::pin(eoh(cx)))
+        .on_body(move |cx, chunk| {
+            let s = on_body.clone();
+            Box::pin(async move { body(&s, cx, chunk) })
+        })
+        .on_eom(move |cx| {
+            let s = on_eom.clone();
+            Box::pin(async move { eom(&s, cx).await })
+        })
+        .on_abort(|cx| Box::pin(abort(cx)))
+}
+
+async fn connect(cx: &mut Context<Session>, info: SocketInfo) -> Status {
+    let client_addr = match info {
+        SocketInfo::Inet(addr) => Some(addr.ip().to_string()),
+        _ => None,
+    };
+    cx.data = Some(Session {
+        client_addr,
+        ..Default::default()
+    });
+    Status::Continue
+}
+
+async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let session = cx.data.get_or_insert_with(Session::default);
+    session.reset_message();
+    session.mail_from = args
+        .first()
+        .map(|a| {
+            let a = text(a);
+            a.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
+        .unwrap_or_default();
+    Status::Continue
+}
+
+fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+    let Some(raw) = args.first().map(|a| text(a)) else {
+        return Status::Continue;
+    };
+    let class = shared.gateway.classify(&raw);
+    if let Some(d) = decision::decide_recipient(&class) {
+        info!(
+            "{}: reject RCPT {} from=<{}>: {}",
+            queue_id(&cx.macros),
+            shared.gateway.redact(&raw),
+            cx.data.as_ref().map(|s| s.mail_from.as_str()).unwrap_or(""),
+            d.reason
+        );
+        set_reply(&mut cx.reply, &d);
+        return Status::Reject;
+    }
+    let session = cx.data.get_or_insert_with(Session::default);
+    session.recipients.push((raw, class));
+    Status::Continue
+}
+
+async fn data(cx: &mut Context<Session>) -> Status {
+    let Some(session) = cx.data.as_ref() else {
+        return Status::Accept;
+    };
+    // No gateway recipient: Accept here, so Postfix skips us for the rest of
+    // this message. (Accept at RCPT would end filtering for all recipients.)
+    match decision::decide_data(&session.classes()) {
+        Some(_) => Status::Accept,
+        None => Status::Continue,
+    }
+}
+
+fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
+    let Some(session) = cx.data.as_mut() else {
+        return Status::Continue;
+    };
+    let add: usize = bytes.iter().map(|b| b.len()).sum();
+    if session.message.len() + add > shared.max_message_bytes {
+        session.too_large = true;
+        session.message = Vec::new();
+        let d = decision::decide_too_large(shared.max_message_bytes);
+        info!(
+            "{}: reject from=<{}>: {}",
+            queue_id(&cx.macros),
+            session.mail_from,
+            d.reason
+        );
+        set_reply(&mut cx.reply, &d);
+        return Status::Reject;
+    }
+    for b in bytes {
+        session.message.extend_from_slice(b);
+    }
+    Status::Continue
+}
+
+fn header(shared: &Shared, cx: &mut Context<Session>, name: CString, value: CString) -> Status {
+    grow(
+        shared,
+        cx,
+        &[name.as_bytes(), b": ", value.as_bytes(), b"\r\n"],
+    )
+}
+
+async fn eoh(cx: &mut Context<Session>) -> Status {
+    if let Some(s) = cx.data.as_mut() {
+        s.message.extend_from_slice(b"\r\n");
+    }
+    Status::Continue
+}
+
+fn body(shared: &Shared, cx: &mut Context<Session>, chunk: Bytes) -> Status {
+    grow(shared, cx, &[&chunk])
+}
+
+async fn abort(cx: &mut Context<Session>) -> Status {
+    if let Some(s) = cx.data.as_mut() {
+        s.reset_message();
+    }
+    Status::Continue
+}
+
+async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
+    let queue_id = queue_id(&cx.macros);
+    let Some(session) = cx.data.as_mut() else {
+        return Status::Accept;
+    };
+    let message = std::mem::take(&mut session.message);
+    let classes = session.classes();
+    let recipients = std::mem::take(&mut session.recipients);
+    let envelope = Envelope {
+        queue_id: Some(queue_id.clone()),
+        mail_from: std::mem::take(&mut session.mail_from),
+        client_addr: session.client_addr.clone(),
+    };
+    session.reset_message();
+
+    // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
+    let analysis = match tokio::task::spawn_blocking(move || analyse(&message)).await {
+        Ok(a) => a,
+        Err(e) => {
+            error!("{queue_id}: analysis failed: {e}");
+            let d = decision::decide_spool_failed("analysis failed");
+            set_reply(&mut cx.reply, &d);
+            return Status::Tempfail;
+        }
+    };
+    let mut decision = decision::decide_message(&analysis, &classes);
+    let gateway: Vec<(&str, &str)> = recipients
+        .iter()
+        .filter_map(|(raw, class)| match class {
+            Recipient::Gateway { token } => Some((raw.as_str(), token.as_str())),
+            _ => None,
+        })
+        .collect();
+
+    let mut note = String::new();
+    if decision.spool {
+        let records = gateway
+            .iter()
+            .map(|(raw, token)| build_record(&analysis, &envelope, raw, token))
+            .collect::<Vec<_>>();
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        match shared.spool.append(records).await {
+            Ok(outcomes) => {
+                let dup = outcomes
+                    .iter()
+                    .filter(|o| **o == Appended::Duplicate)
+                    .count();
+                note = format!(" id={}", ids.join(","));
+                if dup > 0 {
+                    note.push_str(&format!(" duplicate={dup}"));
+                }
+            }
+            Err(e) => {
+                error!("{queue_id}: {e}");
+                decision = decision::decide_spool_failed(&e.0);
+            }
+        }
+    }
+
+    let status = match decision.disposition {
+        Disposition::Accept | Disposition::Redirect => Status::Accept,
+        Disposition::Discard => Status::Discard,
+        Disposition::DeleteRecipients => {
+            let mut failed = None;
+            for (raw, _) in &gateway {
+                // The argument exactly as received: Postfix matches it literally.
+                if let Err(e) = cx.actions.delete_recipient(*raw).await {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+            match failed {
+                None => Status::Accept,
+                Some(e) => {
+                    // The reply is spooled; the sender's retry is recognised as a duplicate.
+                    decision =
+                        decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
+                    set_reply(&mut cx.reply, &decision);
+                    Status::Tempfail
+                }
+            }
+        }
+        Disposition::Reject => {
+            set_reply(&mut cx.reply, &decision);
+            Status::Reject
+        }
+        Disposition::Tempfail => {
+            set_reply(&mut cx.reply, &decision);
+            Status::Tempfail
+        }
+    };
+    log_message(&queue_id, &envelope, &analysis, &decision, &gateway, &note);
+    status
+}
+
+fn log_message(
+    queue_id: &str,
+    envelope: &Envelope,
+    analysis: &Analysis,
+    decision: &Decision,
+    gateway: &[(&str, &str)],
+    note: &str,
+) {
+    let tokens: Vec<String> = gateway.iter().map(|(_, t)| token_prefix(t)).collect();
+    let line =
+        format!(
+        "{queue_id}: from=<{}> message-id={} disposition={} kind={} token={} reason=\"{}\"{note}",
+        envelope.mail_from,
+        analysis.message_id.as_deref().unwrap_or("-"),
+        decision.disposition.as_str(),
+        analysis.kind.as_str(),
+        if tokens.is_empty() { "-".into() } else { tokens.join(",") },
+        decision.reason.replace('"', "'"),
+    );
+    match decision.disposition {
+        Disposition::Tempfail => warn!("{line}"),
+        _ => info!("{line}"),
+    }
+    debug!(
+        "{queue_id}: smtp_reply={:?}",
+        decision.smtp_reply.as_ref().map(ToString::to_string)
+    );
+}
