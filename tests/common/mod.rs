@@ -1,0 +1,528 @@
+//! Test support: a real HTTP webhook that enforces the delivery contract, an
+//! SMTP client, the milter in-process or as the real daemon, and a private
+//! Postfix instance.
+#![allow(dead_code)]
+
+pub mod postfix;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener as StdTcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const TOKEN: &str = "8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81";
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until `cond` holds, up to `limit`.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+/// One request the webhook accepted.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub idempotency_key: String,
+    pub authorization: Option<String>,
+    pub body: serde_json::Value,
+}
+
+#[derive(Default)]
+struct WebhookState {
+    accepted: Vec<Delivery>,
+    refused: Vec<String>,
+    /// Answer this status to the next N well-formed requests.
+    fail_next: Vec<u16>,
+}
+
+/// A real HTTP/1.1 server on loopback playing the calendar server's webhook.
+/// It refuses (400) what the contract forbids: another method or path, a
+/// missing or wrong Content-Type or Idempotency-Key, a body without the
+/// fields of DESIGN §3.
+pub struct Webhook {
+    pub port: u16,
+    pub path: String,
+    state: Arc<Mutex<WebhookState>>,
+    stop: Arc<Mutex<bool>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Webhook {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let state = Arc::new(Mutex::new(WebhookState::default()));
+        Self::start_with(port, state)
+    }
+
+    fn start_with(port: u16, state: Arc<Mutex<WebhookState>>) -> Self {
+        let listener = StdTcpListener::bind(("127.0.0.1", port)).expect("webhook bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(Mutex::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let path = "/imip".to_owned();
+        let p = path.clone();
+        let thread = thread::spawn(move || loop {
+            if *sp.lock().unwrap() {
+                return;
+            }
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let st = st.clone();
+                    let p = p.clone();
+                    thread::spawn(move || serve(stream, &st, &p));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        });
+        Self {
+            port,
+            path,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, self.path)
+    }
+
+    /// Stops listening: connections are refused until `restart`.
+    pub fn stop(&mut self) {
+        *self.stop.lock().unwrap() = true;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Self::start_with(self.port, self.state.clone());
+        *self = again;
+    }
+
+    pub fn fail_next(&self, statuses: &[u16]) {
+        self.state.lock().unwrap().fail_next = statuses.to_vec();
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.state.lock().unwrap().accepted.clone()
+    }
+
+    pub fn refused(&self) -> Vec<String> {
+        self.state.lock().unwrap().refused.clone()
+    }
+
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<Delivery> {
+        wait_until(limit, || self.deliveries().len() >= n);
+        self.deliveries()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let (status, why) = check(&request_line, &headers, &body, path);
+    let status = if status == 200 {
+        let mut st = state.lock().unwrap();
+        if st.fail_next.is_empty() {
+            st.accepted.push(Delivery {
+                idempotency_key: headers.get("idempotency-key").cloned().unwrap_or_default(),
+                authorization: headers.get("authorization").cloned(),
+                body: serde_json::from_slice(&body).unwrap_or_default(),
+            });
+            200
+        } else {
+            st.fail_next.remove(0)
+        }
+    } else {
+        state.lock().unwrap().refused.push(why.clone());
+        status
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
+        why.len()
+    );
+}
+
+fn check(
+    request_line: &str,
+    headers: &HashMap<String, String>,
+    body: &[u8],
+    path: &str,
+) -> (u16, String) {
+    let mut parts = request_line.split_whitespace();
+    if parts.next() != Some("POST") {
+        return (405, "method must be POST".into());
+    }
+    if parts.next() != Some(path) {
+        return (404, "wrong path".into());
+    }
+    if headers.get("content-type").map(String::as_str) != Some("application/json") {
+        return (415, "Content-Type must be application/json".into());
+    }
+    let Some(key) = headers.get("idempotency-key") else {
+        return (400, "Idempotency-Key missing".into());
+    };
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (400, "body is not JSON".into());
+    };
+    if doc["id"].as_str() != Some(key.as_str()) {
+        return (400, "Idempotency-Key differs from id".into());
+    }
+    for field in [
+        "id",
+        "kind",
+        "received_at",
+        "queue_id",
+        "message_id",
+        "envelope",
+        "from",
+        "token",
+        "method",
+        "uid",
+        "attendee",
+        "partstat",
+        "authentication_results",
+        "icalendar",
+    ] {
+        if doc.get(field).is_none() {
+            return (400, format!("field {field} missing"));
+        }
+    }
+    for field in ["mail_from", "rcpt", "client_addr"] {
+        if doc["envelope"].get(field).is_none() {
+            return (400, format!("field envelope.{field} missing"));
+        }
+    }
+    match doc["kind"].as_str() {
+        Some("reply") => {
+            if doc["method"] != "REPLY"
+                || !doc["attendee"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("mailto:"))
+            {
+                return (
+                    400,
+                    "a reply needs METHOD REPLY and a mailto: attendee".into(),
+                );
+            }
+        }
+        Some("bounce") => {
+            if doc["bounce"]["action"] != "failed" {
+                return (400, "a bounce needs bounce.action failed".into());
+            }
+        }
+        _ => return (400, "kind must be reply or bounce".into()),
+    }
+    if doc["received_at"]
+        .as_str()
+        .is_none_or(|t| !t.ends_with('Z') || t.len() < 20)
+    {
+        return (400, "received_at must be RFC 3339 UTC".into());
+    }
+    (200, "ok".into())
+}
+
+/// A configuration for tests; `extra` is appended (more sections or keys).
+pub fn config_text(state_dir: &Path, listen: &str, webhook_url: &str, extra: &str) -> String {
+    format!(
+        r#"listen = "{listen}"
+state_dir = "{}"
+max_message_bytes = 1000000
+log_level = "debug"
+
+[gateway]
+addresses = ["calendar@example.org", "replies@example.net"]
+delimiters = "+"
+
+[target]
+kind = "webhook"
+url = "{webhook_url}"
+timeout = "5s"
+
+[delivery]
+initial_backoff = "200ms"
+max_backoff = "1s"
+{extra}"#,
+        state_dir.display()
+    )
+}
+
+/// The milter in-process on an ephemeral port.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub state_dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), imip_milter::Error>>>,
+}
+
+impl InProcess {
+    pub async fn start(webhook_url: &str) -> Self {
+        Self::start_with(webhook_url, "").await
+    }
+
+    pub async fn start_with(webhook_url: &str, extra: &str) -> Self {
+        init_logs();
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        let text = config_text(state_dir.path(), "inet:127.0.0.1:0", webhook_url, extra);
+        let config = imip_milter::config::Config::parse(&text).expect("config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(imip_milter::run(config, listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            state_dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("join").expect("milter run");
+        }
+    }
+}
+
+/// The real daemon, as a child process.
+pub struct Daemon {
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, webhook_url: &str) -> Self {
+        let port = free_port();
+        let state = dir.join("state");
+        let config_path = dir.join("imip-milter.toml");
+        std::fs::write(
+            &config_path,
+            config_text(&state, &format!("inet:127.0.0.1:{port}"), webhook_url, ""),
+        )
+        .expect("config");
+        let mut d = Self {
+            port,
+            config_path,
+            log_path: dir.join("milter.log"),
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start imip-milter");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(20), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "imip-milter did not start: {}",
+            self.log()
+        );
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().expect("wait")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("imip-milter cli")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What an SMTP server answered to one transaction.
+#[derive(Debug, Default)]
+pub struct SmtpOutcome {
+    pub rcpt: Vec<String>,
+    /// The answer after the final dot (None if no recipient was accepted).
+    pub data: Option<String>,
+}
+
+fn read_reply(r: &mut BufReader<TcpStream>) -> String {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return all;
+        }
+        all.push_str(&line);
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return all.trim_end().to_owned();
+        }
+    }
+}
+
+/// Sends one message over SMTP; `data` is the message with CRLF line ends.
+pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutcome {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("smtp connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let banner = read_reply(&mut r);
+    assert!(banner.starts_with("220"), "banner: {banner}");
+    let cmd = |w: &mut TcpStream, r: &mut BufReader<TcpStream>, c: &str| {
+        w.write_all(format!("{c}\r\n").as_bytes()).unwrap();
+        read_reply(r)
+    };
+    let ehlo = cmd(&mut w, &mut r, "EHLO client.test");
+    assert!(ehlo.starts_with("250"), "EHLO: {ehlo}");
+    let mail = cmd(&mut w, &mut r, &format!("MAIL FROM:<{from}>"));
+    assert!(mail.starts_with("250"), "MAIL: {mail}");
+    let mut out = SmtpOutcome::default();
+    for rcpt in rcpts {
+        out.rcpt
+            .push(cmd(&mut w, &mut r, &format!("RCPT TO:<{rcpt}>")));
+    }
+    if out.rcpt.iter().any(|r| r.starts_with("250")) {
+        let go = cmd(&mut w, &mut r, "DATA");
+        assert!(go.starts_with("354"), "DATA: {go}");
+        let mut body = Vec::new();
+        for line in data.split(|&b| b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.first() == Some(&b'.') {
+                body.push(b'.');
+            }
+            body.extend_from_slice(line);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b".\r\n");
+        w.write_all(&body).unwrap();
+        out.data = Some(read_reply(&mut r));
+    }
+    let _ = cmd(&mut w, &mut r, "QUIT");
+    out
+}
+
+/// A reply from an attendee, unique per `n`.
+pub fn reply_message(n: usize, token: &str) -> Vec<u8> {
+    format!(
+        "From: Attendee {n} <attendee{n}@example.com>\r\nTo: calendar+{token}@example.org\r\nSubject: Accepted\r\nMessage-ID: <reply-{n}@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/calendar; charset=utf-8; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Test//EN\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:event-{n}@example.org\r\nDTSTAMP:20261120T100000Z\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:attendee{n}@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    .into_bytes()
+}
+
+/// Logs of the in-process milter go to the test's output.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing::Level::DEBUG)
+        .try_init();
+}

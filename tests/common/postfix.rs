@@ -1,0 +1,179 @@
+//! A private Postfix instance: its own configuration directory, queue, log
+//! and port, chroot off, delivering example.org mail to maildirs.
+
+use super::{free_port, wait_until};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+pub struct Postfix {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+/// Mailboxes of the instance (virtual(8) maildirs).
+pub const MAILBOXES: &[&str] = &["calendar", "alice", "grace"];
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn id(arg: &str, name: &str) -> String {
+    let out = Command::new("id").args([arg, name]).output().expect("id");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl Postfix {
+    /// Starts Postfix with `smtpd_milters` set to `milters` (may be empty).
+    pub fn start(milters: &str) -> Self {
+        assert!(
+            Path::new("/usr/sbin/postfix").exists(),
+            "Postfix is not installed: .ci/run installs it (apt-get install postfix)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("imip-postfix-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path();
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).unwrap();
+        for sub in ["etc", "queue", "data", "mail"] {
+            fs::create_dir(root.join(sub)).unwrap();
+        }
+        let (uid, gid) = (id("-u", "nobody"), id("-g", "nobody"));
+        run(Command::new("chown").arg("postfix").arg(root.join("data")));
+        run(Command::new("chown")
+            .arg(format!("{uid}:{gid}"))
+            .arg(root.join("mail")));
+        let port = free_port();
+        let etc = root.join("etc");
+        let r = root.display();
+        let vmailbox: String = MAILBOXES
+            .iter()
+            .map(|m| format!("{m}@example.org {m}/\n"))
+            .collect();
+        fs::write(etc.join("vmailbox"), vmailbox).unwrap();
+        fs::write(
+            etc.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6
+queue_directory = {r}/queue
+data_directory = {r}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.example.org
+mydomain = example.org
+myorigin = example.org
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+maillog_file = {r}/maillog
+maillog_file_prefixes = {r}
+recipient_delimiter = +
+virtual_mailbox_domains = example.org
+virtual_mailbox_base = {r}/mail
+virtual_mailbox_maps = texthash:{r}/etc/vmailbox
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+alias_maps =
+alias_database =
+smtputf8_enable = no
+biff = no
+smtpd_milters = {milters}
+milter_default_action = tempfail
+"
+            ),
+        )
+        .unwrap();
+        fs::write(
+            etc.join("master.cf"),
+            format!(
+                "127.0.0.1:{port} inet n - n - 50 smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"
+            ),
+        )
+        .unwrap();
+        run(Command::new("postfix").arg("-c").arg(&etc).arg("check"));
+        run(Command::new("postfix").arg("-c").arg(&etc).arg("start"));
+        let pf = Self { dir, port };
+        assert!(
+            wait_until(Duration::from_secs(20), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "Postfix did not start: {}",
+            pf.log()
+        );
+        pf
+    }
+
+    pub fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages delivered to `mailbox`, oldest first.
+    pub fn mailbox(&self, mailbox: &str) -> Vec<String> {
+        let new = self.dir.path().join("mail").join(mailbox).join("new");
+        let mut files: Vec<_> = fs::read_dir(new)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|p| fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    pub fn wait_mailbox(&self, mailbox: &str, n: usize) -> Vec<String> {
+        wait_until(Duration::from_secs(20), || self.mailbox(mailbox).len() >= n);
+        self.mailbox(mailbox)
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(self.etc())
+            .arg("stop")
+            .output();
+        // Give master a moment to take its children down before the dirs go.
+        let pid = self.dir.path().join("queue/pid/master.pid");
+        wait_until(Duration::from_secs(10), || !pid.exists());
+    }
+}

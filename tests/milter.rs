@@ -1,0 +1,265 @@
+//! The milter protocol, driven by indymilter-test against the milter running
+//! in-process, with a real HTTP webhook behind it.
+
+mod common;
+
+use common::{fixture, InProcess, Webhook, TOKEN};
+use indymilter_test::{MacroStage, Status, TestConnection};
+use std::time::Duration;
+
+async fn open(m: &InProcess) -> TestConnection {
+    let mut conn = TestConnection::configure()
+        .read_timeout(Duration::from_secs(30))
+        .write_timeout(Duration::from_secs(30))
+        .open_tcp(m.addr)
+        .await
+        .expect("connect to milter");
+    let st = conn
+        .connect("client.example.com", [192, 0, 2, 7])
+        .await
+        .unwrap();
+    assert_eq!(st, Status::Continue);
+    conn
+}
+
+/// Sends headers and body of a raw message; returns the EOM result.
+async fn send_message(
+    conn: &mut TestConnection,
+    raw: &[u8],
+    queue_id: &str,
+) -> (indymilter_test::EomActions, Status) {
+    let text = String::from_utf8_lossy(raw).replace("\r\n", "\n");
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for line in head.lines() {
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = headers.last_mut() {
+                last.1.push_str("\r\n");
+                last.1.push_str(line);
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.to_owned(), v.trim_start().to_owned()));
+        }
+    }
+    for (k, v) in &headers {
+        assert_eq!(
+            conn.header(k.as_str(), v.as_str()).await.unwrap(),
+            Status::Continue
+        );
+    }
+    assert_eq!(conn.eoh().await.unwrap(), Status::Continue);
+    let body = body.replace('\n', "\r\n");
+    let st = conn.body(body.into_bytes()).await.unwrap();
+    assert_eq!(st, Status::Continue);
+    conn.macros(MacroStage::Eom, [("i", queue_id)])
+        .await
+        .unwrap();
+    conn.eom().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_is_spooled_discarded_and_delivered() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    assert_eq!(
+        conn.mail(["<bob@example.com>"]).await.unwrap(),
+        Status::Continue
+    );
+    let rcpt = format!("<calendar+{TOKEN}@example.org>");
+    assert_eq!(conn.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.data().await.unwrap(), Status::Continue);
+    let (_, status) = send_message(&mut conn, &fixture("apple.eml"), "4QxYz1AbC").await;
+    assert_eq!(status, Status::Discard);
+    conn.close().await.unwrap();
+
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "refused: {:?}", hook.refused());
+    let b = &got[0].body;
+    assert_eq!(b["kind"], "reply");
+    assert_eq!(b["token"], TOKEN);
+    assert_eq!(b["queue_id"], "4QxYz1AbC");
+    assert_eq!(b["envelope"]["mail_from"], "bob@example.com");
+    assert_eq!(
+        b["envelope"]["rcpt"],
+        format!("calendar+{TOKEN}@example.org")
+    );
+    assert_eq!(b["envelope"]["client_addr"], "192.0.2.7");
+    assert_eq!(b["message_id"], "<6F1D2C3B-APPLE-0001@example.com>");
+    assert_eq!(b["from"], "bob@example.com");
+    assert_eq!(b["attendee"], "mailto:bob@example.com");
+    assert_eq!(b["partstat"], "ACCEPTED");
+    assert_eq!(b["uid"], "2E1F6A8C-4B1D-4C2E-9F3A-1B2C3D4E5F60");
+    assert!(b["icalendar"]
+        .as_str()
+        .unwrap()
+        .contains("CN=\"Doe, Alice\""));
+    assert_eq!(got[0].idempotency_key, b["id"].as_str().unwrap());
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_recipients_delete_exactly_the_raw_gateway_argument() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    conn.mail(["<frank@example.com>"]).await.unwrap();
+    let raw_rcpt = format!("<Calendar+{TOKEN}@Example.ORG>");
+    assert_eq!(
+        conn.rcpt(["<grace@example.org>"]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(
+        conn.rcpt([raw_rcpt.as_str()]).await.unwrap(),
+        Status::Continue
+    );
+    conn.data().await.unwrap();
+    let (actions, status) = send_message(&mut conn, &fixture("reply-all.eml"), "5MIXED").await;
+    assert!(
+        matches!(status, Status::Accept | Status::Continue),
+        "{status:?}"
+    );
+    assert!(
+        actions.has_delete_recipient(raw_rcpt.as_str()),
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.actions.len(),
+        1,
+        "only the gateway recipient goes: {actions:?}"
+    );
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(
+        got[0].body["token"], TOKEN,
+        "token case preserved from RCPT"
+    );
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_gateway_address_and_bad_token_are_refused_at_rcpt() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    for rcpt in [
+        "<calendar@example.org>",
+        "<calendar+no%good@example.org>",
+        "<replies+x@example.net>",
+    ] {
+        match conn.rcpt([rcpt]).await.unwrap() {
+            Status::Reject { message: Some(m) } => {
+                let m = m.to_string_lossy().into_owned();
+                assert!(m.starts_with("550 5.1.1 "), "{rcpt}: {m}");
+            }
+            other => panic!("{rcpt}: {other:?}"),
+        }
+    }
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_mail_is_accepted_at_data() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    assert_eq!(
+        conn.rcpt(["<alice@example.org>"]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(conn.data().await.unwrap(), Status::Accept);
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_text_gets_550_with_a_sentence() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let (_, status) = send_message(&mut conn, &fixture("human-text.eml"), "6HUMAN").await;
+    match status {
+        Status::Reject { message: Some(msg) } => {
+            let msg = msg.to_string_lossy().into_owned();
+            assert!(msg.starts_with("550 5.7.1 "), "{msg}");
+            assert!(msg.contains("write to the organizer"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty());
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_gets_552() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await; // max_message_bytes = 1000000
+    let mut conn = open(&m).await;
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    conn.header("Subject", "big").await.unwrap();
+    conn.eoh().await.unwrap();
+    let mut status = Status::Continue;
+    for _ in 0..20 {
+        status = conn.body(vec![b'x'; 60_000]).await.unwrap();
+        if status != Status::Continue {
+            break;
+        }
+    }
+    match status {
+        Status::Reject { message: Some(msg) } => {
+            assert!(msg.to_string_lossy().starts_with("552 5.3.4 "), "{msg:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reply_twice_is_delivered_once() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    for q in ["7FIRST", "7AGAIN"] {
+        let mut conn = open(&m).await;
+        conn.mail(["<chloe@example.net>"]).await.unwrap();
+        conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+            .await
+            .unwrap();
+        conn.data().await.unwrap();
+        let (_, status) = send_message(&mut conn, &fixture("thunderbird.eml"), q).await;
+        assert_eq!(status, Status::Discard);
+        conn.close().await.unwrap();
+    }
+    hook.wait_for(1, Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(hook.deliveries().len(), 1);
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_target_errors_are_retried_until_delivered() {
+    let hook = Webhook::start();
+    hook.fail_next(&[503, 429]);
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = open(&m).await;
+    conn.mail(["<dana.k@gmail.com>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let (_, status) = send_message(&mut conn, &fixture("google.eml"), "8RETRY").await;
+    assert_eq!(status, Status::Discard);
+    let got = hook.wait_for(1, Duration::from_secs(15));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["partstat"], "ACCEPTED");
+    m.stop().await;
+}
