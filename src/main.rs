@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Args)]
 struct ConfigArg {
     /// Configuration file [default: /etc/imip-milter/imip-milter.toml]
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
 }
 
