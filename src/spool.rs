@@ -214,6 +214,11 @@ impl Spool {
                 path.display()
             ))
         })?;
+        // Tokens are capabilities: the spool is for the daemon's user alone.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         let db = Arc::new(db);
         {
             let txn = redb_try!(db.begin_write(), "spool");
