@@ -287,7 +287,7 @@ fn check(
     (200, "ok".into())
 }
 
-/// A configuration for tests; `extra` is appended (more sections or keys).
+/// A configuration for tests; `extra` is appended to the [target] section.
 pub fn config_text(state_dir: &Path, listen: &str, webhook_url: &str, extra: &str) -> String {
     format!(
         r#"listen = "{listen}"
@@ -299,14 +299,14 @@ log_level = "debug"
 addresses = ["calendar@example.org", "replies@example.net"]
 delimiters = "+"
 
+[delivery]
+initial_backoff = "200ms"
+max_backoff = "1s"
+
 [target]
 kind = "webhook"
 url = "{webhook_url}"
 timeout = "5s"
-
-[delivery]
-initial_backoff = "200ms"
-max_backoff = "1s"
 {extra}"#,
         state_dir.display()
     )

@@ -1,0 +1,232 @@
+//! The command line: `inspect` on every fixture, `queue` against a running
+//! daemon, and target authentication read from a file.
+
+mod common;
+
+use common::{fixture, wait_until, InProcess, Webhook, TOKEN};
+use indymilter_test::{MacroStage, Status, TestConnection};
+use std::{process::Command, time::Duration};
+
+fn imip(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(args)
+        .output()
+        .expect("run imip-milter");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_json_gives_a_decision_for_every_fixture() {
+    let rcpt = format!("<calendar+{TOKEN}@example.org>");
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let want = [
+        ("apple.eml", "discard", "reply"),
+        ("bounce.eml", "discard", "bounce"),
+        ("forwarded-request.eml", "reject", "other"),
+        ("google.eml", "discard", "reply"),
+        ("groupware-latin1.eml", "discard", "reply"),
+        ("human-text.eml", "reject", "other"),
+        ("outlook-tnef.eml", "reject", "other"),
+        ("outlook.eml", "discard", "reply"),
+        ("reply-all.eml", "discard", "reply"),
+        ("thunderbird.eml", "discard", "reply"),
+        ("truncated.eml", "reject", "malformed"),
+    ];
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let (ok, out, err) = imip(&[
+            "inspect",
+            "--gateway",
+            "calendar@example.org",
+            "--rcpt",
+            &rcpt,
+            "--json",
+            path.to_str().unwrap(),
+        ]);
+        assert!(ok, "{name}: exit status must be 0 for any decision: {err}");
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{name}: {e}: {out}"));
+        let (_, disposition, kind) = want
+            .iter()
+            .find(|w| w.0 == name)
+            .unwrap_or_else(|| panic!("no expectation for {name}"));
+        assert_eq!(v["disposition"], *disposition, "{name}: {out}");
+        assert_eq!(v["kind"], *kind, "{name}: {out}");
+        for key in [
+            "smtp_reply",
+            "token",
+            "method",
+            "uid",
+            "attendee",
+            "partstat",
+            "reason",
+        ] {
+            assert!(v.get(key).is_some(), "{name}: {key} missing in {out}");
+        }
+        if *disposition == "reject" {
+            assert!(
+                v["smtp_reply"].as_str().unwrap().starts_with("550 5."),
+                "{name}: {out}"
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, want.len());
+
+    // Mixed recipients, and a bare gateway address, from standard input.
+    let (_, out, _) = imip(&[
+        "inspect",
+        "--gateway",
+        "calendar@example.org",
+        "--rcpt",
+        "<grace@example.org>",
+        "--rcpt",
+        &rcpt,
+        "--json",
+        &format!("{dir}/reply-all.eml"),
+    ]);
+    assert!(
+        out.contains("\"disposition\":\"delete-recipients\""),
+        "{out}"
+    );
+    let (ok, out, _) = imip(&[
+        "inspect",
+        "--gateway",
+        "calendar@example.org",
+        "--rcpt",
+        "calendar@example.org",
+        "--json",
+        &format!("{dir}/apple.eml"),
+    ]);
+    assert!(ok);
+    assert!(out.contains("\"smtp_reply\":\"550 5.1.1 "), "{out}");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\naddresses = []\n[target]\nurl = \"http://x/\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = imip(&["run", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("gateway.addresses"), "{err}");
+}
+
+async fn send(m: &InProcess, eml: &str, queue_id: &str) -> Status {
+    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    conn.connect("c.example.com", [192, 0, 2, 1]).await.unwrap();
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let raw = String::from_utf8(fixture(eml)).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    for line in unfolded.split("\r\n") {
+        let (k, v) = line.split_once(':').unwrap();
+        conn.header(k, v.trim_start()).await.unwrap();
+    }
+    conn.eoh().await.unwrap();
+    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    conn.macros(MacroStage::Eom, [("i", queue_id)])
+        .await
+        .unwrap();
+    let (_, status) = conn.eom().await.unwrap();
+    conn.close().await.unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_list_show_retry_delete_through_the_daemon() {
+    let hook = Webhook::start();
+    hook.fail_next(&[404, 404]); // permanent: kept as failed
+    let m = InProcess::start(&hook.url()).await;
+    let config = m.state_dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", &hook.url(), ""),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    assert_eq!(send(&m, "apple.eml", "AQUEUE1").await, Status::Discard);
+    assert_eq!(send(&m, "outlook.eml", "AQUEUE2").await, Status::Discard);
+
+    let list = || imip(&["queue", "list", "--config", &cfg]).1;
+    assert!(
+        wait_until(Duration::from_secs(10), || list()
+            .contains("-- 0 pending, 2 failed")),
+        "{}",
+        list()
+    );
+    let text = list();
+    assert!(text.contains("HTTP 404"), "{text}");
+    assert!(
+        text.contains("8e3c0d1a…") && !text.contains(TOKEN),
+        "token shown shortened: {text}"
+    );
+    let ids: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("failed"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|id| id.len() == 32)
+        .collect();
+    assert_eq!(ids.len(), 2, "{text}");
+
+    let (ok, show, _) = imip(&["queue", "show", &ids[0], "--config", &cfg]);
+    assert!(ok);
+    let rec: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(rec["state"], "failed");
+    assert_eq!(rec["payload"]["token"], TOKEN);
+
+    let (ok, _, _) = imip(&["queue", "delete", &ids[1], "--config", &cfg]);
+    assert!(ok);
+    let (ok, _, err) = imip(&["queue", "delete", &ids[1], "--config", &cfg]);
+    assert!(!ok && err.contains("no record"), "{err}");
+
+    let (ok, _, err) = imip(&["queue", "retry", &ids[0], "--config", &cfg]);
+    assert!(ok, "{err}");
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["id"], ids[0].as_str());
+    assert!(
+        wait_until(Duration::from_secs(5), || list()
+            .contains("-- 0 pending, 0 failed")),
+        "{}",
+        list()
+    );
+    assert!(imip(&["queue", "list", "--all", "--config", &cfg])
+        .1
+        .contains("delivered"));
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_is_read_from_its_file() {
+    let hook = Webhook::start();
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("webhook.token");
+    std::fs::write(&token_file, "s3cret-bearer\n").unwrap();
+    let m = InProcess::start_with(
+        &hook.url(),
+        &format!("token_file = \"{}\"\n", token_file.display()),
+    )
+    .await;
+    assert_eq!(send(&m, "thunderbird.eml", "BAUTH1").await, Status::Discard);
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(
+        got[0].authorization.as_deref(),
+        Some("Bearer s3cret-bearer")
+    );
+    m.stop().await;
+}
