@@ -22,6 +22,24 @@ async fn open(m: &InProcess) -> TestConnection {
     conn
 }
 
+/// A transaction from `from` to the gateway, up to DATA.
+async fn to_gateway(m: &InProcess, from: &str) -> TestConnection {
+    let mut conn = open(m).await;
+    assert_eq!(conn.mail([from]).await.unwrap(), Status::Continue);
+    let rcpt = format!("<calendar+{TOKEN}@example.org>");
+    assert_eq!(conn.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.data().await.unwrap(), Status::Continue);
+    conn
+}
+
+/// The SMTP reply of a Reject status.
+fn rejection(status: Status) -> String {
+    match status {
+        Status::Reject { message: Some(m) } => m.to_string_lossy().into_owned(),
+        other => panic!("expected a reject with a reply, got {other:?}"),
+    }
+}
+
 /// Sends headers and body of a raw message; returns the EOM result.
 async fn send_message(
     conn: &mut TestConnection,
@@ -176,21 +194,11 @@ async fn ordinary_mail_is_accepted_at_data() {
 async fn human_text_gets_550_with_a_sentence() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await;
-    let mut conn = open(&m).await;
-    conn.mail(["<bob@example.com>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
+    let mut conn = to_gateway(&m, "<bob@example.com>").await;
     let (_, status) = send_message(&mut conn, &fixture("human-text.eml"), "6HUMAN").await;
-    match status {
-        Status::Reject { message: Some(msg) } => {
-            let msg = msg.to_string_lossy().into_owned();
-            assert!(msg.starts_with("550 5.7.1 "), "{msg}");
-            assert!(msg.contains("write to the organizer"), "{msg}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let msg = rejection(status);
+    assert!(msg.starts_with("550 5.7.1 "), "{msg}");
+    assert!(msg.contains("write to the organizer"), "{msg}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(hook.deliveries().is_empty());
     m.stop().await;
@@ -200,12 +208,7 @@ async fn human_text_gets_550_with_a_sentence() {
 async fn oversized_message_gets_552() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await; // max_message_bytes = 1000000
-    let mut conn = open(&m).await;
-    conn.mail(["<bob@example.com>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
+    let mut conn = to_gateway(&m, "<bob@example.com>").await;
     conn.header("Subject", "big").await.unwrap();
     conn.eoh().await.unwrap();
     let mut status = Status::Continue;
@@ -215,12 +218,8 @@ async fn oversized_message_gets_552() {
             break;
         }
     }
-    match status {
-        Status::Reject { message: Some(msg) } => {
-            assert!(msg.to_string_lossy().starts_with("552 5.3.4 "), "{msg:?}")
-        }
-        other => panic!("{other:?}"),
-    }
+    let msg = rejection(status);
+    assert!(msg.starts_with("552 5.3.4 "), "{msg}");
     m.stop().await;
 }
 
@@ -229,12 +228,7 @@ async fn the_same_reply_twice_is_delivered_once() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await;
     for q in ["7FIRST", "7AGAIN"] {
-        let mut conn = open(&m).await;
-        conn.mail(["<chloe@example.net>"]).await.unwrap();
-        conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-            .await
-            .unwrap();
-        conn.data().await.unwrap();
+        let mut conn = to_gateway(&m, "<chloe@example.net>").await;
         let (_, status) = send_message(&mut conn, &fixture("thunderbird.eml"), q).await;
         assert_eq!(status, Status::Discard);
         conn.close().await.unwrap();
@@ -250,12 +244,7 @@ async fn transient_target_errors_are_retried_until_delivered() {
     let hook = Webhook::start();
     hook.fail_next(&[503, 429]);
     let m = InProcess::start(&hook.url()).await;
-    let mut conn = open(&m).await;
-    conn.mail(["<dana.k@gmail.com>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
+    let mut conn = to_gateway(&m, "<dana.k@gmail.com>").await;
     let (_, status) = send_message(&mut conn, &fixture("google.eml"), "8RETRY").await;
     assert_eq!(status, Status::Discard);
     let got = hook.wait_for(1, Duration::from_secs(15));

@@ -42,6 +42,23 @@ fn gateway() -> String {
     format!("calendar+{TOKEN}@example.org")
 }
 
+/// Sends replies number `from..from + n` to the gateway; each must get 250.
+fn send_replies(s: &Site, from: usize, n: usize) {
+    for i in from..from + n {
+        let out = smtp_send(
+            s.postfix.port,
+            "a@example.com",
+            &[&gateway()],
+            &reply_message(i, TOKEN),
+        );
+        assert!(
+            out.data.as_deref().unwrap_or("").starts_with("250"),
+            "{out:?}\n{}",
+            diagnostics(s)
+        );
+    }
+}
+
 fn diagnostics(s: &Site) -> String {
     format!(
         "--- maillog\n{}\n--- milter\n{}",
@@ -181,18 +198,7 @@ fn webhook_down_then_up_every_reply_arrives_once() {
     let mut s = site();
     s.hook.stop();
     const N: usize = 10;
-    for n in 0..N {
-        let out = smtp_send(
-            s.postfix.port,
-            "a@example.com",
-            &[&gateway()],
-            &reply_message(n, TOKEN),
-        );
-        assert!(
-            out.data.as_deref().unwrap_or("").starts_with("250"),
-            "{out:?}"
-        );
-    }
+    send_replies(&s, 0, N);
     // Spooled, waiting: the queue shows them through the daemon's control socket.
     let list = s.milter.cli(&["queue", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
@@ -227,18 +233,7 @@ fn sigkill_and_restart_lose_nothing() {
     let mut s = site();
     s.hook.stop();
     const N: usize = 5;
-    for n in 0..N {
-        let out = smtp_send(
-            s.postfix.port,
-            "a@example.com",
-            &[&gateway()],
-            &reply_message(100 + n, TOKEN),
-        );
-        assert!(
-            out.data.as_deref().unwrap_or("").starts_with("250"),
-            "{out:?}"
-        );
-    }
+    send_replies(&s, 100, N);
     s.milter.kill();
     // With the daemon gone, the CLI opens the spool itself.
     let list = s.milter.cli(&["queue", "list"]);
