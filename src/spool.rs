@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::{
     path::Path,
-    sync::{mpsc, Arc},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
     thread,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -202,6 +205,8 @@ pub struct Spool {
     appends: mpsc::Sender<AppendRequest>,
     /// Woken whenever a new record is pending.
     pub notify: Arc<Notify>,
+    /// Append transactions committed (each one fsync), for metrics and tests.
+    commits: Arc<AtomicU64>,
 }
 
 impl Spool {
@@ -230,15 +235,23 @@ impl Spool {
         let notify = Arc::new(Notify::new());
         let writer_db = db.clone();
         let writer_notify = notify.clone();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = commits.clone();
         thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(writer_db, rx, writer_notify))
+            .spawn(move || writer(writer_db, rx, writer_notify, writer_commits))
             .map_err(|e| SpoolError(format!("cannot start the spool writer: {e}")))?;
         Ok(Self {
             db,
             appends: tx,
             notify,
+            commits,
         })
+    }
+
+    /// Append transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Stores records durably; returns once they are on disk.
@@ -411,7 +424,12 @@ impl Spool {
     }
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>) {
+fn writer(
+    db: Arc<Database>,
+    rx: mpsc::Receiver<AppendRequest>,
+    notify: Arc<Notify>,
+    commits: Arc<AtomicU64>,
+) {
     // Ends when every Spool handle (and so every sender) is gone.
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
@@ -422,6 +440,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Noti
             }
         }
         let result = commit_group(&db, &group);
+        commits.fetch_add(1, Ordering::Relaxed);
         let any_new = matches!(&result, Ok(v) if v.iter().flatten().any(|a| *a == Appended::New));
         match result {
             Ok(outcomes) => {
@@ -559,6 +578,12 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), vec![Appended::New]);
         }
         assert_eq!(spool.list(false).unwrap().len(), 200);
+        // Requests waiting while a commit runs share the next one.
+        assert!(
+            spool.commits() < 100,
+            "{} commits for 200 appends",
+            spool.commits()
+        );
     }
 
     #[test]
