@@ -478,9 +478,15 @@ pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutc
     let mut r = BufReader::new(stream);
     let banner = read_reply(&mut r);
     assert!(banner.starts_with("220"), "banner: {banner}");
+    let timing = std::env::var_os("IMIP_SMTP_TIMING").is_some();
     let cmd = |w: &mut TcpStream, r: &mut BufReader<TcpStream>, c: &str| {
+        let t = Instant::now();
         w.write_all(format!("{c}\r\n").as_bytes()).unwrap();
-        read_reply(r)
+        let reply = read_reply(r);
+        if timing {
+            eprintln!("{:>6} ms {c}", t.elapsed().as_millis());
+        }
+        reply
     };
     let ehlo = cmd(&mut w, &mut r, "EHLO client.test");
     assert!(ehlo.starts_with("250"), "EHLO: {ehlo}");

@@ -36,6 +36,11 @@ fn id(arg: &str, name: &str) -> String {
 impl Postfix {
     /// Starts Postfix with `smtpd_milters` set to `milters` (may be empty).
     pub fn start(milters: &str) -> Self {
+        Self::start_with(milters, "")
+    }
+
+    /// As `start`, with more main.cf lines.
+    pub fn start_with(milters: &str, extra: &str) -> Self {
         assert!(
             Path::new("/usr/sbin/postfix").exists(),
             "Postfix is not installed: .ci/run installs it (apt-get install postfix)"
@@ -91,6 +96,7 @@ smtputf8_enable = no
 biff = no
 smtpd_milters = {milters}
 milter_default_action = tempfail
+{extra}
 "
             ),
         )
