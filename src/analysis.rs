@@ -44,6 +44,11 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// Stands in when the analysis itself could not run.
+    pub fn failed() -> Self {
+        Self::new(Kind::Malformed, "analysis failed")
+    }
+
     fn new(kind: Kind, reason: impl Into<String>) -> Self {
         Self {
             kind,

@@ -1,14 +1,20 @@
 //! The admin socket in `state_dir`: redb allows one process, so the CLI asks
 //! the running daemon, and opens the spool itself only when none runs.
 //!
-//! Protocol: one JSON request per connection, one JSON answer, both a line.
+//! Protocol: one JSON request per connection, one JSON answer, both a line;
+//! `deliver` sends the message's bytes right after its request line.
 
-use crate::spool::{now_ms, Record, Spool, State};
+use crate::{
+    deliver::{self, Verdict},
+    milter::Shared,
+    spool::{now_ms, Record, Spool, State},
+};
 use serde::{Deserialize, Serialize};
 use std::{
     io::{self, BufRead, BufReader, Write},
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::Path,
+    sync::Arc,
     time::Duration,
 };
 use tokio::{
@@ -22,11 +28,26 @@ const MAX_REQUEST: u64 = 64 * 1024;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    List { all: bool },
-    Show { id: String },
-    Retry { id: String },
+    List {
+        all: bool,
+    },
+    Show {
+        id: String,
+    },
+    Retry {
+        id: String,
+    },
     RetryAll,
-    Delete { id: String },
+    Delete {
+        id: String,
+    },
+    /// Followed by `bytes` bytes of message.
+    Deliver {
+        rcpt: String,
+        sender: String,
+        queue_id: Option<String>,
+        bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -38,6 +59,8 @@ pub struct Response {
     pub records: Option<Vec<Record>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
 }
 
 impl Response {
@@ -73,6 +96,7 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
             true => ok(None, Some(1)),
             false => Response::error(format!("no record {id}")),
         }),
+        Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
     };
     result.unwrap_or_else(|e| Response::error(e.0))
 }
@@ -96,7 +120,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves the control socket until the task is dropped.
-pub async fn serve(listener: UnixListener, spool: Spool) {
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -106,37 +130,72 @@ pub async fn serve(listener: UnixListener, spool: Spool) {
                 continue;
             }
         };
-        let spool = spool.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
-            let response =
-                match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
-                    .await
-                {
-                    Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => {
-                            if !matches!(req, Request::List { .. } | Request::Show { .. }) {
-                                info!(
-                                    "control: {}",
-                                    serde_json::to_string(&req).unwrap_or_default()
-                                );
-                            }
-                            tokio::task::spawn_blocking(move || handle(&spool, &req))
-                                .await
-                                .unwrap_or_else(|e| Response::error(e.to_string()))
-                        }
-                        Err(e) => Response::error(format!("bad request: {e}")),
-                    },
-                    _ => return,
-                };
+            let mut reader = tokio::io::BufReader::new(read);
+            let Some(response) = answer(&mut reader, &shared).await else {
+                return;
+            };
             if let Ok(mut out) = serde_json::to_vec(&response) {
                 out.push(b'\n');
                 let _ = write.write_all(&out).await;
             }
         });
     }
+}
+
+async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) -> Option<Response> {
+    let mut line = String::new();
+    let mut limited = (&mut *reader).take(MAX_REQUEST);
+    match tokio::time::timeout(Duration::from_secs(10), limited.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return None,
+    }
+    let req = match serde_json::from_str::<Request>(&line) {
+        Ok(r) => r,
+        Err(e) => return Some(Response::error(format!("bad request: {e}"))),
+    };
+    if let Request::Deliver {
+        rcpt,
+        sender,
+        queue_id,
+        bytes,
+    } = req
+    {
+        if bytes > shared.max_message_bytes as u64 {
+            let verdict = deliver::too_large(shared.max_message_bytes);
+            return Some(Response {
+                ok: true,
+                verdict: Some(verdict),
+                ..Default::default()
+            });
+        }
+        let mut raw = Vec::with_capacity(bytes as usize);
+        let mut limited = (&mut *reader).take(bytes);
+        match tokio::time::timeout(Duration::from_secs(60), limited.read_to_end(&mut raw)).await {
+            Ok(Ok(n)) if n as u64 == bytes => {}
+            _ => return Some(Response::error("message incomplete")),
+        }
+        let verdict = deliver::take(shared, &rcpt, &sender, queue_id, raw).await;
+        return Some(Response {
+            ok: true,
+            verdict: Some(verdict),
+            ..Default::default()
+        });
+    }
+    if !matches!(req, Request::List { .. } | Request::Show { .. }) {
+        info!(
+            "control: {}",
+            serde_json::to_string(&req).unwrap_or_default()
+        );
+    }
+    let spool = shared.spool.clone();
+    Some(
+        tokio::task::spawn_blocking(move || handle(&spool, &req))
+            .await
+            .unwrap_or_else(|e| Response::error(e.to_string())),
+    )
 }
 
 /// Why the CLI could not get an answer from a daemon.
@@ -149,6 +208,11 @@ pub enum ClientError {
 
 /// Sends one request to the daemon.
 pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    request_with(path, req, &[])
+}
+
+/// Sends one request and `payload` right after it.
+pub fn request_with(path: &Path, req: &Request, payload: &[u8]) -> Result<Response, ClientError> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
         Err(e)
@@ -172,6 +236,7 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
     let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Other(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io_err)?;
+    stream.write_all(payload).map_err(io_err)?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
@@ -196,7 +261,8 @@ pub fn request_or_open(
                     spool_path.display()
                 ));
             }
-            let spool = Spool::open(spool_path).map_err(|e| e.0)?;
+            let spool =
+                Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
             Ok(handle(&spool, req))
         }
     }

@@ -129,7 +129,7 @@ pub async fn run(
             );
             tasks.spawn(async move {
                 let id = rec.id.clone();
-                deliver_one(&spool, &target, &cfg, rec).await;
+                attempt(&spool, &target, &cfg, rec).await;
                 // Leaves the in-flight set only once its new state is committed.
                 if let Ok(mut set) = in_flight.lock() {
                     set.remove(&id);
@@ -165,7 +165,8 @@ async fn drain(mut tasks: JoinSet<()>) {
     }
 }
 
-async fn deliver_one(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut rec: Record) {
+/// One delivery attempt of `rec`; the outcome is written to the spool.
+pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut rec: Record) {
     let started = std::time::Instant::now();
     let outcome = target.deliver(&rec).await;
     let now = now_ms();

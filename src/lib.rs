@@ -9,8 +9,10 @@ pub mod analysis;
 pub mod config;
 pub mod control;
 pub mod decision;
+pub mod deliver;
 pub mod forward;
 pub mod inspect;
+pub mod intake;
 pub mod itip;
 pub mod message;
 pub mod milter;
@@ -73,7 +75,9 @@ pub async fn run(
     shutdown: impl Future,
 ) -> Result<(), Error> {
     prepare_state_dir(&config)?;
-    let spool = spool::Spool::open(&config.spool_path())?;
+    // `imip-milter deliver` may hold the spool for a moment while no daemon runs.
+    let spool =
+        spool::Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(30))?;
     let target = Arc::new(target::Target::new(&config.target)?);
     let control = control::bind(&config.control_path())
         .map_err(|e| format!("control socket {}: {e}", config.control_path().display()))?;
@@ -88,13 +92,12 @@ pub async fn run(
         config.delivery.clone(),
         stopped(stop_rx.clone()),
     ));
-    let control_task = tokio::spawn(control::serve(control, spool.clone()));
-
     let shared = Arc::new(milter::Shared {
         gateway: config.gateway.clone(),
         max_message_bytes: config.max_message_bytes,
         spool: spool.clone(),
     });
+    let control_task = tokio::spawn(control::serve(control, shared.clone()));
     let milter_config = indymilter::Config {
         max_connections: config.max_sessions,
         actions: indymilter::Actions::DELETE_RCPT | indymilter::Actions::ADD_RCPT,

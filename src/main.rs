@@ -60,6 +60,21 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Take one message from standard input for one gateway recipient
+    /// (Postfix pipe(8) safety net); exits with a sysexits(3) code
+    Deliver {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The gateway recipient, with its token
+        #[arg(long, value_name = "ADDR")]
+        rcpt: String,
+        /// The envelope sender (empty for bounces)
+        #[arg(long, value_name = "ADDR", default_value = "")]
+        sender: String,
+        /// Postfix queue id, for the log
+        #[arg(long, value_name = "ID")]
+        queue_id: Option<String>,
+    },
     /// Print the built-in default configuration
     DefaultConfig,
 }
@@ -125,6 +140,12 @@ fn main() -> ExitCode {
             file,
         } => inspect(&config, &gateway, &rcpt, json, &file),
         Command::Queue { config, action } => queue(&config, action),
+        Command::Deliver {
+            config,
+            rcpt,
+            sender,
+            queue_id,
+        } => deliver(&config, &rcpt, &sender, queue_id),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             ExitCode::SUCCESS
@@ -292,4 +313,88 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn deliver(arg: &ConfigArg, rcpt: &str, sender: &str, queue_id: Option<String>) -> ExitCode {
+    use imip_milter::deliver::EX_TEMPFAIL;
+    let fail = |msg: String| {
+        // Our own trouble is never the sender's fault: try again later.
+        eprintln!("imip-milter deliver: {msg}");
+        ExitCode::from(EX_TEMPFAIL)
+    };
+    let config = match load_config(arg, false) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut raw = Vec::new();
+    if let Err(e) = std::io::stdin()
+        .take(config.max_message_bytes as u64 + 1)
+        .read_to_end(&mut raw)
+    {
+        return fail(format!("reading the message: {e}"));
+    }
+    let req = Request::Deliver {
+        rcpt: rcpt.to_owned(),
+        sender: sender.to_owned(),
+        queue_id: queue_id.clone(),
+        bytes: raw.len() as u64,
+    };
+    let verdict = match control::request_with(&config.control_path(), &req, &raw) {
+        Ok(resp) => match resp.verdict {
+            Some(v) => v,
+            None => return fail(resp.error.unwrap_or_else(|| "no answer".into())),
+        },
+        Err(control::ClientError::Other(e)) => return fail(e),
+        Err(control::ClientError::NoDaemon) => {
+            match deliver_without_daemon(config, rcpt, sender, queue_id, raw) {
+                Ok(v) => v,
+                Err(e) => return fail(e),
+            }
+        }
+    };
+    if verdict.exit_code() != 0 {
+        eprintln!("{}", verdict.message());
+    }
+    ExitCode::from(verdict.exit_code())
+}
+
+/// No daemon: spool the reply ourselves and try to deliver it at once; what
+/// does not go through now, the daemon delivers when it is back.
+fn deliver_without_daemon(
+    config: Config,
+    rcpt: &str,
+    sender: &str,
+    queue_id: Option<String>,
+    raw: Vec<u8>,
+) -> Result<imip_milter::deliver::Verdict, String> {
+    use imip_milter::{milter::Shared, spool::Spool, target::Target};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
+        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
+            .map_err(|e| e.0)?;
+        let shared = Shared {
+            gateway: config.gateway.clone(),
+            max_message_bytes: config.max_message_bytes,
+            spool: spool.clone(),
+        };
+        let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, raw).await;
+        if !verdict.new_ids.is_empty() {
+            match Target::new(&config.target) {
+                Ok(target) => {
+                    for id in &verdict.new_ids {
+                        if let Ok(Some(rec)) = spool.get(id) {
+                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec)
+                                .await;
+                        }
+                    }
+                }
+                Err(e) => eprintln!("imip-milter deliver: spooled; the daemon delivers it ({e})"),
+            }
+        }
+        Ok(verdict)
+    })
 }

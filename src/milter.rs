@@ -2,10 +2,10 @@
 //! a message is decided in `decision`, from what `analysis` found.
 
 use crate::{
-    address::{token_prefix, GatewayAddresses, Recipient},
-    analysis::{analyse, Analysis},
+    address::{GatewayAddresses, Recipient},
     decision::{self, Decision, Disposition},
-    spool::{build_record, Appended, Envelope, Spool},
+    intake,
+    spool::{Envelope, Spool},
 };
 use bytes::Bytes;
 use indymilter::{
@@ -15,7 +15,7 @@ use std::{
     ffi::{CStr, CString},
     sync::Arc,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 /// What every session shares.
 pub struct Shared {
@@ -215,67 +215,23 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         return Status::Accept;
     };
     let message = std::mem::take(&mut session.message);
-    let classes = session.classes();
     let recipients = std::mem::take(&mut session.recipients);
     let envelope = Envelope {
-        queue_id: Some(queue_id.clone()),
+        queue_id: Some(queue_id),
         mail_from: std::mem::take(&mut session.mail_from),
         client_addr: session.client_addr.clone(),
     };
     session.reset_message();
 
-    // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
-    let analysis = match tokio::task::spawn_blocking(move || analyse(&message)).await {
-        Ok(a) => a,
-        Err(e) => {
-            error!("{queue_id}: analysis failed: {e}");
-            let d = decision::decide_spool_failed("analysis failed");
-            set_reply(&mut cx.reply, &d);
-            return Status::Tempfail;
-        }
-    };
-    let mut decision = decision::decide_message(&analysis, &classes);
-    let gateway: Vec<(&str, &str)> = recipients
-        .iter()
-        .filter_map(|(raw, class)| match class {
-            Recipient::Gateway { token } => Some((raw.as_str(), token.as_str())),
-            _ => None,
-        })
-        .collect();
-
-    let mut note = String::new();
-    if decision.spool {
-        let records = gateway
-            .iter()
-            .map(|(raw, token)| build_record(&analysis, &envelope, raw, token))
-            .collect::<Vec<_>>();
-        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
-        match shared.spool.append(records).await {
-            Ok(outcomes) => {
-                let dup = outcomes
-                    .iter()
-                    .filter(|o| **o == Appended::Duplicate)
-                    .count();
-                note = format!(" id={}", ids.join(","));
-                if dup > 0 {
-                    note.push_str(&format!(" duplicate={dup}"));
-                }
-            }
-            Err(e) => {
-                error!("{queue_id}: {e}");
-                decision = decision::decide_spool_failed(&e.0);
-            }
-        }
-    }
-
-    let status = match decision.disposition {
+    let mut intake = intake::take(&shared.spool, message, &recipients, &envelope).await;
+    let status = match intake.decision.disposition {
         Disposition::Accept | Disposition::Redirect => Status::Accept,
         Disposition::Discard => Status::Discard,
         Disposition::DeleteRecipients => {
             let mut failed = None;
-            for (raw, _) in &gateway {
+            for (raw, _) in intake::gateway(&recipients) {
                 // The argument exactly as received: Postfix matches it literally.
-                if let Err(e) = cx.actions.delete_recipient(*raw).await {
+                if let Err(e) = cx.actions.delete_recipient(raw).await {
                     failed = Some(e.to_string());
                     break;
                 }
@@ -284,51 +240,22 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
                 None => Status::Accept,
                 Some(e) => {
                     // The reply is spooled; the sender's retry is recognised as a duplicate.
-                    decision =
+                    intake.decision =
                         decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
-                    set_reply(&mut cx.reply, &decision);
+                    set_reply(&mut cx.reply, &intake.decision);
                     Status::Tempfail
                 }
             }
         }
         Disposition::Reject => {
-            set_reply(&mut cx.reply, &decision);
+            set_reply(&mut cx.reply, &intake.decision);
             Status::Reject
         }
         Disposition::Tempfail => {
-            set_reply(&mut cx.reply, &decision);
+            set_reply(&mut cx.reply, &intake.decision);
             Status::Tempfail
         }
     };
-    log_message(&queue_id, &envelope, &analysis, &decision, &gateway, &note);
+    intake::log(&envelope, &recipients, &intake, "");
     status
-}
-
-fn log_message(
-    queue_id: &str,
-    envelope: &Envelope,
-    analysis: &Analysis,
-    decision: &Decision,
-    gateway: &[(&str, &str)],
-    note: &str,
-) {
-    let tokens: Vec<String> = gateway.iter().map(|(_, t)| token_prefix(t)).collect();
-    let line =
-        format!(
-        "{queue_id}: from=<{}> message-id={} disposition={} kind={} token={} reason=\"{}\"{note}",
-        envelope.mail_from,
-        analysis.message_id.as_deref().unwrap_or("-"),
-        decision.disposition.as_str(),
-        analysis.kind.as_str(),
-        if tokens.is_empty() { "-".into() } else { tokens.join(",") },
-        decision.reason.replace('"', "'"),
-    );
-    match decision.disposition {
-        Disposition::Tempfail => warn!("{line}"),
-        _ => info!("{line}"),
-    }
-    debug!(
-        "{queue_id}: smtp_reply={:?}",
-        decision.smtp_reply.as_ref().map(ToString::to_string)
-    );
 }

@@ -213,12 +213,33 @@ impl Spool {
     /// Opens (or creates) the spool at `path`. A file that is not a spool is
     /// an error, never reset.
     pub fn open(path: &Path) -> Result<Self, SpoolError> {
-        let db = Database::create(path).map_err(|e| {
-            SpoolError(format!(
-                "cannot open spool {}: {e} (a file that is not an imip-milter spool is never overwritten; move it away)",
-                path.display()
-            ))
-        })?;
+        Self::open_waiting(path, Duration::ZERO)
+    }
+
+    /// As `open`, waiting up to `wait` while another process (the daemon, or
+    /// `imip-milter deliver`) holds the spool.
+    pub fn open_waiting(path: &Path, wait: Duration) -> Result<Self, SpoolError> {
+        let start = std::time::Instant::now();
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < wait => {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(SpoolError(format!(
+                        "spool {} is in use by another process",
+                        path.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(SpoolError(format!(
+                        "cannot open spool {}: {e} (a file that is not an imip-milter spool is never overwritten; move it away)",
+                        path.display()
+                    )))
+                }
+            }
+        };
         // Tokens are capabilities: the spool is for the daemon's user alone.
         {
             use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,151 @@
+//! `imip-milter deliver`: the safety net. Postfix's pipe(8) hands it one
+//! message for one gateway recipient when the milter did not see it (milter
+//! down, `default_action=accept`); it takes the same analyse → decide → spool
+//! path and answers with a sysexits(3) code.
+
+use crate::{
+    address::Recipient,
+    decision::{self, Disposition},
+    intake,
+    milter::Shared,
+    spool::Envelope,
+};
+use serde::{Deserialize, Serialize};
+
+/// sysexits(3)
+pub const EX_OK: u8 = 0;
+pub const EX_DATAERR: u8 = 65;
+pub const EX_NOUSER: u8 = 67;
+pub const EX_SOFTWARE: u8 = 70;
+pub const EX_TEMPFAIL: u8 = 75;
+pub const EX_NOPERM: u8 = 77;
+
+/// What `deliver` made of a message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    pub disposition: String,
+    pub smtp_reply: Option<String>,
+    pub reason: String,
+    /// Record ids spooled, or found spooled already.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Ids of records this message added (not duplicates).
+    #[serde(default)]
+    pub new_ids: Vec<String>,
+}
+
+impl Verdict {
+    fn from_decision(d: &decision::Decision) -> Self {
+        Self {
+            disposition: d.disposition.as_str().to_owned(),
+            smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
+            reason: d.reason.clone(),
+            ids: Vec::new(),
+            new_ids: Vec::new(),
+        }
+    }
+
+    /// The exit status Postfix's pipe(8) understands: 0 taken, 75 try again
+    /// later, 65/67/77 bounce with the reason.
+    pub fn exit_code(&self) -> u8 {
+        match self.disposition.as_str() {
+            "discard" | "delete-recipients" | "accept" | "redirect" => EX_OK,
+            "tempfail" => EX_TEMPFAIL,
+            _ => match self
+                .smtp_reply
+                .as_deref()
+                .and_then(|r| r.split_whitespace().nth(1))
+            {
+                Some("5.1.1") => EX_NOUSER,
+                Some("5.6.0" | "5.3.4") => EX_DATAERR,
+                Some(_) => EX_NOPERM,
+                None => EX_SOFTWARE,
+            },
+        }
+    }
+
+    /// The one line for standard error, which Postfix puts in the bounce.
+    pub fn message(&self) -> String {
+        match &self.smtp_reply {
+            // Without the reply code: pipe(8) adds its own.
+            Some(r) => r.splitn(3, ' ').nth(2).unwrap_or(r).to_owned(),
+            None => self.reason.clone(),
+        }
+    }
+}
+
+pub fn too_large(limit: usize) -> Verdict {
+    Verdict::from_decision(&decision::decide_too_large(limit))
+}
+
+/// Takes one message for one recipient.
+pub async fn take(
+    shared: &Shared,
+    rcpt: &str,
+    sender: &str,
+    queue_id: Option<String>,
+    raw: Vec<u8>,
+) -> Verdict {
+    if raw.len() > shared.max_message_bytes {
+        return too_large(shared.max_message_bytes);
+    }
+    let class = shared.gateway.classify(rcpt);
+    if let Some(d) = decision::decide_recipient(&class) {
+        return Verdict::from_decision(&d);
+    }
+    if class == Recipient::Other {
+        return Verdict {
+            disposition: Disposition::Reject.as_str().to_owned(),
+            smtp_reply: Some(format!(
+                "550 5.1.1 {} is not a gateway address; check transport_maps",
+                shared.gateway.redact(rcpt)
+            )),
+            reason: "not a gateway address".into(),
+            ids: Vec::new(),
+            new_ids: Vec::new(),
+        };
+    }
+    let recipients = vec![(rcpt.to_owned(), class)];
+    let envelope = Envelope {
+        queue_id,
+        mail_from: sender.to_owned(),
+        client_addr: None,
+    };
+    let intake = intake::take(&shared.spool, raw, &recipients, &envelope).await;
+    intake::log(&envelope, &recipients, &intake, "deliver");
+    let mut v = Verdict::from_decision(&intake.decision);
+    v.ids = intake.ids.clone();
+    if intake.duplicates == 0 && intake.decision.spool {
+        v.new_ids = intake.ids;
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(disposition: &str, reply: Option<&str>) -> Verdict {
+        Verdict {
+            disposition: disposition.into(),
+            smtp_reply: reply.map(str::to_owned),
+            reason: String::new(),
+            ids: Vec::new(),
+            new_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(v("discard", None).exit_code(), 0);
+        assert_eq!(v("tempfail", Some("451 4.3.0 x")).exit_code(), 75);
+        assert_eq!(v("reject", Some("550 5.1.1 x")).exit_code(), 67);
+        assert_eq!(v("reject", Some("550 5.6.0 x")).exit_code(), 65);
+        assert_eq!(v("reject", Some("552 5.3.4 x")).exit_code(), 65);
+        assert_eq!(v("reject", Some("550 5.7.1 x")).exit_code(), 77);
+        assert_eq!(
+            v("reject", Some("550 5.7.1 Write to the organizer")).message(),
+            "Write to the organizer"
+        );
+    }
+}
