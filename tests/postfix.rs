@@ -45,6 +45,22 @@ fn site_with(main_cf: &str) -> Site {
     }
 }
 
+/// A site set up with the snippets of postfix/ as shipped, the daemon
+/// running unprivileged as the pipe transport's user.
+fn shipped_site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    let milter = Daemon::start_as(dir.path(), &hook.url(), Some(common::nobody()));
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_imip-milter"));
+    let postfix = Postfix::start_shipped(milter.port, program, &milter.config_path);
+    Site {
+        hook,
+        milter,
+        postfix,
+        _dir: dir,
+    }
+}
+
 fn gateway() -> String {
     format!("calendar+{TOKEN}@example.org")
 }
@@ -263,6 +279,150 @@ fn sigkill_and_restart_lose_nothing() {
     // SIGTERM: open sessions finish, the daemon exits cleanly.
     let status = s.milter.terminate();
     assert!(status.success(), "{status:?}\n{}", s.milter.log());
+}
+
+#[test]
+fn shipped_snippets_route_replies_through_the_milter() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = shipped_site();
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &[&gateway()],
+        &fixture("outlook.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diagnostics(&s)
+    );
+    let got = s.hook.wait_for(1, Duration::from_secs(15));
+    assert_eq!(got.len(), 1, "{}", diagnostics(&s));
+    assert_eq!(
+        got[0].body["attendee"],
+        "mailto:Erik.Jansen@contoso.example"
+    );
+    assert!(
+        s.postfix.log().contains("milter triggers DISCARD action"),
+        "{}",
+        diagnostics(&s)
+    );
+    // The gateway address is valid through the shipped map; without a token the milter refuses it.
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &["calendar@example.org"],
+        &fixture("apple.eml"),
+    );
+    assert!(out.rcpt[0].starts_with("550 5.1.1 "), "{out:?}");
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &["alice@example.org"],
+        &fixture("human-text.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}"
+    );
+    assert_eq!(
+        s.postfix.wait_mailbox("alice", 1).len(),
+        1,
+        "{}",
+        diagnostics(&s)
+    );
+}
+
+#[test]
+fn milter_outage_replies_reach_the_target_through_the_safety_net() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut s = shipped_site();
+    s.milter.kill();
+
+    // default_action=accept: mail flows, gateway mail takes the pipe transport.
+    let out = smtp_send(
+        s.postfix.port,
+        "dana.k@gmail.com",
+        &[&gateway()],
+        &fixture("google.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diagnostics(&s)
+    );
+    let got = s.hook.wait_for(1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1, "{}", diagnostics(&s));
+    let b = &got[0].body;
+    assert_eq!(b["token"], TOKEN);
+    assert_eq!(b["partstat"], "ACCEPTED");
+    let queue_id = b["queue_id"].as_str().unwrap().to_owned();
+    assert!(
+        s.postfix.log().contains(&format!(
+            "{queue_id}: to=<{}>, relay=imip-milter",
+            gateway()
+        )),
+        "{}",
+        diagnostics(&s)
+    );
+
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &["alice@example.org"],
+        &fixture("human-text.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}"
+    );
+    assert_eq!(
+        s.postfix.wait_mailbox("alice", 1).len(),
+        1,
+        "ordinary mail flows during the outage"
+    );
+
+    // A person's text bounces with imip-milter's sentence instead of vanishing.
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &[&gateway()],
+        &fixture("human-text.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .postfix
+            .log()
+            .contains("status=bounced")),
+        "{}",
+        diagnostics(&s)
+    );
+    assert!(
+        s.postfix.log().contains("write to the organizer"),
+        "{}",
+        diagnostics(&s)
+    );
+
+    // The daemon comes back and takes over the spool the safety net used.
+    s.milter.spawn();
+    let out = smtp_send(
+        s.postfix.port,
+        "chloe@example.net",
+        &[&gateway()],
+        &fixture("thunderbird.eml"),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}"
+    );
+    let got = s.hook.wait_for(2, Duration::from_secs(15));
+    assert_eq!(got.len(), 2, "{}", diagnostics(&s));
+    let list = s.milter.cli(&["queue", "list", "--all"]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("-- 0 pending, 0 failed"));
 }
 
 /// Replies per second through the private Postfix (not a pass/fail test):

@@ -361,11 +361,33 @@ pub struct Daemon {
     pub port: u16,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// Run as this user (uid, gid) instead of root.
+    pub user: Option<(u32, u32)>,
     child: Option<Child>,
+}
+
+/// uid and gid of `nobody`, the unprivileged user of these tests.
+pub fn nobody() -> (u32, u32) {
+    let id = |arg: &str| {
+        let out = Command::new("id")
+            .args([arg, "nobody"])
+            .output()
+            .expect("id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u32>()
+            .expect("uid")
+    };
+    (id("-u"), id("-g"))
 }
 
 impl Daemon {
     pub fn start(dir: &Path, webhook_url: &str) -> Self {
+        Self::start_as(dir, webhook_url, None)
+    }
+
+    /// As `start`, as an unprivileged user owning the state directory.
+    pub fn start_as(dir: &Path, webhook_url: &str, user: Option<(u32, u32)>) -> Self {
         let port = free_port();
         let state = dir.join("state");
         let config_path = dir.join("imip-milter.toml");
@@ -374,10 +396,17 @@ impl Daemon {
             config_text(&state, &format!("inet:127.0.0.1:{port}"), webhook_url, ""),
         )
         .expect("config");
+        if let Some((uid, gid)) = user {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            std::fs::create_dir_all(&state).expect("state dir");
+            std::os::unix::fs::chown(&state, Some(uid), Some(gid)).expect("chown state");
+        }
         let mut d = Self {
             port,
             config_path,
             log_path: dir.join("milter.log"),
+            user,
             child: None,
         };
         d.spawn();
@@ -390,13 +419,16 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_imip-milter"));
+        cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start imip-milter");
+            .stderr(log);
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd.spawn().expect("start imip-milter");
         self.child = Some(child);
         let port = self.port;
         assert!(

@@ -41,6 +41,48 @@ impl Postfix {
 
     /// As `start`, with more main.cf lines.
     pub fn start_with(milters: &str, extra: &str) -> Self {
+        let main_cf = format!(
+            "recipient_delimiter = +\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n{extra}"
+        );
+        Self::build(&main_cf, "", MAILBOXES, &[])
+    }
+
+    /// Starts Postfix with the snippets shipped in postfix/, as a mail
+    /// administrator installs them: only paths, the milter port, the pipe's
+    /// user and program are adapted to this instance.
+    pub fn start_shipped(milter_port: u16, program: &Path, config: &Path) -> Self {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("postfix");
+        let read = |name: &str| {
+            fs::read_to_string(shipped.join(name)).unwrap_or_else(|e| panic!("postfix/{name}: {e}"))
+        };
+        let holder = "@ETC@";
+        let main_cf = read("main.cf")
+            .replace("/etc/postfix/", &format!("{holder}/"))
+            .replace(
+                "inet:127.0.0.1:8895",
+                &format!("inet:127.0.0.1:{milter_port}"),
+            );
+        let master_cf = read("master.cf")
+            .replace("user=imip-milter", "user=nobody")
+            .replace("/usr/sbin/imip-milter", &program.display().to_string())
+            .replace(
+                "/etc/imip-milter/imip-milter.toml",
+                &config.display().to_string(),
+            );
+        let maps = [
+            ("imip-milter-recipients", read("imip-milter-recipients")),
+            ("imip-milter-transport", read("imip-milter-transport")),
+        ];
+        // No mailbox for the gateway address: the shipped map must make it valid.
+        Self::build(&main_cf, &master_cf, &["alice", "grace"], &maps)
+    }
+
+    fn build(
+        main_extra: &str,
+        master_extra: &str,
+        mailboxes: &[&str],
+        files: &[(&str, String)],
+    ) -> Self {
         assert!(
             Path::new("/usr/sbin/postfix").exists(),
             "Postfix is not installed: .ci/run installs it (apt-get install postfix)"
@@ -62,11 +104,15 @@ impl Postfix {
         let port = free_port();
         let etc = root.join("etc");
         let r = root.display();
-        let vmailbox: String = MAILBOXES
+        let vmailbox: String = mailboxes
             .iter()
             .map(|m| format!("{m}@example.org {m}/\n"))
             .collect();
         fs::write(etc.join("vmailbox"), vmailbox).unwrap();
+        for (name, text) in files {
+            fs::write(etc.join(name), text).unwrap();
+        }
+        let main_extra = main_extra.replace("@ETC@", &etc.display().to_string());
         fs::write(
             etc.join("main.cf"),
             format!(
@@ -84,7 +130,6 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 maillog_file = {r}/maillog
 maillog_file_prefixes = {r}
-recipient_delimiter = +
 virtual_mailbox_domains = example.org
 virtual_mailbox_base = {r}/mail
 virtual_mailbox_maps = texthash:{r}/etc/vmailbox
@@ -94,9 +139,7 @@ alias_maps =
 alias_database =
 smtputf8_enable = no
 biff = no
-smtpd_milters = {milters}
-milter_default_action = tempfail
-{extra}
+{main_extra}
 "
             ),
         )
@@ -125,6 +168,7 @@ virtual   unix  -       n       n       -       -       virtual
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+{master_extra}
 "
             ),
         )
