@@ -230,3 +230,118 @@ async fn bearer_token_is_read_from_its_file() {
     );
     m.stop().await;
 }
+
+fn deliver(cfg: &str, rcpt: &str, eml: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args([
+            "deliver",
+            "--config",
+            cfg,
+            "--sender",
+            "bob@example.com",
+            "--queue-id",
+            "DQ1",
+            "--rcpt",
+            rcpt,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("deliver");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&fixture(eml))
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_through_the_daemon_answers_with_sysexits() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let config = m.state_dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", &hook.url(), ""),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    let rcpt = format!("calendar+{TOKEN}@example.org");
+
+    let (code, err) = tokio::task::spawn_blocking({
+        let (cfg, rcpt) = (cfg.clone(), rcpt.clone());
+        move || deliver(&cfg, &rcpt, "outlook.eml")
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got[0].body["queue_id"], "DQ1");
+    assert_eq!(got[0].body["envelope"]["mail_from"], "bob@example.com");
+
+    let cases = [
+        (rcpt.clone(), "human-text.eml", 77, "write to the organizer"),
+        (rcpt.clone(), "truncated.eml", 65, "truncated"),
+        (
+            "calendar@example.org".to_owned(),
+            "apple.eml",
+            67,
+            "calendar program",
+        ),
+        (
+            "alice@example.org".to_owned(),
+            "apple.eml",
+            67,
+            "not a gateway address",
+        ),
+    ];
+    for (r, eml, want, text) in cases {
+        let c = cfg.clone();
+        let (code, err) = tokio::task::spawn_blocking(move || deliver(&c, &r, eml))
+            .await
+            .unwrap();
+        assert_eq!(code, want, "{eml}: {err}");
+        assert!(err.contains(text), "{eml}: {err}");
+        assert!(!err.starts_with("550"), "pipe(8) adds its own code: {err}");
+    }
+    m.stop().await;
+}
+
+#[test]
+fn deliver_without_daemon_spools_and_delivers_itself() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("imip-milter.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            &dir.path().join("state"),
+            "inet:127.0.0.1:1",
+            &hook.url(),
+            "",
+        ),
+    )
+    .unwrap();
+    let (code, err) = deliver(
+        config.to_str().unwrap(),
+        &format!("calendar+{TOKEN}@example.org"),
+        "apple.eml",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(hook.deliveries().len(), 1, "delivered before deliver exits");
+    // Same message again: a duplicate, taken (exit 0) and not delivered twice.
+    let (code, _) = deliver(
+        config.to_str().unwrap(),
+        &format!("calendar+{TOKEN}@example.org"),
+        "apple.eml",
+    );
+    assert_eq!(code, 0);
+    assert_eq!(hook.deliveries().len(), 1);
+}

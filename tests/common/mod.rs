@@ -335,9 +335,17 @@ impl InProcess {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let control = config.control_path();
         let task = tokio::spawn(imip_milter::run(config, listener, async move {
             let _ = rx.await;
         }));
+        // Ready when the control socket answers.
+        for _ in 0..200 {
+            if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Self {
             addr,
             state_dir,
