@@ -75,6 +75,10 @@ impl GatewayAddresses {
         &self.bases
     }
 
+    pub fn delimiters(&self) -> &[char] {
+        &self.delimiters
+    }
+
     /// The recipient as it may appear in a log: anything after the first
     /// delimiter cut to 8 characters, since it may be a token.
     pub fn redact(&self, rcpt: &str) -> String {

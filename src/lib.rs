@@ -6,6 +6,7 @@
 
 pub mod address;
 pub mod analysis;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod decision;

@@ -75,6 +75,14 @@ enum Command {
         #[arg(long, value_name = "ID")]
         queue_id: Option<String>,
     },
+    /// Check the configuration, the state directory, the target and Postfix
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Postfix configuration directory (postconf -c)
+        #[arg(long, value_name = "DIR")]
+        postfix_config: Option<PathBuf>,
+    },
     /// Print the built-in default configuration
     DefaultConfig,
 }
@@ -146,6 +154,10 @@ fn main() -> ExitCode {
             sender,
             queue_id,
         } => deliver(&config, &rcpt, &sender, queue_id),
+        Command::Check {
+            config,
+            postfix_config,
+        } => check(&config, postfix_config.as_deref()),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             ExitCode::SUCCESS
@@ -397,4 +409,40 @@ fn deliver_without_daemon(
         }
         Ok(verdict)
     })
+}
+
+fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode {
+    let path = arg
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL config: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            println!("FAIL runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let findings = runtime.block_on(imip_milter::check::run(&config, &path, postfix_config));
+    for f in &findings {
+        println!("{f}");
+    }
+    if findings
+        .iter()
+        .any(|f| f.level == imip_milter::check::Level::Fail)
+    {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

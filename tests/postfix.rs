@@ -425,6 +425,64 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
     assert!(String::from_utf8_lossy(&list.stdout).contains("-- 0 pending, 0 failed"));
 }
 
+#[test]
+fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = shipped_site();
+    s.hook.require_auth("Bearer right-token");
+    let dir = tempfile::tempdir().unwrap();
+    let write_config = |name: &str, token: &str| {
+        let token_file = dir.path().join(format!("{name}.token"));
+        std::fs::write(&token_file, format!("{token}\n")).unwrap();
+        let base = std::fs::read_to_string(&s.milter.config_path).unwrap();
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!("{base}token_file = \"{}\"\n", token_file.display()),
+        )
+        .unwrap();
+        path
+    };
+    let check = |config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+            .arg("check")
+            .arg("--config")
+            .arg(config)
+            .arg("--postfix-config")
+            .arg(s.postfix.etc())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    let (code, text) = check(&write_config("good", "right-token"));
+    assert_eq!(code, Some(0), "{text}");
+    for want in [
+        "OK   target:",
+        "OK   postfix: smtpd_milters lists",
+        "OK   postfix: default_action=accept",
+        "OK   postfix: recipient_delimiter = +",
+        "OK   postfix: safety-net transport",
+        "accepts RCPT <calendar+imipcheck0@example.org>",
+        "OK   spool: daemon answers",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    assert!(!text.contains("FAIL"), "{text}");
+
+    // The classic failure of the old mailbox design: a credential the server no longer accepts.
+    let (code, text) = check(&write_config("stale", "old-token"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL target:") && text.contains("target.token_file"),
+        "{text}"
+    );
+    assert!(s.hook.deliveries().is_empty(), "check sends no reply");
+}
+
 /// Replies per second through the private Postfix (not a pass/fail test):
 /// cargo test --release --test postfix -- --ignored --nocapture throughput
 #[test]

@@ -35,4 +35,11 @@ impl Target {
             Self::Webhook(w) => w.deliver(record).await,
         }
     }
+
+    /// Reachable, TLS valid, credentials accepted, without sending a reply.
+    pub async fn check(&self) -> crate::check::Finding {
+        match self {
+            Self::Webhook(w) => w.check().await,
+        }
+    }
 }

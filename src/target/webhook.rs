@@ -9,6 +9,8 @@ pub struct Webhook {
     client: Client,
     url: String,
     auth: Option<String>,
+    /// The config key the credential came from, for messages.
+    auth_source: Option<&'static str>,
 }
 
 /// First line of a secret file, which must not be empty.
@@ -67,10 +69,16 @@ impl Webhook {
             .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        let auth_source = match (&config.token_file, &config.password_file) {
+            (Some(_), _) => Some("target.token_file"),
+            (None, Some(_)) => Some("target.password_file"),
+            _ => None,
+        };
         Ok(Self {
             client,
             url: config.url.clone(),
             auth,
+            auth_source,
         })
     }
 
@@ -95,6 +103,49 @@ impl Webhook {
                 Outcome::Retry(format!("cannot connect: {}", root_cause(&e)))
             }
             Err(e) => Outcome::Retry(root_cause(&e)),
+        }
+    }
+}
+
+impl Webhook {
+    /// POSTs `{"kind": "check"}`: the contract says the target answers it
+    /// without side effects, 2xx or 400/422 once the credentials passed;
+    /// 401/403 is a credential the target no longer accepts.
+    pub async fn check(&self) -> crate::check::Finding {
+        use crate::check::Finding;
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", "check")
+            .body(r#"{"id":"check","kind":"check"}"#);
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        let key = match (&self.auth_source, self.auth.is_some()) {
+            (Some(k), _) => *k,
+            (None, _) => "target.url",
+        };
+        match req.send().await {
+            Ok(resp) => match resp.status().as_u16() {
+                200..=299 | 400 | 422 => {
+                    Finding::ok("target", format!("{} answers {}", self.url, resp.status()))
+                }
+                401 | 403 => Finding::fail(
+                    "target",
+                    format!(
+                        "{} refuses the credentials ({}): check {key}",
+                        self.url,
+                        resp.status()
+                    ),
+                ),
+                404 | 405 => Finding::fail(
+                    "target",
+                    format!("{} answers {}: check target.url", self.url, resp.status()),
+                ),
+                _ => Finding::warn("target", format!("{} answers {}", self.url, resp.status())),
+            },
+            Err(e) => Finding::fail("target", format!("{}: {}", self.url, root_cause(&e))),
         }
     }
 }

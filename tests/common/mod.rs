@@ -57,6 +57,8 @@ struct WebhookState {
     refused: Vec<String>,
     /// Answer this status to the next N well-formed requests.
     fail_next: Vec<u16>,
+    /// The Authorization header every request must carry, if any.
+    expected_auth: Option<String>,
 }
 
 /// A real HTTP/1.1 server on loopback playing the calendar server's webhook.
@@ -128,6 +130,11 @@ impl Webhook {
         *self = again;
     }
 
+    /// Refuse (401) requests without this Authorization header.
+    pub fn require_auth(&self, value: &str) {
+        self.state.lock().unwrap().expected_auth = Some(value.to_owned());
+    }
+
     pub fn fail_next(&self, statuses: &[u16]) {
         self.state.lock().unwrap().fail_next = statuses.to_vec();
     }
@@ -184,7 +191,13 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
     if reader.read_exact(&mut body).is_err() {
         return;
     }
-    let (status, why) = check(&request_line, &headers, &body, path);
+    let expected = state.lock().unwrap().expected_auth.clone();
+    let (status, why) = match expected {
+        Some(want) if headers.get("authorization") != Some(&want) => {
+            (401, "credentials refused".to_owned())
+        }
+        _ => check(&request_line, &headers, &body, path),
+    };
     let status = if status == 200 {
         let mut st = state.lock().unwrap();
         if st.fail_next.is_empty() {

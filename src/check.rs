@@ -1,0 +1,410 @@
+//! `imip-milter check`: is this host set up to work? One line per finding,
+//! OK / WARN / FAIL; the caller exits 1 on any FAIL.
+
+use crate::{
+    config::{Config, ListenSocket},
+    control::{self, Request},
+    target::Target,
+};
+use std::{
+    fmt,
+    io::{BufRead, BufReader, Write},
+    net::TcpStream,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    pub topic: &'static str,
+    pub text: String,
+}
+
+impl Finding {
+    pub fn ok(topic: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            level: Level::Ok,
+            topic,
+            text: text.into(),
+        }
+    }
+    pub fn warn(topic: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            level: Level::Warn,
+            topic,
+            text: text.into(),
+        }
+    }
+    pub fn fail(topic: &'static str, text: impl Into<String>) -> Self {
+        Self {
+            level: Level::Fail,
+            topic,
+            text: text.into(),
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let level = match self.level {
+            Level::Ok => "OK  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        };
+        write!(f, "{level} {}: {}", self.topic, self.text)
+    }
+}
+
+/// Runs every check. `postfix_config`: Postfix's configuration directory
+/// (postconf -c), None for the default one.
+pub async fn run(
+    config: &Config,
+    config_path: &Path,
+    postfix_config: Option<&Path>,
+) -> Vec<Finding> {
+    let mut out = vec![Finding::ok(
+        "config",
+        format!("{} is valid", config_path.display()),
+    )];
+    out.extend(state_dir(config));
+    out.push(target(config).await);
+    out.extend(postfix(config, postfix_config));
+    out
+}
+
+fn state_dir(config: &Config) -> Vec<Finding> {
+    let dir = &config.state_dir;
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        out.push(Finding::warn(
+            "state_dir",
+            format!("{} does not exist yet; run creates it", dir.display()),
+        ));
+        return out;
+    }
+    let probe = dir.join(format!(".check-{}", std::process::id()));
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            out.push(Finding::ok(
+                "state_dir",
+                format!("{} is writable", dir.display()),
+            ));
+        }
+        Err(e) => out.push(Finding::fail(
+            "state_dir",
+            format!("{} is not writable by this user: {e}", dir.display()),
+        )),
+    }
+    match control::request(&config.control_path(), &Request::List { all: false }) {
+        Ok(resp) => {
+            let records = resp.records.unwrap_or_default();
+            let failed = records
+                .iter()
+                .filter(|r| r.state == crate::spool::State::Failed)
+                .count();
+            let line = format!(
+                "daemon answers on {}; {} pending, {failed} failed",
+                config.control_path().display(),
+                records.len() - failed
+            );
+            out.push(if failed > 0 {
+                Finding::warn("spool", format!("{line} (see imip-milter queue list)"))
+            } else {
+                Finding::ok("spool", line)
+            });
+        }
+        Err(control::ClientError::NoDaemon) => out.push(Finding::warn(
+            "daemon",
+            "no daemon answers on the control socket",
+        )),
+        Err(control::ClientError::Other(e)) => out.push(Finding::fail("daemon", e)),
+    }
+    out
+}
+
+async fn target(config: &Config) -> Finding {
+    match Target::new(&config.target) {
+        Ok(t) => t.check().await,
+        Err(e) => Finding::fail("target", e),
+    }
+}
+
+fn postconf(dir: Option<&Path>, args: &[&str]) -> Option<String> {
+    let mut cmd = Command::new("postconf");
+    if let Some(d) = dir {
+        cmd.arg("-c").arg(d);
+    }
+    let out = cmd.args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The milter address as Postfix writes it, for matching smtpd_milters.
+fn milter_names(listen: &ListenSocket) -> Vec<String> {
+    match listen {
+        ListenSocket::Inet(addr) => {
+            let mut v = vec![
+                format!("inet:{addr}"),
+                format!("inet:{}@{}", addr.port(), addr.ip()),
+            ];
+            if addr.ip().is_loopback() {
+                v.push(format!("inet:localhost:{}", addr.port()));
+            }
+            v
+        }
+        ListenSocket::Unix(path) => {
+            let mut v = vec![format!("unix:{}", path.display())];
+            // smtpd runs chrooted in /var/spool/postfix on Debian.
+            if let Ok(rel) = path.strip_prefix("/var/spool/postfix") {
+                v.push(format!("unix:{}", rel.display()));
+                v.push(format!("unix:/{}", rel.display()));
+            }
+            v
+        }
+    }
+}
+
+/// The `{ address, key=value, ... }` group of smtpd_milters naming `names`.
+fn milter_entry(smtpd_milters: &str, names: &[String]) -> Option<String> {
+    let mut rest = smtpd_milters;
+    let mut entries = Vec::new();
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        entries.push(rest[open + 1..open + close].to_owned());
+        rest = &rest[open + close + 1..];
+    }
+    for word in smtpd_milters.split(|c: char| c == ',' || c.is_whitespace()) {
+        if !word.is_empty() && !word.contains(['{', '}', '=']) {
+            entries.push(word.to_owned());
+        }
+    }
+    entries.into_iter().find(|e| {
+        let first = e.split(',').next().unwrap_or("").trim();
+        names.iter().any(|n| n == first)
+    })
+}
+
+fn setting(entry: &str, key: &str) -> Option<String> {
+    entry.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_owned())
+    })
+}
+
+fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let Some(milters) = postconf(dir, &["-h", "smtpd_milters"]) else {
+        out.push(Finding::warn(
+            "postfix",
+            "postconf not found or failed; Postfix not checked",
+        ));
+        return out;
+    };
+    let names = milter_names(&config.listen);
+    match milter_entry(&milters, &names) {
+        None => out.push(Finding::fail(
+            "postfix",
+            format!(
+                "smtpd_milters does not list {} (it is \"{milters}\")",
+                names[0]
+            ),
+        )),
+        Some(entry) => {
+            out.push(Finding::ok(
+                "postfix",
+                format!("smtpd_milters lists {}", names[0]),
+            ));
+            let action = setting(&entry, "default_action")
+                .or_else(|| postconf(dir, &["-h", "milter_default_action"]))
+                .unwrap_or_default();
+            out.push(match action.as_str() {
+                "accept" | "tempfail" => Finding::ok("postfix", format!("default_action={action}")),
+                "" => Finding::warn("postfix", "default_action unknown"),
+                other => Finding::warn(
+                    "postfix",
+                    format!("default_action={other}: during a milter outage mail is refused; use accept with the safety net, or tempfail"),
+                ),
+            });
+            let timeout = setting(&entry, "command_timeout")
+                .or_else(|| postconf(dir, &["-h", "milter_command_timeout"]))
+                .and_then(|t| crate::config::parse_duration(&t));
+            match timeout {
+                Some(t) if t > Duration::from_secs(60) => out.push(Finding::warn(
+                    "postfix",
+                    format!(
+                        "command_timeout={}s keeps SMTP clients waiting long when the milter hangs",
+                        t.as_secs()
+                    ),
+                )),
+                Some(t) => out.push(Finding::ok(
+                    "postfix",
+                    format!("command_timeout={}s", t.as_secs()),
+                )),
+                None => {}
+            }
+        }
+    }
+
+    let delimiter = postconf(dir, &["-h", "recipient_delimiter"]).unwrap_or_default();
+    let missing: String = config
+        .gateway
+        .delimiters()
+        .iter()
+        .filter(|c| !delimiter.contains(**c))
+        .collect();
+    if missing.is_empty() {
+        out.push(Finding::ok(
+            "postfix",
+            format!("recipient_delimiter = {delimiter}"),
+        ));
+    } else {
+        out.push(Finding::fail(
+            "postfix",
+            format!(
+                "recipient_delimiter = \"{delimiter}\" lacks \"{missing}\" of gateway.delimiters: Postfix refuses calendar{}TOKEN@ addresses",
+                missing.chars().next().unwrap_or('+')
+            ),
+        ));
+    }
+
+    let services = postconf(dir, &["-M"]).unwrap_or_default();
+    if services
+        .lines()
+        .any(|l| l.starts_with("imip-milter ") || l.starts_with("imip-milter\t"))
+    {
+        out.push(Finding::ok(
+            "postfix",
+            "safety-net transport imip-milter in master.cf",
+        ));
+    } else {
+        out.push(Finding::warn(
+            "postfix",
+            "no imip-milter transport in master.cf: during a milter outage replies wait in the queue (see postfix/master.cf)",
+        ));
+    }
+    if let Some(addr) = smtpd_address(&services) {
+        for base in config.gateway.bases() {
+            out.push(probe_recipient(
+                &addr,
+                &format!(
+                    "{}{}imipcheck0@{}",
+                    base.local,
+                    config.gateway.delimiters().first().copied().unwrap_or('+'),
+                    base.domain
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// Where smtpd listens, from `postconf -M`: `127.0.0.1:2525 inet ... smtpd` or `smtp inet ...`.
+fn smtpd_address(services: &str) -> Option<String> {
+    services.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 8 && f[1] == "inet" && f[7] == "smtpd" {
+            Some(match f[0] {
+                "smtp" => "127.0.0.1:25".to_owned(),
+                s if s.contains(':') => s.to_owned(),
+                port => format!("127.0.0.1:{port}"),
+            })
+        } else {
+            None
+        }
+    })
+}
+
+/// Asks Postfix over SMTP whether it takes the address as a recipient, then
+/// resets: no message is sent.
+fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
+    let talk = || -> std::io::Result<String> {
+        let sock = addr
+            .parse()
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad address"))?;
+        let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut w = stream.try_clone()?;
+        let mut r = BufReader::new(stream);
+        let mut reply = |w: &mut TcpStream, cmd: Option<&str>| -> std::io::Result<String> {
+            if let Some(c) = cmd {
+                w.write_all(format!("{c}\r\n").as_bytes())?;
+            }
+            let mut last = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(last);
+                }
+                last = line.trim_end().to_owned();
+                if last.len() < 4 || last.as_bytes()[3] != b'-' {
+                    return Ok(last);
+                }
+            }
+        };
+        reply(&mut w, None)?;
+        reply(&mut w, Some("EHLO imip-milter.check"))?;
+        reply(&mut w, Some("MAIL FROM:<>"))?;
+        let answer = reply(&mut w, Some(&format!("RCPT TO:<{rcpt}>")))?;
+        let _ = reply(&mut w, Some("RSET"));
+        let _ = reply(&mut w, Some("QUIT"));
+        Ok(answer)
+    };
+    match talk() {
+        Ok(a) if a.starts_with("250") => {
+            Finding::ok("postfix", format!("{addr} accepts RCPT <{rcpt}>"))
+        }
+        Ok(a) => Finding::fail("postfix", format!("{addr} refuses RCPT <{rcpt}>: {a}")),
+        Err(e) => Finding::warn("postfix", format!("cannot ask smtpd at {addr}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_milter_entry() {
+        let names = milter_names(&ListenSocket::Inet("127.0.0.1:8895".parse().unwrap()));
+        let m = "{ inet:127.0.0.1:8895, default_action=accept, command_timeout=10s }, inet:127.0.0.1:8891";
+        let e = milter_entry(m, &names).unwrap();
+        assert_eq!(setting(&e, "default_action").as_deref(), Some("accept"));
+        assert_eq!(setting(&e, "command_timeout").as_deref(), Some("10s"));
+        assert!(milter_entry("inet:127.0.0.1:8891", &names).is_none());
+        assert!(milter_entry("inet:127.0.0.1:8895", &names).is_some());
+        let unix = milter_names(&ListenSocket::Unix(
+            "/var/spool/postfix/imip-milter/milter.sock".into(),
+        ));
+        assert!(milter_entry(
+            "{ unix:imip-milter/milter.sock, default_action=tempfail }",
+            &unix
+        )
+        .is_some());
+    }
+
+    #[test]
+    fn smtpd_from_master_cf() {
+        assert_eq!(
+            smtpd_address("smtp       inet  n       -       y       -       -       smtpd")
+                .as_deref(),
+            Some("127.0.0.1:25")
+        );
+        assert_eq!(
+            smtpd_address("127.0.0.1:2525 inet n - n - 50 smtpd\npickup unix n - n 60 1 pickup")
+                .as_deref(),
+            Some("127.0.0.1:2525")
+        );
+    }
+}
