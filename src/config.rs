@@ -112,6 +112,12 @@ pub struct DeliveryConfig {
     pub keep_delivered: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenSocket,
@@ -119,6 +125,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_sessions: usize,
     pub log_level: tracing::Level,
+    pub log_format: LogFormat,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub gateway: GatewayAddresses,
     pub target: TargetConfig,
     pub delivery: DeliveryConfig,
@@ -132,9 +141,17 @@ struct RawConfig {
     max_message_bytes: Option<i64>,
     max_sessions: Option<i64>,
     log_level: Option<String>,
+    log_format: Option<String>,
     gateway: Option<RawGateway>,
     target: Option<RawTarget>,
     delivery: Option<RawDelivery>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +296,27 @@ impl Config {
                     format!("`{other}` is not one of error, warn, info, debug, trace"),
                 ))
             }
+        };
+
+        let log_format = match raw.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "log_format",
+                    format!("`{other}` is not text or json"),
+                ))
+            }
+        };
+        let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
+            None => None,
+            Some(l) => Some(
+                l.replace("localhost:", "127.0.0.1:")
+                    .parse::<SocketAddr>()
+                    .map_err(|_| {
+                        ConfigError::new("metrics.listen", format!("`{l}` is not ADDRESS:PORT"))
+                    })?,
+            ),
         };
 
         let gateway = raw
@@ -428,6 +466,8 @@ impl Config {
             max_message_bytes,
             max_sessions,
             log_level,
+            log_format,
+            metrics_listen,
             gateway,
             target,
             delivery,

@@ -163,8 +163,9 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         bytes,
     } = req
     {
-        if bytes > shared.max_message_bytes as u64 {
-            let verdict = deliver::too_large(shared.max_message_bytes);
+        let limit = shared.settings().max_message_bytes;
+        if bytes > limit as u64 {
+            let verdict = deliver::too_large(limit);
             return Some(Response {
                 ok: true,
                 verdict: Some(verdict),

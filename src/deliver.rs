@@ -86,10 +86,11 @@ pub async fn take(
     queue_id: Option<String>,
     raw: Vec<u8>,
 ) -> Verdict {
-    if raw.len() > shared.max_message_bytes {
-        return too_large(shared.max_message_bytes);
+    let settings = shared.settings();
+    if raw.len() > settings.max_message_bytes {
+        return too_large(settings.max_message_bytes);
     }
-    let class = shared.gateway.classify(rcpt);
+    let class = settings.gateway.classify(rcpt);
     if let Some(d) = decision::decide_recipient(&class) {
         return Verdict::from_decision(&d);
     }
@@ -98,7 +99,7 @@ pub async fn take(
             disposition: Disposition::Reject.as_str().to_owned(),
             smtp_reply: Some(format!(
                 "550 5.1.1 {} is not a gateway address; check transport_maps",
-                shared.gateway.redact(rcpt)
+                settings.gateway.redact(rcpt)
             )),
             reason: "not a gateway address".into(),
             ids: Vec::new(),

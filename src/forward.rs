@@ -3,6 +3,7 @@
 
 use crate::{
     config::DeliveryConfig,
+    metrics::{DeliveryResult, METRICS},
     spool::{now_ms, Record, Spool, State},
     target::{Outcome, Target},
 };
@@ -171,6 +172,12 @@ pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut r
     let outcome = target.deliver(&rec).await;
     let now = now_ms();
     apply(cfg, &mut rec, &outcome, now);
+    let result = match (&outcome, rec.state) {
+        (Outcome::Delivered, _) => DeliveryResult::Delivered,
+        (_, State::Failed) => DeliveryResult::Failed,
+        _ => DeliveryResult::Retry,
+    };
+    METRICS.delivery(result, started.elapsed());
     let queue_id = rec.queue_id.clone().unwrap_or_else(|| "-".into());
     match (&outcome, rec.state) {
         (Outcome::Delivered, _) => info!(

@@ -104,6 +104,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
     if !via.is_empty() {
         line.push_str(&format!(" via={via}"));
     }
+    crate::metrics::METRICS.message(intake.decision.disposition);
     match intake.decision.disposition {
         Disposition::Tempfail => warn!("{line}"),
         _ => info!("{line}"),

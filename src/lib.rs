@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod intake;
 pub mod itip;
 pub mod message;
+pub mod metrics;
 pub mod milter;
 pub mod spool;
 pub mod target;
@@ -23,7 +24,7 @@ pub mod target;
 use config::{Config, ListenSocket};
 use indymilter::Listener;
 use std::{future::Future, io, sync::Arc};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -75,6 +76,18 @@ pub async fn run(
     listener: impl Listener,
     shutdown: impl Future,
 ) -> Result<(), Error> {
+    let (_keep, reloads) = mpsc::channel(1);
+    run_with_reload(config, listener, shutdown, reloads).await
+}
+
+/// As `run`; each configuration received on `reloads` (SIGHUP) replaces the
+/// settings that can change at run time.
+pub async fn run_with_reload(
+    config: Config,
+    listener: impl Listener,
+    shutdown: impl Future,
+    reloads: mpsc::Receiver<Config>,
+) -> Result<(), Error> {
     prepare_state_dir(&config)?;
     // `imip-milter deliver` may hold the spool for a moment while no daemon runs.
     let spool =
@@ -93,12 +106,23 @@ pub async fn run(
         config.delivery.clone(),
         stopped(stop_rx.clone()),
     ));
-    let shared = Arc::new(milter::Shared {
-        gateway: config.gateway.clone(),
-        max_message_bytes: config.max_message_bytes,
-        spool: spool.clone(),
-    });
+    let shared = Arc::new(milter::Shared::new(
+        config.gateway.clone(),
+        config.max_message_bytes,
+        spool.clone(),
+    ));
     let control_task = tokio::spawn(control::serve(control, shared.clone()));
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("metrics.listen: cannot open {addr}: {e}"))?;
+            info!("metrics on http://{addr}/metrics");
+            Some(tokio::spawn(metrics::serve(l, spool.clone())))
+        }
+        None => None,
+    };
+    let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), reloads));
     let milter_config = indymilter::Config {
         max_connections: config.max_sessions,
         actions: indymilter::Actions::DELETE_RCPT | indymilter::Actions::ADD_RCPT,
@@ -123,7 +147,71 @@ pub async fn run(
         error!("delivery worker ended abnormally: {e}");
     }
     control_task.abort();
+    reload_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(config.control_path());
     info!("stopped");
     result.map_err(|e| format!("milter socket: {e}").into())
+}
+
+/// Applies reloaded configurations: gateway addresses, delimiters and
+/// max_message_bytes change at once; the rest is named in the log.
+async fn apply_reloads(
+    mut running: Config,
+    shared: Arc<milter::Shared>,
+    mut reloads: mpsc::Receiver<Config>,
+) {
+    while let Some(new) = reloads.recv().await {
+        let mut fixed = Vec::new();
+        if new.listen != running.listen {
+            fixed.push("listen");
+        }
+        if new.state_dir != running.state_dir {
+            fixed.push("state_dir");
+        }
+        if new.max_sessions != running.max_sessions {
+            fixed.push("max_sessions");
+        }
+        if new.log_level != running.log_level {
+            fixed.push("log_level");
+        }
+        if new.log_format != running.log_format {
+            fixed.push("log_format");
+        }
+        if new.metrics_listen != running.metrics_listen {
+            fixed.push("metrics.listen");
+        }
+        if format!("{:?}", new.target) != format!("{:?}", running.target) {
+            fixed.push("[target]");
+        }
+        if format!("{:?}", new.delivery) != format!("{:?}", running.delivery) {
+            fixed.push("[delivery]");
+        }
+        shared.replace(milter::Settings {
+            gateway: new.gateway.clone(),
+            max_message_bytes: new.max_message_bytes,
+        });
+        let bases: Vec<String> = new
+            .gateway
+            .bases()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        info!(
+            "configuration reloaded: gateway.addresses = {}, max_message_bytes = {}",
+            bases.join(" "),
+            new.max_message_bytes
+        );
+        if !fixed.is_empty() {
+            tracing::warn!(
+                "reload: {} changed but can only change with a restart; the old value stays in force",
+                fixed.join(", ")
+            );
+        }
+        // Settings not applied stay as they were, so compare against those next time.
+        running.gateway = new.gateway;
+        running.max_message_bytes = new.max_message_bytes;
+    }
 }

@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use imip_milter::{
     address::{BaseAddress, GatewayAddresses},
-    config::{Config, DEFAULT_CONFIG_PATH, EMBEDDED_DEFAULT},
+    config::{Config, LogFormat, DEFAULT_CONFIG_PATH, EMBEDDED_DEFAULT},
     control::{self, Request},
 };
 use std::{io::Read, path::PathBuf, process::ExitCode};
@@ -120,19 +120,19 @@ fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> Result<Config, Strin
     }
 }
 
-fn init_logging(level: tracing::Level) {
+fn init_logging(level: tracing::Level, format: LogFormat) {
     use std::io::IsTerminal;
-    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // journald stamps every line itself.
-    if under_journal {
-        builder.without_time().init();
-    } else {
-        builder.init();
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, under_journal) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Text, false) => builder.init(),
     }
 }
 
@@ -173,7 +173,12 @@ fn run(arg: &ConfigArg) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    init_logging(config.log_level);
+    init_logging(config.log_level, config.log_format);
+    // The file SIGHUP reloads; None when running on the built-in default.
+    let reload_path = match &arg.config {
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -207,7 +212,26 @@ fn run(arg: &ConfigArg) -> ExitCode {
                 _ => std::future::pending::<()>().await,
             }
         };
-        match imip_milter::run(config, listener, shutdown).await {
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let Some(path) = &reload_path else {
+                    info!("SIGHUP: running on the built-in default; no file to reload");
+                    continue;
+                };
+                match Config::load(path) {
+                    Ok(c) => {
+                        let _ = reload_tx.send(c).await;
+                    }
+                    Err(e) => error!("SIGHUP: {e}; keeping the running configuration"),
+                }
+            }
+        });
+        match imip_milter::run_with_reload(config, listener, shutdown, reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{e}");
@@ -388,11 +412,11 @@ fn deliver_without_daemon(
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
         let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
             .map_err(|e| e.0)?;
-        let shared = Shared {
-            gateway: config.gateway.clone(),
-            max_message_bytes: config.max_message_bytes,
-            spool: spool.clone(),
-        };
+        let shared = Shared::new(
+            config.gateway.clone(),
+            config.max_message_bytes,
+            spool.clone(),
+        );
         let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, raw).await;
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {

@@ -5,6 +5,7 @@ use crate::{
     address::{GatewayAddresses, Recipient},
     decision::{self, Decision, Disposition},
     intake,
+    metrics::METRICS,
     spool::{Envelope, Spool},
 };
 use bytes::Bytes;
@@ -13,15 +14,47 @@ use indymilter::{
 };
 use std::{
     ffi::{CStr, CString},
-    sync::Arc,
+    sync::{Arc, RwLock},
 };
 use tracing::{info, warn};
 
-/// What every session shares.
-pub struct Shared {
+/// The settings a SIGHUP may change.
+pub struct Settings {
     pub gateway: GatewayAddresses,
     pub max_message_bytes: usize,
+}
+
+/// What every session shares.
+pub struct Shared {
+    settings: RwLock<Arc<Settings>>,
     pub spool: Spool,
+}
+
+impl Shared {
+    pub fn new(gateway: GatewayAddresses, max_message_bytes: usize, spool: Spool) -> Self {
+        Self {
+            settings: RwLock::new(Arc::new(Settings {
+                gateway,
+                max_message_bytes,
+            })),
+            spool,
+        }
+    }
+
+    /// The settings in force; a message keeps the ones it started with.
+    pub fn settings(&self) -> Arc<Settings> {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, settings: Settings) {
+        match self.settings.write() {
+            Ok(mut s) => *s = Arc::new(settings),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(settings),
+        }
+    }
 }
 
 /// State of one SMTP connection.
@@ -130,12 +163,14 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
     let Some(raw) = args.first().map(|a| text(a)) else {
         return Status::Continue;
     };
-    let class = shared.gateway.classify(&raw);
+    let settings = shared.settings();
+    let class = settings.gateway.classify(&raw);
     if let Some(d) = decision::decide_recipient(&class) {
+        METRICS.message(Disposition::Reject);
         info!(
             "{}: reject RCPT {} from=<{}>: {}",
             queue_id(&cx.macros),
-            shared.gateway.redact(&raw),
+            settings.gateway.redact(&raw),
             cx.data.as_ref().map(|s| s.mail_from.as_str()).unwrap_or(""),
             d.reason
         );
@@ -154,7 +189,10 @@ async fn data(cx: &mut Context<Session>) -> Status {
     // No gateway recipient: Accept here, so Postfix skips us for the rest of
     // this message. (Accept at RCPT would end filtering for all recipients.)
     match decision::decide_data(&session.classes()) {
-        Some(_) => Status::Accept,
+        Some(_) => {
+            METRICS.message(Disposition::Accept);
+            Status::Accept
+        }
         None => Status::Continue,
     }
 }
@@ -164,10 +202,12 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
         return Status::Continue;
     };
     let add: usize = bytes.iter().map(|b| b.len()).sum();
-    if session.message.len() + add > shared.max_message_bytes {
+    let limit = shared.settings().max_message_bytes;
+    if session.message.len() + add > limit {
         session.too_large = true;
         session.message = Vec::new();
-        let d = decision::decide_too_large(shared.max_message_bytes);
+        METRICS.message(Disposition::Reject);
+        let d = decision::decide_too_large(limit);
         info!(
             "{}: reject from=<{}>: {}",
             queue_id(&cx.macros),

@@ -409,14 +409,21 @@ impl Daemon {
 
     /// As `start`, as an unprivileged user owning the state directory.
     pub fn start_as(dir: &Path, webhook_url: &str, user: Option<(u32, u32)>) -> Self {
+        Self::start_edited(dir, webhook_url, user, |c| c)
+    }
+
+    /// As `start_as`, with the configuration text passed through `edit`.
+    pub fn start_edited(
+        dir: &Path,
+        webhook_url: &str,
+        user: Option<(u32, u32)>,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         let port = free_port();
         let state = dir.join("state");
         let config_path = dir.join("imip-milter.toml");
-        std::fs::write(
-            &config_path,
-            config_text(&state, &format!("inet:127.0.0.1:{port}"), webhook_url, ""),
-        )
-        .expect("config");
+        let text = config_text(&state, &format!("inet:127.0.0.1:{port}"), webhook_url, "");
+        std::fs::write(&config_path, edit(text)).expect("config");
         if let Some((uid, gid)) = user {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -468,6 +475,12 @@ impl Daemon {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as libc::pid_t, sig) };
     }
 
     /// SIGTERM, then wait for a clean exit.

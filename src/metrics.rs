@@ -1,0 +1,172 @@
+//! Prometheus metrics on `[metrics] listen`: counters kept in atomics, served
+//! as text by a small HTTP responder (GET /metrics, nothing else).
+
+use crate::{decision::Disposition, spool::Spool};
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::warn;
+
+const DISPOSITIONS: [Disposition; 6] = [
+    Disposition::Accept,
+    Disposition::Discard,
+    Disposition::DeleteRecipients,
+    Disposition::Reject,
+    Disposition::Tempfail,
+    Disposition::Redirect,
+];
+const RESULTS: [&str; 3] = ["delivered", "retry", "failed"];
+/// Delivery latency bucket bounds, seconds.
+const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+
+pub struct Metrics {
+    messages: [AtomicU64; 6],
+    deliveries: [AtomicU64; 3],
+    latency_buckets: [AtomicU64; 10],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+pub static METRICS: Metrics = Metrics {
+    messages: [const { AtomicU64::new(0) }; 6],
+    deliveries: [const { AtomicU64::new(0) }; 3],
+    latency_buckets: [const { AtomicU64::new(0) }; 10],
+    latency_count: AtomicU64::new(0),
+    latency_sum_us: AtomicU64::new(0),
+};
+
+/// Delivery result, as counted.
+#[derive(Debug, Clone, Copy)]
+pub enum DeliveryResult {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+impl Metrics {
+    pub fn message(&self, d: Disposition) {
+        if let Some(i) = DISPOSITIONS.iter().position(|x| *x == d) {
+            self.messages[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn delivery(&self, result: DeliveryResult, latency: Duration) {
+        self.deliveries[result as usize].fetch_add(1, Relaxed);
+        let secs = latency.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self, spool_pending: usize, oldest_pending_secs: f64) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP imip_milter_messages_total Messages to gateway addresses, by disposition.\n",
+        );
+        out.push_str("# TYPE imip_milter_messages_total counter\n");
+        for (i, d) in DISPOSITIONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_messages_total{{disposition=\"{}\"}} {}",
+                d.as_str(),
+                self.messages[i].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP imip_milter_spool_pending Records waiting for delivery.\n");
+        out.push_str("# TYPE imip_milter_spool_pending gauge\n");
+        let _ = writeln!(out, "imip_milter_spool_pending {spool_pending}");
+        out.push_str(
+            "# HELP imip_milter_spool_oldest_pending_seconds Age of the oldest pending record.\n",
+        );
+        out.push_str("# TYPE imip_milter_spool_oldest_pending_seconds gauge\n");
+        let _ = writeln!(
+            out,
+            "imip_milter_spool_oldest_pending_seconds {oldest_pending_secs:.3}"
+        );
+        out.push_str("# HELP imip_milter_deliveries_total Delivery attempts, by result.\n");
+        out.push_str("# TYPE imip_milter_deliveries_total counter\n");
+        for (i, r) in RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_deliveries_total{{result=\"{r}\"}} {}",
+                self.deliveries[i].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP imip_milter_delivery_seconds Time a delivery attempt took.\n");
+        out.push_str("# TYPE imip_milter_delivery_seconds histogram\n");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_delivery_seconds_bucket{{le=\"{b}\"}} {}",
+                self.latency_buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "imip_milter_delivery_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "imip_milter_delivery_seconds_sum {:.6}",
+            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "imip_milter_delivery_seconds_count {count}");
+        out
+    }
+}
+
+/// Serves GET /metrics until the task is dropped.
+pub async fn serve(listener: TcpListener, spool: Spool) {
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("metrics: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let spool = spool.clone();
+        tokio::spawn(async move {
+            let mut head = vec![0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&head[..n]);
+            let (status, body) =
+                if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
+                    let stats = tokio::task::spawn_blocking(move || spool.pending_stats()).await;
+                    let (pending, oldest) = match stats {
+                        Ok(Ok(s)) => s,
+                        _ => (0, None),
+                    };
+                    let age = oldest
+                        .map(|o| crate::spool::now_ms().saturating_sub(o) as f64 / 1000.0)
+                        .unwrap_or(0.0);
+                    ("200 OK", METRICS.render(pending, age))
+                } else {
+                    ("404 Not Found", "GET /metrics\n".to_owned())
+                };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

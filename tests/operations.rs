@@ -1,0 +1,173 @@
+//! Running the daemon: SIGHUP reload, Prometheus metrics, JSON logs.
+
+mod common;
+
+use common::{fixture, free_port, wait_until, Daemon, Webhook, TOKEN};
+use indymilter_test::{MacroStage, Status, TestConnection};
+use std::{
+    io::{Read, Write},
+    time::Duration,
+};
+
+async fn rcpt_status(port: u16, rcpt: &str) -> Status {
+    let mut conn = TestConnection::configure()
+        .open_tcp(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    let st = conn.rcpt([rcpt]).await.unwrap();
+    conn.close().await.unwrap();
+    st
+}
+
+async fn send_reply(port: u16) -> Status {
+    let mut conn = TestConnection::configure()
+        .open_tcp(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let raw = String::from_utf8(fixture("reply-all.eml")).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    for line in head.split("\r\n") {
+        let (k, v) = line.split_once(':').unwrap();
+        conn.header(k, v.trim_start()).await.unwrap();
+    }
+    conn.eoh().await.unwrap();
+    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    conn.macros(MacroStage::Eom, [("i", "OPS1")]).await.unwrap();
+    let (_, st) = conn.eom().await.unwrap();
+    conn.close().await.unwrap();
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_gateway_addresses_and_keeps_a_bad_file_out() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &hook.url());
+    let bare = "<events@example.org>";
+    assert_eq!(
+        rcpt_status(d.port, bare).await,
+        Status::Continue,
+        "not a gateway address yet"
+    );
+
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let added = text.replace(
+        r#"addresses = ["calendar@example.org", "replies@example.net"]"#,
+        r#"addresses = ["calendar@example.org", "events@example.org"]"#,
+    );
+    assert_ne!(added, text);
+    std::fs::write(&d.config_path, &added).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("configuration reloaded")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        matches!(rcpt_status(d.port, bare).await, Status::Reject { .. }),
+        "events@ is a gateway address now"
+    );
+
+    // A change that needs a restart is named; a broken file is refused.
+    std::fs::write(
+        &d.config_path,
+        added.replace("[delivery]", "[delivery]\nconcurrency = 9"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("[delivery] changed but can only change with a restart")),
+        "{}",
+        d.log()
+    );
+    std::fs::write(&d.config_path, "this is not toml [").unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("keeping the running configuration")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        matches!(rcpt_status(d.port, bare).await, Status::Reject { .. }),
+        "still running on the last good file"
+    );
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_json_logs() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let d = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        format!("log_format = \"json\"\n{c}\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n")
+    });
+    assert_eq!(send_reply(d.port).await, Status::Discard);
+    assert!(matches!(
+        rcpt_status(d.port, "<calendar@example.org>").await,
+        Status::Reject { .. }
+    ));
+    hook.wait_for(1, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || scrape(mport)
+            .contains("imip_milter_deliveries_total{result=\"delivered\"} 1")),
+        "{}",
+        scrape(mport)
+    );
+    let m = scrape(mport);
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    for want in [
+        "imip_milter_messages_total{disposition=\"discard\"} 1",
+        "imip_milter_messages_total{disposition=\"reject\"} 1",
+        "imip_milter_spool_pending 0",
+        "imip_milter_spool_oldest_pending_seconds 0.000",
+        "imip_milter_delivery_seconds_count 1",
+        "imip_milter_delivery_seconds_bucket{le=\"+Inf\"} 1",
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+
+    // Every log line is one JSON object; the message line carries the queue id.
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(
+            v.get("level").is_some() && v.get("message").is_some(),
+            "{l}"
+        );
+    }
+    assert!(
+        lines.iter().any(
+            |l| l.contains("OPS1: from=<bob@example.com>") && l.contains("disposition=discard")
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes when not on a terminal"
+    );
+}
