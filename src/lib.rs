@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod milter;
 pub mod spool;
 pub mod target;
+pub mod tokens;
 
 use config::{Config, ListenSocket};
 use indymilter::Listener;
