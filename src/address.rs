@@ -83,10 +83,7 @@ impl GatewayAddresses {
     /// delimiter cut to 8 characters, since it may be a token.
     pub fn redact(&self, rcpt: &str) -> String {
         let r = rcpt.trim();
-        let r = r
-            .strip_prefix('<')
-            .and_then(|r| r.strip_suffix('>'))
-            .unwrap_or(r);
+        let r = r.strip_prefix('<').and_then(|r| r.strip_suffix('>')).unwrap_or(r);
         let (local, domain) = r.rsplit_once('@').unwrap_or((r, ""));
         let shown = match local.find(|c| self.delimiters.contains(&c)) {
             Some(i) => {
@@ -97,21 +94,13 @@ impl GatewayAddresses {
             }
             None => local.to_owned(),
         };
-        let shown: String = shown
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(128)
-            .collect();
+        let shown: String = shown.chars().filter(|c| !c.is_control()).take(128).collect();
         if domain.is_empty() {
             format!("<{shown}>")
         } else {
             format!(
                 "<{shown}@{}>",
-                domain
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(255)
-                    .collect::<String>()
+                domain.chars().filter(|c| !c.is_control()).take(255).collect::<String>()
             )
         }
     }
@@ -135,10 +124,7 @@ impl GatewayAddresses {
             }
             let n = base.local.len();
             // The base local part is ASCII-lower-cased, so a byte prefix check is exact.
-            if local.len() > n
-                && local.is_char_boundary(n)
-                && local[..n].eq_ignore_ascii_case(&base.local)
-            {
+            if local.len() > n && local.is_char_boundary(n) && local[..n].eq_ignore_ascii_case(&base.local) {
                 let mut rest = local[n..].chars();
                 if let Some(d) = rest.next() {
                     if self.delimiters.contains(&d) {
@@ -244,26 +230,11 @@ mod tests {
     #[test]
     fn bare_and_bad_tokens() {
         let g = gw();
-        assert_eq!(
-            g.classify("<calendar@example.org>"),
-            Recipient::GatewayWithoutToken
-        );
-        assert_eq!(
-            g.classify("<CALENDAR@EXAMPLE.ORG>"),
-            Recipient::GatewayWithoutToken
-        );
-        assert_eq!(
-            g.classify("<calendar+@example.org>"),
-            Recipient::GatewayBadToken
-        );
-        assert_eq!(
-            g.classify("<calendar+short@example.org>"),
-            Recipient::GatewayBadToken
-        );
-        assert_eq!(
-            g.classify("<calendar+abc%def@example.org>"),
-            Recipient::GatewayBadToken
-        );
+        assert_eq!(g.classify("<calendar@example.org>"), Recipient::GatewayWithoutToken);
+        assert_eq!(g.classify("<CALENDAR@EXAMPLE.ORG>"), Recipient::GatewayWithoutToken);
+        assert_eq!(g.classify("<calendar+@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(g.classify("<calendar+short@example.org>"), Recipient::GatewayBadToken);
+        assert_eq!(g.classify("<calendar+abc%def@example.org>"), Recipient::GatewayBadToken);
         assert_eq!(
             g.classify(&format!("<calendar+{}@example.org>", "a".repeat(65))),
             Recipient::GatewayBadToken

@@ -66,15 +66,8 @@ impl fmt::Display for Finding {
 
 /// Runs every check. `postfix_config`: Postfix's configuration directory
 /// (postconf -c), None for the default one.
-pub async fn run(
-    config: &Config,
-    config_path: &Path,
-    postfix_config: Option<&Path>,
-) -> Vec<Finding> {
-    let mut out = vec![Finding::ok(
-        "config",
-        format!("{} is valid", config_path.display()),
-    )];
+pub async fn run(config: &Config, config_path: &Path, postfix_config: Option<&Path>) -> Vec<Finding> {
+    let mut out = vec![Finding::ok("config", format!("{} is valid", config_path.display()))];
     out.extend(state_dir(config));
     out.push(target(config).await);
     out.extend(postfix(config, postfix_config));
@@ -95,10 +88,7 @@ fn state_dir(config: &Config) -> Vec<Finding> {
     match std::fs::write(&probe, b"") {
         Ok(()) => {
             let _ = std::fs::remove_file(&probe);
-            out.push(Finding::ok(
-                "state_dir",
-                format!("{} is writable", dir.display()),
-            ));
+            out.push(Finding::ok("state_dir", format!("{} is writable", dir.display())));
         }
         Err(e) => out.push(Finding::fail(
             "state_dir",
@@ -123,10 +113,9 @@ fn state_dir(config: &Config) -> Vec<Finding> {
                 Finding::ok("spool", line)
             });
         }
-        Err(control::ClientError::NoDaemon) => out.push(Finding::warn(
-            "daemon",
-            "no daemon answers on the control socket",
-        )),
+        Err(control::ClientError::NoDaemon) => {
+            out.push(Finding::warn("daemon", "no daemon answers on the control socket"))
+        }
         Err(control::ClientError::Other(e)) => out.push(Finding::fail("daemon", e)),
     }
     out
@@ -154,10 +143,7 @@ fn postconf(dir: Option<&Path>, args: &[&str]) -> Option<String> {
 fn milter_names(listen: &ListenSocket) -> Vec<String> {
     match listen {
         ListenSocket::Inet(addr) => {
-            let mut v = vec![
-                format!("inet:{addr}"),
-                format!("inet:{}@{}", addr.port(), addr.ip()),
-            ];
+            let mut v = vec![format!("inet:{addr}"), format!("inet:{}@{}", addr.port(), addr.ip())];
             if addr.ip().is_loopback() {
                 v.push(format!("inet:localhost:{}", addr.port()));
             }
@@ -217,16 +203,10 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     match milter_entry(&milters, &names) {
         None => out.push(Finding::fail(
             "postfix",
-            format!(
-                "smtpd_milters does not list {} (it is \"{milters}\")",
-                names[0]
-            ),
+            format!("smtpd_milters does not list {} (it is \"{milters}\")", names[0]),
         )),
         Some(entry) => {
-            out.push(Finding::ok(
-                "postfix",
-                format!("smtpd_milters lists {}", names[0]),
-            ));
+            out.push(Finding::ok("postfix", format!("smtpd_milters lists {}", names[0])));
             let action = setting(&entry, "default_action")
                 .or_else(|| postconf(dir, &["-h", "milter_default_action"]))
                 .unwrap_or_default();
@@ -249,10 +229,7 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
                         t.as_secs()
                     ),
                 )),
-                Some(t) => out.push(Finding::ok(
-                    "postfix",
-                    format!("command_timeout={}s", t.as_secs()),
-                )),
+                Some(t) => out.push(Finding::ok("postfix", format!("command_timeout={}s", t.as_secs()))),
                 None => {}
             }
         }
@@ -266,10 +243,7 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         .filter(|c| !delimiter.contains(**c))
         .collect();
     if missing.is_empty() {
-        out.push(Finding::ok(
-            "postfix",
-            format!("recipient_delimiter = {delimiter}"),
-        ));
+        out.push(Finding::ok("postfix", format!("recipient_delimiter = {delimiter}")));
     } else {
         out.push(Finding::fail(
             "postfix",
@@ -285,10 +259,7 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         .lines()
         .any(|l| l.starts_with("imip-milter ") || l.starts_with("imip-milter\t"))
     {
-        out.push(Finding::ok(
-            "postfix",
-            "safety-net transport imip-milter in master.cf",
-        ));
+        out.push(Finding::ok("postfix", "safety-net transport imip-milter in master.cf"));
     } else {
         out.push(Finding::warn(
             "postfix",
@@ -363,9 +334,7 @@ fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
         Ok(answer)
     };
     match talk() {
-        Ok(a) if a.starts_with("250") => {
-            Finding::ok("postfix", format!("{addr} accepts RCPT <{rcpt}>"))
-        }
+        Ok(a) if a.starts_with("250") => Finding::ok("postfix", format!("{addr} accepts RCPT <{rcpt}>")),
         Ok(a) => Finding::fail("postfix", format!("{addr} refuses RCPT <{rcpt}>: {a}")),
         Err(e) => Finding::warn("postfix", format!("cannot ask smtpd at {addr}: {e}")),
     }
@@ -384,26 +353,18 @@ mod tests {
         assert_eq!(setting(&e, "command_timeout").as_deref(), Some("10s"));
         assert!(milter_entry("inet:127.0.0.1:8891", &names).is_none());
         assert!(milter_entry("inet:127.0.0.1:8895", &names).is_some());
-        let unix = milter_names(&ListenSocket::Unix(
-            "/var/spool/postfix/imip-milter/milter.sock".into(),
-        ));
-        assert!(milter_entry(
-            "{ unix:imip-milter/milter.sock, default_action=tempfail }",
-            &unix
-        )
-        .is_some());
+        let unix = milter_names(&ListenSocket::Unix("/var/spool/postfix/imip-milter/milter.sock".into()));
+        assert!(milter_entry("{ unix:imip-milter/milter.sock, default_action=tempfail }", &unix).is_some());
     }
 
     #[test]
     fn smtpd_from_master_cf() {
         assert_eq!(
-            smtpd_address("smtp       inet  n       -       y       -       -       smtpd")
-                .as_deref(),
+            smtpd_address("smtp       inet  n       -       y       -       -       smtpd").as_deref(),
             Some("127.0.0.1:25")
         );
         assert_eq!(
-            smtpd_address("127.0.0.1:2525 inet n - n - 50 smtpd\npickup unix n - n 60 1 pickup")
-                .as_deref(),
+            smtpd_address("127.0.0.1:2525 inet n - n - 50 smtpd\npickup unix n - n 60 1 pickup").as_deref(),
             Some("127.0.0.1:2525")
         );
     }

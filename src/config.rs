@@ -113,6 +113,24 @@ pub struct DeliveryConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMode {
+    /// Tokens belong to the calendar server and travel in the webhook JSON.
+    Remote,
+    /// imip-milter owns the tokens (see `tokens`).
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    pub mode: TokenMode,
+    pub days_to_live: u32,
+    /// More unknown tokens than this from one client address within
+    /// `unknown_window` get 450 4.7.1.
+    pub max_unknown: usize,
+    pub unknown_window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -131,6 +149,7 @@ pub struct Config {
     pub gateway: GatewayAddresses,
     pub target: TargetConfig,
     pub delivery: DeliveryConfig,
+    pub tokens: TokensConfig,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +165,16 @@ struct RawConfig {
     target: Option<RawTarget>,
     delivery: Option<RawDelivery>,
     metrics: Option<RawMetrics>,
+    tokens: Option<RawTokens>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    mode: Option<String>,
+    days_to_live: Option<i64>,
+    max_unknown: Option<i64>,
+    unknown_window: Option<RawDuration>,
 }
 
 #[derive(Deserialize)]
@@ -190,21 +219,13 @@ enum RawDuration {
     Text(String),
 }
 
-fn duration(
-    key: &str,
-    raw: Option<RawDuration>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
+fn duration(key: &str, raw: Option<RawDuration>, default: Duration) -> Result<Duration, ConfigError> {
     match raw {
         None => Ok(default),
         Some(RawDuration::Seconds(n)) if n >= 0 => Ok(Duration::from_secs(n as u64)),
         Some(RawDuration::Seconds(_)) => Err(ConfigError::new(key, "must not be negative")),
-        Some(RawDuration::Text(s)) => parse_duration(&s).ok_or_else(|| {
-            ConfigError::new(
-                key,
-                format!("`{s}` is not a duration such as 30s, 5m, 2h or 5d"),
-            )
-        }),
+        Some(RawDuration::Text(s)) => parse_duration(&s)
+            .ok_or_else(|| ConfigError::new(key, format!("`{s}` is not a duration such as 30s, 5m, 2h or 5d"))),
     }
 }
 
@@ -228,22 +249,15 @@ fn positive(key: &str, raw: Option<i64>, default: usize, max: usize) -> Result<u
     match raw {
         None => Ok(default),
         Some(n) if n >= 1 && (n as u64) <= max as u64 => Ok(n as usize),
-        Some(n) => Err(ConfigError::new(
-            key,
-            format!("{n} is out of range (1 to {max})"),
-        )),
+        Some(n) => Err(ConfigError::new(key, format!("{n} is out of range (1 to {max})"))),
     }
 }
 
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                "",
-                format!("cannot read configuration file {}: {e}", path.display()),
-            )
-        })?;
+        let text = fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read configuration file {}: {e}", path.display())))?;
         Self::parse(&text).map_err(|mut e| {
             e.message = format!("{} (in {})", e.message, path.display());
             e
@@ -255,9 +269,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the key and the line; keep it on one line.
             let msg = e.message().trim().to_owned();
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             let key = match e.message().split('`').nth(1) {
                 Some(k) if e.message().starts_with("unknown field") => k.to_owned(),
                 _ => String::new(),
@@ -271,18 +283,11 @@ impl Config {
 
         let listen = ListenSocket::parse(raw.listen.as_deref().unwrap_or("inet:127.0.0.1:8895"))
             .map_err(|m| ConfigError::new("listen", m))?;
-        let state_dir = raw
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from("/var/lib/imip-milter"));
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/imip-milter"));
         if !state_dir.is_absolute() {
             return Err(ConfigError::new("state_dir", "must be an absolute path"));
         }
-        let max_message_bytes = positive(
-            "max_message_bytes",
-            raw.max_message_bytes,
-            10 * 1024 * 1024,
-            1 << 30,
-        )?;
+        let max_message_bytes = positive("max_message_bytes", raw.max_message_bytes, 10 * 1024 * 1024, 1 << 30)?;
         let max_sessions = positive("max_sessions", raw.max_sessions, 100, 10_000)?;
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => tracing::Level::ERROR,
@@ -301,21 +306,14 @@ impl Config {
         let log_format = match raw.log_format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => {
-                return Err(ConfigError::new(
-                    "log_format",
-                    format!("`{other}` is not text or json"),
-                ))
-            }
+            other => return Err(ConfigError::new("log_format", format!("`{other}` is not text or json"))),
         };
         let metrics_listen = match raw.metrics.and_then(|m| m.listen) {
             None => None,
             Some(l) => Some(
                 l.replace("localhost:", "127.0.0.1:")
                     .parse::<SocketAddr>()
-                    .map_err(|_| {
-                        ConfigError::new("metrics.listen", format!("`{l}` is not ADDRESS:PORT"))
-                    })?,
+                    .map_err(|_| ConfigError::new("metrics.listen", format!("`{l}` is not ADDRESS:PORT")))?,
             ),
         };
 
@@ -326,17 +324,11 @@ impl Config {
             .addresses
             .ok_or_else(|| ConfigError::new("gateway.addresses", "is missing"))?;
         if addresses.is_empty() {
-            return Err(ConfigError::new(
-                "gateway.addresses",
-                "needs at least one address",
-            ));
+            return Err(ConfigError::new("gateway.addresses", "needs at least one address"));
         }
         let delimiters = gateway.delimiters.unwrap_or_else(|| "+".to_owned());
         if delimiters.is_empty() {
-            return Err(ConfigError::new(
-                "gateway.delimiters",
-                "needs at least one character",
-            ));
+            return Err(ConfigError::new("gateway.delimiters", "needs at least one character"));
         }
         if let Some(c) = delimiters
             .chars()
@@ -349,14 +341,11 @@ impl Config {
         }
         let mut bases = Vec::new();
         for a in &addresses {
-            let base =
-                BaseAddress::parse(a).map_err(|m| ConfigError::new("gateway.addresses", m))?;
+            let base = BaseAddress::parse(a).map_err(|m| ConfigError::new("gateway.addresses", m))?;
             if base.local.chars().any(|c| delimiters.contains(c)) {
                 return Err(ConfigError::new(
                     "gateway.addresses",
-                    format!(
-                        "`{a}` contains a delimiter character; give the base address without token"
-                    ),
+                    format!("`{a}` contains a delimiter character; give the base address without token"),
                 ));
             }
             bases.push(base);
@@ -381,9 +370,7 @@ impl Config {
                 ))
             }
         };
-        let url = target
-            .url
-            .ok_or_else(|| ConfigError::new("target.url", "is missing"))?;
+        let url = target.url.ok_or_else(|| ConfigError::new("target.url", "is missing"))?;
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::new(
                 "target.url",
@@ -411,10 +398,7 @@ impl Config {
             password_file: target.password_file,
         };
         if target.timeout.is_zero() {
-            return Err(ConfigError::new(
-                "target.timeout",
-                "must be longer than zero",
-            ));
+            return Err(ConfigError::new("target.timeout", "must be longer than zero"));
         }
 
         let d = raw.delivery.unwrap_or(RawDelivery {
@@ -426,21 +410,9 @@ impl Config {
         });
         let delivery = DeliveryConfig {
             concurrency: positive("delivery.concurrency", d.concurrency, 4, 256)?,
-            max_age: duration(
-                "delivery.max_age",
-                d.max_age,
-                Duration::from_secs(5 * 86_400),
-            )?,
-            initial_backoff: duration(
-                "delivery.initial_backoff",
-                d.initial_backoff,
-                Duration::from_secs(1),
-            )?,
-            max_backoff: duration(
-                "delivery.max_backoff",
-                d.max_backoff,
-                Duration::from_secs(300),
-            )?,
+            max_age: duration("delivery.max_age", d.max_age, Duration::from_secs(5 * 86_400))?,
+            initial_backoff: duration("delivery.initial_backoff", d.initial_backoff, Duration::from_secs(1))?,
+            max_backoff: duration("delivery.max_backoff", d.max_backoff, Duration::from_secs(300))?,
             keep_delivered: duration(
                 "delivery.keep_delivered",
                 d.keep_delivered,
@@ -448,10 +420,7 @@ impl Config {
             )?,
         };
         if delivery.initial_backoff.is_zero() {
-            return Err(ConfigError::new(
-                "delivery.initial_backoff",
-                "must be longer than zero",
-            ));
+            return Err(ConfigError::new("delivery.initial_backoff", "must be longer than zero"));
         }
         if delivery.max_backoff < delivery.initial_backoff {
             return Err(ConfigError::new(
@@ -459,6 +428,28 @@ impl Config {
                 "must not be shorter than delivery.initial_backoff",
             ));
         }
+
+        let t = raw.tokens.unwrap_or(RawTokens {
+            mode: None,
+            days_to_live: None,
+            max_unknown: None,
+            unknown_window: None,
+        });
+        let tokens = TokensConfig {
+            mode: match t.mode.as_deref().unwrap_or("remote") {
+                "remote" => TokenMode::Remote,
+                "local" => TokenMode::Local,
+                other => {
+                    return Err(ConfigError::new(
+                        "tokens.mode",
+                        format!("`{other}` is not remote or local"),
+                    ))
+                }
+            },
+            days_to_live: positive("tokens.days_to_live", t.days_to_live, 90, 36_500)? as u32,
+            max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
+            unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
+        };
 
         Ok(Self {
             listen,
@@ -471,6 +462,7 @@ impl Config {
             gateway,
             target,
             delivery,
+            tokens,
         })
     }
 
@@ -499,10 +491,7 @@ url = "http://127.0.0.1:9000/imip"
     #[test]
     fn embedded_default_is_valid() {
         let c = Config::parse(EMBEDDED_DEFAULT).unwrap();
-        assert_eq!(
-            c.listen,
-            ListenSocket::Inet("127.0.0.1:8895".parse().unwrap())
-        );
+        assert_eq!(c.listen, ListenSocket::Inet("127.0.0.1:8895".parse().unwrap()));
         assert_eq!(c.max_message_bytes, 10_485_760);
     }
 
@@ -545,20 +534,14 @@ url = "http://x/"
             assert_eq!(err.key, key, "{err}");
             assert!(err.to_string().starts_with(key), "{err}");
         }
-        let err =
-            Config::parse("[gateway]\naddresses = []\n[target]\nurl=\"http://x\"\n").unwrap_err();
+        let err = Config::parse("[gateway]\naddresses = []\n[target]\nurl=\"http://x\"\n").unwrap_err();
         assert_eq!(err.key, "gateway.addresses");
-        let err =
-            Config::parse("[gateway]\naddresses = [\"nodomain\"]\n[target]\nurl=\"http://x\"\n")
-                .unwrap_err();
+        let err = Config::parse("[gateway]\naddresses = [\"nodomain\"]\n[target]\nurl=\"http://x\"\n").unwrap_err();
         assert_eq!(err.key, "gateway.addresses");
-        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"ftp://x\"\n")
-            .unwrap_err();
+        let err = Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"ftp://x\"\n").unwrap_err();
         assert_eq!(err.key, "target.url");
-        let err = Config::parse(
-            "[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"http://x\"\nkind=\"smtp\"\n",
-        )
-        .unwrap_err();
+        let err =
+            Config::parse("[gateway]\naddresses = [\"a@b\"]\n[target]\nurl=\"http://x\"\nkind=\"smtp\"\n").unwrap_err();
         assert_eq!(err.key, "target.kind");
         let err = Config::parse(&format!("{MINIMAL}[delivery]\nmax_age = \"soon\"\n")).unwrap_err();
         assert_eq!(err.key, "delivery.max_age");

@@ -186,10 +186,7 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         });
     }
     if !matches!(req, Request::List { .. } | Request::Show { .. }) {
-        info!(
-            "control: {}",
-            serde_json::to_string(&req).unwrap_or_default()
-        );
+        info!("control: {}", serde_json::to_string(&req).unwrap_or_default());
     }
     let spool = shared.spool.clone();
     Some(
@@ -216,21 +213,13 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
 pub fn request_with(path: &Path, req: &Request, payload: &[u8]) -> Result<Response, ClientError> {
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
             return Err(ClientError::NoDaemon)
         }
         Err(e) => return Err(ClientError::Other(format!("{}: {e}", path.display()))),
     };
-    let io_err =
-        |e: io::Error| ClientError::Other(format!("control socket {}: {e}", path.display()));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io_err)?;
+    let io_err = |e: io::Error| ClientError::Other(format!("control socket {}: {e}", path.display()));
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io_err)?;
     stream
         .set_write_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
@@ -239,31 +228,20 @@ pub fn request_with(path: &Path, req: &Request, payload: &[u8]) -> Result<Respon
     stream.write_all(&line).map_err(io_err)?;
     stream.write_all(payload).map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    serde_json::from_str(&answer)
-        .map_err(|e| ClientError::Other(format!("bad answer from daemon: {e}")))
+    BufReader::new(stream).read_line(&mut answer).map_err(io_err)?;
+    serde_json::from_str(&answer).map_err(|e| ClientError::Other(format!("bad answer from daemon: {e}")))
 }
 
 /// Asks the daemon, or, when none runs, opens the spool directly.
-pub fn request_or_open(
-    control: &Path,
-    spool_path: &Path,
-    req: &Request,
-) -> Result<Response, String> {
+pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Result<Response, String> {
     match request(control, req) {
         Ok(r) => Ok(r),
         Err(ClientError::Other(e)) => Err(e),
         Err(ClientError::NoDaemon) => {
             if !spool_path.exists() {
-                return Err(format!(
-                    "no spool at {} and no daemon running",
-                    spool_path.display()
-                ));
+                return Err(format!("no spool at {} and no daemon running", spool_path.display()));
             }
-            let spool =
-                Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
+            let spool = Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
             Ok(handle(&spool, req))
         }
     }

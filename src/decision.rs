@@ -53,11 +53,7 @@ impl SmtpReply {
             }
             text.truncate(end);
         }
-        Self {
-            code,
-            enhanced,
-            text,
-        }
+        Self { code, enhanced, text }
     }
 }
 
@@ -87,12 +83,7 @@ impl Decision {
         }
     }
 
-    fn reply(
-        mut self,
-        code: &'static str,
-        enhanced: &'static str,
-        text: impl Into<String>,
-    ) -> Self {
+    fn reply(mut self, code: &'static str, enhanced: &'static str, text: impl Into<String>) -> Self {
         self.smtp_reply = Some(SmtpReply::new(code, enhanced, text));
         self
     }
@@ -109,24 +100,50 @@ pub fn decide_recipient(recipient: &Recipient) -> Option<Decision> {
                  please answer the invitation with your calendar program",
             ),
         ),
-        Recipient::GatewayBadToken => Some(
-            Decision::new(Disposition::Reject, "token of bad syntax").reply(
-                "550",
-                "5.1.1",
-                "The reply address of this invitation is not valid; please answer the invitation \
+        Recipient::GatewayBadToken => Some(Decision::new(Disposition::Reject, "token of bad syntax").reply(
+            "550",
+            "5.1.1",
+            "The reply address of this invitation is not valid; please answer the invitation \
                  with your calendar program",
-            ),
-        ),
+        )),
         Recipient::Gateway { .. } | Recipient::Other => None,
     }
 }
 
+/// RCPT stage, local tokens: the token is not in the store, or has expired.
+pub fn decide_unknown_token(expired: bool) -> Decision {
+    Decision::new(
+        Disposition::Reject,
+        if expired { "token expired" } else { "unknown token" },
+    )
+    .reply(
+        "550",
+        "5.1.1",
+        "This reply address is unknown or has expired; please write to the organizer directly",
+    )
+}
+
+/// RCPT stage: one client sent too many unknown tokens lately.
+pub fn decide_too_many_unknown() -> Decision {
+    Decision::new(Disposition::Tempfail, "too many unknown tokens from this client").reply(
+        "450",
+        "4.7.1",
+        "Too many unknown reply addresses from your address; try again later",
+    )
+}
+
+/// RCPT stage: the token store could not be read.
+pub fn decide_store_failed(error: &str) -> Decision {
+    Decision::new(Disposition::Tempfail, format!("token store: {error}")).reply(
+        "451",
+        "4.3.0",
+        "Temporary failure looking up the reply address; please try again later",
+    )
+}
+
 /// DATA stage: with no gateway recipient left, accept (Postfix stops calling us).
 pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
-    if recipients
-        .iter()
-        .any(|r| matches!(r, Recipient::Gateway { .. }))
-    {
+    if recipients.iter().any(|r| matches!(r, Recipient::Gateway { .. })) {
         None
     } else {
         Some(Decision::new(Disposition::Accept, "no gateway recipient"))
@@ -135,11 +152,7 @@ pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
 
 /// Body stage: the message outgrew `max_message_bytes`.
 pub fn decide_too_large(limit: usize) -> Decision {
-    Decision::new(
-        Disposition::Reject,
-        format!("message larger than {limit} bytes"),
-    )
-    .reply(
+    Decision::new(Disposition::Reject, format!("message larger than {limit} bytes")).reply(
         "552",
         "5.3.4",
         format!("Message too big for the calendar gateway (limit {limit} bytes)"),
@@ -166,9 +179,7 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
         }
         // Other people receive the message: they keep what the sender wrote,
         // only the gateway copy goes. Rejecting would bounce it for everyone.
-        Kind::Other | Kind::Malformed if mixed => {
-            Decision::new(Disposition::DeleteRecipients, analysis.reason.clone())
-        }
+        Kind::Other | Kind::Malformed if mixed => Decision::new(Disposition::DeleteRecipients, analysis.reason.clone()),
         Kind::Other => Decision::new(Disposition::Reject, analysis.reason.clone()).reply(
             "550",
             "5.7.1",
@@ -184,11 +195,7 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
 
 /// EOM: the spool could not store the reply durably.
 pub fn decide_spool_failed(error: &str) -> Decision {
-    Decision::new(
-        Disposition::Tempfail,
-        format!("spool write failed: {error}"),
-    )
-    .reply(
+    Decision::new(Disposition::Tempfail, format!("spool write failed: {error}")).reply(
         "451",
         "4.3.0",
         "Temporary failure storing the calendar reply; please try again later",

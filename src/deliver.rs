@@ -51,11 +51,7 @@ impl Verdict {
         match self.disposition.as_str() {
             "discard" | "delete-recipients" | "accept" | "redirect" => EX_OK,
             "tempfail" => EX_TEMPFAIL,
-            _ => match self
-                .smtp_reply
-                .as_deref()
-                .and_then(|r| r.split_whitespace().nth(1))
-            {
+            _ => match self.smtp_reply.as_deref().and_then(|r| r.split_whitespace().nth(1)) {
                 Some("5.1.1") => EX_NOUSER,
                 Some("5.6.0" | "5.3.4") => EX_DATAERR,
                 Some(_) => EX_NOPERM,
@@ -79,13 +75,7 @@ pub fn too_large(limit: usize) -> Verdict {
 }
 
 /// Takes one message for one recipient.
-pub async fn take(
-    shared: &Shared,
-    rcpt: &str,
-    sender: &str,
-    queue_id: Option<String>,
-    raw: Vec<u8>,
-) -> Verdict {
+pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<String>, raw: Vec<u8>) -> Verdict {
     let settings = shared.settings();
     if raw.len() > settings.max_message_bytes {
         return too_large(settings.max_message_bytes);

@@ -20,12 +20,8 @@ const MAX_IDLE: Duration = Duration::from_secs(30);
 
 /// Backoff before attempt `attempts + 1`: initial × 2^(attempts−1), capped.
 pub fn backoff(cfg: &DeliveryConfig, attempts: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempts.saturating_sub(1).min(30))
-        .unwrap_or(u32::MAX);
-    cfg.initial_backoff
-        .saturating_mul(factor)
-        .min(cfg.max_backoff)
+    let factor = 1u32.checked_shl(attempts.saturating_sub(1).min(30)).unwrap_or(u32::MAX);
+    cfg.initial_backoff.saturating_mul(factor).min(cfg.max_backoff)
 }
 
 /// Applies an outcome to a record.
@@ -122,12 +118,7 @@ pub async fn run(
             if let Ok(mut set) = in_flight.lock() {
                 set.insert(rec.id.clone());
             }
-            let (spool, target, cfg, in_flight) = (
-                spool.clone(),
-                target.clone(),
-                cfg.clone(),
-                in_flight.clone(),
-            );
+            let (spool, target, cfg, in_flight) = (spool.clone(), target.clone(), cfg.clone(), in_flight.clone());
             tasks.spawn(async move {
                 let id = rec.id.clone();
                 attempt(&spool, &target, &cfg, rec).await;
@@ -256,10 +247,7 @@ mod tests {
         let c = cfg();
         let mut r = rec(1_000);
         apply(&c, &mut r, &Outcome::Retry("HTTP 503".into()), 2_000);
-        assert_eq!(
-            (r.state, r.attempts, r.next_attempt_ms),
-            (State::Pending, 1, 3_000)
-        );
+        assert_eq!((r.state, r.attempts, r.next_attempt_ms), (State::Pending, 1, 3_000));
         apply(&c, &mut r, &Outcome::Delivered, 4_000);
         assert_eq!(r.state, State::Delivered);
 
@@ -270,12 +258,7 @@ mod tests {
 
         // Past max_age a retryable error fails the record for good.
         let mut r = rec(0);
-        apply(
-            &c,
-            &mut r,
-            &Outcome::Retry("timed out".into()),
-            5 * 86_400_000,
-        );
+        apply(&c, &mut r, &Outcome::Retry("timed out".into()), 5 * 86_400_000);
         assert_eq!(r.state, State::Failed);
         assert!(r.last_error.unwrap().contains("max_age"));
     }

@@ -46,12 +46,7 @@ fn verdict(d: &Decision, kind: &'static str) -> Verdict {
 }
 
 /// Decides what the milter would do with `raw` sent to `rcpts`.
-pub fn inspect(
-    gateway: &GatewayAddresses,
-    max_message_bytes: usize,
-    rcpts: &[String],
-    raw: &[u8],
-) -> Verdict {
+pub fn inspect(gateway: &GatewayAddresses, max_message_bytes: usize, rcpts: &[String], raw: &[u8]) -> Verdict {
     let mut accepted = Vec::new();
     let mut rejected = Vec::new();
     let mut last_reject = None;
@@ -61,11 +56,7 @@ pub fn inspect(
             Some(d) => {
                 rejected.push(RejectedRecipient {
                     rcpt: r.clone(),
-                    smtp_reply: d
-                        .smtp_reply
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
+                    smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string).unwrap_or_default(),
                 });
                 last_reject = Some(d);
             }
@@ -111,10 +102,7 @@ impl Verdict {
         };
         line("smtp_reply", &self.smtp_reply);
         line("kind", &Some(self.kind.to_owned()));
-        line(
-            "token",
-            &self.token.as_deref().map(crate::address::token_prefix),
-        );
+        line("token", &self.token.as_deref().map(crate::address::token_prefix));
         line("method", &self.method);
         line("uid", &self.uid);
         line("attendee", &self.attendee);

@@ -20,12 +20,7 @@ pub struct Intake {
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
 /// `recipients` are those accepted at RCPT: the argument as received and its class.
-pub async fn take(
-    spool: &Spool,
-    raw: Vec<u8>,
-    recipients: &[(String, Recipient)],
-    envelope: &Envelope,
-) -> Intake {
+pub async fn take(spool: &Spool, raw: Vec<u8>, recipients: &[(String, Recipient)], envelope: &Envelope) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
     // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
@@ -50,12 +45,7 @@ pub async fn take(
             .collect();
         ids = records.iter().map(|r| r.id.clone()).collect();
         match spool.append(records).await {
-            Ok(outcomes) => {
-                duplicates = outcomes
-                    .iter()
-                    .filter(|o| **o == Appended::Duplicate)
-                    .count()
-            }
+            Ok(outcomes) => duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count(),
             Err(e) => {
                 error!("{queue_id}: {e}");
                 decision = decision::decide_spool_failed(&e.0);

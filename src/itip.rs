@@ -2,8 +2,8 @@
 
 use calcard::{
     icalendar::{
-        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry,
-        ICalendarParameterName, ICalendarProperty,
+        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry, ICalendarMethod, ICalendarParameter,
+        ICalendarParameterName, ICalendarParameterValue, ICalendarProperty, ICalendarValue, Uri,
     },
     Entry,
 };
@@ -43,9 +43,7 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         .filter(|c| {
             matches!(
                 c.component_type,
-                ICalendarComponentType::VEvent
-                    | ICalendarComponentType::VTodo
-                    | ICalendarComponentType::VJournal
+                ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal
             )
         })
         .collect();
@@ -132,6 +130,111 @@ fn clip(s: &str) -> String {
     s.chars().take(30).filter(|c| !c.is_control()).collect()
 }
 
+/// A REPLY made ready for the organizer's server, as CalendarServer's mail
+/// gateway does: only the token's attendee is kept (a reply whose ATTENDEE is
+/// not the token's keeps its own, marked SCHEDULE-STATUS=5.1), the real
+/// ORGANIZER is put back (this also repairs Outlook replies without one),
+/// STATUS is dropped, METHOD is upper case, a missing PRODID is added.
+pub struct Rewritten {
+    pub text: String,
+    /// The reply's ATTENDEE was not the token's attendee.
+    pub attendee_mismatch: bool,
+}
+
+pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewritten, String> {
+    check_structure(text)?;
+    let mut cal = ICalendar::parse(text).map_err(|e| describe(&e))?;
+    let is = |e: &ICalendarEntry| first_text(e).is_some_and(|v| normalise_mailto(v).eq_ignore_ascii_case(attendee));
+    let mut mismatch = false;
+    for comp in cal.components.iter_mut() {
+        match comp.component_type {
+            ICalendarComponentType::VCalendar => {
+                for e in comp.entries.iter_mut().filter(|e| e.name == ICalendarProperty::Method) {
+                    e.values = vec![ICalendarValue::Method(ICalendarMethod::Reply)];
+                }
+                if !comp.entries.iter().any(|e| e.name == ICalendarProperty::Prodid) {
+                    comp.entries.insert(
+                        0,
+                        ICalendarEntry {
+                            name: ICalendarProperty::Prodid,
+                            params: Vec::new(),
+                            values: vec![ICalendarValue::Text("-//imip-milter//NONSGML imip-milter//EN".into())],
+                        },
+                    );
+                }
+            }
+            ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal => {
+                comp.entries.retain(|e| e.name != ICalendarProperty::Status);
+                if comp
+                    .entries
+                    .iter()
+                    .any(|e| e.name == ICalendarProperty::Attendee && is(e))
+                {
+                    comp.entries.retain(|e| e.name != ICalendarProperty::Attendee || is(e));
+                } else {
+                    let mut first = true;
+                    comp.entries.retain(|e| {
+                        if e.name != ICalendarProperty::Attendee {
+                            return true;
+                        }
+                        std::mem::replace(&mut first, false)
+                    });
+                    if let Some(a) = comp.entries.iter_mut().find(|e| e.name == ICalendarProperty::Attendee) {
+                        mismatch = true;
+                        a.params.retain(|p| p.name != ICalendarParameterName::ScheduleStatus);
+                        a.params.push(ICalendarParameter {
+                            name: ICalendarParameterName::ScheduleStatus,
+                            value: ICalendarParameterValue::Text("5.1".into()),
+                        });
+                    }
+                }
+                let org = ICalendarValue::Uri(Uri::Location(organizer.to_owned()));
+                let mut seen = false;
+                comp.entries.retain_mut(|e| {
+                    if e.name != ICalendarProperty::Organizer {
+                        return true;
+                    }
+                    if seen {
+                        return false;
+                    }
+                    seen = true;
+                    e.values = vec![org.clone()];
+                    // CN stays; EMAIL or SENT-BY of the tokenized address would mislead.
+                    e.params.retain(|p| p.name == ICalendarParameterName::Cn);
+                    true
+                });
+                if !seen {
+                    comp.entries.push(ICalendarEntry {
+                        name: ICalendarProperty::Organizer,
+                        params: Vec::new(),
+                        values: vec![org],
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Rewritten {
+        text: cal.to_string(),
+        attendee_mismatch: mismatch,
+    })
+}
+
+/// CalendarServer's answer to a bounced invitation: a REPLY from the
+/// attendee with REQUEST-STATUS 5.1, for the organizer's server.
+pub fn bounce_reply(organizer: &str, attendee: &str, uid: &str, now: chrono::DateTime<chrono::Utc>) -> String {
+    let clean = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
+    format!(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//imip-milter//NONSGML imip-milter//EN\r\nMETHOD:REPLY\r\n\
+         BEGIN:VEVENT\r\nUID:{}\r\nDTSTAMP:{}\r\nORGANIZER:{}\r\nATTENDEE:{}\r\n\
+         REQUEST-STATUS:5.1;Service unavailable\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+        clean(uid),
+        now.format("%Y%m%dT%H%M%SZ"),
+        clean(organizer),
+        clean(attendee)
+    )
+}
+
 fn first_text(entry: &ICalendarEntry) -> Option<&str> {
     entry.values.first().and_then(|v| v.as_text())
 }
@@ -186,11 +289,63 @@ mod tests {
     #[test]
     fn method_from_content_type_when_missing() {
         let text = REPLY.replace("METHOD:reply\r\n", "");
-        assert_eq!(
-            read(&text, Some("reply")).unwrap().method.as_deref(),
-            Some("REPLY")
-        );
+        assert_eq!(read(&text, Some("reply")).unwrap().method.as_deref(), Some("REPLY"));
         assert_eq!(read(&text, None).unwrap().method, None);
+    }
+
+    #[test]
+    fn rewrite_keeps_the_tokens_attendee_and_restores_the_organizer() {
+        let tokenized = REPLY
+            .replace(
+                "ORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org",
+                "ORGANIZER;CN=\"Doe, Alice\":mailto:calendar+tok12345@example.org",
+            )
+            .replace(
+                "ATTENDEE;PARTSTAT",
+                "STATUS:CONFIRMED\r\nATTENDEE;PARTSTAT=DECLINED:mailto:eve@example.com\r\nATTENDEE;PARTSTAT",
+            );
+        let r = rewrite_reply(&tokenized, "mailto:alice@example.org", "mailto:bob@example.com").unwrap();
+        assert!(!r.attendee_mismatch);
+        let i = read(&r.text, None).unwrap();
+        assert_eq!(i.method.as_deref(), Some("REPLY"));
+        assert_eq!(i.organizer.as_deref(), Some("mailto:alice@example.org"));
+        assert_eq!(i.attendee.as_deref(), Some("mailto:bob@example.com"));
+        assert!(!r.text.contains("eve@example.com"), "{}", r.text);
+        assert!(!r.text.contains("STATUS:CONFIRMED"), "{}", r.text);
+        assert!(!r.text.contains("calendar+tok"), "{}", r.text);
+        assert!(r.text.contains("CN=\"Doe, Alice\""), "quotes survive: {}", r.text);
+    }
+
+    #[test]
+    fn rewrite_adds_a_missing_organizer_and_flags_a_stranger() {
+        let no_org: String = REPLY
+            .lines()
+            .filter(|l| !l.starts_with("ORGANIZER") && !l.starts_with("PRODID"))
+            .map(|l| format!("{l}\r\n"))
+            .collect();
+        let r = rewrite_reply(&no_org, "mailto:alice@example.org", "mailto:carol@example.com").unwrap();
+        assert!(r.attendee_mismatch);
+        assert!(r.text.contains("SCHEDULE-STATUS=5.1"), "{}", r.text);
+        assert!(r.text.contains("PRODID:"), "{}", r.text);
+        assert_eq!(
+            read(&r.text, None).unwrap().organizer.as_deref(),
+            Some("mailto:alice@example.org")
+        );
+    }
+
+    #[test]
+    fn bounce_becomes_a_reply_with_request_status() {
+        let now = chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap();
+        let t = bounce_reply(
+            "mailto:alice@example.org",
+            "mailto:bob@gone.example",
+            "u-1\r\nX:evil",
+            now,
+        );
+        let i = read(&t, None).unwrap();
+        assert_eq!(i.method.as_deref(), Some("REPLY"));
+        assert_eq!(i.uid.as_deref(), Some("u-1X:evil"));
+        assert!(t.contains("REQUEST-STATUS:5.1;Service unavailable"));
     }
 
     #[test]

@@ -37,9 +37,7 @@ pub async fn bind(
 ) -> io::Result<indymilter::EitherListener<tokio::net::TcpListener, tokio::net::UnixListener>> {
     use indymilter::EitherListener;
     match listen {
-        ListenSocket::Inet(addr) => Ok(EitherListener::Tcp(
-            tokio::net::TcpListener::bind(addr).await?,
-        )),
+        ListenSocket::Inet(addr) => Ok(EitherListener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
         ListenSocket::Unix(path) => {
             if std::os::unix::net::UnixStream::connect(path).is_err() {
                 let _ = std::fs::remove_file(path);
@@ -60,23 +58,14 @@ pub fn prepare_state_dir(config: &Config) -> Result<(), Error> {
             .recursive(true)
             .mode(0o700)
             .create(&config.state_dir)
-            .map_err(|e| {
-                format!(
-                    "state_dir: cannot create {}: {e}",
-                    config.state_dir.display()
-                )
-            })?;
+            .map_err(|e| format!("state_dir: cannot create {}: {e}", config.state_dir.display()))?;
     }
     Ok(())
 }
 
 /// Runs the milter, the delivery worker and the control socket until
 /// `shutdown` resolves; then finishes open sessions and deliveries in flight.
-pub async fn run(
-    config: Config,
-    listener: impl Listener,
-    shutdown: impl Future,
-) -> Result<(), Error> {
+pub async fn run(config: Config, listener: impl Listener, shutdown: impl Future) -> Result<(), Error> {
     let (_keep, reloads) = mpsc::channel(1);
     run_with_reload(config, listener, shutdown, reloads).await
 }
@@ -91,8 +80,7 @@ pub async fn run_with_reload(
 ) -> Result<(), Error> {
     prepare_state_dir(&config)?;
     // `imip-milter deliver` may hold the spool for a moment while no daemon runs.
-    let spool =
-        spool::Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(30))?;
+    let spool = spool::Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(30))?;
     let target = Arc::new(target::Target::new(&config.target)?);
     let control = control::bind(&config.control_path())
         .map_err(|e| format!("control socket {}: {e}", config.control_path().display()))?;
@@ -140,8 +128,7 @@ pub async fn run_with_reload(
             .unwrap_or_default()
     );
 
-    let result =
-        indymilter::run(listener, milter::callbacks(shared), milter_config, shutdown).await;
+    let result = indymilter::run(listener, milter::callbacks(shared), milter_config, shutdown).await;
     info!("milter sessions finished; stopping deliveries");
     let _ = stop_tx.send(true);
     if let Err(e) = forwarder.await {
@@ -159,11 +146,7 @@ pub async fn run_with_reload(
 
 /// Applies reloaded configurations: gateway addresses, delimiters and
 /// max_message_bytes change at once; the rest is named in the log.
-async fn apply_reloads(
-    mut running: Config,
-    shared: Arc<milter::Shared>,
-    mut reloads: mpsc::Receiver<Config>,
-) {
+async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut reloads: mpsc::Receiver<Config>) {
     while let Some(new) = reloads.recv().await {
         let mut fixed = Vec::new();
         if new.listen != running.listen {
@@ -194,12 +177,7 @@ async fn apply_reloads(
             gateway: new.gateway.clone(),
             max_message_bytes: new.max_message_bytes,
         });
-        let bases: Vec<String> = new
-            .gateway
-            .bases()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let bases: Vec<String> = new.gateway.bases().iter().map(ToString::to_string).collect();
         info!(
             "configuration reloaded: gateway.addresses = {}, max_message_bytes = {}",
             bases.join(" "),

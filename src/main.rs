@@ -154,10 +154,7 @@ fn main() -> ExitCode {
             sender,
             queue_id,
         } => deliver(&config, &rcpt, &sender, queue_id),
-        Command::Check {
-            config,
-            postfix_config,
-        } => check(&config, postfix_config.as_deref()),
+        Command::Check { config, postfix_config } => check(&config, postfix_config.as_deref()),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             ExitCode::SUCCESS
@@ -179,10 +176,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the runtime: {e}");
@@ -199,10 +193,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
         };
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
                         _ = term.recv() => info!("SIGTERM: finishing open sessions"),
@@ -241,13 +232,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
     })
 }
 
-fn inspect(
-    arg: &ConfigArg,
-    gateway: &[String],
-    rcpts: &[String],
-    json: bool,
-    file: &str,
-) -> ExitCode {
+fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, file: &str) -> ExitCode {
     let (gateway, max) = if gateway.is_empty() {
         match load_config(arg, false) {
             Ok(c) => (c.gateway, c.max_message_bytes),
@@ -269,21 +254,14 @@ fn inspect(
             }
         }
         let delimiters = "+".to_owned();
-        let max = config
-            .as_ref()
-            .map(|c| c.max_message_bytes)
-            .unwrap_or(10 * 1024 * 1024);
+        let max = config.as_ref().map(|c| c.max_message_bytes).unwrap_or(10 * 1024 * 1024);
         (GatewayAddresses::new(bases, &delimiters), max)
     };
     let mut raw = Vec::new();
     let read = if file == "-" {
-        std::io::stdin()
-            .take(max as u64 + 1)
-            .read_to_end(&mut raw)
-            .map(|_| ())
+        std::io::stdin().take(max as u64 + 1).read_to_end(&mut raw).map(|_| ())
     } else {
-        std::fs::File::open(file)
-            .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut raw).map(|_| ()))
+        std::fs::File::open(file).and_then(|f| f.take(max as u64 + 1).read_to_end(&mut raw).map(|_| ()))
     };
     if let Err(e) = read {
         eprintln!("imip-milter: {file}: {e}");
@@ -317,10 +295,7 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
         QueueAction::Show { id } => (Request::Show { id }, false),
         QueueAction::Retry { all: true, .. } => (Request::RetryAll, false),
         QueueAction::Retry { id: Some(id), .. } => (Request::Retry { id }, false),
-        QueueAction::Retry {
-            id: None,
-            all: false,
-        } => {
+        QueueAction::Retry { id: None, all: false } => {
             eprintln!("imip-milter: queue retry needs an ID or --all");
             return ExitCode::from(EX_USAGE);
         }
@@ -381,12 +356,10 @@ fn deliver(arg: &ConfigArg, rcpt: &str, sender: &str, queue_id: Option<String>) 
             None => return fail(resp.error.unwrap_or_else(|| "no answer".into())),
         },
         Err(control::ClientError::Other(e)) => return fail(e),
-        Err(control::ClientError::NoDaemon) => {
-            match deliver_without_daemon(config, rcpt, sender, queue_id, raw) {
-                Ok(v) => v,
-                Err(e) => return fail(e),
-            }
-        }
+        Err(control::ClientError::NoDaemon) => match deliver_without_daemon(config, rcpt, sender, queue_id, raw) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        },
     };
     if verdict.exit_code() != 0 {
         eprintln!("{}", verdict.message());
@@ -410,21 +383,15 @@ fn deliver_without_daemon(
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
-        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
-            .map_err(|e| e.0)?;
-        let shared = Shared::new(
-            config.gateway.clone(),
-            config.max_message_bytes,
-            spool.clone(),
-        );
+        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10)).map_err(|e| e.0)?;
+        let shared = Shared::new(config.gateway.clone(), config.max_message_bytes, spool.clone());
         let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, raw).await;
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {
                 Ok(target) => {
                     for id in &verdict.new_ids {
                         if let Ok(Some(rec)) = spool.get(id) {
-                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec)
-                                .await;
+                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec).await;
                         }
                     }
                 }
@@ -436,10 +403,7 @@ fn deliver_without_daemon(
 }
 
 fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode {
-    let path = arg
-        .config
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let path = arg.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -447,10 +411,7 @@ fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             println!("FAIL runtime: {e}");
@@ -461,10 +422,7 @@ fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode 
     for f in &findings {
         println!("{f}");
     }
-    if findings
-        .iter()
-        .any(|f| f.level == imip_milter::check::Level::Fail)
-    {
+    if findings.iter().any(|f| f.level == imip_milter::check::Level::Fail) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

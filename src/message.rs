@@ -76,17 +76,9 @@ pub fn read(raw: &[u8]) -> Result<MessageSummary, String> {
     Ok(summary)
 }
 
-fn walk(
-    message: &Message<'_>,
-    summary: &mut MessageSummary,
-    budget: &mut usize,
-    nested: bool,
-) -> Result<(), String> {
+fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize, nested: bool) -> Result<(), String> {
     let is_report = message.root_part().content_type().is_some_and(|ct| {
-        ct.ctype().eq_ignore_ascii_case("multipart")
-            && ct
-                .subtype()
-                .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
     });
     let mut status: Option<DeliveryStatus> = None;
     let mut returned = Vec::new();
@@ -129,12 +121,8 @@ fn walk(
             }
             ("application", "ms-tnef" | "vnd.ms-tnef") => summary.has_tnef = true,
             _ if filename == "winmail.dat" => summary.has_tnef = true,
-            _ if filename.ends_with(".ics") || filename.ends_with(".vcs") => {
-                push_calendar(summary, part)
-            }
-            ("text", "plain" | "html")
-                if part.text_contents().is_some_and(|t| !t.trim().is_empty()) =>
-            {
+            _ if filename.ends_with(".ics") || filename.ends_with(".vcs") => push_calendar(summary, part),
+            ("text", "plain" | "html") if part.text_contents().is_some_and(|t| !t.trim().is_empty()) => {
                 summary.has_text = true;
             }
             _ => {}
@@ -227,12 +215,7 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
         };
         let name = name.trim().to_ascii_lowercase();
         let value = value.trim();
-        let after_type = |v: &str| {
-            v.split_once(';')
-                .map(|(_, a)| a.trim())
-                .unwrap_or(v)
-                .to_owned()
-        };
+        let after_type = |v: &str| v.split_once(';').map(|(_, a)| a.trim()).unwrap_or(v).to_owned();
         match name.as_str() {
             "action" => current.action = value.to_ascii_lowercase().chars().take(32).collect(),
             "status" => current.status = Some(value.chars().take(32).collect()),

@@ -65,16 +65,13 @@ impl Metrics {
             }
         }
         self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_us
-            .fetch_add(latency.as_micros() as u64, Relaxed);
+        self.latency_sum_us.fetch_add(latency.as_micros() as u64, Relaxed);
     }
 
     /// The text exposition format.
     pub fn render(&self, spool_pending: usize, oldest_pending_secs: f64) -> String {
         let mut out = String::new();
-        out.push_str(
-            "# HELP imip_milter_messages_total Messages to gateway addresses, by disposition.\n",
-        );
+        out.push_str("# HELP imip_milter_messages_total Messages to gateway addresses, by disposition.\n");
         out.push_str("# TYPE imip_milter_messages_total counter\n");
         for (i, d) in DISPOSITIONS.iter().enumerate() {
             let _ = writeln!(
@@ -87,14 +84,9 @@ impl Metrics {
         out.push_str("# HELP imip_milter_spool_pending Records waiting for delivery.\n");
         out.push_str("# TYPE imip_milter_spool_pending gauge\n");
         let _ = writeln!(out, "imip_milter_spool_pending {spool_pending}");
-        out.push_str(
-            "# HELP imip_milter_spool_oldest_pending_seconds Age of the oldest pending record.\n",
-        );
+        out.push_str("# HELP imip_milter_spool_oldest_pending_seconds Age of the oldest pending record.\n");
         out.push_str("# TYPE imip_milter_spool_oldest_pending_seconds gauge\n");
-        let _ = writeln!(
-            out,
-            "imip_milter_spool_oldest_pending_seconds {oldest_pending_secs:.3}"
-        );
+        let _ = writeln!(out, "imip_milter_spool_oldest_pending_seconds {oldest_pending_secs:.3}");
         out.push_str("# HELP imip_milter_deliveries_total Delivery attempts, by result.\n");
         out.push_str("# TYPE imip_milter_deliveries_total counter\n");
         for (i, r) in RESULTS.iter().enumerate() {
@@ -114,10 +106,7 @@ impl Metrics {
             );
         }
         let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            out,
-            "imip_milter_delivery_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
+        let _ = writeln!(out, "imip_milter_delivery_seconds_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(
             out,
             "imip_milter_delivery_seconds_sum {:.6}",
@@ -142,26 +131,24 @@ pub async fn serve(listener: TcpListener, spool: Spool) {
         let spool = spool.clone();
         tokio::spawn(async move {
             let mut head = vec![0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await
-            {
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await {
                 Ok(Ok(n)) => n,
                 _ => return,
             };
             let request = String::from_utf8_lossy(&head[..n]);
-            let (status, body) =
-                if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
-                    let stats = tokio::task::spawn_blocking(move || spool.pending_stats()).await;
-                    let (pending, oldest) = match stats {
-                        Ok(Ok(s)) => s,
-                        _ => (0, None),
-                    };
-                    let age = oldest
-                        .map(|o| crate::spool::now_ms().saturating_sub(o) as f64 / 1000.0)
-                        .unwrap_or(0.0);
-                    ("200 OK", METRICS.render(pending, age))
-                } else {
-                    ("404 Not Found", "GET /metrics\n".to_owned())
+            let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics?") {
+                let stats = tokio::task::spawn_blocking(move || spool.pending_stats()).await;
+                let (pending, oldest) = match stats {
+                    Ok(Ok(s)) => s,
+                    _ => (0, None),
                 };
+                let age = oldest
+                    .map(|o| crate::spool::now_ms().saturating_sub(o) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                ("200 OK", METRICS.render(pending, age))
+            } else {
+                ("404 Not Found", "GET /metrics\n".to_owned())
+            };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -7,14 +7,14 @@ use crate::{
     intake,
     metrics::METRICS,
     spool::{Envelope, Spool},
+    tokens::{self, Lookup, TokenRecord, TokenStore},
 };
 use bytes::Bytes;
-use indymilter::{
-    Callbacks, Context, ContextActions, EomContext, SetErrorReply, SocketInfo, Status,
-};
+use indymilter::{Callbacks, Context, ContextActions, EomContext, SetErrorReply, SocketInfo, Status};
 use std::{
+    collections::{HashMap, VecDeque},
     ffi::{CStr, CString},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
 };
 use tracing::{info, warn};
 
@@ -24,10 +24,74 @@ pub struct Settings {
     pub max_message_bytes: usize,
 }
 
+/// Local token mode: the store and the abuse limit.
+pub struct LocalTokens {
+    pub store: Arc<dyn TokenStore>,
+    pub days_to_live: u32,
+    pub limiter: UnknownLimiter,
+}
+
+/// Counts unknown tokens per client address in a sliding window.
+pub struct UnknownLimiter {
+    max: usize,
+    window_ms: u64,
+    seen: Mutex<HashMap<String, VecDeque<u64>>>,
+}
+
+/// Client addresses remembered at most; the oldest go first.
+const MAX_CLIENTS: usize = 10_000;
+
+impl UnknownLimiter {
+    pub fn new(max: usize, window: std::time::Duration) -> Self {
+        Self {
+            max,
+            window_ms: window.as_millis() as u64,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn prune(q: &mut VecDeque<u64>, now: u64, window: u64) {
+        while q.front().is_some_and(|t| now.saturating_sub(*t) > window) {
+            q.pop_front();
+        }
+    }
+
+    /// Whether `client` used up its unknown tokens for now.
+    pub fn blocked(&self, client: &str, now: u64) -> bool {
+        let Ok(mut seen) = self.seen.lock() else { return false };
+        match seen.get_mut(client) {
+            Some(q) => {
+                Self::prune(q, now, self.window_ms);
+                q.len() >= self.max
+            }
+            None => false,
+        }
+    }
+
+    pub fn record(&self, client: &str, now: u64) {
+        let Ok(mut seen) = self.seen.lock() else { return };
+        if seen.len() >= MAX_CLIENTS && !seen.contains_key(client) {
+            let window = self.window_ms;
+            seen.retain(|_, q| {
+                Self::prune(q, now, window);
+                !q.is_empty()
+            });
+            if seen.len() >= MAX_CLIENTS {
+                return; // under a flood, stop learning rather than grow
+            }
+        }
+        let q = seen.entry(client.to_owned()).or_default();
+        Self::prune(q, now, self.window_ms);
+        q.push_back(now);
+    }
+}
+
 /// What every session shares.
 pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     pub spool: Spool,
+    /// Set in local token mode.
+    pub tokens: Option<LocalTokens>,
 }
 
 impl Shared {
@@ -38,6 +102,26 @@ impl Shared {
                 max_message_bytes,
             })),
             spool,
+            tokens: None,
+        }
+    }
+
+    /// Checks a gateway recipient's token in local mode: Ok(None) in remote
+    /// mode, Ok(Some(record)) for a valid token, Err(decision) to refuse.
+    pub fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Decision> {
+        let Some(local) = &self.tokens else { return Ok(None) };
+        let now = crate::spool::now_ms();
+        let client = client.unwrap_or("-");
+        if local.limiter.blocked(client, now) {
+            return Err(decision::decide_too_many_unknown());
+        }
+        match tokens::lookup(local.store.as_ref(), token, now, local.days_to_live) {
+            Ok(Lookup::Valid(r)) => Ok(Some(r)),
+            Ok(l) => {
+                local.limiter.record(client, now);
+                Err(decision::decide_unknown_token(l == Lookup::Expired))
+            }
+            Err(e) => Err(decision::decide_store_failed(&e.0)),
         }
     }
 
@@ -64,6 +148,8 @@ pub struct Session {
     mail_from: String,
     /// Recipients accepted at RCPT: the argument as received, and its class.
     recipients: Vec<(String, Recipient)>,
+    /// Local mode: the records of the gateway recipients' tokens.
+    token_records: Vec<TokenRecord>,
     message: Vec<u8>,
     too_large: bool,
 }
@@ -72,6 +158,7 @@ impl Session {
     fn reset_message(&mut self) {
         self.mail_from.clear();
         self.recipients.clear();
+        self.token_records.clear();
         self.message = Vec::new();
         self.too_large = false;
     }
@@ -150,10 +237,7 @@ async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
         .first()
         .map(|a| {
             let a = text(a);
-            a.trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_owned()
+            a.trim().trim_start_matches('<').trim_end_matches('>').to_owned()
         })
         .unwrap_or_default();
     Status::Continue
@@ -178,6 +262,29 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
         return Status::Reject;
     }
     let session = cx.data.get_or_insert_with(Session::default);
+    if let Recipient::Gateway { token } = &class {
+        match shared.check_token(token, session.client_addr.as_deref()) {
+            Ok(Some(record)) => session.token_records.push(record),
+            Ok(None) => {}
+            Err(d) => {
+                METRICS.message(d.disposition);
+                info!(
+                    "{}: {} RCPT {} from=<{}> client={}: {}",
+                    queue_id(&cx.macros),
+                    d.disposition.as_str(),
+                    settings.gateway.redact(&raw),
+                    session.mail_from,
+                    session.client_addr.as_deref().unwrap_or("-"),
+                    d.reason
+                );
+                set_reply(&mut cx.reply, &d);
+                return match d.disposition {
+                    Disposition::Tempfail => Status::Tempfail,
+                    _ => Status::Reject,
+                };
+            }
+        }
+    }
     session.recipients.push((raw, class));
     Status::Continue
 }
@@ -224,11 +331,7 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
 }
 
 fn header(shared: &Shared, cx: &mut Context<Session>, name: CString, value: CString) -> Status {
-    grow(
-        shared,
-        cx,
-        &[name.as_bytes(), b": ", value.as_bytes(), b"\r\n"],
-    )
+    grow(shared, cx, &[name.as_bytes(), b": ", value.as_bytes(), b"\r\n"])
 }
 
 async fn eoh(cx: &mut Context<Session>) -> Status {
@@ -280,8 +383,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
                 None => Status::Accept,
                 Some(e) => {
                     // The reply is spooled; the sender's retry is recognised as a duplicate.
-                    intake.decision =
-                        decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
+                    intake.decision = decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
                     set_reply(&mut cx.reply, &intake.decision);
                     Status::Tempfail
                 }

@@ -89,11 +89,7 @@ pub fn delivery_id(token: &str, message_id: Option<&str>, content: &str) -> Stri
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
-    h.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Builds the record for one gateway recipient (`rcpt` as received, `token` from it).
@@ -118,9 +114,8 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
         _ => "reply",
     };
     let now = now_ms();
-    let received_at =
-        chrono::DateTime::<chrono::Utc>::from(UNIX_EPOCH + Duration::from_millis(now))
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let received_at = chrono::DateTime::<chrono::Utc>::from(UNIX_EPOCH + Duration::from_millis(now))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut payload = serde_json::json!({
         "id": id,
         "kind": kind,
@@ -161,9 +156,7 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
 
 fn strip_brackets(rcpt: &str) -> &str {
     let r = rcpt.trim();
-    r.strip_prefix('<')
-        .and_then(|r| r.strip_suffix('>'))
-        .unwrap_or(r)
+    r.strip_prefix('<').and_then(|r| r.strip_suffix('>')).unwrap_or(r)
 }
 
 /// Result of an append, per record.
@@ -270,6 +263,11 @@ impl Spool {
         })
     }
 
+    /// The database, for the token store that lives in the same file.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     /// Append transactions committed so far.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
@@ -344,21 +342,14 @@ impl Spool {
 
     /// Writes a changed record (and its pending index entry) durably.
     pub fn update(&self, rec: &Record) -> Result<(), SpoolError> {
-        let bytes =
-            serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+        let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
         let txn = redb_try!(self.db.begin_write(), "spool write");
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
-            redb_try!(
-                records.insert(rec.id.as_str(), bytes.as_slice()),
-                "spool write"
-            );
+            redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
             if rec.state == State::Pending {
-                redb_try!(
-                    pending.insert(rec.id.as_str(), rec.next_attempt_ms),
-                    "spool write"
-                );
+                redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
             } else {
                 redb_try!(pending.remove(rec.id.as_str()), "spool write");
             }
@@ -445,12 +436,7 @@ impl Spool {
     }
 }
 
-fn writer(
-    db: Arc<Database>,
-    rx: mpsc::Receiver<AppendRequest>,
-    notify: Arc<Notify>,
-    commits: Arc<AtomicU64>,
-) {
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>, commits: Arc<AtomicU64>) {
     // Ends when every Spool handle (and so every sender) is gone.
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
@@ -495,16 +481,9 @@ fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Append
                         out.push(Appended::Duplicate);
                         continue;
                     }
-                    let bytes = serde_json::to_vec(rec)
-                        .map_err(|e| SpoolError(format!("spool encode: {e}")))?;
-                    redb_try!(
-                        records.insert(rec.id.as_str(), bytes.as_slice()),
-                        "spool write"
-                    );
-                    redb_try!(
-                        pending.insert(rec.id.as_str(), rec.next_attempt_ms),
-                        "spool write"
-                    );
+                    let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+                    redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+                    redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
                     out.push(Appended::New);
                 }
                 outcomes.push(out);
@@ -542,23 +521,14 @@ mod tests {
         {
             let spool = Spool::open(&path).unwrap();
             let r = record("u1");
-            assert_eq!(
-                r.payload["envelope"]["rcpt"],
-                "calendar+abcdefgh12@example.org"
-            );
+            assert_eq!(r.payload["envelope"]["rcpt"], "calendar+abcdefgh12@example.org");
             assert_eq!(r.payload["uid"], "u1");
-            assert_eq!(
-                spool.append(vec![r.clone()]).await.unwrap(),
-                vec![Appended::New]
-            );
+            assert_eq!(spool.append(vec![r.clone()]).await.unwrap(), vec![Appended::New]);
             assert_eq!(
                 spool.append(vec![record("u1")]).await.unwrap(),
                 vec![Appended::Duplicate]
             );
-            assert_eq!(
-                spool.append(vec![record("u2")]).await.unwrap(),
-                vec![Appended::New]
-            );
+            assert_eq!(spool.append(vec![record("u2")]).await.unwrap(), vec![Appended::New]);
         }
         // Let the writer thread drop its handle before reopening.
         let mut spool = None;
@@ -591,48 +561,32 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..200 {
             let s = spool.clone();
-            tasks.push(tokio::spawn(async move {
-                s.append(vec![record(&format!("c{i}"))]).await
-            }));
+            tasks.push(tokio::spawn(
+                async move { s.append(vec![record(&format!("c{i}"))]).await },
+            ));
         }
         for t in tasks {
             assert_eq!(t.await.unwrap().unwrap(), vec![Appended::New]);
         }
         assert_eq!(spool.list(false).unwrap().len(), 200);
         // Requests waiting while a commit runs share the next one.
-        assert!(
-            spool.commits() < 100,
-            "{} commits for 200 appends",
-            spool.commits()
-        );
+        assert!(spool.commits() < 100, "{} commits for 200 appends", spool.commits());
     }
 
     #[test]
     fn foreign_file_is_an_error_not_a_reset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.redb");
-        std::fs::write(
-            &path,
-            b"this is not a database, but somebody's notes\n".repeat(100),
-        )
-        .unwrap();
+        std::fs::write(&path, b"this is not a database, but somebody's notes\n".repeat(100)).unwrap();
         let e = Spool::open(&path).err().expect("must refuse");
         assert!(e.0.contains("never overwritten"), "{e}");
-        assert!(std::fs::read(&path)
-            .unwrap()
-            .starts_with(b"this is not a database"));
+        assert!(std::fs::read(&path).unwrap().starts_with(b"this is not a database"));
     }
 
     #[test]
     fn ids_depend_on_content() {
-        assert_eq!(
-            delivery_id("t", Some("<m>"), "c"),
-            delivery_id("t", Some("<m>"), "c")
-        );
-        assert_ne!(
-            delivery_id("t", Some("<m>"), "c"),
-            delivery_id("t2", Some("<m>"), "c")
-        );
+        assert_eq!(delivery_id("t", Some("<m>"), "c"), delivery_id("t", Some("<m>"), "c"));
+        assert_ne!(delivery_id("t", Some("<m>"), "c"), delivery_id("t2", Some("<m>"), "c"));
         assert_ne!(delivery_id("ab", None, "c"), delivery_id("a", None, "bc"));
     }
 }

@@ -41,12 +41,7 @@ fn e(context: &'static str) -> impl Fn(&dyn fmt::Display) -> StoreError {
 /// What the gateway needs from a token store.
 pub trait TokenStore: Send + Sync {
     fn get(&self, token: &str) -> Result<Option<TokenRecord>, StoreError>;
-    fn find(
-        &self,
-        organizer: &str,
-        attendee: &str,
-        uid: &str,
-    ) -> Result<Option<TokenRecord>, StoreError>;
+    fn find(&self, organizer: &str, attendee: &str, uid: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Inserts or replaces.
     fn put(&self, rec: &TokenRecord) -> Result<(), StoreError>;
     fn revoke(&self, token: &str) -> Result<bool, StoreError>;
@@ -84,12 +79,7 @@ impl TokenStore for RedbTokens {
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
-    fn find(
-        &self,
-        organizer: &str,
-        attendee: &str,
-        uid: &str,
-    ) -> Result<Option<TokenRecord>, StoreError> {
+    fn find(&self, organizer: &str, attendee: &str, uid: &str) -> Result<Option<TokenRecord>, StoreError> {
         let token = {
             let txn = self.db.begin_read().map_err(|x| e("read")(&x))?;
             let t = txn.open_table(BY_EVENT).map_err(|x| e("read")(&x))?;
@@ -167,18 +157,10 @@ pub enum Lookup {
 }
 
 /// A token expires `days_to_live` after its last use (CalendarServer's ACCESSED).
-pub fn lookup(
-    store: &dyn TokenStore,
-    token: &str,
-    now_ms: u64,
-    days_to_live: u32,
-) -> Result<Lookup, StoreError> {
+pub fn lookup(store: &dyn TokenStore, token: &str, now_ms: u64, days_to_live: u32) -> Result<Lookup, StoreError> {
     Ok(match store.get(token)? {
         None => Lookup::Unknown,
-        Some(r)
-            if now_ms.saturating_sub(r.last_used_ms.max(r.created_ms))
-                > u64::from(days_to_live) * 86_400_000 =>
-        {
+        Some(r) if now_ms.saturating_sub(r.last_used_ms.max(r.created_ms)) > u64::from(days_to_live) * 86_400_000 => {
             Lookup::Expired
         }
         Some(r) => Lookup::Valid(r),
@@ -240,11 +222,7 @@ pub fn parse_csv(text: &str, now_ms: u64) -> (Vec<TokenRecord>, Vec<String>) {
             continue;
         }
         let fields = split_csv(line);
-        if n == 0
-            && fields
-                .first()
-                .is_some_and(|f| f.eq_ignore_ascii_case("token"))
-        {
+        if n == 0 && fields.first().is_some_and(|f| f.eq_ignore_ascii_case("token")) {
             continue;
         }
         if fields.len() < 4 {
@@ -259,10 +237,7 @@ pub fn parse_csv(text: &str, now_ms: u64) -> (Vec<TokenRecord>, Vec<String>) {
             bad.push(format!("line {}: token of bad syntax", n + 1));
             continue;
         }
-        let accessed = fields
-            .get(4)
-            .and_then(|a| parse_time(a.trim()))
-            .unwrap_or(now_ms);
+        let accessed = fields.get(4).and_then(|a| parse_time(a.trim())).unwrap_or(now_ms);
         out.push(TokenRecord {
             token: token.to_owned(),
             organizer: crate::itip::normalise_mailto(fields[1].trim()),
@@ -279,11 +254,7 @@ fn parse_time(s: &str) -> Option<u64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return u64::try_from(t.timestamp_millis()).ok();
     }
-    for fmt in [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S",
-        "%Y-%m-%dT%H:%M:%S%.f",
-    ] {
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%.f"] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
             return u64::try_from(t.and_utc().timestamp_millis()).ok();
         }
@@ -331,31 +302,10 @@ mod tests {
         assert_eq!(t.len(), 36);
         assert_eq!(&t[14..15], "4");
         assert!(crate::address::valid_token_syntax(&t));
-        let a = mint_or_reuse(
-            &s,
-            "mailto:alice@example.org",
-            "mailto:bob@example.com",
-            "u1",
-            1,
-        )
-        .unwrap();
-        let b = mint_or_reuse(
-            &s,
-            "MAILTO:Alice@example.org",
-            "mailto:BOB@example.com",
-            "u1",
-            2,
-        )
-        .unwrap();
+        let a = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:bob@example.com", "u1", 1).unwrap();
+        let b = mint_or_reuse(&s, "MAILTO:Alice@example.org", "mailto:BOB@example.com", "u1", 2).unwrap();
         assert_eq!(a.token, b.token);
-        let c = mint_or_reuse(
-            &s,
-            "mailto:alice@example.org",
-            "mailto:carol@example.com",
-            "u1",
-            3,
-        )
-        .unwrap();
+        let c = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:carol@example.com", "u1", 3).unwrap();
         assert_ne!(a.token, c.token);
         assert_eq!(s.list().unwrap().len(), 2);
     }
@@ -368,10 +318,7 @@ mod tests {
             lookup(&s, &r.token, 89 * 86_400_000, 90).unwrap(),
             Lookup::Valid(_)
         ));
-        assert_eq!(
-            lookup(&s, &r.token, 91 * 86_400_000, 90).unwrap(),
-            Lookup::Expired
-        );
+        assert_eq!(lookup(&s, &r.token, 91 * 86_400_000, 90).unwrap(), Lookup::Expired);
         assert_eq!(lookup(&s, "0000000000", 0, 90).unwrap(), Lookup::Unknown);
         assert!(s.revoke(&r.token).unwrap());
         assert_eq!(lookup(&s, &r.token, 0, 90).unwrap(), Lookup::Unknown);

@@ -50,30 +50,18 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
             path.to_str().unwrap(),
         ]);
         assert!(ok, "{name}: exit status must be 0 for any decision: {err}");
-        let v: serde_json::Value =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{name}: {e}: {out}"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{name}: {e}: {out}"));
         let (_, disposition, kind) = want
             .iter()
             .find(|w| w.0 == name)
             .unwrap_or_else(|| panic!("no expectation for {name}"));
         assert_eq!(v["disposition"], *disposition, "{name}: {out}");
         assert_eq!(v["kind"], *kind, "{name}: {out}");
-        for key in [
-            "smtp_reply",
-            "token",
-            "method",
-            "uid",
-            "attendee",
-            "partstat",
-            "reason",
-        ] {
+        for key in ["smtp_reply", "token", "method", "uid", "attendee", "partstat", "reason"] {
             assert!(v.get(key).is_some(), "{name}: {key} missing in {out}");
         }
         if *disposition == "reject" {
-            assert!(
-                v["smtp_reply"].as_str().unwrap().starts_with("550 5."),
-                "{name}: {out}"
-            );
+            assert!(v["smtp_reply"].as_str().unwrap().starts_with("550 5."), "{name}: {out}");
         }
         seen += 1;
     }
@@ -91,10 +79,7 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
         "--json",
         &format!("{dir}/reply-all.eml"),
     ]);
-    assert!(
-        out.contains("\"disposition\":\"delete-recipients\""),
-        "{out}"
-    );
+    assert!(out.contains("\"disposition\":\"delete-recipients\""), "{out}");
     let (ok, out, _) = imip(&[
         "inspect",
         "--gateway",
@@ -112,11 +97,7 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
 fn config_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[gateway]\naddresses = []\n[target]\nurl = \"http://x/\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, "[gateway]\naddresses = []\n[target]\nurl = \"http://x/\"\n").unwrap();
     let (ok, _, err) = imip(&["run", "--config", path.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("gateway.addresses"), "{err}");
@@ -139,9 +120,7 @@ async fn send(m: &InProcess, eml: &str, queue_id: &str) -> Status {
     }
     conn.eoh().await.unwrap();
     conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", queue_id)])
-        .await
-        .unwrap();
+    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
     let (_, status) = conn.eom().await.unwrap();
     conn.close().await.unwrap();
     status
@@ -164,8 +143,7 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
 
     let list = || imip(&["queue", "list", "--config", &cfg]).1;
     assert!(
-        wait_until(Duration::from_secs(10), || list()
-            .contains("-- 0 pending, 2 failed")),
+        wait_until(Duration::from_secs(10), || list().contains("-- 0 pending, 2 failed")),
         "{}",
         list()
     );
@@ -200,8 +178,7 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["id"], ids[0].as_str());
     assert!(
-        wait_until(Duration::from_secs(5), || list()
-            .contains("-- 0 pending, 0 failed")),
+        wait_until(Duration::from_secs(5), || list().contains("-- 0 pending, 0 failed")),
         "{}",
         list()
     );
@@ -217,17 +194,10 @@ async fn bearer_token_is_read_from_its_file() {
     let secrets = tempfile::tempdir().unwrap();
     let token_file = secrets.path().join("webhook.token");
     std::fs::write(&token_file, "s3cret-bearer\n").unwrap();
-    let m = InProcess::start_with(
-        &hook.url(),
-        &format!("token_file = \"{}\"\n", token_file.display()),
-    )
-    .await;
+    let m = InProcess::start_with(&hook.url(), &format!("token_file = \"{}\"\n", token_file.display())).await;
     assert_eq!(send(&m, "thunderbird.eml", "BAUTH1").await, Status::Discard);
     let got = hook.wait_for(1, Duration::from_secs(10));
-    assert_eq!(
-        got[0].authorization.as_deref(),
-        Some("Bearer s3cret-bearer")
-    );
+    assert_eq!(got[0].authorization.as_deref(), Some("Bearer s3cret-bearer"));
     m.stop().await;
 }
 
@@ -249,12 +219,7 @@ fn deliver(cfg: &str, rcpt: &str, eml: &str) -> (i32, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("deliver");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&fixture(eml))
-        .unwrap();
+    child.stdin.take().unwrap().write_all(&fixture(eml)).unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -289,24 +254,12 @@ async fn deliver_through_the_daemon_answers_with_sysexits() {
     let cases = [
         (rcpt.clone(), "human-text.eml", 77, "write to the organizer"),
         (rcpt.clone(), "truncated.eml", 65, "truncated"),
-        (
-            "calendar@example.org".to_owned(),
-            "apple.eml",
-            67,
-            "calendar program",
-        ),
-        (
-            "alice@example.org".to_owned(),
-            "apple.eml",
-            67,
-            "not a gateway address",
-        ),
+        ("calendar@example.org".to_owned(), "apple.eml", 67, "calendar program"),
+        ("alice@example.org".to_owned(), "apple.eml", 67, "not a gateway address"),
     ];
     for (r, eml, want, text) in cases {
         let c = cfg.clone();
-        let (code, err) = tokio::task::spawn_blocking(move || deliver(&c, &r, eml))
-            .await
-            .unwrap();
+        let (code, err) = tokio::task::spawn_blocking(move || deliver(&c, &r, eml)).await.unwrap();
         assert_eq!(code, want, "{eml}: {err}");
         assert!(err.contains(text), "{eml}: {err}");
         assert!(!err.starts_with("550"), "pipe(8) adds its own code: {err}");
@@ -321,12 +274,7 @@ fn deliver_without_daemon_spools_and_delivers_itself() {
     let config = dir.path().join("imip-milter.toml");
     std::fs::write(
         &config,
-        common::config_text(
-            &dir.path().join("state"),
-            "inet:127.0.0.1:1",
-            &hook.url(),
-            "",
-        ),
+        common::config_text(&dir.path().join("state"), "inet:127.0.0.1:1", &hook.url(), ""),
     )
     .unwrap();
     let (code, err) = deliver(

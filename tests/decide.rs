@@ -15,18 +15,11 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn gateway_only() -> Vec<Recipient> {
-    vec![Recipient::Gateway {
-        token: TOKEN.into(),
-    }]
+    vec![Recipient::Gateway { token: TOKEN.into() }]
 }
 
 fn mixed() -> Vec<Recipient> {
-    vec![
-        Recipient::Other,
-        Recipient::Gateway {
-            token: TOKEN.into(),
-        },
-    ]
+    vec![Recipient::Other, Recipient::Gateway { token: TOKEN.into() }]
 }
 
 fn reply(name: &str) -> Analysis {
@@ -47,16 +40,10 @@ fn itip(a: &Analysis) -> &imip_milter::itip::Itip {
 fn apple_reply() {
     let a = reply("apple.eml");
     let i = itip(&a);
-    assert_eq!(
-        i.uid.as_deref(),
-        Some("2E1F6A8C-4B1D-4C2E-9F3A-1B2C3D4E5F60")
-    );
+    assert_eq!(i.uid.as_deref(), Some("2E1F6A8C-4B1D-4C2E-9F3A-1B2C3D4E5F60"));
     assert_eq!(i.attendee.as_deref(), Some("mailto:bob@example.com"));
     assert_eq!(i.partstat.as_deref(), Some("ACCEPTED"));
-    assert_eq!(
-        a.message_id.as_deref(),
-        Some("<6F1D2C3B-APPLE-0001@example.com>")
-    );
+    assert_eq!(a.message_id.as_deref(), Some("<6F1D2C3B-APPLE-0001@example.com>"));
     assert_eq!(a.from.as_deref(), Some("bob@example.com"));
     // decoded, as received: quoted parameters and UTF-8 intact
     let cal = a.icalendar.as_deref().unwrap();
@@ -92,10 +79,7 @@ fn outlook_reply_without_organizer() {
     let a = reply("outlook.eml");
     let i = itip(&a);
     assert_eq!(i.organizer, None);
-    assert_eq!(
-        i.attendee.as_deref(),
-        Some("mailto:Erik.Jansen@contoso.example")
-    );
+    assert_eq!(i.attendee.as_deref(), Some("mailto:Erik.Jansen@contoso.example"));
     assert_eq!(i.partstat.as_deref(), Some("DECLINED"));
     assert!(a
         .icalendar
@@ -110,10 +94,7 @@ fn groupware_latin1_quoted_printable_lowercase_method() {
     let i = itip(&a);
     assert_eq!(i.method.as_deref(), Some("REPLY"));
     assert_eq!(i.partstat.as_deref(), Some("ACCEPTED"));
-    assert_eq!(
-        i.attendee.as_deref(),
-        Some("mailto:juergen@groupware.example.de")
-    );
+    assert_eq!(i.attendee.as_deref(), Some("mailto:juergen@groupware.example.de"));
     let cal = a.icalendar.as_deref().unwrap();
     assert!(cal.contains("Straßenbau in München"), "{cal}");
     assert!(cal.contains("CN=Jürgen Weiß"), "{cal}");
@@ -138,10 +119,7 @@ fn bounce_carries_the_invitation_and_the_status() {
     assert_eq!(b.final_recipient.as_deref(), Some("nobody@gone.example"));
     assert_eq!(b.diagnostic.as_deref(), Some("unknown user: \"nobody\""));
     assert_eq!(itip(&a).method.as_deref(), Some("REQUEST"));
-    assert_eq!(
-        itip(&a).uid.as_deref(),
-        Some("invite-bounce-77@example.org")
-    );
+    assert_eq!(itip(&a).uid.as_deref(), Some("invite-bounce-77@example.org"));
     let d = decide_message(&a, &gateway_only());
     assert_eq!(d.disposition, Disposition::Discard);
     assert!(d.spool);
@@ -164,10 +142,7 @@ fn refused(name: &str, code: &str) -> String {
     let d = decide_message(&a, &gateway_only());
     assert_eq!(d.disposition, Disposition::Reject, "{name}: {}", a.reason);
     assert!(!d.spool);
-    let reply = d
-        .smtp_reply
-        .expect("a reject carries an SMTP reply")
-        .to_string();
+    let reply = d.smtp_reply.expect("a reject carries an SMTP reply").to_string();
     assert!(reply.starts_with(code), "{name}: {reply}");
     reply
 }
@@ -175,10 +150,7 @@ fn refused(name: &str, code: &str) -> String {
 #[test]
 fn human_text_gets_a_readable_refusal() {
     let r = refused("human-text.eml", "550 5.7.1");
-    assert!(
-        r.contains("no calendar data") && r.contains("organizer"),
-        "{r}"
-    );
+    assert!(r.contains("no calendar data") && r.contains("organizer"), "{r}");
 }
 
 #[test]
@@ -216,10 +188,7 @@ fn no_gateway_recipient_is_accepted() {
 
 #[test]
 fn recipient_stage() {
-    let gw = GatewayAddresses::new(
-        vec![BaseAddress::parse("calendar@example.org").unwrap()],
-        "+",
-    );
+    let gw = GatewayAddresses::new(vec![BaseAddress::parse("calendar@example.org").unwrap()], "+");
     let bare = decide_recipient(&gw.classify("<calendar@example.org>")).unwrap();
     assert_eq!(bare.smtp_reply.unwrap().to_string()[..9], *"550 5.1.1");
     let bad = decide_recipient(&gw.classify("<calendar+x@example.org>")).unwrap();
@@ -238,16 +207,13 @@ fn decides(raw: &[u8]) -> (Analysis, Disposition) {
 
 #[test]
 fn nested_multipart_300_levels() {
-    let mut raw =
-        String::from("From: x@example.com\r\nMessage-ID: <deep@x>\r\nMIME-Version: 1.0\r\n");
+    let mut raw = String::from("From: x@example.com\r\nMessage-ID: <deep@x>\r\nMIME-Version: 1.0\r\n");
     for i in 0..300 {
         raw.push_str(&format!(
             "Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n"
         ));
     }
-    raw.push_str(
-        "Content-Type: text/calendar; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nMETHOD:REPLY\r\n",
-    );
+    raw.push_str("Content-Type: text/calendar; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nMETHOD:REPLY\r\n");
     for i in (0..300).rev() {
         raw.push_str(&format!("\r\n--b{i}--\r\n"));
     }
@@ -257,8 +223,7 @@ fn nested_multipart_300_levels() {
 
 #[test]
 fn eight_bit_garbage() {
-    let mut raw =
-        b"From: x@example.com\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n".to_vec();
+    let mut raw = b"From: x@example.com\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n".to_vec();
     raw.extend((0..20_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
     let (a, d) = decides(&raw);
     assert_eq!(a.kind, Kind::Malformed, "{}", a.reason);
@@ -278,18 +243,12 @@ fn huge_lines() {
     );
     let (a, d) = decides(raw.as_bytes());
     // A long UID is still a reply; the point is a decision without a panic.
-    assert!(
-        matches!(d, Disposition::Discard | Disposition::Reject),
-        "{}",
-        a.reason
-    );
+    assert!(matches!(d, Disposition::Discard | Disposition::Reject), "{}", a.reason);
 }
 
 #[test]
 fn many_parts_are_bounded() {
-    let mut raw = String::from(
-        "From: x@example.com\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n",
-    );
+    let mut raw = String::from("From: x@example.com\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n");
     for _ in 0..5000 {
         raw.push_str("--b\r\nContent-Type: text/plain\r\n\r\nx\r\n");
     }

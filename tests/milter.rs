@@ -14,10 +14,7 @@ async fn open(m: &InProcess) -> TestConnection {
         .open_tcp(m.addr)
         .await
         .expect("connect to milter");
-    let st = conn
-        .connect("client.example.com", [192, 0, 2, 7])
-        .await
-        .unwrap();
+    let st = conn.connect("client.example.com", [192, 0, 2, 7]).await.unwrap();
     assert_eq!(st, Status::Continue);
     conn
 }
@@ -41,11 +38,7 @@ fn rejection(status: Status) -> String {
 }
 
 /// Sends headers and body of a raw message; returns the EOM result.
-async fn send_message(
-    conn: &mut TestConnection,
-    raw: &[u8],
-    queue_id: &str,
-) -> (indymilter_test::EomActions, Status) {
+async fn send_message(conn: &mut TestConnection, raw: &[u8], queue_id: &str) -> (indymilter_test::EomActions, Status) {
     let text = String::from_utf8_lossy(raw).replace("\r\n", "\n");
     let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
     let mut headers: Vec<(String, String)> = Vec::new();
@@ -60,18 +53,13 @@ async fn send_message(
         }
     }
     for (k, v) in &headers {
-        assert_eq!(
-            conn.header(k.as_str(), v.as_str()).await.unwrap(),
-            Status::Continue
-        );
+        assert_eq!(conn.header(k.as_str(), v.as_str()).await.unwrap(), Status::Continue);
     }
     assert_eq!(conn.eoh().await.unwrap(), Status::Continue);
     let body = body.replace('\n', "\r\n");
     let st = conn.body(body.into_bytes()).await.unwrap();
     assert_eq!(st, Status::Continue);
-    conn.macros(MacroStage::Eom, [("i", queue_id)])
-        .await
-        .unwrap();
+    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
     conn.eom().await.unwrap()
 }
 
@@ -80,10 +68,7 @@ async fn reply_is_spooled_discarded_and_delivered() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await;
     let mut conn = open(&m).await;
-    assert_eq!(
-        conn.mail(["<bob@example.com>"]).await.unwrap(),
-        Status::Continue
-    );
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
     let rcpt = format!("<calendar+{TOKEN}@example.org>");
     assert_eq!(conn.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
@@ -98,20 +83,14 @@ async fn reply_is_spooled_discarded_and_delivered() {
     assert_eq!(b["token"], TOKEN);
     assert_eq!(b["queue_id"], "4QxYz1AbC");
     assert_eq!(b["envelope"]["mail_from"], "bob@example.com");
-    assert_eq!(
-        b["envelope"]["rcpt"],
-        format!("calendar+{TOKEN}@example.org")
-    );
+    assert_eq!(b["envelope"]["rcpt"], format!("calendar+{TOKEN}@example.org"));
     assert_eq!(b["envelope"]["client_addr"], "192.0.2.7");
     assert_eq!(b["message_id"], "<6F1D2C3B-APPLE-0001@example.com>");
     assert_eq!(b["from"], "bob@example.com");
     assert_eq!(b["attendee"], "mailto:bob@example.com");
     assert_eq!(b["partstat"], "ACCEPTED");
     assert_eq!(b["uid"], "2E1F6A8C-4B1D-4C2E-9F3A-1B2C3D4E5F60");
-    assert!(b["icalendar"]
-        .as_str()
-        .unwrap()
-        .contains("CN=\"Doe, Alice\""));
+    assert!(b["icalendar"].as_str().unwrap().contains("CN=\"Doe, Alice\""));
     assert_eq!(got[0].idempotency_key, b["id"].as_str().unwrap());
     m.stop().await;
 }
@@ -123,34 +102,15 @@ async fn mixed_recipients_delete_exactly_the_raw_gateway_argument() {
     let mut conn = open(&m).await;
     conn.mail(["<frank@example.com>"]).await.unwrap();
     let raw_rcpt = format!("<Calendar+{TOKEN}@Example.ORG>");
-    assert_eq!(
-        conn.rcpt(["<grace@example.org>"]).await.unwrap(),
-        Status::Continue
-    );
-    assert_eq!(
-        conn.rcpt([raw_rcpt.as_str()]).await.unwrap(),
-        Status::Continue
-    );
+    assert_eq!(conn.rcpt(["<grace@example.org>"]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.rcpt([raw_rcpt.as_str()]).await.unwrap(), Status::Continue);
     conn.data().await.unwrap();
     let (actions, status) = send_message(&mut conn, &fixture("reply-all.eml"), "5MIXED").await;
-    assert!(
-        matches!(status, Status::Accept | Status::Continue),
-        "{status:?}"
-    );
-    assert!(
-        actions.has_delete_recipient(raw_rcpt.as_str()),
-        "{actions:?}"
-    );
-    assert_eq!(
-        actions.actions.len(),
-        1,
-        "only the gateway recipient goes: {actions:?}"
-    );
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(actions.has_delete_recipient(raw_rcpt.as_str()), "{actions:?}");
+    assert_eq!(actions.actions.len(), 1, "only the gateway recipient goes: {actions:?}");
     let got = hook.wait_for(1, Duration::from_secs(10));
-    assert_eq!(
-        got[0].body["token"], TOKEN,
-        "token case preserved from RCPT"
-    );
+    assert_eq!(got[0].body["token"], TOKEN, "token case preserved from RCPT");
     m.stop().await;
 }
 
@@ -182,10 +142,7 @@ async fn ordinary_mail_is_accepted_at_data() {
     let m = InProcess::start(&hook.url()).await;
     let mut conn = open(&m).await;
     conn.mail(["<bob@example.com>"]).await.unwrap();
-    assert_eq!(
-        conn.rcpt(["<alice@example.org>"]).await.unwrap(),
-        Status::Continue
-    );
+    assert_eq!(conn.rcpt(["<alice@example.org>"]).await.unwrap(), Status::Continue);
     assert_eq!(conn.data().await.unwrap(), Status::Accept);
     m.stop().await;
 }

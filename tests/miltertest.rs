@@ -53,10 +53,7 @@ async fn delete_recipient() {
     script("delete-recipient.lua", &m).await;
     let got = hook.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1);
-    assert_eq!(
-        got[0].body["envelope"]["rcpt"],
-        format!("Calendar+{TOKEN}@Example.ORG")
-    );
+    assert_eq!(got[0].body["envelope"]["rcpt"], format!("Calendar+{TOKEN}@Example.ORG"));
     m.stop().await;
 }
 

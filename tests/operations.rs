@@ -10,10 +10,7 @@ use std::{
 };
 
 async fn rcpt_status(port: u16, rcpt: &str) -> Status {
-    let mut conn = TestConnection::configure()
-        .open_tcp(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut conn = TestConnection::configure().open_tcp(("127.0.0.1", port)).await.unwrap();
     conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
     conn.mail(["<bob@example.com>"]).await.unwrap();
     let st = conn.rcpt([rcpt]).await.unwrap();
@@ -22,10 +19,7 @@ async fn rcpt_status(port: u16, rcpt: &str) -> Status {
 }
 
 async fn send_reply(port: u16) -> Status {
-    let mut conn = TestConnection::configure()
-        .open_tcp(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut conn = TestConnection::configure().open_tcp(("127.0.0.1", port)).await.unwrap();
     conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
     conn.mail(["<bob@example.com>"]).await.unwrap();
     conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
@@ -67,9 +61,7 @@ async fn sighup_reloads_gateway_addresses_and_keeps_a_bad_file_out() {
     std::fs::write(&d.config_path, &added).unwrap();
     d.signal(libc::SIGHUP);
     assert!(
-        wait_until(Duration::from_secs(10), || d
-            .log()
-            .contains("configuration reloaded")),
+        wait_until(Duration::from_secs(10), || d.log().contains("configuration reloaded")),
         "{}",
         d.log()
     );
@@ -109,8 +101,7 @@ async fn sighup_reloads_gateway_addresses_and_keeps_a_bad_file_out() {
 
 fn scrape(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -155,19 +146,13 @@ async fn metrics_and_json_logs() {
     assert!(!lines.is_empty());
     for l in &lines {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-        assert!(
-            v.get("level").is_some() && v.get("message").is_some(),
-            "{l}"
-        );
+        assert!(v.get("level").is_some() && v.get("message").is_some(), "{l}");
     }
     assert!(
-        lines.iter().any(
-            |l| l.contains("OPS1: from=<bob@example.com>") && l.contains("disposition=discard")
-        ),
+        lines
+            .iter()
+            .any(|l| l.contains("OPS1: from=<bob@example.com>") && l.contains("disposition=discard")),
         "{log}"
     );
-    assert!(
-        !log.contains('\u{1b}'),
-        "no colour codes when not on a terminal"
-    );
+    assert!(!log.contains('\u{1b}'), "no colour codes when not on a terminal");
 }

@@ -33,10 +33,7 @@ fn deb_installs_runs_checks_and_purges() {
         .args(["deb", "--profile", "dev", "--fast", "-o"])
         .arg(out.path())
         .current_dir(env!("CARGO_MANIFEST_DIR")));
-    assert!(
-        ok,
-        "cargo deb failed (install it: cargo install cargo-deb): {text}"
-    );
+    assert!(ok, "cargo deb failed (install it: cargo install cargo-deb): {text}");
     let deb = std::fs::read_dir(out.path())
         .unwrap()
         .filter_map(|e| e.ok())
@@ -58,12 +55,8 @@ fn deb_installs_runs_checks_and_purges() {
         assert!(ok, "no imip-milter user: {text}");
         let (_, owner) = run(Command::new("stat").args(["-c", "%U %a", "/var/lib/imip-milter"]));
         assert_eq!(owner.trim(), "imip-milter 700");
-        let (_, conffiles) =
-            run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "imip-milter"]));
-        assert!(
-            conffiles.contains("/etc/imip-milter/imip-milter.toml"),
-            "{conffiles}"
-        );
+        let (_, conffiles) = run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "imip-milter"]));
+        assert!(conffiles.contains("/etc/imip-milter/imip-milter.toml"), "{conffiles}");
         for f in [
             "/usr/share/man/man8/imip-milter.8.gz",
             "/usr/share/man/man5/imip-milter.toml.5.gz",
@@ -102,10 +95,7 @@ fn deb_installs_runs_checks_and_purges() {
             text.contains("OK   state_dir: /var/lib/imip-milter is writable"),
             "{text}"
         );
-        assert!(
-            text.contains("FAIL target: http://127.0.0.1:9000/imip"),
-            "{text}"
-        );
+        assert!(text.contains("FAIL target: http://127.0.0.1:9000/imip"), "{text}");
         assert_eq!(out.status.code(), Some(1), "{text}");
     });
 

@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{
-    fixture, postfix::Postfix, reply_message, smtp_send, wait_until, Daemon, Webhook, TOKEN,
-};
+use common::{fixture, postfix::Postfix, reply_message, smtp_send, wait_until, Daemon, Webhook, TOKEN};
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -68,12 +66,7 @@ fn gateway() -> String {
 /// Sends replies number `from..from + n` to the gateway; each must get 250.
 fn send_replies(s: &Site, from: usize, n: usize) {
     for i in from..from + n {
-        let out = smtp_send(
-            s.postfix.port,
-            "a@example.com",
-            &[&gateway()],
-            &reply_message(i, TOKEN),
-        );
+        let out = smtp_send(s.postfix.port, "a@example.com", &[&gateway()], &reply_message(i, TOKEN));
         assert!(
             out.data.as_deref().unwrap_or("").starts_with("250"),
             "{out:?}\n{}",
@@ -83,23 +76,14 @@ fn send_replies(s: &Site, from: usize, n: usize) {
 }
 
 fn diagnostics(s: &Site) -> String {
-    format!(
-        "--- maillog\n{}\n--- milter\n{}",
-        s.postfix.log(),
-        s.milter.log()
-    )
+    format!("--- maillog\n{}\n--- milter\n{}", s.postfix.log(), s.milter.log())
 }
 
 #[test]
 fn reply_is_taken_with_250_discarded_and_posted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = site();
-    let out = smtp_send(
-        s.postfix.port,
-        "bob@example.com",
-        &[&gateway()],
-        &fixture("apple.eml"),
-    );
+    let out = smtp_send(s.postfix.port, "bob@example.com", &[&gateway()], &fixture("apple.eml"));
     assert!(out.rcpt[0].starts_with("250"), "{out:?}");
     let data = out.data.clone().unwrap_or_default();
     assert!(data.starts_with("250"), "{data}\n{}", diagnostics(&s));
@@ -127,14 +111,8 @@ fn reply_is_taken_with_250_discarded_and_posted() {
         s.postfix.mailbox("calendar").is_empty(),
         "a discarded reply must not be delivered"
     );
-    assert!(s
-        .milter
-        .log()
-        .contains(&format!("{queue_id}: from=<bob@example.com>")));
-    assert!(
-        !s.milter.log().contains(TOKEN),
-        "the full token must never be logged"
-    );
+    assert!(s.milter.log().contains(&format!("{queue_id}: from=<bob@example.com>")));
+    assert!(!s.milter.log().contains(TOKEN), "the full token must never be logged");
 }
 
 #[test]
@@ -147,10 +125,7 @@ fn ordinary_mail_is_delivered_untouched() {
         &["alice@example.org"],
         &fixture("human-text.eml"),
     );
-    assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     let mail = s.postfix.wait_mailbox("alice", 1);
     assert_eq!(mail.len(), 1, "{}", diagnostics(&s));
     assert!(mail[0].contains("I can only come for the first half hour"));
@@ -167,10 +142,7 @@ fn mixed_recipients_keep_the_others() {
         &["grace@example.org", &gateway()],
         &fixture("reply-all.eml"),
     );
-    assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     let grace = s.postfix.wait_mailbox("grace", 1);
     assert_eq!(grace.len(), 1, "{}", diagnostics(&s));
     assert!(grace[0].contains("UID:design-review-2026@example.org"));
@@ -179,11 +151,7 @@ fn mixed_recipients_keep_the_others() {
     assert_eq!(got[0].body["attendee"], "mailto:frank@example.com");
     // The gateway copy was deleted, not delivered to the calendar mailbox.
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        s.postfix.mailbox("calendar").is_empty(),
-        "{}",
-        diagnostics(&s)
-    );
+    assert!(s.postfix.mailbox("calendar").is_empty(), "{}", diagnostics(&s));
 }
 
 #[test]
@@ -197,11 +165,7 @@ fn human_text_and_bare_address_get_5xx() {
         &fixture("human-text.eml"),
     );
     let data = out.data.unwrap_or_default();
-    assert!(
-        data.starts_with("550 5.7.1 "),
-        "{data}\n{}",
-        diagnostics(&s)
-    );
+    assert!(data.starts_with("550 5.7.1 "), "{data}\n{}", diagnostics(&s));
     assert!(data.contains("write to the organizer"), "{data}");
 
     let out = smtp_send(
@@ -225,26 +189,16 @@ fn webhook_down_then_up_every_reply_arrives_once() {
     // Spooled, waiting: the queue shows them through the daemon's control socket.
     let list = s.milter.cli(&["queue", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
-    assert!(
-        list.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&list.stderr)
-    );
+    assert!(list.status.success(), "{text}{}", String::from_utf8_lossy(&list.stderr));
     assert!(text.contains(&format!("-- {N} pending")), "{text}");
 
     s.hook.restart();
     let got = s.hook.wait_for(N, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
-    let got = if got.len() >= N {
-        s.hook.deliveries()
-    } else {
-        got
-    };
+    let got = if got.len() >= N { s.hook.deliveries() } else { got };
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for d in &got {
-        *per_id
-            .entry(d.body["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
+        *per_id.entry(d.body["id"].as_str().unwrap().to_owned()).or_default() += 1;
     }
     assert_eq!(per_id.len(), N, "{}", diagnostics(&s));
     assert!(per_id.values().all(|&c| c == 1), "{per_id:?}");
@@ -270,10 +224,8 @@ fn sigkill_and_restart_lose_nothing() {
     s.milter.spawn();
     s.hook.restart();
     let got = s.hook.wait_for(N, Duration::from_secs(30));
-    let uids: std::collections::BTreeSet<String> = got
-        .iter()
-        .map(|d| d.body["uid"].as_str().unwrap().to_owned())
-        .collect();
+    let uids: std::collections::BTreeSet<String> =
+        got.iter().map(|d| d.body["uid"].as_str().unwrap().to_owned()).collect();
     assert_eq!(uids.len(), N, "{}", diagnostics(&s));
 
     // SIGTERM: open sessions finish, the daemon exits cleanly.
@@ -298,10 +250,7 @@ fn shipped_snippets_route_replies_through_the_milter() {
     );
     let got = s.hook.wait_for(1, Duration::from_secs(15));
     assert_eq!(got.len(), 1, "{}", diagnostics(&s));
-    assert_eq!(
-        got[0].body["attendee"],
-        "mailto:Erik.Jansen@contoso.example"
-    );
+    assert_eq!(got[0].body["attendee"], "mailto:Erik.Jansen@contoso.example");
     assert!(
         s.postfix.log().contains("milter triggers DISCARD action"),
         "{}",
@@ -321,16 +270,8 @@ fn shipped_snippets_route_replies_through_the_milter() {
         &["alice@example.org"],
         &fixture("human-text.eml"),
     );
-    assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
-    assert_eq!(
-        s.postfix.wait_mailbox("alice", 1).len(),
-        1,
-        "{}",
-        diagnostics(&s)
-    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    assert_eq!(s.postfix.wait_mailbox("alice", 1).len(), 1, "{}", diagnostics(&s));
 }
 
 #[test]
@@ -358,10 +299,9 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
     assert_eq!(b["partstat"], "ACCEPTED");
     let queue_id = b["queue_id"].as_str().unwrap().to_owned();
     assert!(
-        s.postfix.log().contains(&format!(
-            "{queue_id}: to=<{}>, relay=imip-milter",
-            gateway()
-        )),
+        s.postfix
+            .log()
+            .contains(&format!("{queue_id}: to=<{}>, relay=imip-milter", gateway())),
         "{}",
         diagnostics(&s)
     );
@@ -372,10 +312,7 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
         &["alice@example.org"],
         &fixture("human-text.eml"),
     );
-    assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     assert_eq!(
         s.postfix.wait_mailbox("alice", 1).len(),
         1,
@@ -389,15 +326,9 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
         &[&gateway()],
         &fixture("human-text.eml"),
     );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || s
-            .postfix
-            .log()
-            .contains("status=bounced")),
+        wait_until(Duration::from_secs(20), || s.postfix.log().contains("status=bounced")),
         "{}",
         diagnostics(&s)
     );
@@ -415,10 +346,7 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
         &[&gateway()],
         &fixture("thunderbird.eml"),
     );
-    assert!(
-        out.data.as_deref().unwrap_or("").starts_with("250"),
-        "{out:?}"
-    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     let got = s.hook.wait_for(2, Duration::from_secs(15));
     assert_eq!(got.len(), 2, "{}", diagnostics(&s));
     let list = s.milter.cli(&["queue", "list", "--all"]);
@@ -436,11 +364,7 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
         std::fs::write(&token_file, format!("{token}\n")).unwrap();
         let base = std::fs::read_to_string(&s.milter.config_path).unwrap();
         let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!("{base}token_file = \"{}\"\n", token_file.display()),
-        )
-        .unwrap();
+        std::fs::write(&path, format!("{base}token_file = \"{}\"\n", token_file.display())).unwrap();
         path
     };
     let check = |config: &std::path::Path| {
@@ -452,10 +376,7 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
             .arg(s.postfix.etc())
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
 
     let (code, text) = check(&write_config("good", "right-token"));
@@ -492,8 +413,7 @@ fn throughput() {
     // Discarded messages never reach the queue manager, so they return no
     // in_flow_delay tokens: without this, Postfix slows every smtpd to one
     // message a second once the initial tokens are spent.
-    let s =
-        site_with(&std::env::var("IMIP_MAIN_CF").unwrap_or_else(|_| "in_flow_delay = 0".into()));
+    let s = site_with(&std::env::var("IMIP_MAIN_CF").unwrap_or_else(|_| "in_flow_delay = 0".into()));
     const N: usize = 400;
     const CLIENTS: usize = 8;
     let port = s.postfix.port;
@@ -502,16 +422,8 @@ fn throughput() {
         for c in 0..CLIENTS {
             scope.spawn(move || {
                 for n in (c..N).step_by(CLIENTS) {
-                    let out = smtp_send(
-                        port,
-                        "a@example.com",
-                        &[&gateway()],
-                        &reply_message(1000 + n, TOKEN),
-                    );
-                    assert!(
-                        out.data.as_deref().unwrap_or("").starts_with("250"),
-                        "{out:?}"
-                    );
+                    let out = smtp_send(port, "a@example.com", &[&gateway()], &reply_message(1000 + n, TOKEN));
+                    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
                 }
             });
         }

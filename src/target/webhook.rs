@@ -15,8 +15,7 @@ pub struct Webhook {
 
 /// First line of a secret file, which must not be empty.
 pub fn read_secret(path: &Path, key: &str) -> Result<String, String> {
-    let text = fs::read_to_string(path)
-        .map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let text = fs::read_to_string(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
     let line = text.lines().next().unwrap_or("").trim().to_owned();
     if line.is_empty() {
         return Err(format!("{key}: {} is empty", path.display()));
@@ -28,11 +27,7 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -48,16 +43,10 @@ fn base64(input: &[u8]) -> String {
 impl Webhook {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
         let auth = match (&config.token_file, &config.username, &config.password_file) {
-            (Some(file), _, _) => Some(format!(
-                "Bearer {}",
-                read_secret(file, "target.token_file")?
-            )),
+            (Some(file), _, _) => Some(format!("Bearer {}", read_secret(file, "target.token_file")?)),
             (None, Some(user), Some(file)) => {
                 let password = read_secret(file, "target.password_file")?;
-                Some(format!(
-                    "Basic {}",
-                    base64(format!("{user}:{password}").as_bytes())
-                ))
+                Some(format!("Basic {}", base64(format!("{user}:{password}").as_bytes())))
             }
             _ => None,
         };
@@ -99,9 +88,7 @@ impl Webhook {
         match req.send().await {
             Ok(resp) => classify(resp.status()),
             Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
-            Err(e) if e.is_connect() => {
-                Outcome::Retry(format!("cannot connect: {}", root_cause(&e)))
-            }
+            Err(e) if e.is_connect() => Outcome::Retry(format!("cannot connect: {}", root_cause(&e))),
             Err(e) => Outcome::Retry(root_cause(&e)),
         }
     }
@@ -128,16 +115,10 @@ impl Webhook {
         };
         match req.send().await {
             Ok(resp) => match resp.status().as_u16() {
-                200..=299 | 400 | 422 => {
-                    Finding::ok("target", format!("{} answers {}", self.url, resp.status()))
-                }
+                200..=299 | 400 | 422 => Finding::ok("target", format!("{} answers {}", self.url, resp.status())),
                 401 | 403 => Finding::fail(
                     "target",
-                    format!(
-                        "{} refuses the credentials ({}): check {key}",
-                        self.url,
-                        resp.status()
-                    ),
+                    format!("{} refuses the credentials ({}): check {key}", self.url, resp.status()),
                 ),
                 404 | 405 => Finding::fail(
                     "target",
@@ -164,9 +145,7 @@ pub fn classify(status: StatusCode) -> Outcome {
     match code {
         200..=299 => Outcome::Delivered,
         408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
-        300..=399 => Outcome::Permanent(format!(
-            "HTTP {status}: redirects are not followed; fix target.url"
-        )),
+        300..=399 => Outcome::Permanent(format!("HTTP {status}: redirects are not followed; fix target.url")),
         _ => Outcome::Permanent(format!("HTTP {status}")),
     }
 }

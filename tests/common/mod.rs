@@ -183,19 +183,14 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
         }
     }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0);
+    let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
     let mut body = vec![0; len];
     if reader.read_exact(&mut body).is_err() {
         return;
     }
     let expected = state.lock().unwrap().expected_auth.clone();
     let (status, why) = match expected {
-        Some(want) if headers.get("authorization") != Some(&want) => {
-            (401, "credentials refused".to_owned())
-        }
+        Some(want) if headers.get("authorization") != Some(&want) => (401, "credentials refused".to_owned()),
         _ => check(&request_line, &headers, &body, path),
     };
     let status = if status == 200 {
@@ -221,12 +216,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
     );
 }
 
-fn check(
-    request_line: &str,
-    headers: &HashMap<String, String>,
-    body: &[u8],
-    path: &str,
-) -> (u16, String) {
+fn check(request_line: &str, headers: &HashMap<String, String>, body: &[u8], path: &str) -> (u16, String) {
     let mut parts = request_line.split_whitespace();
     if parts.next() != Some("POST") {
         return (405, "method must be POST".into());
@@ -273,15 +263,8 @@ fn check(
     }
     match doc["kind"].as_str() {
         Some("reply") => {
-            if doc["method"] != "REPLY"
-                || !doc["attendee"]
-                    .as_str()
-                    .is_some_and(|a| a.starts_with("mailto:"))
-            {
-                return (
-                    400,
-                    "a reply needs METHOD REPLY and a mailto: attendee".into(),
-                );
+            if doc["method"] != "REPLY" || !doc["attendee"].as_str().is_some_and(|a| a.starts_with("mailto:")) {
+                return (400, "a reply needs METHOD REPLY and a mailto: attendee".into());
             }
         }
         Some("bounce") => {
@@ -343,9 +326,7 @@ impl InProcess {
         let state_dir = tempfile::tempdir().expect("tempdir");
         let text = config_text(state_dir.path(), "inet:127.0.0.1:0", webhook_url, extra);
         let config = imip_milter::config::Config::parse(&text).expect("config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let control = config.control_path();
@@ -390,14 +371,8 @@ pub struct Daemon {
 /// uid and gid of `nobody`, the unprivileged user of these tests.
 pub fn nobody() -> (u32, u32) {
     let id = |arg: &str| {
-        let out = Command::new("id")
-            .args([arg, "nobody"])
-            .output()
-            .expect("id");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<u32>()
-            .expect("uid")
+        let out = Command::new("id").args([arg, "nobody"]).output().expect("id");
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("uid")
     };
     (id("-u"), id("-g"))
 }
@@ -460,11 +435,8 @@ impl Daemon {
         self.child = Some(child);
         let port = self.port;
         assert!(
-            wait_until(Duration::from_secs(20), || TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
+            wait_until(Duration::from_secs(20), || TcpStream::connect(("127.0.0.1", port))
+                .is_ok()),
             "imip-milter did not start: {}",
             self.log()
         );
@@ -486,9 +458,7 @@ impl Daemon {
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         c.wait().expect("wait")
     }
 
@@ -537,9 +507,7 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> String {
 /// Sends one message over SMTP; `data` is the message with CRLF line ends.
 pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutcome {
     let stream = TcpStream::connect(("127.0.0.1", port)).expect("smtp connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut w = stream.try_clone().unwrap();
     let mut r = BufReader::new(stream);
     let banner = read_reply(&mut r);
@@ -560,8 +528,7 @@ pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutc
     assert!(mail.starts_with("250"), "MAIL: {mail}");
     let mut out = SmtpOutcome::default();
     for rcpt in rcpts {
-        out.rcpt
-            .push(cmd(&mut w, &mut r, &format!("RCPT TO:<{rcpt}>")));
+        out.rcpt.push(cmd(&mut w, &mut r, &format!("RCPT TO:<{rcpt}>")));
     }
     if out.rcpt.iter().any(|r| r.starts_with("250")) {
         let go = cmd(&mut w, &mut r, "DATA");

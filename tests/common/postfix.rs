@@ -41,9 +41,8 @@ impl Postfix {
 
     /// As `start`, with more main.cf lines.
     pub fn start_with(milters: &str, extra: &str) -> Self {
-        let main_cf = format!(
-            "recipient_delimiter = +\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n{extra}"
-        );
+        let main_cf =
+            format!("recipient_delimiter = +\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n{extra}");
         Self::build(&main_cf, "", MAILBOXES, &[])
     }
 
@@ -52,23 +51,16 @@ impl Postfix {
     /// user and program are adapted to this instance.
     pub fn start_shipped(milter_port: u16, program: &Path, config: &Path) -> Self {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("postfix");
-        let read = |name: &str| {
-            fs::read_to_string(shipped.join(name)).unwrap_or_else(|e| panic!("postfix/{name}: {e}"))
-        };
+        let read =
+            |name: &str| fs::read_to_string(shipped.join(name)).unwrap_or_else(|e| panic!("postfix/{name}: {e}"));
         let holder = "@ETC@";
         let main_cf = read("main.cf")
             .replace("/etc/postfix/", &format!("{holder}/"))
-            .replace(
-                "inet:127.0.0.1:8895",
-                &format!("inet:127.0.0.1:{milter_port}"),
-            );
+            .replace("inet:127.0.0.1:8895", &format!("inet:127.0.0.1:{milter_port}"));
         let master_cf = read("master.cf")
             .replace("user=imip-milter", "user=nobody")
             .replace("/usr/sbin/imip-milter", &program.display().to_string())
-            .replace(
-                "/etc/imip-milter/imip-milter.toml",
-                &config.display().to_string(),
-            );
+            .replace("/etc/imip-milter/imip-milter.toml", &config.display().to_string());
         let maps = [
             ("imip-milter-recipients", read("imip-milter-recipients")),
             ("imip-milter-transport", read("imip-milter-transport")),
@@ -77,12 +69,7 @@ impl Postfix {
         Self::build(&main_cf, &master_cf, &["alice", "grace"], &maps)
     }
 
-    fn build(
-        main_extra: &str,
-        master_extra: &str,
-        mailboxes: &[&str],
-        files: &[(&str, String)],
-    ) -> Self {
+    fn build(main_extra: &str, master_extra: &str, mailboxes: &[&str], files: &[(&str, String)]) -> Self {
         assert!(
             Path::new("/usr/sbin/postfix").exists(),
             "Postfix is not installed: .ci/run installs it (apt-get install postfix)"
@@ -98,16 +85,11 @@ impl Postfix {
         }
         let (uid, gid) = (id("-u", "nobody"), id("-g", "nobody"));
         run(Command::new("chown").arg("postfix").arg(root.join("data")));
-        run(Command::new("chown")
-            .arg(format!("{uid}:{gid}"))
-            .arg(root.join("mail")));
+        run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(root.join("mail")));
         let port = free_port();
         let etc = root.join("etc");
         let r = root.display();
-        let vmailbox: String = mailboxes
-            .iter()
-            .map(|m| format!("{m}@example.org {m}/\n"))
-            .collect();
+        let vmailbox: String = mailboxes.iter().map(|m| format!("{m}@example.org {m}/\n")).collect();
         fs::write(etc.join("vmailbox"), vmailbox).unwrap();
         for (name, text) in files {
             fs::write(etc.join(name), text).unwrap();
@@ -217,11 +199,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 impl Drop for Postfix {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
-            .arg("-c")
-            .arg(self.etc())
-            .arg("stop")
-            .output();
+        let _ = Command::new("postfix").arg("-c").arg(self.etc()).arg("stop").output();
         // Give master a moment to take its children down before the dirs go.
         let pid = self.dir.path().join("queue/pid/master.pid");
         wait_until(Duration::from_secs(10), || !pid.exists());
