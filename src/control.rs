@@ -8,6 +8,7 @@ use crate::{
     deliver::{self, Verdict},
     milter::Shared,
     spool::{now_ms, Record, Spool, State},
+    tokens::{self, RedbTokens, TokenRecord, TokenStore},
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -41,6 +42,26 @@ pub enum Request {
     Delete {
         id: String,
     },
+    TokensList,
+    TokensShow {
+        token: String,
+    },
+    TokensAdd {
+        organizer: String,
+        attendee: String,
+        uid: String,
+    },
+    TokensRevoke {
+        token: String,
+    },
+    /// Removes tokens unused for `days_to_live` days.
+    TokensPurge {
+        days_to_live: u32,
+    },
+    /// CalendarServer's IMIP_TOKENS as CSV.
+    TokensImport {
+        csv: String,
+    },
     /// Followed by `bytes` bytes of message.
     Deliver {
         rcpt: String,
@@ -61,6 +82,11 @@ pub struct Response {
     pub count: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<TokenRecord>>,
+    /// Lines an import could not read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 impl Response {
@@ -97,6 +123,68 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
             false => Response::error(format!("no record {id}")),
         }),
         Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
+        _ => return handle_tokens(spool, req),
+    };
+    result.unwrap_or_else(|e| Response::error(e.0))
+}
+
+fn handle_tokens(spool: &Spool, req: &Request) -> Response {
+    let store = match RedbTokens::new(spool.database()) {
+        Ok(s) => s,
+        Err(e) => return Response::error(e.0),
+    };
+    let with = |tokens: Vec<TokenRecord>, count: usize| Response {
+        ok: true,
+        tokens: Some(tokens),
+        count: Some(count),
+        ..Default::default()
+    };
+    let now = now_ms();
+    let result = match req {
+        Request::TokensList => store.list().map(|t| {
+            let n = t.len();
+            with(t, n)
+        }),
+        Request::TokensShow { token } => store.get(token).map(|t| match t {
+            Some(t) => with(vec![t], 1),
+            None => Response::error("no such token"),
+        }),
+        Request::TokensAdd {
+            organizer,
+            attendee,
+            uid,
+        } => tokens::mint_or_reuse(&store, organizer, attendee, uid, now).map(|t| with(vec![t], 1)),
+        Request::TokensRevoke { token } => store.revoke(token).map(|found| match found {
+            true => with(Vec::new(), 1),
+            false => Response::error("no such token"),
+        }),
+        Request::TokensPurge { days_to_live } => store.list().and_then(|all| {
+            let mut n = 0;
+            for t in all {
+                if tokens::lookup(&store, &t.token, now, *days_to_live)? == tokens::Lookup::Expired {
+                    store.revoke(&t.token)?;
+                    n += 1;
+                }
+            }
+            Ok(with(Vec::new(), n))
+        }),
+        Request::TokensImport { csv } => {
+            let (records, problems) = tokens::parse_csv(csv, now);
+            let mut n = 0;
+            let mut result = Ok(());
+            for r in &records {
+                if let Err(e) = store.put(r) {
+                    result = Err(e);
+                    break;
+                }
+                n += 1;
+            }
+            result.map(|()| Response {
+                problems,
+                ..with(Vec::new(), n)
+            })
+        }
+        _ => return Response::error("not a token request"),
     };
     result.unwrap_or_else(|e| Response::error(e.0))
 }
@@ -185,8 +273,13 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
             ..Default::default()
         });
     }
-    if !matches!(req, Request::List { .. } | Request::Show { .. }) {
-        info!("control: {}", serde_json::to_string(&req).unwrap_or_default());
+    if !matches!(
+        req,
+        Request::List { .. } | Request::Show { .. } | Request::TokensList | Request::TokensShow { .. }
+    ) {
+        // The command only: arguments may hold tokens.
+        let v = serde_json::to_value(&req).unwrap_or_default();
+        info!("control: {}", v["cmd"].as_str().unwrap_or("?"));
     }
     let spool = shared.spool.clone();
     Some(

@@ -71,6 +71,8 @@ pub struct Decision {
     /// Spool the reply before answering (and tempfail if that fails).
     pub spool: bool,
     pub reason: String,
+    /// Redirect: the address the message goes to instead of the gateway.
+    pub redirect_to: Option<String>,
 }
 
 impl Decision {
@@ -80,6 +82,7 @@ impl Decision {
             smtp_reply: None,
             spool: false,
             reason: reason.into(),
+            redirect_to: None,
         }
     }
 
@@ -190,6 +193,30 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
             "5.6.0",
             capitalise(&analysis.reason),
         ),
+    }
+}
+
+/// EOM, local tokens: what is no reply (a person's text, a COUNTER, a
+/// forwarded invitation) goes to the organizer instead, so people still reach
+/// people. `organizer` is the token's, as a `mailto:` URI.
+pub fn decide_with_organizer(analysis: &Analysis, recipients: &[Recipient], organizer: Option<&str>) -> Decision {
+    let d = decide_message(analysis, recipients);
+    let address = organizer.and_then(|o| {
+        let a = o
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("mailto:"))
+            .map(|_| &o[7..])?;
+        (a.contains('@') && !a.contains(['<', '>', ',', ' '])).then_some(a)
+    });
+    match (analysis.kind, address) {
+        (Kind::Other, Some(a)) if !d.spool && d.disposition != Disposition::Accept => Decision {
+            redirect_to: Some(a.to_owned()),
+            ..Decision::new(
+                Disposition::Redirect,
+                format!("{}; redirected to the organizer", analysis.reason),
+            )
+        },
+        _ => d,
     }
 }
 

@@ -96,15 +96,30 @@ pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<St
             new_ids: Vec::new(),
         };
     }
+    let mut records = Vec::new();
+    if let Recipient::Gateway { token } = &class {
+        match shared.check_token(token, None) {
+            Ok(Some(r)) => records.push(r),
+            Ok(None) => {}
+            Err(d) => return Verdict::from_decision(&d),
+        }
+    }
     let recipients = vec![(rcpt.to_owned(), class)];
     let envelope = Envelope {
         queue_id,
         mail_from: sender.to_owned(),
         client_addr: None,
     };
-    let intake = intake::take(&shared.spool, raw, &recipients, &envelope).await;
+    let intake = intake::take(&shared.spool, raw, &recipients, &records, &envelope).await;
     intake::log(&envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);
+    if let Some(to) = &intake.decision.redirect_to {
+        // pipe(8) cannot add a recipient: the bounce tells the sender where to write.
+        v.disposition = Disposition::Reject.as_str().to_owned();
+        v.smtp_reply = Some(format!(
+            "550 5.7.1 This address only takes calendar replies; please write to the organizer at {to}"
+        ));
+    }
     v.ids = intake.ids.clone();
     if intake.duplicates == 0 && intake.decision.spool {
         v.new_ids = intake.ids;

@@ -3,9 +3,11 @@
 
 use crate::{
     address::{token_prefix, Recipient},
-    analysis::{analyse, Analysis},
+    analysis::{analyse, Analysis, Kind},
     decision::{self, Decision, Disposition},
+    itip,
     spool::{build_record, Appended, Envelope, Spool},
+    tokens::{RedbTokens, TokenRecord, TokenStore},
 };
 use tracing::{debug, error, info, warn};
 
@@ -20,7 +22,14 @@ pub struct Intake {
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
 /// `recipients` are those accepted at RCPT: the argument as received and its class.
-pub async fn take(spool: &Spool, raw: Vec<u8>, recipients: &[(String, Recipient)], envelope: &Envelope) -> Intake {
+/// `tokens`: in local mode, the records of the gateway recipients' tokens.
+pub async fn take(
+    spool: &Spool,
+    raw: Vec<u8>,
+    recipients: &[(String, Recipient)],
+    tokens: &[TokenRecord],
+    envelope: &Envelope,
+) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
     // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
@@ -36,27 +45,100 @@ pub async fn take(spool: &Spool, raw: Vec<u8>, recipients: &[(String, Recipient)
             };
         }
     };
-    let mut decision = decision::decide_message(&analysis, &classes);
+    let record_of = |token: &str| tokens.iter().find(|r| r.token == token);
+    let organizer = gateway(recipients)
+        .find_map(|(_, t)| record_of(t))
+        .map(|r| r.organizer.as_str());
+    let mut decision = match tokens.is_empty() {
+        true => decision::decide_message(&analysis, &classes),
+        false => decision::decide_with_organizer(&analysis, &classes, organizer),
+    };
     let mut ids = Vec::new();
     let mut duplicates = 0;
+    let mut notes = Vec::new();
     if decision.spool {
         let records: Vec<_> = gateway(recipients)
-            .map(|(raw, token)| build_record(&analysis, envelope, raw, token))
+            .map(|(raw, token)| match record_of(token) {
+                Some(t) => {
+                    let (local, note) = for_organizer(&analysis, t);
+                    notes.extend(note);
+                    let mut r = build_record(&local, envelope, raw, token);
+                    if let Some(obj) = r.payload.as_object_mut() {
+                        obj.insert("organizer".into(), t.organizer.clone().into());
+                    }
+                    r
+                }
+                None => build_record(&analysis, envelope, raw, token),
+            })
             .collect();
         ids = records.iter().map(|r| r.id.clone()).collect();
         match spool.append(records).await {
-            Ok(outcomes) => duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count(),
+            Ok(outcomes) => {
+                duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
+                touch(spool, tokens);
+            }
             Err(e) => {
                 error!("{queue_id}: {e}");
                 decision = decision::decide_spool_failed(&e.0);
             }
         }
     }
+    if !notes.is_empty() {
+        decision.reason = format!("{}; {}", decision.reason, notes.join("; "));
+    }
     Intake {
         decision,
         analysis,
         ids,
         duplicates,
+    }
+}
+
+/// Local mode: the reply as the organizer's server should get it.
+fn for_organizer(analysis: &Analysis, t: &TokenRecord) -> (Analysis, Option<String>) {
+    let mut a = analysis.clone();
+    let mut note = None;
+    match a.kind {
+        Kind::Reply => {
+            if let Some(cal) = &analysis.icalendar {
+                match itip::rewrite_reply(cal, &t.organizer, &t.attendee) {
+                    Ok(r) => {
+                        if r.attendee_mismatch {
+                            note = Some("ATTENDEE is not the token's attendee (SCHEDULE-STATUS=5.1)".to_owned());
+                        }
+                        a.itip = itip::read(&r.text, None).ok().or(a.itip);
+                        a.icalendar = Some(r.text);
+                    }
+                    Err(e) => note = Some(format!("not rewritten: {e}")),
+                }
+            }
+        }
+        Kind::Bounce => {
+            let text = itip::bounce_reply(&t.organizer, &t.attendee, &t.uid, chrono::Utc::now());
+            a.itip = itip::read(&text, None).ok();
+            a.icalendar = Some(text);
+        }
+        _ => {}
+    }
+    (a, note)
+}
+
+/// Records when each token was last used; tokens expire counted from there.
+fn touch(spool: &Spool, tokens: &[TokenRecord]) {
+    if tokens.is_empty() {
+        return;
+    }
+    let store = match RedbTokens::new(spool.database()) {
+        Ok(s) => s,
+        Err(e) => return warn!("{e}"),
+    };
+    let now = crate::spool::now_ms();
+    for t in tokens {
+        let mut t = t.clone();
+        t.last_used_ms = now;
+        if let Err(e) = store.put(&t) {
+            warn!("{e}");
+        }
     }
 }
 

@@ -95,11 +95,11 @@ pub async fn run_with_reload(
         config.delivery.clone(),
         stopped(stop_rx.clone()),
     ));
-    let shared = Arc::new(milter::Shared::new(
-        config.gateway.clone(),
-        config.max_message_bytes,
-        spool.clone(),
-    ));
+    let mut shared = milter::Shared::new(config.gateway.clone(), config.max_message_bytes, spool.clone());
+    if config.tokens.mode == config::TokenMode::Local {
+        shared.tokens = Some(local_tokens(&config, &spool)?);
+    }
+    let shared = Arc::new(shared);
     let control_task = tokio::spawn(control::serve(control, shared.clone()));
     let metrics_task = match config.metrics_listen {
         Some(addr) => {
@@ -142,6 +142,15 @@ pub async fn run_with_reload(
     let _ = std::fs::remove_file(config.control_path());
     info!("stopped");
     result.map_err(|e| format!("milter socket: {e}").into())
+}
+
+/// The token store and abuse limit of local token mode.
+pub fn local_tokens(config: &Config, spool: &spool::Spool) -> Result<milter::LocalTokens, Error> {
+    Ok(milter::LocalTokens {
+        store: Arc::new(tokens::RedbTokens::new(spool.database())?),
+        days_to_live: config.tokens.days_to_live,
+        limiter: milter::UnknownLimiter::new(config.tokens.max_unknown, config.tokens.unknown_window),
+    })
 }
 
 /// Applies reloaded configurations: gateway addresses, delimiters and

@@ -83,8 +83,38 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         postfix_config: Option<PathBuf>,
     },
+    /// Manage local tokens ([tokens] mode = "local")
+    Tokens {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: TokensAction,
+    },
     /// Print the built-in default configuration
     DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum TokensAction {
+    /// Mint a token for (organizer, attendee, event UID), or print the existing one
+    Add {
+        #[arg(long, value_name = "ADDR")]
+        organizer: String,
+        #[arg(long, value_name = "ADDR")]
+        attendee: String,
+        #[arg(long, value_name = "UID")]
+        uid: String,
+    },
+    /// All tokens, shortened
+    List,
+    /// One token, whole, as JSON
+    Show { token: String },
+    /// Forget a token: replies to it are refused
+    Revoke { token: String },
+    /// Forget tokens unused for tokens.days_to_live days
+    Purge,
+    /// Read CalendarServer's IMIP_TOKENS rows (TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED) from a CSV file
+    Import { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -155,6 +185,7 @@ fn main() -> ExitCode {
             queue_id,
         } => deliver(&config, &rcpt, &sender, queue_id),
         Command::Check { config, postfix_config } => check(&config, postfix_config.as_deref()),
+        Command::Tokens { config, action } => tokens(&config, action),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             ExitCode::SUCCESS
@@ -384,7 +415,10 @@ fn deliver_without_daemon(
     runtime.block_on(async move {
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
         let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10)).map_err(|e| e.0)?;
-        let shared = Shared::new(config.gateway.clone(), config.max_message_bytes, spool.clone());
+        let mut shared = Shared::new(config.gateway.clone(), config.max_message_bytes, spool.clone());
+        if config.tokens.mode == imip_milter::config::TokenMode::Local {
+            shared.tokens = Some(imip_milter::local_tokens(&config, &spool).map_err(|e| e.to_string())?);
+        }
         let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, raw).await;
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {
@@ -427,4 +461,94 @@ fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode 
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
+    let config = match load_config(arg, false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let req = match &action {
+        TokensAction::Add {
+            organizer,
+            attendee,
+            uid,
+        } => Request::TokensAdd {
+            organizer: organizer.clone(),
+            attendee: attendee.clone(),
+            uid: uid.clone(),
+        },
+        TokensAction::List => Request::TokensList,
+        TokensAction::Show { token } => Request::TokensShow { token: token.clone() },
+        TokensAction::Revoke { token } => Request::TokensRevoke { token: token.clone() },
+        TokensAction::Purge => Request::TokensPurge {
+            days_to_live: config.tokens.days_to_live,
+        },
+        TokensAction::Import { file } => match std::fs::read_to_string(file) {
+            Ok(csv) => Request::TokensImport { csv },
+            Err(e) => {
+                eprintln!("imip-milter: {}: {e}", file.display());
+                return ExitCode::from(EX_NOINPUT);
+            }
+        },
+    };
+    let resp = match control::request_or_open(&config.control_path(), &config.spool_path(), &req) {
+        Ok(r) if r.ok => r,
+        Ok(r) => {
+            eprintln!("imip-milter: {}", r.error.unwrap_or_default());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tokens = resp.tokens.unwrap_or_default();
+    match action {
+        TokensAction::Add { .. } => {
+            for t in tokens {
+                println!("{}", t.token);
+            }
+        }
+        TokensAction::Show { .. } => {
+            for t in tokens {
+                println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+            }
+        }
+        TokensAction::List => {
+            println!(
+                "{:<12} {:<36} {:<36} {:<10} UID",
+                "TOKEN", "ORGANIZER", "ATTENDEE", "LAST-USED"
+            );
+            for t in &tokens {
+                let used = chrono::DateTime::from_timestamp_millis(t.last_used_ms as i64)
+                    .map(|d| d.format("%Y-%m-%d").to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:<12} {:<36} {:<36} {:<10} {}",
+                    imip_milter::address::token_prefix(&t.token),
+                    t.organizer,
+                    t.attendee,
+                    used,
+                    t.uid
+                );
+            }
+            println!("-- {} tokens", tokens.len());
+        }
+        TokensAction::Revoke { .. } => println!("revoked"),
+        TokensAction::Purge => println!("{} expired token(s) removed", resp.count.unwrap_or(0)),
+        TokensAction::Import { .. } => {
+            for p in &resp.problems {
+                eprintln!("imip-milter: {p}");
+            }
+            println!("{} token(s) imported", resp.count.unwrap_or(0));
+            if !resp.problems.is_empty() {
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -359,6 +359,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     };
     let message = std::mem::take(&mut session.message);
     let recipients = std::mem::take(&mut session.recipients);
+    let token_records = std::mem::take(&mut session.token_records);
     let envelope = Envelope {
         queue_id: Some(queue_id),
         mail_from: std::mem::take(&mut session.mail_from),
@@ -366,13 +367,19 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     };
     session.reset_message();
 
-    let mut intake = intake::take(&shared.spool, message, &recipients, &envelope).await;
+    let mut intake = intake::take(&shared.spool, message, &recipients, &token_records, &envelope).await;
     let status = match intake.decision.disposition {
-        Disposition::Accept | Disposition::Redirect => Status::Accept,
+        Disposition::Accept => Status::Accept,
         Disposition::Discard => Status::Discard,
-        Disposition::DeleteRecipients => {
+        Disposition::DeleteRecipients | Disposition::Redirect => {
             let mut failed = None;
-            for (raw, _) in intake::gateway(&recipients) {
+            if let Some(to) = &intake.decision.redirect_to {
+                // Postfix delivers the message to the organizer instead.
+                if let Err(e) = cx.actions.add_recipient(format!("<{to}>")).await {
+                    failed = Some(e.to_string());
+                }
+            }
+            for (raw, _) in intake::gateway(&recipients).filter(|_| failed.is_none()) {
                 // The argument exactly as received: Postfix matches it literally.
                 if let Err(e) = cx.actions.delete_recipient(raw).await {
                     failed = Some(e.to_string());

@@ -194,15 +194,17 @@ pub fn mint_or_reuse(
     uid: &str,
     now_ms: u64,
 ) -> Result<TokenRecord, StoreError> {
-    if let Some(mut r) = store.find(organizer, attendee, uid)? {
+    let organizer = crate::itip::normalise_mailto(organizer);
+    let attendee = crate::itip::normalise_mailto(attendee);
+    if let Some(mut r) = store.find(&organizer, &attendee, uid)? {
         r.last_used_ms = now_ms;
         store.put(&r)?;
         return Ok(r);
     }
     let r = TokenRecord {
         token: mint()?,
-        organizer: crate::itip::normalise_mailto(organizer),
-        attendee: crate::itip::normalise_mailto(attendee),
+        organizer,
+        attendee,
         uid: uid.to_owned(),
         created_ms: now_ms,
         last_used_ms: now_ms,
@@ -305,7 +307,13 @@ mod tests {
         let a = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:bob@example.com", "u1", 1).unwrap();
         let b = mint_or_reuse(&s, "MAILTO:Alice@example.org", "mailto:BOB@example.com", "u1", 2).unwrap();
         assert_eq!(a.token, b.token);
-        let c = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:carol@example.com", "u1", 3).unwrap();
+        let c = mint_or_reuse(&s, "alice@example.org", "mailto:carol@example.com", "u1", 3).unwrap();
+        assert_eq!(
+            mint_or_reuse(&s, "alice@example.org", "carol@example.com", "u1", 4)
+                .unwrap()
+                .token,
+            c.token
+        );
         assert_ne!(a.token, c.token);
         assert_eq!(s.list().unwrap().len(), 2);
     }

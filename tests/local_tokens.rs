@@ -1,0 +1,206 @@
+//! Local token mode: tokens owned by imip-milter, CalendarServer's inbound
+//! rules, redirect to the organizer, and the abuse limit.
+
+mod common;
+
+use common::{fixture, InProcess, Webhook, TOKEN};
+use indymilter_test::{EomActions, MacroStage, Status, TestConnection};
+use std::{process::Command, time::Duration};
+
+const LOCAL: &str = "\n[tokens]\nmode = \"local\"\nmax_unknown = 3\nunknown_window = \"10m\"\n";
+
+fn cli(m: &InProcess, url: &str, args: &[&str]) -> (bool, String, String) {
+    let config = m.state_dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", url, LOCAL),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Tokens of the fixtures, as CalendarServer's IMIP_TOKENS would hold them.
+fn import(m: &InProcess, url: &str, attendee: &str) {
+    let csv = m.state_dir.path().join("tokens.csv");
+    std::fs::write(
+        &csv,
+        format!("TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED\n{TOKEN},mailto:alice@example.org,{attendee},invite-bounce-77@example.org,2099-01-01 00:00:00\n"),
+    )
+    .unwrap();
+    let (ok, out, err) = cli(m, url, &["tokens", "import", csv.to_str().unwrap()]);
+    assert!(ok && out.contains("1 token(s) imported"), "{out}{err}");
+}
+
+async fn transaction(m: &InProcess, client: [u8; 4], rcpts: &[String]) -> (TestConnection, Vec<Status>) {
+    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    conn.connect("client.example.com", client).await.unwrap();
+    conn.mail(["<sender@example.com>"]).await.unwrap();
+    let mut st = Vec::new();
+    for r in rcpts {
+        st.push(conn.rcpt([r.as_str()]).await.unwrap());
+    }
+    (conn, st)
+}
+
+async fn finish(mut conn: TestConnection, eml: &str) -> (EomActions, Status) {
+    assert_eq!(conn.data().await.unwrap(), Status::Continue);
+    let raw = String::from_utf8(fixture(eml)).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    for line in unfolded.split("\r\n") {
+        let (k, v) = line.split_once(':').unwrap();
+        conn.header(k, v.trim_start()).await.unwrap();
+    }
+    conn.eoh().await.unwrap();
+    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    conn.macros(MacroStage::Eom, [("i", "LOCAL1")]).await.unwrap();
+    let r = conn.eom().await.unwrap();
+    conn.close().await.unwrap();
+    r
+}
+
+fn gateway() -> String {
+    format!("<calendar+{TOKEN}@example.org>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlook_reply_gets_the_real_organizer_back() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:erik.jansen@contoso.example");
+    let (conn, st) = transaction(&m, [192, 0, 2, 1], &[gateway()]).await;
+    assert_eq!(st, vec![Status::Continue]);
+    let (_, status) = finish(conn, "outlook.eml").await;
+    assert_eq!(status, Status::Discard);
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    let b = &got[0].body;
+    assert_eq!(b["organizer"], "mailto:alice@example.org");
+    let cal = b["icalendar"].as_str().unwrap();
+    assert!(cal.contains("ORGANIZER:mailto:alice@example.org"), "{cal}");
+    assert!(cal.contains("METHOD:REPLY"), "{cal}");
+    assert!(cal.contains("PARTSTAT=DECLINED"), "{cal}");
+    assert!(!cal.contains("SCHEDULE-STATUS"), "the token's attendee replied: {cal}");
+    let (_, list, _) = cli(&m, &hook.url(), &["tokens", "list"]);
+    assert!(
+        list.contains("8e3c0d1a…") && !list.contains("2099-01-01"),
+        "last use recorded: {list}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_replying_is_marked_and_a_bounce_becomes_a_5_1_reply() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:someone-else@example.com");
+    let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
+    assert_eq!(finish(conn, "apple.eml").await.1, Status::Discard);
+    let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
+    assert_eq!(finish(conn, "bounce.eml").await.1, Status::Discard);
+    let got = hook.wait_for(2, Duration::from_secs(10));
+    let reply = got.iter().find(|d| d.body["kind"] == "reply").unwrap();
+    assert!(reply.body["icalendar"]
+        .as_str()
+        .unwrap()
+        .contains("SCHEDULE-STATUS=5.1"));
+    let bounce = got.iter().find(|d| d.body["kind"] == "bounce").unwrap();
+    let cal = bounce.body["icalendar"].as_str().unwrap();
+    assert!(
+        cal.contains("METHOD:REPLY") && cal.contains("REQUEST-STATUS:5.1"),
+        "{cal}"
+    );
+    assert!(cal.contains("ORGANIZER:mailto:alice@example.org"), "{cal}");
+    assert!(cal.contains("UID:invite-bounce-77@example.org"), "{cal}");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persons_text_is_redirected_to_the_organizer() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:bob@example.com");
+    let (conn, _) = transaction(&m, [192, 0, 2, 3], &[gateway()]).await;
+    let (actions, status) = finish(conn, "human-text.eml").await;
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(
+        actions.has_add_recipient("<alice@example.org>", None::<&str>),
+        "{actions:?}"
+    );
+    assert!(actions.has_delete_recipient(gateway().as_str()), "{actions:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty());
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tokens_are_refused_and_a_prober_is_slowed_down() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:bob@example.com");
+    let unknown: Vec<String> = (0..3)
+        .map(|i| format!("<calendar+guess{i:04}-0000@example.org>"))
+        .collect();
+    let (_, st) = transaction(&m, [198, 51, 100, 7], &unknown).await;
+    for s in &st {
+        match s {
+            Status::Reject { message: Some(m) } => assert!(m.to_string_lossy().starts_with("550 5.1.1 ")),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Past the limit even a valid token waits; other clients are not affected.
+    let (_, st) = transaction(&m, [198, 51, 100, 7], &[gateway()]).await;
+    match &st[0] {
+        Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    let (_, st) = transaction(&m, [192, 0, 2, 4], &[gateway()]).await;
+    assert_eq!(st, vec![Status::Continue]);
+
+    // Revoked tokens are unknown.
+    let (ok, _, err) = cli(&m, &hook.url(), &["tokens", "revoke", TOKEN]);
+    assert!(ok, "{err}");
+    let (_, st) = transaction(&m, [192, 0, 2, 5], &[gateway()]).await;
+    assert!(matches!(st[0], Status::Reject { .. }), "{st:?}");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_add_mints_and_reuses() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    let add = |att: &str| {
+        let (ok, out, err) = cli(
+            &m,
+            &hook.url(),
+            &[
+                "tokens",
+                "add",
+                "--organizer",
+                "alice@example.org",
+                "--attendee",
+                att,
+                "--uid",
+                "ev-1",
+            ],
+        );
+        assert!(ok, "{err}");
+        out.trim().to_owned()
+    };
+    let a = add("bob@example.com");
+    assert_eq!(a.len(), 36, "{a}");
+    assert_eq!(add("BOB@example.com"), a, "one token per (organizer, attendee, UID)");
+    assert_ne!(add("carol@example.com"), a);
+    let (_, show, _) = cli(&m, &hook.url(), &["tokens", "show", &a]);
+    assert!(show.contains("\"attendee\": \"mailto:bob@example.com\""), "{show}");
+    m.stop().await;
+}
