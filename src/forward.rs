@@ -127,6 +127,8 @@ pub async fn run(
                     set.remove(&id);
                 }
                 drop(permit);
+                // Rescan now the id is free: a scan while it was in flight skipped it.
+                spool.notify.notify_one();
             });
         }
         // Reap finished tasks and release their ids.
