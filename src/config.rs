@@ -88,6 +88,8 @@ impl ListenSocket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
     Webhook,
+    /// CalendarServer's legacy iMIP injection: POST {url}/inbox/.
+    CalendarServer,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,9 @@ pub struct TargetConfig {
     /// User name for HTTP basic authentication; the password comes from `password_file`.
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// calendarserver: file holding the shared secret sent in `secret_header`.
+    pub secret_file: Option<PathBuf>,
+    pub secret_header: String,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +204,8 @@ struct RawTarget {
     token_file: Option<PathBuf>,
     username: Option<String>,
     password_file: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    secret_header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -357,10 +364,11 @@ impl Config {
             .ok_or_else(|| ConfigError::new("target", "section is missing"))?;
         let kind = match target.kind.as_deref().unwrap_or("webhook") {
             "webhook" => TargetKind::Webhook,
-            "calendarserver" | "caldav" => {
+            "calendarserver" => TargetKind::CalendarServer,
+            "caldav" => {
                 return Err(ConfigError::new(
                     "target.kind",
-                    "this target kind is not available in this version; use webhook",
+                    "caldav is not available in this version; use webhook or calendarserver",
                 ))
             }
             other => {
@@ -396,7 +404,23 @@ impl Config {
             token_file: target.token_file,
             username: target.username,
             password_file: target.password_file,
+            secret_file: target.secret_file,
+            secret_header: target
+                .secret_header
+                .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
         };
+        if target.secret_file.is_some() && target.kind != TargetKind::CalendarServer {
+            return Err(ConfigError::new(
+                "target.secret_file",
+                "is for kind = \"calendarserver\"",
+            ));
+        }
+        if target.secret_file.is_some() && (target.username.is_some() || target.token_file.is_some()) {
+            return Err(ConfigError::new(
+                "target.secret_file",
+                "choose either the shared secret or username and password_file",
+            ));
+        }
         if target.timeout.is_zero() {
             return Err(ConfigError::new("target.timeout", "must be longer than zero"));
         }
@@ -450,6 +474,13 @@ impl Config {
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
         };
+
+        if target.kind == TargetKind::CalendarServer && tokens.mode != TokenMode::Local {
+            return Err(ConfigError::new(
+                "tokens.mode",
+                "target kind calendarserver needs mode = \"local\": the injection names the organizer, which only local tokens know",
+            ));
+        }
 
         Ok(Self {
             listen,

@@ -1,5 +1,6 @@
 //! Delivery targets, one file per kind.
 
+pub mod calendarserver;
 pub mod webhook;
 
 use crate::{
@@ -20,6 +21,7 @@ pub enum Outcome {
 /// The configured target.
 pub enum Target {
     Webhook(webhook::Webhook),
+    CalendarServer(calendarserver::CalendarServer),
 }
 
 impl Target {
@@ -27,12 +29,14 @@ impl Target {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
         match config.kind {
             TargetKind::Webhook => webhook::Webhook::new(config).map(Self::Webhook),
+            TargetKind::CalendarServer => calendarserver::CalendarServer::new(config).map(Self::CalendarServer),
         }
     }
 
     pub async fn deliver(&self, record: &Record) -> Outcome {
         match self {
             Self::Webhook(w) => w.deliver(record).await,
+            Self::CalendarServer(c) => c.deliver(record).await,
         }
     }
 
@@ -40,6 +44,7 @@ impl Target {
     pub async fn check(&self) -> crate::check::Finding {
         match self {
             Self::Webhook(w) => w.check().await,
+            Self::CalendarServer(c) => c.check().await,
         }
     }
 }

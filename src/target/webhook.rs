@@ -23,7 +23,7 @@ pub fn read_secret(path: &Path, key: &str) -> Result<String, String> {
     Ok(line)
 }
 
-fn base64(input: &[u8]) -> String {
+pub fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
