@@ -48,7 +48,11 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub struct Delivery {
     pub idempotency_key: String,
     pub authorization: Option<String>,
+    /// The JSON document (webhook).
     pub body: serde_json::Value,
+    /// The request body as text (calendarserver: the iTIP data).
+    pub text: String,
+    pub headers: HashMap<String, String>,
 }
 
 #[derive(Default)]
@@ -59,6 +63,10 @@ struct WebhookState {
     fail_next: Vec<u16>,
     /// The Authorization header every request must carry, if any.
     expected_auth: Option<String>,
+    /// Play CalendarServer's injection endpoint with this shared secret.
+    calendarserver_secret: Option<String>,
+    /// request-status of the next schedule-responses, instead of 2.0.
+    status_next: Vec<&'static str>,
 }
 
 /// A real HTTP/1.1 server on loopback playing the calendar server's webhook.
@@ -130,6 +138,22 @@ impl Webhook {
         *self = again;
     }
 
+    /// Play CalendarServer's legacy injection endpoint (POST /inbox/),
+    /// requiring this shared secret in x-calendarserver-internal.
+    pub fn calendarserver(&self, secret: &str) {
+        self.state.lock().unwrap().calendarserver_secret = Some(secret.to_owned());
+    }
+
+    /// The request-status of the next schedule-responses.
+    pub fn request_status_next(&self, statuses: &[&'static str]) {
+        self.state.lock().unwrap().status_next = statuses.to_vec();
+    }
+
+    /// The base URL (for calendarserver: {base}/inbox/).
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     /// Refuse (401) requests without this Authorization header.
     pub fn require_auth(&self, value: &str) {
         self.state.lock().unwrap().expected_auth = Some(value.to_owned());
@@ -188,9 +212,13 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
     if reader.read_exact(&mut body).is_err() {
         return;
     }
-    let expected = state.lock().unwrap().expected_auth.clone();
-    let (status, why) = match expected {
-        Some(want) if headers.get("authorization") != Some(&want) => (401, "credentials refused".to_owned()),
+    let (expected, secret) = {
+        let st = state.lock().unwrap();
+        (st.expected_auth.clone(), st.calendarserver_secret.clone())
+    };
+    let (status, why) = match (expected, &secret) {
+        (Some(want), _) if headers.get("authorization") != Some(&want) => (401, "credentials refused".to_owned()),
+        (_, Some(secret)) => check_injection(&request_line, &headers, &body, secret),
         _ => check(&request_line, &headers, &body, path),
     };
     let status = if status == 200 {
@@ -200,6 +228,8 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
                 idempotency_key: headers.get("idempotency-key").cloned().unwrap_or_default(),
                 authorization: headers.get("authorization").cloned(),
                 body: serde_json::from_slice(&body).unwrap_or_default(),
+                text: String::from_utf8_lossy(&body).into_owned(),
+                headers: headers.clone(),
             });
             200
         } else {
@@ -209,11 +239,114 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
         state.lock().unwrap().refused.push(why.clone());
         status
     };
+    let why = match (&secret, status) {
+        (Some(_), 200) => {
+            let rs = {
+                let mut st = state.lock().unwrap();
+                if st.status_next.is_empty() {
+                    "2.0;Success"
+                } else {
+                    st.status_next.remove(0)
+                }
+            };
+            schedule_response(headers.get("recipient").map(String::as_str).unwrap_or(""), rs)
+        }
+        _ => why,
+    };
     let _ = write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
         why.len()
     );
+}
+
+/// CalDAV's schedule-response, as CalendarServer answers an injection.
+fn schedule_response(recipient: &str, request_status: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<C:schedule-response xmlns:D=\"DAV:\" xmlns:C=\"urn:ietf:params:xml:ns:caldav\">\n  <C:response>\n    <C:recipient><D:href>{recipient}</D:href></C:recipient>\n    <C:request-status>{request_status}</C:request-status>\n  </C:response>\n</C:schedule-response>\n"
+    )
+}
+
+/// CalendarServer's checks on an injected iTIP message (DESIGN §5): the
+/// path, the headers, the secret, one ATTENDEE who is the Originator, and the
+/// real ORGANIZER, who is the Recipient.
+fn check_injection(request_line: &str, headers: &HashMap<String, String>, body: &[u8], secret: &str) -> (u16, String) {
+    let mut parts = request_line.split_whitespace();
+    if parts.next() != Some("POST") {
+        return (405, "method must be POST".into());
+    }
+    if parts.next() != Some("/inbox/") {
+        return (404, "injection goes to /inbox/".into());
+    }
+    if headers.get("x-calendarserver-internal").map(String::as_str) != Some(secret) {
+        return (403, "shared secret missing or wrong".into());
+    }
+    if !headers
+        .get("content-type")
+        .is_some_and(|c| c.starts_with("text/calendar"))
+    {
+        return (415, "Content-Type must be text/calendar".into());
+    }
+    let (Some(originator), Some(recipient)) = (headers.get("originator"), headers.get("recipient")) else {
+        return (400, "Originator and Recipient headers are required".into());
+    };
+    if !originator.starts_with("mailto:") || !recipient.starts_with("mailto:") {
+        return (400, "Originator and Recipient must be mailto: URIs".into());
+    }
+    let text = String::from_utf8_lossy(body).replace("\r\n ", "").replace("\r\n\t", "");
+    if !text.lines().any(|l| l.trim_end().eq_ignore_ascii_case("METHOD:REPLY")) {
+        return (400, "METHOD:REPLY required".into());
+    }
+    // The value starts after the first colon outside a quoted parameter.
+    let value = |l: &str| {
+        let mut quoted = false;
+        for (i, c) in l.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                ':' if !quoted => return l[i + 1..].trim().to_ascii_lowercase(),
+                _ => {}
+            }
+        }
+        String::new()
+    };
+    let mut in_component = false;
+    let (mut attendees, mut organizers): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    for l in text.lines() {
+        let upper = l.to_ascii_uppercase();
+        if upper.starts_with("BEGIN:VEVENT") || upper.starts_with("BEGIN:VTODO") {
+            in_component = true;
+            attendees.clear();
+            organizers.clear();
+        } else if upper.starts_with("END:VEVENT") || upper.starts_with("END:VTODO") {
+            if attendees.len() != 1 {
+                return (
+                    400,
+                    format!("exactly one ATTENDEE per component, found {}", attendees.len()),
+                );
+            }
+            if organizers.len() != 1 {
+                return (400, "ORGANIZER missing".into());
+            }
+            if organizers[0] != recipient.to_ascii_lowercase() || organizers[0].contains("calendar+") {
+                return (
+                    400,
+                    format!("ORGANIZER {} is not the real organizer {recipient}", organizers[0]),
+                );
+            }
+            if attendees[0] != originator.to_ascii_lowercase() {
+                return (
+                    400,
+                    format!("ATTENDEE {} is not the Originator {originator}", attendees[0]),
+                );
+            }
+            in_component = false;
+        } else if in_component && (upper.starts_with("ATTENDEE;") || upper.starts_with("ATTENDEE:")) {
+            attendees.push(value(l));
+        } else if in_component && (upper.starts_with("ORGANIZER;") || upper.starts_with("ORGANIZER:")) {
+            organizers.push(value(l));
+        }
+    }
+    (200, String::new())
 }
 
 fn check(request_line: &str, headers: &HashMap<String, String>, body: &[u8], path: &str) -> (u16, String) {
@@ -322,9 +455,15 @@ impl InProcess {
     }
 
     pub async fn start_with(webhook_url: &str, extra: &str) -> Self {
+        let extra = extra.to_owned();
+        Self::start_edited(webhook_url, move |c| format!("{c}{extra}")).await
+    }
+
+    /// With the configuration text passed through `edit`.
+    pub async fn start_edited(webhook_url: &str, edit: impl FnOnce(String) -> String) -> Self {
         init_logs();
         let state_dir = tempfile::tempdir().expect("tempdir");
-        let text = config_text(state_dir.path(), "inet:127.0.0.1:0", webhook_url, extra);
+        let text = edit(config_text(state_dir.path(), "inet:127.0.0.1:0", webhook_url, ""));
         let config = imip_milter::config::Config::parse(&text).expect("config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
