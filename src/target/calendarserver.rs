@@ -110,7 +110,7 @@ impl CalendarServer {
                 classify(status, &text)
             }
             Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
-            Err(e) => Outcome::Retry(format!("{}", root_cause(&e))),
+            Err(e) => Outcome::Retry(root_cause(&e)),
         }
     }
 
