@@ -41,6 +41,7 @@ pub struct Analysis {
     pub message_id: Option<String>,
     pub from: Option<String>,
     pub authentication_results: Option<String>,
+    pub all_authentication_results: Vec<String>,
 }
 
 impl Analysis {
@@ -59,6 +60,7 @@ impl Analysis {
             message_id: None,
             from: None,
             authentication_results: None,
+            all_authentication_results: Vec::new(),
         }
     }
 }
@@ -73,6 +75,7 @@ pub fn analyse(raw: &[u8]) -> Analysis {
     analysis.message_id = summary.message_id;
     analysis.from = summary.from;
     analysis.authentication_results = summary.authentication_results;
+    analysis.all_authentication_results = summary.all_authentication_results;
     analysis
 }
 

@@ -135,6 +135,18 @@ pub struct TokensConfig {
     pub unknown_window: Duration,
 }
 
+/// Who may answer for a token (`[policy] sender`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPolicy {
+    /// The token alone.
+    Token,
+    /// The header From must be the token's attendee (local tokens).
+    Attendee,
+    /// DMARC pass for the header From domain, in an Authentication-Results
+    /// header added by this trusted authserv-id.
+    Dmarc { authserv_id: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -155,6 +167,7 @@ pub struct Config {
     pub target: TargetConfig,
     pub delivery: DeliveryConfig,
     pub tokens: TokensConfig,
+    pub policy: SenderPolicy,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +184,14 @@ struct RawConfig {
     delivery: Option<RawDelivery>,
     metrics: Option<RawMetrics>,
     tokens: Option<RawTokens>,
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    sender: Option<String>,
+    authserv_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -475,6 +496,34 @@ impl Config {
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
         };
 
+        let policy = match raw.policy {
+            None => SenderPolicy::Token,
+            Some(p) => match (p.sender.as_deref().unwrap_or("token"), p.authserv_id) {
+                ("token", _) => SenderPolicy::Token,
+                ("attendee", _) if tokens.mode != TokenMode::Local => {
+                    return Err(ConfigError::new(
+                        "policy.sender",
+                        "attendee needs tokens.mode = \"local\": only local tokens know the attendee",
+                    ))
+                }
+                ("attendee", _) => SenderPolicy::Attendee,
+                ("dmarc", Some(id)) if !id.trim().is_empty() => SenderPolicy::Dmarc {
+                    authserv_id: id.trim().to_ascii_lowercase(),
+                },
+                ("dmarc", _) => {
+                    return Err(ConfigError::new(
+                        "policy.authserv_id",
+                        "sender = \"dmarc\" needs the authserv-id of your OpenDMARC or rspamd",
+                    ))
+                }
+                (other, _) => {
+                    return Err(ConfigError::new(
+                        "policy.sender",
+                        format!("`{other}` is not token, attendee or dmarc"),
+                    ))
+                }
+            },
+        };
         if target.kind == TargetKind::CalendarServer && tokens.mode != TokenMode::Local {
             return Err(ConfigError::new(
                 "tokens.mode",
@@ -494,6 +543,7 @@ impl Config {
             target,
             delivery,
             tokens,
+            policy,
         })
     }
 

@@ -220,6 +220,20 @@ pub fn decide_with_organizer(analysis: &Analysis, recipients: &[Recipient], orga
     }
 }
 
+/// EOM: `[policy] sender` does not let this reply through.
+pub fn decide_policy_refused(why: &str, mixed: bool) -> Decision {
+    let reason = format!("sender policy: {why}");
+    if mixed {
+        return Decision::new(Disposition::DeleteRecipients, reason);
+    }
+    Decision::new(Disposition::Reject, reason).reply(
+        "550",
+        "5.7.1",
+        "The calendar reply could not be verified as coming from the invited attendee; \
+         please answer from the address the invitation went to",
+    )
+}
+
 /// EOM: the spool could not store the reply durably.
 pub fn decide_spool_failed(error: &str) -> Decision {
     Decision::new(Disposition::Tempfail, format!("spool write failed: {error}")).reply(

@@ -4,8 +4,9 @@
 use crate::{
     address::{token_prefix, Recipient},
     analysis::{analyse, Analysis, Kind},
+    config::SenderPolicy,
     decision::{self, Decision, Disposition},
-    itip,
+    itip, policy,
     spool::{build_record, Appended, Envelope, Spool},
     tokens::{RedbTokens, TokenRecord, TokenStore},
 };
@@ -28,6 +29,7 @@ pub async fn take(
     raw: Vec<u8>,
     recipients: &[(String, Recipient)],
     tokens: &[TokenRecord],
+    sender_policy: &SenderPolicy,
     envelope: &Envelope,
 ) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
@@ -53,6 +55,12 @@ pub async fn take(
         true => decision::decide_message(&analysis, &classes),
         false => decision::decide_with_organizer(&analysis, &classes, organizer),
     };
+    if decision.spool && analysis.kind == Kind::Reply {
+        let token = gateway(recipients).find_map(|(_, t)| record_of(t));
+        if let Err(why) = policy::check(sender_policy, &analysis, token) {
+            decision = decision::decide_policy_refused(&why, classes.iter().any(|c| *c == Recipient::Other));
+        }
+    }
     let mut ids = Vec::new();
     let mut duplicates = 0;
     let mut notes = Vec::new();

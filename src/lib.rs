@@ -18,6 +18,7 @@ pub mod itip;
 pub mod message;
 pub mod metrics;
 pub mod milter;
+pub mod policy;
 pub mod spool;
 pub mod target;
 pub mod tokens;
@@ -95,7 +96,7 @@ pub async fn run_with_reload(
         config.delivery.clone(),
         stopped(stop_rx.clone()),
     ));
-    let mut shared = milter::Shared::new(config.gateway.clone(), config.max_message_bytes, spool.clone());
+    let mut shared = milter::Shared::new(milter::Settings::from_config(&config), spool.clone());
     if config.tokens.mode == config::TokenMode::Local {
         shared.tokens = Some(local_tokens(&config, &spool)?);
     }
@@ -153,8 +154,9 @@ pub fn local_tokens(config: &Config, spool: &spool::Spool) -> Result<milter::Loc
     })
 }
 
-/// Applies reloaded configurations: gateway addresses, delimiters and
-/// max_message_bytes change at once; the rest is named in the log.
+/// Applies reloaded configurations: gateway addresses, delimiters,
+/// max_message_bytes and the sender policy change at once; the rest is named
+/// in the log.
 async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut reloads: mpsc::Receiver<Config>) {
     while let Some(new) = reloads.recv().await {
         let mut fixed = Vec::new();
@@ -182,10 +184,7 @@ async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut rel
         if format!("{:?}", new.delivery) != format!("{:?}", running.delivery) {
             fixed.push("[delivery]");
         }
-        shared.replace(milter::Settings {
-            gateway: new.gateway.clone(),
-            max_message_bytes: new.max_message_bytes,
-        });
+        shared.replace(milter::Settings::from_config(&new));
         let bases: Vec<String> = new.gateway.bases().iter().map(ToString::to_string).collect();
         info!(
             "configuration reloaded: gateway.addresses = {}, max_message_bytes = {}",
@@ -201,5 +200,6 @@ async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut rel
         // Settings not applied stay as they were, so compare against those next time.
         running.gateway = new.gateway;
         running.max_message_bytes = new.max_message_bytes;
+        running.policy = new.policy;
     }
 }

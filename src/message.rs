@@ -43,6 +43,8 @@ pub struct MessageSummary {
     pub message_id: Option<String>,
     pub from: Option<String>,
     pub authentication_results: Option<String>,
+    /// Every Authentication-Results header, top first (at most 16).
+    pub all_authentication_results: Vec<String>,
     /// Calendar parts of the message itself.
     pub calendars: Vec<CalendarPart>,
     /// Calendar parts inside attached (forwarded) messages.
@@ -71,6 +73,12 @@ pub fn read(raw: &[u8]) -> Result<MessageSummary, String> {
             .map(|v| v.trim().chars().take(2048).collect()),
         ..Default::default()
     };
+    summary.all_authentication_results = message
+        .headers_raw()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("Authentication-Results"))
+        .take(16)
+        .map(|(_, v)| v.trim().chars().take(2048).collect())
+        .collect();
     let mut budget = MAX_PARTS;
     walk(&message, &mut summary, &mut budget, false)?;
     Ok(summary)

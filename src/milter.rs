@@ -3,6 +3,7 @@
 
 use crate::{
     address::{GatewayAddresses, Recipient},
+    config::SenderPolicy,
     decision::{self, Decision, Disposition},
     intake,
     metrics::METRICS,
@@ -22,6 +23,17 @@ use tracing::{info, warn};
 pub struct Settings {
     pub gateway: GatewayAddresses,
     pub max_message_bytes: usize,
+    pub policy: SenderPolicy,
+}
+
+impl Settings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            gateway: config.gateway.clone(),
+            max_message_bytes: config.max_message_bytes,
+            policy: config.policy.clone(),
+        }
+    }
 }
 
 /// Local token mode: the store and the abuse limit.
@@ -95,12 +107,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(gateway: GatewayAddresses, max_message_bytes: usize, spool: Spool) -> Self {
+    pub fn new(settings: Settings, spool: Spool) -> Self {
         Self {
-            settings: RwLock::new(Arc::new(Settings {
-                gateway,
-                max_message_bytes,
-            })),
+            settings: RwLock::new(Arc::new(settings)),
             spool,
             tokens: None,
         }
@@ -367,7 +376,8 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     };
     session.reset_message();
 
-    let mut intake = intake::take(&shared.spool, message, &recipients, &token_records, &envelope).await;
+    let policy = shared.settings().policy.clone();
+    let mut intake = intake::take(&shared.spool, message, &recipients, &token_records, &policy, &envelope).await;
     let status = match intake.decision.disposition {
         Disposition::Accept => Status::Accept,
         Disposition::Discard => Status::Discard,

@@ -204,3 +204,29 @@ async fn tokens_add_mints_and_reuses() {
     assert!(show.contains("\"attendee\": \"mailto:bob@example.com\""), "{show}");
     m.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attendee_policy_refuses_a_reply_from_someone_else() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), &format!("{LOCAL}\n[policy]\nsender = \"attendee\"\n")).await;
+    import(&m, &hook.url(), "mailto:erik.jansen@contoso.example");
+    let (conn, _) = transaction(&m, [192, 0, 2, 8], &[gateway()]).await;
+    match finish(conn, "apple.eml").await.1 {
+        Status::Reject { message: Some(msg) } => {
+            let msg = msg.to_string_lossy().into_owned();
+            assert!(
+                msg.starts_with("550 5.7.1 ") && msg.contains("invited attendee"),
+                "{msg}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (conn, _) = transaction(&m, [192, 0, 2, 8], &[gateway()]).await;
+    assert_eq!(
+        finish(conn, "outlook.eml").await.1,
+        Status::Discard,
+        "From is the attendee"
+    );
+    assert_eq!(hook.wait_for(1, Duration::from_secs(10)).len(), 1);
+    m.stop().await;
+}
