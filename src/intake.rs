@@ -58,7 +58,7 @@ pub async fn take(
     if decision.spool && analysis.kind == Kind::Reply {
         let token = gateway(recipients).find_map(|(_, t)| record_of(t));
         if let Err(why) = policy::check(sender_policy, &analysis, token) {
-            decision = decision::decide_policy_refused(&why, classes.iter().any(|c| *c == Recipient::Other));
+            decision = decision::decide_policy_refused(&why, classes.contains(&Recipient::Other));
         }
     }
     let mut ids = Vec::new();
