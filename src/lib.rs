@@ -18,6 +18,7 @@ pub mod itip;
 pub mod message;
 pub mod metrics;
 pub mod milter;
+pub mod outbound;
 pub mod policy;
 pub mod spool;
 pub mod target;

@@ -1,0 +1,448 @@
+//! Outbound tokenization (`[outbound] enabled = true`): an invitation from a
+//! local organizer to external attendees leaves with the organizer's address
+//! replaced by a tokenized gateway address, so that replies and bounces come
+//! back through the gateway. Only the ORGANIZER lines of the calendar parts
+//! change; every other byte of the message stays as it was.
+
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use regex::Regex;
+
+/// The methods that carry an invitation (RFC 5546).
+const METHODS: [&str; 4] = ["REQUEST", "CANCEL", "ADD", "PUBLISH"];
+
+/// Outbound settings.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Domains whose organizers are local (lower case).
+    pub organizer_domains: Vec<String>,
+    /// Calendar user addresses that are external and reached by iMIP.
+    pub address_patterns: Vec<Regex>,
+}
+
+impl Outbound {
+    pub fn is_local(&self, address: &str) -> bool {
+        let a = address.trim_start_matches("mailto:").trim_start_matches("MAILTO:");
+        a.rsplit_once('@')
+            .is_some_and(|(_, d)| self.organizer_domains.iter().any(|l| l.eq_ignore_ascii_case(d)))
+    }
+
+    /// An envelope recipient that gets a token: not local, and matching a pattern.
+    pub fn is_external(&self, rcpt: &str) -> bool {
+        let uri = format!("mailto:{}", strip(rcpt).to_ascii_lowercase());
+        !self.is_local(&uri) && self.address_patterns.iter().any(|p| p.is_match(&uri))
+    }
+}
+
+fn strip(a: &str) -> &str {
+    let a = a.trim();
+    a.strip_prefix('<').and_then(|a| a.strip_suffix('>')).unwrap_or(a)
+}
+
+/// What an outgoing message holds that needs a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    /// `mailto:` URI of the (local) organizer.
+    pub organizer: String,
+    pub uid: String,
+    pub method: String,
+    /// Byte ranges of the calendar parts' bodies in the raw message, with
+    /// their transfer encoding.
+    parts: Vec<(usize, usize, Encoding)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Plain,
+    Base64,
+    QuotedPrintable,
+}
+
+/// Finds an invitation from a local organizer in `raw` (headers and body).
+pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
+    let message = MessageParser::default().parse(raw)?;
+    let mut found: Option<Invitation> = None;
+    for part in message.parts.iter().take(crate::message::MAX_PARTS) {
+        let is_calendar = part.content_type().is_some_and(|ct| {
+            let (t, s) = (
+                ct.ctype().to_ascii_lowercase(),
+                ct.subtype().unwrap_or("").to_ascii_lowercase(),
+            );
+            (t == "text" && s == "calendar") || (t == "application" && s == "ics")
+        });
+        if !is_calendar || matches!(part.body, PartType::Message(_) | PartType::Multipart(_)) {
+            continue;
+        }
+        let text = match &part.body {
+            PartType::Text(t) => t.to_string(),
+            PartType::Binary(b) | PartType::InlineBinary(b) => String::from_utf8(b.to_vec()).ok()?,
+            _ => continue,
+        };
+        let Ok(itip) = crate::itip::read(&text, None) else {
+            continue;
+        };
+        let (Some(method), Some(organizer), Some(uid)) = (itip.method, itip.organizer, itip.uid) else {
+            continue;
+        };
+        if !METHODS.contains(&method.as_str()) || !cfg.is_local(&organizer) {
+            continue;
+        }
+        let encoding = match part.content_transfer_encoding().map(|e| e.to_ascii_lowercase()) {
+            Some(e) if e == "base64" => Encoding::Base64,
+            Some(e) if e == "quoted-printable" => Encoding::QuotedPrintable,
+            _ => Encoding::Plain,
+        };
+        let range = (part.offset_body as usize, part.offset_end as usize, encoding);
+        if range.0 > range.1 || range.1 > raw.len() {
+            continue;
+        }
+        match &mut found {
+            None => {
+                found = Some(Invitation {
+                    organizer,
+                    uid,
+                    method,
+                    parts: vec![range],
+                })
+            }
+            // Google-style second copy of the same event.
+            Some(inv) if inv.uid == uid => inv.parts.push(range),
+            Some(_) => {}
+        }
+    }
+    found
+}
+
+/// The message body with every ORGANIZER in the invitation's calendar parts
+/// set to `tokenized` (a `mailto:` URI), its parameters kept and EMAIL= the
+/// real address. `body_start` is where the body begins in `raw`.
+pub fn rewrite_body(raw: &[u8], body_start: usize, inv: &Invitation, tokenized: &str) -> Option<Vec<u8>> {
+    let real = inv
+        .organizer
+        .trim_start_matches("mailto:")
+        .trim_start_matches("MAILTO:");
+    let mut parts = inv.parts.clone();
+    parts.sort_by_key(|p| p.0);
+    let mut out = Vec::with_capacity(raw.len() + 256);
+    let mut pos = body_start;
+    for (start, end, encoding) in parts {
+        if start < pos {
+            return None;
+        }
+        out.extend_from_slice(&raw[pos..start]);
+        let encoded = &raw[start..end];
+        let decoded = match encoding {
+            Encoding::Plain => encoded.to_vec(),
+            Encoding::Base64 => decode_base64(encoded)?,
+            Encoding::QuotedPrintable => decode_qp(encoded),
+        };
+        let text = String::from_utf8(decoded).ok()?;
+        let rewritten = rewrite_organizer(&text, tokenized, real);
+        let trailing = &encoded[encoded.len() - trailing_newlines(encoded)..];
+        match encoding {
+            Encoding::Plain => out.extend_from_slice(rewritten.as_bytes()),
+            Encoding::Base64 => {
+                out.extend_from_slice(encode_base64(rewritten.as_bytes()).as_bytes());
+                out.extend_from_slice(trailing);
+            }
+            Encoding::QuotedPrintable => {
+                out.extend_from_slice(encode_qp(rewritten.as_bytes()).as_bytes());
+                out.extend_from_slice(trailing);
+            }
+        }
+        pos = end;
+    }
+    out.extend_from_slice(&raw[pos..]);
+    Some(out)
+}
+
+fn trailing_newlines(b: &[u8]) -> usize {
+    b.iter().rev().take_while(|c| matches!(c, b'\r' | b'\n')).count()
+}
+
+/// Rewrites the ORGANIZER properties of iCalendar text, leaving every other
+/// line as it was.
+pub fn rewrite_organizer(text: &str, tokenized: &str, real: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 128);
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let is_org =
+            line.len() >= 10 && line[..9].eq_ignore_ascii_case("ORGANIZER") && matches!(&line[9..10], ";" | ":");
+        if !is_org {
+            out.push_str(line);
+            i += 1;
+            continue;
+        }
+        // Unfold the property.
+        let eol = if line.ends_with("\r\n") { "\r\n" } else { "\n" };
+        let mut logical = line.trim_end_matches(['\r', '\n']).to_owned();
+        i += 1;
+        while i < lines.len() && lines[i].starts_with([' ', '\t']) {
+            logical.push_str(lines[i][1..].trim_end_matches(['\r', '\n']));
+            i += 1;
+        }
+        let (head, _) = split_value(&logical);
+        let params: Vec<&str> = split_params(&head[9..])
+            .into_iter()
+            .filter(|p| !p.to_ascii_uppercase().starts_with("EMAIL="))
+            .collect();
+        let mut prop = String::from("ORGANIZER");
+        for p in params {
+            prop.push(';');
+            prop.push_str(p);
+        }
+        prop.push_str(&format!(";EMAIL={real}:{tokenized}"));
+        out.push_str(&fold(&prop, eol));
+    }
+    out
+}
+
+/// (name and parameters, value): split at the first colon outside quotes.
+fn split_value(line: &str) -> (&str, &str) {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ':' if !quoted => return (&line[..i], &line[i + 1..]),
+            _ => {}
+        }
+    }
+    (line, "")
+}
+
+/// `;A=1;B="x;y"` → ["A=1", "B=\"x;y\""]
+fn split_params(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut quoted = false;
+    let mut start = None;
+    for (i, c) in s.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                if let Some(st) = start {
+                    out.push(&s[st..i]);
+                }
+                start = Some(i + 1);
+            }
+            _ => {}
+        }
+    }
+    if let Some(st) = start {
+        if st < s.len() {
+            out.push(&s[st..]);
+        }
+    }
+    out
+}
+
+/// Folds a content line at 75 octets (RFC 5545 §3.1), never inside a character.
+fn fold(line: &str, eol: &str) -> String {
+    let mut out = String::with_capacity(line.len() + 8);
+    let mut width = 0;
+    for c in line.chars() {
+        let n = c.len_utf8();
+        if width + n > 75 {
+            out.push_str(eol);
+            out.push(' ');
+            width = 1;
+        }
+        out.push(c);
+        width += n;
+    }
+    out.push_str(eol);
+    out
+}
+
+fn decode_base64(b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(b.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for &c in b {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            b'\r' | b'\n' | b' ' | b'\t' => continue,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn encode_base64(b: &[u8]) -> String {
+    let flat = crate::target::webhook::base64(b);
+    let mut out = String::with_capacity(flat.len() + flat.len() / 76 * 2 + 2);
+    for (i, chunk) in flat.as_bytes().chunks(76).enumerate() {
+        if i > 0 {
+            out.push_str("\r\n");
+        }
+        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
+    }
+    out
+}
+
+fn decode_qp(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    while i < b.len() {
+        if b[i] == b'=' {
+            if b.get(i + 1) == Some(&b'\r') && b.get(i + 2) == Some(&b'\n') {
+                i += 3;
+                continue;
+            }
+            if b.get(i + 1) == Some(&b'\n') {
+                i += 2;
+                continue;
+            }
+            if let (Some(h), Some(l)) = (b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn encode_qp(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len() + b.len() / 8);
+    let mut width = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\r' && b.get(i + 1) == Some(&b'\n') {
+            out.push_str("\r\n");
+            width = 0;
+            i += 2;
+            continue;
+        }
+        let literal = (c == b' ' || c == b'\t') && !matches!(b.get(i + 1), Some(b'\r') | Some(b'\n') | None)
+            || (33..=126).contains(&c) && c != b'=';
+        let piece = if literal {
+            (c as char).to_string()
+        } else {
+            format!("={c:02X}")
+        };
+        if width + piece.len() > 75 {
+            out.push_str("=\r\n");
+            width = 0;
+        }
+        width += piece.len();
+        out.push_str(&piece);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Outbound {
+        Outbound {
+            organizer_domains: vec!["example.org".into()],
+            address_patterns: vec![Regex::new("^mailto:").unwrap()],
+        }
+    }
+
+    const INVITE: &str = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Test//EN\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nUID:ev-1\r\nDTSTAMP:20261120T100000Z\r\nSUMMARY:Planung Zürich\r\nORGANIZER;CN=\"Doe, Alice\";EMAIL=alice@example.org:mailto:alice@example.org\r\nATTENDEE;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+
+    fn message(encoding: &str, body: &str) -> Vec<u8> {
+        format!(
+            "From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: Invitation\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nYou are invited.\r\n--b\r\nContent-Type: text/calendar; charset=utf-8; method=REQUEST\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n{body}\r\n--b--\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn roundtrip(raw: &[u8]) -> (Vec<u8>, String) {
+        let inv = find(raw, &cfg()).expect("an invitation");
+        assert_eq!(inv.organizer, "mailto:alice@example.org");
+        assert_eq!(inv.uid, "ev-1");
+        let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let tok = "mailto:calendar+8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81@example.org";
+        let body = rewrite_body(raw, start, &inv, tok).unwrap();
+        let mut whole = raw[..start].to_vec();
+        whole.extend_from_slice(&body);
+        let a = crate::analysis::analyse(&whole);
+        (body, a.icalendar.unwrap_or_default())
+    }
+
+    #[test]
+    fn plain_part_only_organizer_changes() {
+        let raw = message("8bit", INVITE);
+        let (body, cal) = roundtrip(&raw);
+        let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let before = String::from_utf8(raw[start..].to_vec()).unwrap();
+        let after = String::from_utf8(body).unwrap().replace("\r\n ", "");
+        assert_eq!(before.lines().count(), after.lines().count());
+        let changed: Vec<(&str, &str)> = before.lines().zip(after.lines()).filter(|(a, b)| a != b).collect();
+        assert!(changed.iter().all(|(a, _)| a.starts_with("ORGANIZER")), "{changed:?}");
+        assert!(
+            cal.contains("EMAIL=alice@example.org:mailto:calendar+8e3c0d1a"),
+            "{cal}"
+        );
+        assert!(cal.contains("CN=\"Doe, Alice\""), "{cal}");
+        let itip = crate::itip::read(&cal, None).unwrap();
+        assert_eq!(
+            itip.organizer.as_deref(),
+            Some("mailto:calendar+8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81@example.org")
+        );
+        assert!(cal.contains("SUMMARY:Planung Zürich"));
+    }
+
+    #[test]
+    fn base64_and_quoted_printable_parts() {
+        let b64 = encode_base64(INVITE.as_bytes());
+        let (_, cal) = roundtrip(&message("base64", &b64));
+        assert!(cal.contains("mailto:calendar+8e3c0d1a"), "{cal}");
+        assert!(cal.contains("SUMMARY:Planung Zürich"), "{cal}");
+        let qp = encode_qp(INVITE.as_bytes());
+        let (_, cal) = roundtrip(&message("quoted-printable", &qp));
+        assert!(cal.contains("mailto:calendar+8e3c0d1a"), "{cal}");
+        assert!(cal.contains("SUMMARY:Planung Zürich"), "{cal}");
+    }
+
+    #[test]
+    fn external_and_local() {
+        let c = cfg();
+        assert!(c.is_external("<bob@example.com>"));
+        assert!(!c.is_external("<carol@example.org>"));
+        assert!(c.is_local("mailto:Alice@Example.ORG"));
+    }
+
+    #[test]
+    fn replies_and_foreign_organizers_are_left_alone() {
+        assert!(find(
+            &message("8bit", &INVITE.replace("METHOD:REQUEST", "METHOD:REPLY")),
+            &cfg()
+        )
+        .is_none());
+        assert!(find(
+            &message("8bit", &INVITE.replace("alice@example.org", "alice@example.com")),
+            &cfg()
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn folding() {
+        let long = format!("ORGANIZER;CN={}:mailto:a@b", "x".repeat(200));
+        let folded = fold(&long, "\r\n");
+        assert!(folded.split("\r\n").all(|l| l.len() <= 75));
+        assert_eq!(folded.replace("\r\n ", "").trim_end(), long);
+    }
+}
