@@ -168,6 +168,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub tokens: TokensConfig,
     pub policy: SenderPolicy,
+    /// Outbound tokenization, when enabled.
+    pub outbound: Option<crate::outbound::Outbound>,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +187,15 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     tokens: Option<RawTokens>,
     policy: Option<RawPolicy>,
+    outbound: Option<RawOutbound>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    enabled: Option<bool>,
+    organizer_domains: Option<Vec<String>>,
+    address_patterns: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +535,40 @@ impl Config {
                 }
             },
         };
+        let outbound = match raw.outbound {
+            Some(o) if o.enabled.unwrap_or(false) => {
+                if tokens.mode != TokenMode::Local {
+                    return Err(ConfigError::new(
+                        "outbound.enabled",
+                        "outbound tokenization needs tokens.mode = \"local\"",
+                    ));
+                }
+                let domains: Vec<String> = o
+                    .organizer_domains
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|d| d.trim().to_ascii_lowercase())
+                    .filter(|d| !d.is_empty())
+                    .collect();
+                if domains.is_empty() {
+                    return Err(ConfigError::new(
+                        "outbound.organizer_domains",
+                        "needs at least one domain",
+                    ));
+                }
+                let mut patterns = Vec::new();
+                for p in o.address_patterns.unwrap_or_else(|| vec!["^mailto:".to_owned()]) {
+                    let re = regex::Regex::new(&p)
+                        .map_err(|e| ConfigError::new("outbound.address_patterns", format!("`{p}`: {e}")))?;
+                    patterns.push(re);
+                }
+                Some(crate::outbound::Outbound {
+                    organizer_domains: domains,
+                    address_patterns: patterns,
+                })
+            }
+            _ => None,
+        };
         if target.kind == TargetKind::CalendarServer && tokens.mode != TokenMode::Local {
             return Err(ConfigError::new(
                 "tokens.mode",
@@ -544,6 +589,7 @@ impl Config {
             delivery,
             tokens,
             policy,
+            outbound,
         })
     }
 

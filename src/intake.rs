@@ -109,7 +109,8 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord) -> (Analysis, Option<Stri
     match a.kind {
         Kind::Reply => {
             if let Some(cal) = &analysis.icalendar {
-                match itip::rewrite_reply(cal, &t.organizer, &t.attendee) {
+                let replying = analysis.itip.as_ref().and_then(|i| i.attendee.as_deref());
+                match itip::rewrite_reply(cal, &t.organizer, &t.attendee_for(replying)) {
                     Ok(r) => {
                         if r.attendee_mismatch {
                             note = Some("ATTENDEE is not the token's attendee (SCHEDULE-STATUS=5.1)".to_owned());
@@ -122,7 +123,14 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord) -> (Analysis, Option<Stri
             }
         }
         Kind::Bounce => {
-            let text = itip::bounce_reply(&t.organizer, &t.attendee, &t.uid, chrono::Utc::now());
+            // A shared token: the bounce names the attendee it failed for.
+            let failed = analysis
+                .bounce
+                .as_ref()
+                .and_then(|b| b.final_recipient.as_deref())
+                .map(|r| format!("mailto:{r}"));
+            let attendee = t.attendee_for(failed.as_deref());
+            let text = itip::bounce_reply(&t.organizer, &attendee, &t.uid, chrono::Utc::now());
             a.itip = itip::read(&text, None).ok();
             a.icalendar = Some(text);
         }

@@ -101,6 +101,7 @@ pub async fn run_with_reload(
     if config.tokens.mode == config::TokenMode::Local {
         shared.tokens = Some(local_tokens(&config, &spool)?);
     }
+    shared.outbound = config.outbound.clone();
     let shared = Arc::new(shared);
     let control_task = tokio::spawn(control::serve(control, shared.clone()));
     let metrics_task = match config.metrics_listen {
@@ -116,7 +117,12 @@ pub async fn run_with_reload(
     let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), reloads));
     let milter_config = indymilter::Config {
         max_connections: config.max_sessions,
-        actions: indymilter::Actions::DELETE_RCPT | indymilter::Actions::ADD_RCPT,
+        actions: indymilter::Actions::DELETE_RCPT
+            | indymilter::Actions::ADD_RCPT
+            | indymilter::Actions::CHANGE_SENDER
+            | indymilter::Actions::CHANGE_HEADER
+            | indymilter::Actions::ADD_HEADER
+            | indymilter::Actions::REPLACE_BODY,
         ..Default::default()
     };
     let (pending, oldest) = spool.pending_stats().unwrap_or((0, None));

@@ -7,6 +7,7 @@ use crate::{
     decision::{self, Decision, Disposition},
     intake,
     metrics::METRICS,
+    outbound::{self, Outbound},
     spool::{Envelope, Spool},
     tokens::{self, Lookup, TokenRecord, TokenStore},
 };
@@ -104,6 +105,8 @@ pub struct Shared {
     pub spool: Spool,
     /// Set in local token mode.
     pub tokens: Option<LocalTokens>,
+    /// Set when outbound tokenization is enabled (needs local tokens).
+    pub outbound: Option<Outbound>,
 }
 
 impl Shared {
@@ -112,6 +115,7 @@ impl Shared {
             settings: RwLock::new(Arc::new(settings)),
             spool,
             tokens: None,
+            outbound: None,
         }
     }
 
@@ -155,6 +159,8 @@ impl Shared {
 pub struct Session {
     client_addr: Option<String>,
     mail_from: String,
+    /// The client authenticated (SMTP AUTH) for this message.
+    authenticated: bool,
     /// Recipients accepted at RCPT: the argument as received, and its class.
     recipients: Vec<(String, Recipient)>,
     /// Local mode: the records of the gateway recipients' tokens.
@@ -202,6 +208,7 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
     let on_rcpt = shared.clone();
     let on_header = shared.clone();
     let on_body = shared.clone();
+    let on_data = shared.clone();
     let on_eom = shared;
     Callbacks::new()
         .on_connect(|cx, _host, info| Box::pin(connect(cx, info)))
@@ -210,7 +217,10 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
             let s = on_rcpt.clone();
             Box::pin(async move { rcpt(&s, cx, args) })
         })
-        .on_data(|cx| Box::pin(data(cx)))
+        .on_data(move |cx| {
+            let s = on_data.clone();
+            Box::pin(async move { data(&s, cx) })
+        })
         .on_header(move |cx, name, value| {
             let s = on_header.clone();
             Box::pin(async move { header(&s, cx, name, value) })
@@ -249,6 +259,10 @@ async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
             a.trim().trim_start_matches('<').trim_end_matches('>').to_owned()
         })
         .unwrap_or_default();
+    session.authenticated = cx
+        .macros
+        .get(c"{auth_authen}")
+        .is_some_and(|a| !a.to_bytes().is_empty());
     Status::Continue
 }
 
@@ -298,13 +312,15 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
     Status::Continue
 }
 
-async fn data(cx: &mut Context<Session>) -> Status {
+fn data(shared: &Shared, cx: &mut Context<Session>) -> Status {
     let Some(session) = cx.data.as_ref() else {
         return Status::Accept;
     };
     // No gateway recipient: Accept here, so Postfix skips us for the rest of
     // this message. (Accept at RCPT would end filtering for all recipients.)
+    // A local sender's mail to external recipients may be an invitation to tokenize.
     match decision::decide_data(&session.classes()) {
+        Some(_) if outbound_candidate(shared, session) => Status::Continue,
         Some(_) => {
             METRICS.message(Disposition::Accept);
             Status::Accept
@@ -322,6 +338,19 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
     if session.message.len() + add > limit {
         session.too_large = true;
         session.message = Vec::new();
+        if !session
+            .recipients
+            .iter()
+            .any(|(_, c)| matches!(c, Recipient::Gateway { .. }))
+        {
+            // Outgoing mail is never refused for its size; it leaves untokenized.
+            warn!(
+                "{}: from=<{}> outbound message larger than max_message_bytes; not inspected",
+                queue_id(&cx.macros),
+                session.mail_from
+            );
+            return Status::Accept;
+        }
         METRICS.message(Disposition::Reject);
         let d = decision::decide_too_large(limit);
         info!(
@@ -361,11 +390,28 @@ async fn abort(cx: &mut Context<Session>) -> Status {
     Status::Continue
 }
 
+fn outbound_candidate(shared: &Shared, session: &Session) -> bool {
+    let Some(out) = &shared.outbound else { return false };
+    (session.authenticated || out.is_local(&session.mail_from))
+        && session.recipients.iter().any(|(raw, _)| out.is_external(raw))
+}
+
 async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     let queue_id = queue_id(&cx.macros);
     let Some(session) = cx.data.as_mut() else {
         return Status::Accept;
     };
+    if !session
+        .recipients
+        .iter()
+        .any(|(_, c)| matches!(c, Recipient::Gateway { .. }))
+    {
+        let message = std::mem::take(&mut session.message);
+        let recipients = std::mem::take(&mut session.recipients);
+        let from = std::mem::take(&mut session.mail_from);
+        session.reset_message();
+        return tokenize(shared, cx, &queue_id, &from, &recipients, message).await;
+    }
     let message = std::mem::take(&mut session.message);
     let recipients = std::mem::take(&mut session.recipients);
     let token_records = std::mem::take(&mut session.token_records);
@@ -417,4 +463,97 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     };
     intake::log(&envelope, &recipients, &intake, "");
     status
+}
+
+/// Outbound: an invitation from a local organizer to external attendees leaves
+/// with a tokenized ORGANIZER, Reply-To and envelope sender.
+async fn tokenize(
+    shared: &Shared,
+    cx: &mut EomContext<Session>,
+    queue_id: &str,
+    from: &str,
+    recipients: &[(String, Recipient)],
+    message: Vec<u8>,
+) -> Status {
+    let (Some(out), Some(local)) = (&shared.outbound, &shared.tokens) else {
+        return Status::Accept;
+    };
+    let externals: Vec<String> = recipients
+        .iter()
+        .filter(|(raw, _)| out.is_external(raw))
+        .map(|(raw, _)| format!("mailto:{}", raw.trim().trim_start_matches('<').trim_end_matches('>')))
+        .collect();
+    let cfg = out.clone();
+    let (message, found) = match tokio::task::spawn_blocking(move || {
+        let found = outbound::find(&message, &cfg);
+        (message, found)
+    })
+    .await
+    {
+        Ok(v) => v,
+        Err(_) => return Status::Accept,
+    };
+    let Some(inv) = found else { return Status::Accept };
+    let now = crate::spool::now_ms();
+    let record = match externals.as_slice() {
+        [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, now),
+        many => tokens::mint_or_reuse_shared(local.store.as_ref(), &inv.organizer, &inv.uid, many, now),
+    };
+    let record = match record {
+        Ok(r) => r,
+        Err(e) => {
+            // Not tokenized, the invitation would leave with the organizer's
+            // own address and replies would bypass the gateway: try again later.
+            warn!("{queue_id}: outbound invitation not tokenized: {e}");
+            let d = decision::decide_store_failed(&e.0);
+            set_reply(&mut cx.reply, &d);
+            return Status::Tempfail;
+        }
+    };
+    let settings = shared.settings();
+    let Some(base) = settings.gateway.bases().first() else {
+        return Status::Accept;
+    };
+    let delimiter = settings.gateway.delimiters().first().copied().unwrap_or('+');
+    let address = format!("{}{delimiter}{}@{}", base.local, record.token, base.domain);
+    let body_start = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(message.len());
+    let Some(body) = outbound::rewrite_body(&message, body_start, &inv, &format!("mailto:{address}")) else {
+        warn!(
+            "{queue_id}: outbound invitation uid={} not rewritten: calendar part unreadable",
+            inv.uid
+        );
+        return Status::Accept;
+    };
+    let has_reply_to = String::from_utf8_lossy(&message[..body_start])
+        .lines()
+        .any(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case("reply-to:"));
+    let result = async {
+        cx.actions.replace_body(&body).await?;
+        if has_reply_to {
+            cx.actions.change_header("Reply-To", 1, Some(address.as_str())).await?;
+        } else {
+            cx.actions.add_header("Reply-To", address.as_str()).await?;
+        }
+        cx.actions.change_sender(format!("<{address}>"), None::<&str>).await
+    }
+    .await;
+    if let Err(e) = result {
+        warn!("{queue_id}: outbound invitation not tokenized: {e}");
+        let d = decision::decide_spool_failed(&format!("milter action failed: {e}"));
+        set_reply(&mut cx.reply, &d);
+        return Status::Tempfail;
+    }
+    info!(
+        "{queue_id}: from=<{from}> outbound method={} uid={} organizer={} attendees={} token={}",
+        inv.method,
+        inv.uid,
+        inv.organizer,
+        externals.len(),
+        crate::address::token_prefix(&record.token)
+    );
+    Status::Accept
 }

@@ -76,6 +76,7 @@ mod tests {
             uid: "u".into(),
             created_ms: 0,
             last_used_ms: 0,
+            attendees: Vec::new(),
         }
     }
 

@@ -21,6 +21,25 @@ pub struct TokenRecord {
     pub uid: String,
     pub created_ms: u64,
     pub last_used_ms: u64,
+    /// A token shared by several external attendees of one invitation:
+    /// `attendee` is empty and a reply must come from one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attendees: Vec<String>,
+}
+
+impl TokenRecord {
+    /// The attendee a reply that names `replying` answers for: the token's
+    /// own, or for a shared token the listed one it names.
+    pub fn attendee_for(&self, replying: Option<&str>) -> String {
+        if !self.attendee.is_empty() {
+            return self.attendee.clone();
+        }
+        replying
+            .and_then(|r| self.attendees.iter().find(|a| a.eq_ignore_ascii_case(r)))
+            .or(self.attendees.first())
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug)]
@@ -208,7 +227,38 @@ pub fn mint_or_reuse(
         uid: uid.to_owned(),
         created_ms: now_ms,
         last_used_ms: now_ms,
+        attendees: Vec::new(),
     };
+    store.put(&r)?;
+    Ok(r)
+}
+
+/// One token per (organizer, UID) for an invitation to several external
+/// attendees; the reply is bound to `attendees`.
+pub fn mint_or_reuse_shared(
+    store: &dyn TokenStore,
+    organizer: &str,
+    uid: &str,
+    attendees: &[String],
+    now_ms: u64,
+) -> Result<TokenRecord, StoreError> {
+    let organizer = crate::itip::normalise_mailto(organizer);
+    let mut list: Vec<String> = attendees.iter().map(|a| crate::itip::normalise_mailto(a)).collect();
+    let mut r = match store.find(&organizer, "", uid)? {
+        Some(r) => r,
+        None => TokenRecord {
+            token: mint()?,
+            organizer,
+            attendee: String::new(),
+            uid: uid.to_owned(),
+            created_ms: now_ms,
+            last_used_ms: now_ms,
+            attendees: Vec::new(),
+        },
+    };
+    list.retain(|a| !r.attendees.iter().any(|b| b.eq_ignore_ascii_case(a)));
+    r.attendees.extend(list);
+    r.last_used_ms = now_ms;
     store.put(&r)?;
     Ok(r)
 }
@@ -247,6 +297,7 @@ pub fn parse_csv(text: &str, now_ms: u64) -> (Vec<TokenRecord>, Vec<String>) {
             uid: fields[3].trim().to_owned(),
             created_ms: accessed,
             last_used_ms: accessed,
+            attendees: Vec::new(),
         });
     }
     (out, bad)
