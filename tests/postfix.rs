@@ -404,6 +404,162 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
     assert!(s.hook.deliveries().is_empty(), "check sends no reply");
 }
 
+const SECRET: &str = "calendarserver-shared-secret";
+
+/// Local tokens, outbound tokenization and the calendarserver target
+/// against the contract double.
+fn calendarserver_site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    hook.calendarserver(SECRET);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let milter = Daemon::start_edited(dir.path(), &hook.base_url(), None, |c| {
+        format!(
+            "{}secret_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n",
+            c.replace("kind = \"webhook\"", "kind = \"calendarserver\""),
+            secret.display()
+        )
+    });
+    let postfix = Postfix::start(&format!(
+        "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
+        milter.port
+    ));
+    Site {
+        hook,
+        milter,
+        postfix,
+        _dir: dir,
+    }
+}
+
+fn invitation() -> Vec<u8> {
+    "From: Alice Doe <alice@example.org>\r\nTo: Bob <bob@example.com>\r\nSubject: Invitation: Kickoff\r\nMessage-ID: <kickoff-invite@example.org>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"inv\"\r\n\r\n--inv\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nYou are invited to the kickoff.\r\n--inv\r\nContent-Type: text/calendar; charset=utf-8; method=REQUEST\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        .bytes()
+        .chain(
+            b64("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Example Server//EN\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\nUID:kickoff-2026@example.org\r\nDTSTAMP:20261120T100000Z\r\nDTSTART:20261205T100000Z\r\nSUMMARY:Kickoff\r\nORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org\r\nATTENDEE;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+                .into_bytes(),
+        )
+        .chain(b"\r\n--inv--\r\n".iter().copied())
+        .collect()
+}
+
+fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out.as_bytes()
+        .chunks(76)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+#[test]
+fn invitation_out_tokenized_reply_in_injected() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let s = calendarserver_site();
+
+    // Out: the organizer's invitation leaves with a tokenized address.
+    let out = smtp_send(s.postfix.port, "alice@example.org", &["bob@example.com"], &invitation());
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diagnostics(&s)
+    );
+    let received = s.postfix.wait_mailbox("bob-example.com", 1);
+    assert_eq!(received.len(), 1, "{}", diagnostics(&s));
+    let mail = &received[0];
+    let reply_to = mail
+        .lines()
+        .find_map(|l| l.strip_prefix("Reply-To: "))
+        .unwrap_or_else(|| panic!("no Reply-To in\n{mail}"))
+        .trim()
+        .to_owned();
+    let token = reply_to
+        .strip_prefix("calendar+")
+        .and_then(|r| r.strip_suffix("@example.org"))
+        .unwrap_or_else(|| panic!("Reply-To {reply_to}"))
+        .to_owned();
+    assert_eq!(token.len(), 36);
+    assert!(
+        mail.starts_with(&format!("Return-Path: <{reply_to}>")),
+        "envelope sender tokenized:\n{mail}"
+    );
+    let a = imip_milter::analysis::analyse(mail.as_bytes());
+    let cal = a.icalendar.unwrap_or_default().replace("\r\n ", "").replace("\n ", "");
+    assert!(cal.contains(&format!("mailto:{reply_to}")), "{cal}");
+    assert!(
+        cal.contains("EMAIL=alice@example.org") && cal.contains("CN=\"Doe, Alice\""),
+        "{cal}"
+    );
+    assert!(mail.contains("You are invited to the kickoff."));
+
+    // In: Bob's reply to the tokenized address is injected with the real organizer.
+    let reply = format!(
+        "From: Bob <bob@example.com>\r\nTo: {reply_to}\r\nSubject: Accepted: Kickoff\r\nMessage-ID: <kickoff-reply@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/calendar; charset=utf-8; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Client//EN\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:kickoff-2026@example.org\r\nDTSTAMP:20261120T110000Z\r\nORGANIZER;EMAIL=alice@example.org:mailto:{reply_to}\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    );
+    let out = smtp_send(s.postfix.port, "bob@example.com", &[&reply_to], reply.as_bytes());
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diagnostics(&s)
+    );
+    let got = s.hook.wait_for(1, Duration::from_secs(15));
+    assert_eq!(got.len(), 1, "refused: {:?}\n{}", s.hook.refused(), diagnostics(&s));
+    assert_eq!(got[0].headers["recipient"], "mailto:alice@example.org");
+    assert_eq!(got[0].headers["originator"], "mailto:bob@example.com");
+    assert!(got[0].text.contains("PARTSTAT=ACCEPTED"));
+
+    // An unknown token is refused at RCPT.
+    let out = smtp_send(
+        s.postfix.port,
+        "bob@example.com",
+        &["calendar+00000000-0000-4000-8000-000000000000@example.org"],
+        reply.as_bytes(),
+    );
+    assert!(out.rcpt[0].starts_with("550 5.1.1 "), "{out:?}");
+
+    // A person's text goes to the organizer.
+    let text = format!(
+        "From: Bob <bob@example.com>\r\nTo: {reply_to}\r\nSubject: Re: Kickoff\r\nMessage-ID: <kickoff-question@example.com>\r\n\r\nCan we move it to 11?\r\n"
+    );
+    let out = smtp_send(s.postfix.port, "bob@example.com", &[&reply_to], text.as_bytes());
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    let alice = s.postfix.wait_mailbox("alice", 1);
+    assert!(
+        alice.iter().any(|m| m.contains("Can we move it to 11?")),
+        "{}",
+        diagnostics(&s)
+    );
+
+    // A bounce of the invitation is injected as a 5.1 status.
+    let bounce = String::from_utf8(fixture("bounce.eml"))
+        .unwrap()
+        .replace(TOKEN, &token)
+        .replace("nobody@gone.example", "bob@example.com");
+    let out = smtp_send(s.postfix.port, "", &[&reply_to], bounce.as_bytes());
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diagnostics(&s)
+    );
+    let got = s.hook.wait_for(2, Duration::from_secs(15));
+    assert_eq!(got.len(), 2, "refused: {:?}\n{}", s.hook.refused(), diagnostics(&s));
+    assert!(got[1].text.contains("REQUEST-STATUS:5.1"), "{}", got[1].text);
+    assert_eq!(got[1].headers["originator"], "mailto:bob@example.com");
+}
+
 /// Replies per second through the private Postfix (not a pass/fail test):
 /// cargo test --release --test postfix -- --ignored --nocapture throughput
 #[test]

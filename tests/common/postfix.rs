@@ -16,7 +16,7 @@ pub struct Postfix {
 }
 
 /// Mailboxes of the instance (virtual(8) maildirs).
-pub const MAILBOXES: &[&str] = &["calendar", "alice", "grace"];
+pub const MAILBOXES: &[&str] = &["calendar", "alice", "grace", "bob@example.com"];
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -89,7 +89,15 @@ impl Postfix {
         let port = free_port();
         let etc = root.join("etc");
         let r = root.display();
-        let vmailbox: String = mailboxes.iter().map(|m| format!("{m}@example.org {m}/\n")).collect();
+        // "bob@example.com" is delivered to the mailbox "bob-example.com":
+        // example.com plays the external attendees' domain.
+        let vmailbox: String = mailboxes
+            .iter()
+            .map(|m| match m.split_once('@') {
+                Some((l, d)) => format!("{m} {l}-{d}/\n"),
+                None => format!("{m}@example.org {m}/\n"),
+            })
+            .collect();
         fs::write(etc.join("vmailbox"), vmailbox).unwrap();
         for (name, text) in files {
             fs::write(etc.join(name), text).unwrap();
@@ -112,7 +120,7 @@ inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
 maillog_file = {r}/maillog
 maillog_file_prefixes = {r}
-virtual_mailbox_domains = example.org
+virtual_mailbox_domains = example.org, example.com
 virtual_mailbox_base = {r}/mail
 virtual_mailbox_maps = texthash:{r}/etc/vmailbox
 virtual_uid_maps = static:{uid}
