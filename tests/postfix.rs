@@ -298,10 +298,10 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
     assert_eq!(b["token"], TOKEN);
     assert_eq!(b["partstat"], "ACCEPTED");
     let queue_id = b["queue_id"].as_str().unwrap().to_owned();
+    // Postfix logs the pipe delivery once deliver has exited, just after the post.
+    let relayed = format!("{queue_id}: to=<{}>, relay=imip-milter", gateway());
     assert!(
-        s.postfix
-            .log()
-            .contains(&format!("{queue_id}: to=<{}>, relay=imip-milter", gateway())),
+        wait_until(Duration::from_secs(10), || s.postfix.log().contains(&relayed)),
         "{}",
         diagnostics(&s)
     );
