@@ -1,0 +1,599 @@
+//! Applying an iTIP REPLY to the organizer's stored calendar object (RFC 5546
+//! §3.2.3), for targets that write the calendar themselves (caldav).
+//!
+//! calcard reads both objects; the stored one is edited as text, line by
+//! line, so that every byte not about the replying attendee survives.
+
+use calcard::{
+    common::timezone::Tz,
+    icalendar::{ICalendar, ICalendarComponentType, ICalendarEntry, ICalendarParameterName, ICalendarProperty},
+};
+use chrono::{NaiveDate, TimeZone};
+use std::str::FromStr;
+
+/// Remembers, on the ATTENDEE, the DTSTAMP of the reply last applied: a reply
+/// with the same SEQUENCE and an older DTSTAMP is stale.
+const STAMP_PARAM: &str = "X-IMIP-MILTER-DTSTAMP";
+
+/// What to do with a reply from someone who is not an attendee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crashers {
+    Refuse,
+    Record,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The new text of the calendar object.
+    Changed(String),
+    /// Nothing to write; why.
+    Unchanged(String),
+}
+
+/// One instance the reply answers for.
+#[derive(Debug, Clone)]
+struct Answer {
+    recurrence_id: Option<i64>,
+    recurrence_line: Option<String>,
+    attendee: String,
+    partstat: String,
+    delegated_to: Option<String>,
+    delegated_from: Option<String>,
+    request_status: Option<String>,
+    sequence: i64,
+    dtstamp: String,
+}
+
+/// A stored VEVENT/VTODO: its line range and what matching needs.
+#[derive(Debug, Clone)]
+struct Block {
+    begin: usize,
+    end: usize,
+    recurrence_id: Option<i64>,
+    sequence: i64,
+}
+
+/// The instant of a DATE or DATE-TIME property, seconds since the epoch
+/// (floating times and dates taken as UTC).
+fn instant(e: &ICalendarEntry) -> Option<i64> {
+    let dt = e.values.first()?.as_partial_date_time()?;
+    let date = NaiveDate::from_ymd_opt(i32::from(dt.year?), u32::from(dt.month?), u32::from(dt.day?))?;
+    let naive = date.and_hms_opt(
+        u32::from(dt.hour.unwrap_or(0)),
+        u32::from(dt.minute.unwrap_or(0)),
+        u32::from(dt.second.unwrap_or(0)),
+    )?;
+    if let Some(h) = dt.tz_hour {
+        let off = i64::from(h) * 3600 + i64::from(dt.tz_minute.unwrap_or(0)) * 60;
+        let off = if dt.tz_minus { -off } else { off };
+        return Some(naive.and_utc().timestamp() - off);
+    }
+    let tzid = e.parameter(&ICalendarParameterName::Tzid).and_then(|p| p.as_text());
+    match tzid.and_then(|id| Tz::from_str(id).ok()) {
+        Some(Tz::Tz(tz)) => tz.from_local_datetime(&naive).earliest().map(|d| d.timestamp()),
+        Some(Tz::Fixed(off)) => off.from_local_datetime(&naive).earliest().map(|d| d.timestamp()),
+        _ => Some(naive.and_utc().timestamp()),
+    }
+}
+
+fn text_of(e: &ICalendarEntry) -> Option<String> {
+    e.values.first().and_then(|v| v.as_text()).map(str::to_owned)
+}
+
+/// A property's value as written (UTC DATE-TIMEs compare as text).
+fn raw_value(e: &ICalendarEntry) -> String {
+    let mut s = String::new();
+    let _ = e.write_to(&mut s);
+    value_of(s.replace("\r\n ", "").trim_end()).to_owned()
+}
+
+fn mailto(v: &str) -> String {
+    crate::itip::normalise_mailto(v).to_ascii_lowercase()
+}
+
+fn answers(reply: &str) -> Result<Vec<Answer>, String> {
+    let cal = ICalendar::parse(reply).map_err(|_| "the reply cannot be read".to_owned())?;
+    let mut out = Vec::new();
+    for c in &cal.components {
+        if !matches!(
+            c.component_type,
+            ICalendarComponentType::VEvent | ICalendarComponentType::VTodo
+        ) {
+            continue;
+        }
+        let Some(att) = c.property(&ICalendarProperty::Attendee) else {
+            continue;
+        };
+        let param = |n: ICalendarParameterName| att.parameter(&n).and_then(|p| p.as_text()).map(str::to_owned);
+        let rid = c.property(&ICalendarProperty::RecurrenceId);
+        out.push(Answer {
+            recurrence_id: rid.and_then(instant),
+            recurrence_line: rid.map(|e| {
+                let mut s = String::new();
+                let _ = e.write_to(&mut s);
+                s
+            }),
+            attendee: text_of(att).map(|a| mailto(&a)).unwrap_or_default(),
+            partstat: param(ICalendarParameterName::Partstat)
+                .unwrap_or_else(|| "NEEDS-ACTION".into())
+                .to_ascii_uppercase(),
+            delegated_to: param(ICalendarParameterName::DelegatedTo),
+            delegated_from: param(ICalendarParameterName::DelegatedFrom),
+            request_status: c
+                .property(&ICalendarProperty::RequestStatus)
+                .and_then(text_of)
+                .and_then(|s| s.split(';').next().map(str::to_owned)),
+            sequence: c
+                .property(&ICalendarProperty::Sequence)
+                .and_then(|e| e.values.first())
+                .and_then(|v| v.as_integer())
+                .unwrap_or(0),
+            dtstamp: c
+                .property(&ICalendarProperty::Dtstamp)
+                .map(raw_value)
+                .unwrap_or_default(),
+        });
+    }
+    if out.is_empty() {
+        return Err("the reply holds no ATTENDEE".into());
+    }
+    Ok(out)
+}
+
+/// Logical lines: (first physical line, one past the last, unfolded text).
+fn logical_lines(lines: &[&str]) -> Vec<(usize, usize, String)> {
+    let mut out: Vec<(usize, usize, String)> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let body = l.trim_end_matches(['\r', '\n']);
+        match out.last_mut() {
+            Some(last) if l.starts_with([' ', '\t']) => {
+                last.1 = i + 1;
+                last.2.push_str(&body[1..]);
+            }
+            _ => out.push((i, i + 1, body.to_owned())),
+        }
+    }
+    out
+}
+
+fn name_of(line: &str) -> String {
+    line.split([';', ':']).next().unwrap_or("").to_ascii_uppercase()
+}
+
+/// The value of a logical line: after the first colon outside quotes.
+fn value_of(line: &str) -> &str {
+    let mut quoted = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ':' if !quoted => return &line[i + 1..],
+            _ => {}
+        }
+    }
+    ""
+}
+
+fn blocks(stored: &ICalendar, logical: &[(usize, usize, String)]) -> Vec<Block> {
+    let _ = stored;
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut current: Option<Block> = None;
+    for (idx, (_, _, l)) in logical.iter().enumerate() {
+        let upper = l.to_ascii_uppercase();
+        if upper.starts_with("BEGIN:") {
+            depth += 1;
+            if depth == 2 && (upper == "BEGIN:VEVENT" || upper == "BEGIN:VTODO") {
+                current = Some(Block {
+                    begin: idx,
+                    end: idx,
+                    recurrence_id: None,
+                    sequence: 0,
+                });
+            }
+        } else if upper.starts_with("END:") {
+            if depth == 2 {
+                if let Some(mut b) = current.take() {
+                    b.end = idx;
+                    out.push(b);
+                }
+            }
+            depth -= 1;
+        } else if depth == 2 {
+            if let Some(b) = current.as_mut() {
+                match name_of(l).as_str() {
+                    "RECURRENCE-ID" => {
+                        let text = format!("BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\n{l}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n");
+                        b.recurrence_id = ICalendar::parse(&text).ok().and_then(|c| {
+                            c.components
+                                .iter()
+                                .find_map(|c| c.property(&ICalendarProperty::RecurrenceId).and_then(instant))
+                        });
+                    }
+                    "SEQUENCE" => b.sequence = value_of(l).trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parameters of a logical line, as (NAME, raw "NAME=value").
+fn params(line: &str) -> (String, Vec<String>) {
+    let head_end = line.len() - value_of(line).len() - usize::from(!value_of(line).is_empty() || line.ends_with(':'));
+    let head = &line[..head_end.min(line.len())];
+    let mut parts = Vec::new();
+    let mut quoted = false;
+    let mut start = 0;
+    for (i, c) in head.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' if !quoted => {
+                parts.push(head[start..i].to_owned());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(head[start..].to_owned());
+    let name = parts.remove(0);
+    (name, parts)
+}
+
+fn set_param(params: &mut Vec<String>, name: &str, value: Option<&str>) {
+    params.retain(|p| !p.split('=').next().unwrap_or("").eq_ignore_ascii_case(name));
+    if let Some(v) = value {
+        let needs_quotes = v.contains([':', ';', ',']) && !v.starts_with('"');
+        params.push(if needs_quotes {
+            format!("{name}=\"{v}\"")
+        } else {
+            format!("{name}={v}")
+        });
+    }
+}
+
+fn get_param<'a>(params: &'a [String], name: &str) -> Option<&'a str> {
+    params.iter().find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.eq_ignore_ascii_case(name).then_some(v.trim_matches('"'))
+    })
+}
+
+fn fold(line: &str, eol: &str) -> String {
+    let mut out = String::with_capacity(line.len() + 8);
+    let mut width = 0;
+    for c in line.chars() {
+        if width + c.len_utf8() > 75 {
+            out.push_str(eol);
+            out.push(' ');
+            width = 1;
+        }
+        out.push(c);
+        width += c.len_utf8();
+    }
+    out.push_str(eol);
+    out
+}
+
+/// Applies `reply` to `stored`. Err is a permanent refusal (attendee not
+/// invited and crashers refused, unreadable data).
+pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Applied, String> {
+    let stored_cal = ICalendar::parse(stored).map_err(|_| "the stored event cannot be read".to_owned())?;
+    let answers = answers(reply)?;
+    let eol = if stored.contains("\r\n") { "\r\n" } else { "\n" };
+    let physical: Vec<&str> = stored.split_inclusive('\n').collect();
+    let logical = logical_lines(&physical);
+    let blocks = blocks(&stored_cal, &logical);
+    let Some(master) = blocks
+        .iter()
+        .find(|b| b.recurrence_id.is_none())
+        .or(blocks.first())
+        .cloned()
+    else {
+        return Err("the stored object holds no event".into());
+    };
+
+    // Edits: logical line index → replacement text (folded); insertions before a logical line.
+    let mut replace: Vec<(usize, String)> = Vec::new();
+    let mut insert: Vec<(usize, String)> = Vec::new();
+    let mut notes = Vec::new();
+
+    for a in &answers {
+        let block = match a.recurrence_id {
+            None => Some(master.clone()),
+            Some(rid) => blocks.iter().find(|b| b.recurrence_id == Some(rid)).cloned(),
+        };
+        let block = match block {
+            Some(b) => b,
+            None => {
+                // An instance without an override: create one, if it is an instance at all.
+                let rid = a.recurrence_id.unwrap_or(0);
+                let expanded = stored_cal.expand_dates(chrono::Utc, 10_000);
+                let real = expanded.events.iter().any(|e| e.start.timestamp() == rid);
+                if !real {
+                    notes.push(format!("no instance at RECURRENCE-ID {rid}; ignored"));
+                    continue;
+                }
+                let mut lines: Vec<String> = Vec::new();
+                let dtstart = logical[master.begin..=master.end]
+                    .iter()
+                    .find(|(_, _, l)| name_of(l) == "DTSTART")
+                    .map(|(_, _, l)| l.clone());
+                let dtend = logical[master.begin..=master.end]
+                    .iter()
+                    .find(|(_, _, l)| name_of(l) == "DTEND")
+                    .map(|(_, _, l)| l.clone());
+                let duration = match (&dtstart, &dtend) {
+                    (Some(s), Some(e)) => {
+                        let t =
+                            format!("BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\n{s}\r\n{e}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n");
+                        ICalendar::parse(&t).ok().and_then(|c| {
+                            let ev = c
+                                .components
+                                .iter()
+                                .find(|c| c.component_type == ICalendarComponentType::VEvent)?;
+                            let s = ev.property(&ICalendarProperty::Dtstart).and_then(instant)?;
+                            let e = ev.property(&ICalendarProperty::Dtend).and_then(instant)?;
+                            Some(e - s)
+                        })
+                    }
+                    _ => None,
+                };
+                let rid_line = a.recurrence_line.clone().unwrap_or_default();
+                let rid_line = rid_line.trim_end().to_owned();
+                for (_, _, l) in &logical[master.begin..=master.end] {
+                    match name_of(l).as_str() {
+                        "RRULE" | "RDATE" | "EXDATE" | "DTEND" => {}
+                        "DTSTART" => {
+                            lines.push(rid_line.replacen("RECURRENCE-ID", "DTSTART", 1));
+                            if let Some(d) = duration {
+                                lines.push(format!("DURATION:PT{d}S"));
+                            }
+                            lines.push(rid_line.clone());
+                        }
+                        "ATTENDEE" if mailto(value_of(l)) == a.attendee => {
+                            lines.push(attendee_line(l, a));
+                        }
+                        _ => lines.push(l.clone()),
+                    }
+                }
+                let text: String = lines.iter().map(|l| fold(l, eol)).collect();
+                // After the last component of the object.
+                let last_end = blocks.iter().map(|b| b.end).max().unwrap_or(master.end);
+                insert.push((last_end + 1, text));
+                continue;
+            }
+        };
+        if a.sequence < block.sequence {
+            notes.push(format!("stale reply (SEQUENCE {} < {})", a.sequence, block.sequence));
+            continue;
+        }
+        let attendee_idx = (block.begin..=block.end)
+            .find(|&i| name_of(&logical[i].2) == "ATTENDEE" && mailto(value_of(&logical[i].2)) == a.attendee);
+        match attendee_idx {
+            Some(i) => {
+                let old = &logical[i].2;
+                let (_, ps) = params(old);
+                let last = get_param(&ps, STAMP_PARAM).unwrap_or("");
+                if a.sequence == block.sequence && !a.dtstamp.is_empty() && a.dtstamp.as_str() < last {
+                    notes.push(format!("stale reply (DTSTAMP {} before {last})", a.dtstamp));
+                    continue;
+                }
+                let new = attendee_line(old, a);
+                if &new != old {
+                    replace.push((i, fold(&new, eol)));
+                }
+            }
+            None if crashers == Crashers::Refuse => {
+                return Err(format!("{} is not an attendee of this event", a.attendee));
+            }
+            None => {
+                let line = attendee_line(&format!("ATTENDEE:{}", a.attendee), a);
+                insert.push((block.end, fold(&line, eol)));
+            }
+        }
+    }
+
+    if replace.is_empty() && insert.is_empty() {
+        let why = if notes.is_empty() {
+            "nothing changed".to_owned()
+        } else {
+            notes.join("; ")
+        };
+        return Ok(Applied::Unchanged(why));
+    }
+    let mut out = String::with_capacity(stored.len() + 256);
+    for (idx, (first, last, _)) in logical.iter().enumerate() {
+        for (at, text) in &insert {
+            if *at == idx {
+                out.push_str(text);
+            }
+        }
+        match replace.iter().find(|(i, _)| *i == idx) {
+            Some((_, text)) => out.push_str(text),
+            None => {
+                for l in &physical[*first..*last] {
+                    out.push_str(l);
+                }
+            }
+        }
+    }
+    for (at, text) in &insert {
+        if *at >= logical.len() {
+            out.push_str(text);
+        }
+    }
+    Ok(Applied::Changed(out))
+}
+
+/// The attendee's line with the answer applied.
+fn attendee_line(old: &str, a: &Answer) -> String {
+    let value = value_of(old).to_owned();
+    let (name, mut ps) = params(old);
+    set_param(&mut ps, "PARTSTAT", Some(&a.partstat));
+    if let Some(d) = &a.delegated_to {
+        set_param(&mut ps, "DELEGATED-TO", Some(d));
+    }
+    if let Some(d) = &a.delegated_from {
+        set_param(&mut ps, "DELEGATED-FROM", Some(d));
+    }
+    if let Some(rs) = &a.request_status {
+        set_param(&mut ps, "SCHEDULE-STATUS", Some(rs));
+    }
+    if !a.dtstamp.is_empty() {
+        set_param(&mut ps, STAMP_PARAM, Some(&a.dtstamp));
+    }
+    let mut line = name;
+    for p in ps {
+        line.push(';');
+        line.push_str(&p);
+    }
+    line.push(':');
+    line.push_str(&value);
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STORED: &str = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Radicale test//EN\r\nX-WR-CALNAME:Work\r\nBEGIN:VEVENT\r\nUID:weekly@example.org\r\nDTSTAMP:20261101T100000Z\r\nDTSTART:20261207T090000Z\r\nDTEND:20261207T093000Z\r\nRRULE:FREQ=WEEKLY;COUNT=10\r\nSUMMARY:Weekly sync\r\nDESCRIPTION:Agenda: a\\, b\\; c\r\nSEQUENCE:1\r\nORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org\r\nATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com\r\nATTENDEE;PARTSTAT=NEEDS-ACTION:mailto:erik@example.com\r\nX-CUSTOM;X-PARAM=\"keep me\":value\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+
+    fn reply(attendee: &str, partstat: &str, extra: &str, seq: i64, stamp: &str) -> String {
+        format!(
+            "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:weekly@example.org\r\nDTSTAMP:{stamp}\r\nSEQUENCE:{seq}\r\n{extra}ATTENDEE;PARTSTAT={partstat}:mailto:{attendee}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+        )
+    }
+
+    /// The new text, unfolded for comparison.
+    fn changed(a: Applied) -> String {
+        match a {
+            Applied::Changed(t) => t.replace("\r\n ", ""),
+            Applied::Unchanged(why) => panic!("unchanged: {why}"),
+        }
+    }
+
+    #[test]
+    fn partstat_changes_and_nothing_else() {
+        let out = changed(
+            apply_reply(
+                STORED,
+                &reply("Dana@Example.com", "ACCEPTED", "", 1, "20261120T100000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        let diff: Vec<(&str, &str)> = STORED.lines().zip(out.lines()).filter(|(a, b)| a != b).collect();
+        assert_eq!(diff.len(), 1, "{diff:?}\n{out}");
+        assert!(
+            diff[0].1.contains("PARTSTAT=ACCEPTED") && diff[0].1.contains("CN=\"Dana K\""),
+            "{out}"
+        );
+        assert_eq!(STORED.lines().count(), out.lines().count());
+        // Applying the same reply again writes nothing.
+        assert!(matches!(
+            apply_reply(
+                &out,
+                &reply("dana@example.com", "ACCEPTED", "", 1, "20261120T100000Z"),
+                Crashers::Refuse
+            ),
+            Ok(Applied::Unchanged(_))
+        ));
+    }
+
+    #[test]
+    fn stale_replies_are_ignored() {
+        let r = apply_reply(
+            STORED,
+            &reply("dana@example.com", "DECLINED", "", 0, "20261120T100000Z"),
+            Crashers::Refuse,
+        );
+        assert!(
+            matches!(r, Ok(Applied::Unchanged(ref w)) if w.contains("SEQUENCE")),
+            "{r:?}"
+        );
+        let newer = changed(
+            apply_reply(
+                STORED,
+                &reply("dana@example.com", "ACCEPTED", "", 1, "20261120T120000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        let r = apply_reply(
+            &newer,
+            &reply("dana@example.com", "DECLINED", "", 1, "20261120T110000Z"),
+            Crashers::Refuse,
+        );
+        assert!(
+            matches!(r, Ok(Applied::Unchanged(ref w)) if w.contains("DTSTAMP")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn override_created_only_for_a_real_instance() {
+        let rid = "RECURRENCE-ID:20261214T090000Z\r\n";
+        let out = changed(
+            apply_reply(
+                STORED,
+                &reply("dana@example.com", "DECLINED", rid, 1, "20261120T100000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        assert!(out.matches("BEGIN:VEVENT").count() == 2, "{out}");
+        let cal = ICalendar::parse(&out).unwrap();
+        let over = cal
+            .components
+            .iter()
+            .find(|c| c.property(&ICalendarProperty::RecurrenceId).is_some())
+            .unwrap();
+        assert!(over.property(&ICalendarProperty::Rrule).is_none());
+        let att = over
+            .properties(&ICalendarProperty::Attendee)
+            .find(|a| text_of(a).is_some_and(|v| v.contains("dana")))
+            .unwrap();
+        assert_eq!(
+            att.parameter(&ICalendarParameterName::Partstat)
+                .and_then(|p| p.as_text()),
+            Some("DECLINED")
+        );
+        // The master keeps Dana's answer as it was.
+        assert!(out.contains("ATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com"));
+        let not_an_instance = "RECURRENCE-ID:20261215T090000Z\r\n";
+        let r = apply_reply(
+            STORED,
+            &reply("dana@example.com", "DECLINED", not_an_instance, 1, "2026"),
+            Crashers::Refuse,
+        );
+        assert!(matches!(r, Ok(Applied::Unchanged(_))), "{r:?}");
+    }
+
+    #[test]
+    fn party_crashers() {
+        let r = reply("mallory@example.net", "ACCEPTED", "", 1, "20261120T100000Z");
+        assert!(apply_reply(STORED, &r, Crashers::Refuse).is_err());
+        let out = changed(apply_reply(STORED, &r, Crashers::Record).unwrap());
+        assert!(out.contains("mailto:mallory@example.net"), "{out}");
+    }
+
+    #[test]
+    fn request_status_becomes_schedule_status() {
+        let out = changed(
+            apply_reply(
+                STORED,
+                &reply(
+                    "erik@example.com",
+                    "NEEDS-ACTION",
+                    "REQUEST-STATUS:5.1;Service unavailable\r\n",
+                    1,
+                    "20261120T100000Z",
+                ),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        assert!(out.contains("SCHEDULE-STATUS=5.1"), "{out}");
+    }
+}
