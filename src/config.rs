@@ -90,6 +90,8 @@ pub enum TargetKind {
     Webhook,
     /// CalendarServer's legacy iMIP injection: POST {url}/inbox/.
     CalendarServer,
+    /// Apply replies to the organizer's event on a CalDAV server.
+    CalDav,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +107,10 @@ pub struct TargetConfig {
     /// calendarserver: file holding the shared secret sent in `secret_header`.
     pub secret_file: Option<PathBuf>,
     pub secret_header: String,
+    /// caldav: the organizer's calendar home; {base}, {user}, {domain}, {address}.
+    pub calendar_home: String,
+    /// caldav: add a reply from someone not invited (else refuse it).
+    pub party_crashers_record: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +244,8 @@ struct RawTarget {
     password_file: Option<PathBuf>,
     secret_file: Option<PathBuf>,
     secret_header: Option<String>,
+    calendar_home: Option<String>,
+    party_crashers: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -397,12 +405,7 @@ impl Config {
         let kind = match target.kind.as_deref().unwrap_or("webhook") {
             "webhook" => TargetKind::Webhook,
             "calendarserver" => TargetKind::CalendarServer,
-            "caldav" => {
-                return Err(ConfigError::new(
-                    "target.kind",
-                    "caldav is not available in this version; use webhook or calendarserver",
-                ))
-            }
+            "caldav" => TargetKind::CalDav,
             other => {
                 return Err(ConfigError::new(
                     "target.kind",
@@ -440,6 +443,17 @@ impl Config {
             secret_header: target
                 .secret_header
                 .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
+            calendar_home: target.calendar_home.unwrap_or_else(|| "{base}/{user}/".to_owned()),
+            party_crashers_record: match target.party_crashers.as_deref().unwrap_or("refuse") {
+                "refuse" => false,
+                "record" => true,
+                other => {
+                    return Err(ConfigError::new(
+                        "target.party_crashers",
+                        format!("`{other}` is not refuse or record"),
+                    ))
+                }
+            },
         };
         if target.secret_file.is_some() && target.kind != TargetKind::CalendarServer {
             return Err(ConfigError::new(
@@ -569,6 +583,12 @@ impl Config {
             }
             _ => None,
         };
+        if target.kind == TargetKind::CalDav && tokens.mode != TokenMode::Local {
+            return Err(ConfigError::new(
+                "tokens.mode",
+                "target kind caldav needs mode = \"local\": the organizer's calendar is found from the token",
+            ));
+        }
         if target.kind == TargetKind::CalendarServer && tokens.mode != TokenMode::Local {
             return Err(ConfigError::new(
                 "tokens.mode",

@@ -1,5 +1,6 @@
 //! Delivery targets, one file per kind.
 
+pub mod caldav;
 pub mod calendarserver;
 pub mod webhook;
 
@@ -22,6 +23,7 @@ pub enum Outcome {
 pub enum Target {
     Webhook(webhook::Webhook),
     CalendarServer(calendarserver::CalendarServer),
+    CalDav(caldav::CalDav),
 }
 
 impl Target {
@@ -30,6 +32,7 @@ impl Target {
         match config.kind {
             TargetKind::Webhook => webhook::Webhook::new(config).map(Self::Webhook),
             TargetKind::CalendarServer => calendarserver::CalendarServer::new(config).map(Self::CalendarServer),
+            TargetKind::CalDav => caldav::CalDav::new(config).map(Self::CalDav),
         }
     }
 
@@ -37,6 +40,7 @@ impl Target {
         match self {
             Self::Webhook(w) => w.deliver(record).await,
             Self::CalendarServer(c) => c.deliver(record).await,
+            Self::CalDav(c) => c.deliver(record).await,
         }
     }
 
@@ -45,6 +49,7 @@ impl Target {
         match self {
             Self::Webhook(w) => w.check().await,
             Self::CalendarServer(c) => c.check().await,
+            Self::CalDav(c) => c.check().await,
         }
     }
 }

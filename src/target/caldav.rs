@@ -1,0 +1,375 @@
+//! Target `caldav`: applies each reply to the organizer's event on any
+//! CalDAV server (RFC 4791), for servers that send invitations by mail but
+//! never process the answers. Finds the event by UID in the organizer's
+//! calendars, applies the REPLY (see `schedule`), and writes it back with
+//! If-Match, fetching again when someone else changed it meanwhile.
+
+use super::Outcome;
+use crate::{
+    check::Finding,
+    config::TargetConfig,
+    schedule::{self, Applied, Crashers},
+    spool::Record,
+};
+use reqwest::{header, redirect, Client, Method, RequestBuilder, StatusCode};
+
+/// Writes tried when the event keeps changing under us.
+const MAX_WRITES: usize = 5;
+
+pub struct CalDav {
+    client: Client,
+    base: String,
+    home_template: String,
+    auth: Option<(String, String)>,
+    crashers: Crashers,
+}
+
+/// A calendar object on the server.
+struct Object {
+    href: String,
+    etag: Option<String>,
+    data: String,
+}
+
+impl CalDav {
+    pub fn new(config: &TargetConfig) -> Result<Self, String> {
+        let auth = match (&config.username, &config.password_file) {
+            (Some(u), Some(f)) => Some((u.clone(), super::webhook::read_secret(f, "target.password_file")?)),
+            _ => None,
+        };
+        let client = Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
+            .redirect(redirect::Policy::none())
+            .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            base: config.url.trim_end_matches('/').to_owned(),
+            home_template: config.calendar_home.clone(),
+            auth,
+            crashers: if config.party_crashers_record {
+                Crashers::Record
+            } else {
+                Crashers::Refuse
+            },
+        })
+    }
+
+    fn req(&self, method: Method, url: &str) -> RequestBuilder {
+        let r = self.client.request(method, url);
+        match &self.auth {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
+    }
+
+    /// The organizer's calendar home, from the template.
+    pub fn home(&self, organizer: &str) -> Option<String> {
+        let address = organizer
+            .get(7..)
+            .filter(|_| organizer[..7].eq_ignore_ascii_case("mailto:"))?;
+        let (user, domain) = address.rsplit_once('@')?;
+        Some(
+            self.home_template
+                .replace("{base}", &self.base)
+                .replace("{user}", user)
+                .replace("{domain}", domain)
+                .replace("{address}", address),
+        )
+    }
+
+    fn absolute(&self, href: &str) -> String {
+        if href.starts_with("http://") || href.starts_with("https://") {
+            return href.to_owned();
+        }
+        match reqwest::Url::parse(&self.base).and_then(|b| b.join(href)) {
+            Ok(u) => u.to_string(),
+            Err(_) => format!("{}{href}", self.base),
+        }
+    }
+
+    async fn calendars(&self, home: &str) -> Result<Vec<String>, Outcome> {
+        let body = r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/></D:prop></D:propfind>"#;
+        let resp = self
+            .req(Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET), home)
+            .header("Depth", "1")
+            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(Outcome::Permanent(format!("no calendar home at {home}")));
+        }
+        if status.as_u16() != 207 {
+            return Err(http_failure(status, "PROPFIND"));
+        }
+        let xml = resp.text().await.map_err(transport)?;
+        Ok(blocks(&xml, "response")
+            .into_iter()
+            .filter(|r| blocks(r, "resourcetype").iter().any(|t| has_element(t, "calendar")))
+            .filter_map(|r| text(r, "href"))
+            .map(|h| self.absolute(&h))
+            .collect())
+    }
+
+    async fn find(&self, calendar: &str, uid: &str) -> Result<Option<Object>, Outcome> {
+        let uid_xml = uid.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+        let body = format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><D:getetag/><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"><C:prop-filter name="UID"><C:text-match collation="i;octet">{uid_xml}</C:text-match></C:prop-filter></C:comp-filter></C:comp-filter></C:filter></C:calendar-query>"#
+        );
+        let resp = self
+            .req(Method::from_bytes(b"REPORT").unwrap_or(Method::GET), calendar)
+            .header("Depth", "1")
+            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = resp.status();
+        if status.as_u16() != 207 {
+            return Err(http_failure(status, "REPORT"));
+        }
+        let xml = resp.text().await.map_err(transport)?;
+        Ok(blocks(&xml, "response").into_iter().find_map(|r| {
+            Some(Object {
+                href: self.absolute(&text(r, "href")?),
+                etag: text(r, "getetag"),
+                data: unescape(&text(r, "calendar-data")?),
+            })
+        }))
+    }
+
+    async fn get(&self, href: &str) -> Result<Option<Object>, Outcome> {
+        let resp = self.req(Method::GET, href).send().await.map_err(transport)?;
+        match resp.status() {
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(None),
+            s if s.is_success() => {
+                let etag = resp
+                    .headers()
+                    .get(header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                Ok(Some(Object {
+                    href: href.to_owned(),
+                    etag,
+                    data: resp.text().await.map_err(transport)?,
+                }))
+            }
+            s => Err(http_failure(s, "GET")),
+        }
+    }
+
+    pub async fn deliver(&self, record: &Record) -> Outcome {
+        let p = &record.payload;
+        let (Some(organizer), Some(uid), Some(reply)) =
+            (p["organizer"].as_str(), p["uid"].as_str(), p["icalendar"].as_str())
+        else {
+            return Outcome::Permanent(
+                "record lacks organizer, UID or calendar data (caldav needs tokens.mode = local)".into(),
+            );
+        };
+        let Some(home) = self.home(organizer) else {
+            return Outcome::Permanent(format!("organizer {organizer} is no mailto: address"));
+        };
+        let calendars = match self.calendars(&home).await {
+            Ok(c) => c,
+            Err(o) => return o,
+        };
+        let mut object = None;
+        for cal in &calendars {
+            match self.find(cal, uid).await {
+                Ok(Some(o)) => {
+                    object = Some(o);
+                    break;
+                }
+                Ok(None) => {}
+                Err(o) => return o,
+            }
+        }
+        let Some(mut object) = object else {
+            return Outcome::Permanent(format!("event {uid} is not in the calendars of {organizer} (deleted?)"));
+        };
+        for _ in 0..MAX_WRITES {
+            let new = match schedule::apply_reply(&object.data, reply, self.crashers) {
+                Ok(Applied::Changed(t)) => t,
+                Ok(Applied::Unchanged(_)) => return Outcome::Delivered,
+                Err(e) => return Outcome::Permanent(e),
+            };
+            let mut put = self
+                .req(Method::PUT, &object.href)
+                .header(header::CONTENT_TYPE, "text/calendar; charset=utf-8")
+                .body(new);
+            if let Some(etag) = &object.etag {
+                put = put.header(header::IF_MATCH, etag);
+            }
+            let resp = match put.send().await {
+                Ok(r) => r,
+                Err(e) => return transport(e),
+            };
+            match resp.status() {
+                s if s.is_success() => return Outcome::Delivered,
+                StatusCode::PRECONDITION_FAILED => {
+                    // Changed since we read it: read again, apply again.
+                    match self.get(&object.href).await {
+                        Ok(Some(o)) => object = o,
+                        Ok(None) => return Outcome::Permanent(format!("event {uid} was deleted")),
+                        Err(o) => return o,
+                    }
+                }
+                StatusCode::NOT_FOUND | StatusCode::GONE => {
+                    return Outcome::Permanent(format!("event {uid} was deleted"))
+                }
+                s => return http_failure(s, "PUT"),
+            }
+        }
+        Outcome::Retry(format!("event {uid} kept changing while being written"))
+    }
+
+    pub async fn check(&self) -> Finding {
+        let resp = self
+            .req(
+                Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET),
+                &format!("{}/", self.base),
+            )
+            .header("Depth", "0")
+            .send()
+            .await;
+        match resp {
+            Ok(r) if matches!(r.status().as_u16(), 401 | 403) => Finding::fail(
+                "target",
+                format!(
+                    "{} refuses the credentials ({}): check target.password_file",
+                    self.base,
+                    r.status()
+                ),
+            ),
+            Ok(r) if r.status().is_success() || r.status().as_u16() == 207 => {
+                Finding::ok("target", format!("{} answers {}", self.base, r.status()))
+            }
+            Ok(r) => Finding::warn("target", format!("{} answers {}", self.base, r.status())),
+            Err(e) => Finding::fail("target", format!("{}: {e}", self.base)),
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> Outcome {
+    if e.is_timeout() {
+        Outcome::Retry("timed out".into())
+    } else {
+        Outcome::Retry(format!("cannot reach the CalDAV server: {e}"))
+    }
+}
+
+fn http_failure(status: StatusCode, what: &str) -> Outcome {
+    match status.as_u16() {
+        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("{what}: HTTP {status}")),
+        401 | 403 => Outcome::Permanent(format!(
+            "{what}: HTTP {status}: the service account may not do this (target.username, rights on the server)"
+        )),
+        _ => Outcome::Permanent(format!("{what}: HTTP {status}")),
+    }
+}
+
+/// Elements named `local` (any namespace prefix), their inner text.
+fn blocks<'a>(xml: &'a str, local: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = find_tag(rest, local, false) {
+        let Some(gt) = rest[start..].find('>') else { break };
+        let open_end = start + gt + 1;
+        if rest[start..open_end].ends_with("/>") {
+            out.push("");
+            rest = &rest[open_end..];
+            continue;
+        }
+        let Some(close) = find_tag(&rest[open_end..], local, true) else {
+            break;
+        };
+        out.push(&rest[open_end..open_end + close]);
+        let after = open_end + close;
+        rest = &rest[after + rest[after..].find('>').map(|i| i + 1).unwrap_or(rest.len() - after)..];
+    }
+    out
+}
+
+/// Position of `<local`, `<x:local` (or the closing form) followed by a delimiter.
+fn find_tag(s: &str, local: &str, closing: bool) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = s[from..].find('<') {
+        let at = from + i;
+        let mut name = &s[at + 1..];
+        if closing {
+            match name.strip_prefix('/') {
+                Some(n) => name = n,
+                None => {
+                    from = at + 1;
+                    continue;
+                }
+            }
+        } else if name.starts_with('/') {
+            from = at + 1;
+            continue;
+        }
+        let end = name
+            .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+            .unwrap_or(name.len());
+        let full = &name[..end];
+        let bare = full.rsplit(':').next().unwrap_or(full);
+        if bare.eq_ignore_ascii_case(local) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+fn has_element(xml: &str, local: &str) -> bool {
+    find_tag(xml, local, false).is_some()
+}
+
+fn text(xml: &str, local: &str) -> Option<String> {
+    blocks(xml, local).first().map(|t| unescape(t.trim()))
+}
+
+fn unescape(s: &str) -> String {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("<![CDATA[")
+        .and_then(|x| x.strip_suffix("]]>"))
+        .unwrap_or(s);
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&#13;", "\r")
+        .replace("&#xD;", "\r")
+        .replace("&amp;", "&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multistatus_parsing() {
+        let xml = r#"<?xml version='1.0' encoding='utf-8'?>
+<multistatus xmlns="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><response><href>/alice/</href><propstat><prop><resourcetype><collection /></resourcetype></prop></propstat></response><response><href>/alice/work/</href><propstat><prop><resourcetype><C:calendar /><collection /></resourcetype></prop></propstat></response><response><href>/alice/cal%20b/</href><propstat><prop><resourcetype><C:calendar/><collection/></resourcetype><getetag>"e1"</getetag><C:calendar-data>BEGIN:VCALENDAR&#13;
+SUMMARY:a &amp; b
+END:VCALENDAR</C:calendar-data></prop></propstat></response></multistatus>"#;
+        let rs = blocks(xml, "response");
+        assert_eq!(rs.len(), 3);
+        let cals: Vec<String> = rs
+            .iter()
+            .filter(|r| blocks(r, "resourcetype").iter().any(|t| has_element(t, "calendar")))
+            .filter_map(|r| text(r, "href"))
+            .collect();
+        assert_eq!(cals, ["/alice/work/", "/alice/cal%20b/"]);
+        assert_eq!(text(rs[2], "getetag").as_deref(), Some("\"e1\""));
+        assert!(text(rs[2], "calendar-data").unwrap().contains("SUMMARY:a & b"));
+        assert!(!has_element("<C:calendar-data>x</C:calendar-data>", "calendar"));
+    }
+}
