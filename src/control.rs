@@ -331,10 +331,20 @@ pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Resu
         Ok(r) => Ok(r),
         Err(ClientError::Other(e)) => Err(e),
         Err(ClientError::NoDaemon) => {
-            if !spool_path.exists() {
+            let creates = !spool_path.exists();
+            let writes_tokens = matches!(req, Request::TokensAdd { .. } | Request::TokensImport { .. });
+            if creates && !writes_tokens {
                 return Err(format!("no spool at {} and no daemon running", spool_path.display()));
             }
             let spool = Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
+            if creates {
+                // Tokens imported before the first start: the file belongs to
+                // whoever owns state_dir (the daemon's user), not to root.
+                if let Some(dir) = spool_path.parent().and_then(|d| std::fs::metadata(d).ok()) {
+                    use std::os::unix::fs::MetadataExt;
+                    let _ = std::os::unix::fs::chown(spool_path, Some(dir.uid()), Some(dir.gid()));
+                }
+            }
             Ok(handle(&spool, req))
         }
     }

@@ -495,6 +495,10 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
             }
         },
     };
+    if let Err(e) = imip_milter::prepare_state_dir(&config) {
+        eprintln!("imip-milter: {e}");
+        return ExitCode::FAILURE;
+    }
     let resp = match control::request_or_open(&config.control_path(), &config.spool_path(), &req) {
         Ok(r) if r.ok => r,
         Ok(r) => {

@@ -46,6 +46,12 @@ impl Postfix {
         Self::build(&main_cf, "", MAILBOXES, &[])
     }
 
+    /// As `start`, with these mailboxes (see MAILBOXES for the forms).
+    pub fn start_with_mailboxes(milters: &str, mailboxes: &[&str]) -> Self {
+        let main_cf = format!("recipient_delimiter = +\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n");
+        Self::build(&main_cf, "", mailboxes, &[])
+    }
+
     /// Starts Postfix with the snippets shipped in postfix/, as a mail
     /// administrator installs them: only paths, the milter port, the pipe's
     /// user and program are adapted to this instance.

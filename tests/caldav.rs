@@ -1,0 +1,510 @@
+//! Target caldav on a real Radicale: an invitation leaves through a real
+//! Postfix tokenized, replies from Apple, Google, Outlook and Thunderbird
+//! come back through Postfix, and Radicale's copy shows each attendee's
+//! answer and nothing else changed. Also a concurrent edit between GET and
+//! PUT, and a reply for a deleted event.
+
+mod common;
+
+use common::{
+    postfix::Postfix,
+    radicale::{self, Radicale},
+    smtp_send, wait_until, Daemon,
+};
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+const UID: &str = "weekly-sync-2026@example.org";
+const EVENT_PATH: &str = "/alice/calendar/weekly-sync.ics";
+const ATTENDEES: [&str; 4] = [
+    "bob@example.com",
+    "dana@example.com",
+    "erik@example.com",
+    "chloe@example.com",
+];
+
+fn event() -> String {
+    let attendees: String = ATTENDEES
+        .iter()
+        .map(|a| format!("ATTENDEE;CUTYPE=INDIVIDUAL;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:{a}\r\n"))
+        .collect();
+    format!(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Example Organizer Client//EN\r\nBEGIN:VEVENT\r\nUID:{UID}\r\nDTSTAMP:20261101T090000Z\r\nDTSTART:20261207T090000Z\r\nDTEND:20261207T093000Z\r\nRRULE:FREQ=WEEKLY;COUNT=8\r\nSEQUENCE:0\r\nSUMMARY:Weekly sync\r\nDESCRIPTION:Agenda: status\\, risks\\; next steps\r\nLOCATION:Room 4\r\nORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org\r\n{attendees}X-ORGANIZER-CLIENT-STATE;X-KEEP=\"yes, please\":42\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+}
+
+fn put_event(r: &Radicale) {
+    let resp = r.request("alice", "MKCALENDAR", "/alice/calendar/", &[], "");
+    assert!(
+        matches!(resp.status, 201 | 405),
+        "MKCALENDAR: {} {}",
+        resp.status,
+        resp.body
+    );
+    let resp = r.request(
+        "alice",
+        "PUT",
+        EVENT_PATH,
+        &[("Content-Type", "text/calendar")],
+        &event(),
+    );
+    assert!(matches!(resp.status, 201 | 204), "PUT: {} {}", resp.status, resp.body);
+}
+
+fn stored(r: &Radicale) -> String {
+    let resp = r.request("alice", "GET", EVENT_PATH, &[], "");
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    resp.body
+}
+
+fn unfold(s: &str) -> String {
+    s.replace("\r\n ", "").replace("\n ", "")
+}
+
+/// The ATTENDEE line for `who` in the master (None) or the override at `rid`.
+fn attendee_line(ics: &str, who: &str, rid: Option<&str>) -> Option<String> {
+    let text = unfold(ics);
+    let mut in_block = false;
+    let mut block = Vec::new();
+    let mut found = None;
+    for l in text.lines() {
+        if l == "BEGIN:VEVENT" {
+            in_block = true;
+            block.clear();
+        } else if l == "END:VEVENT" {
+            in_block = false;
+            let this_rid = block
+                .iter()
+                .find_map(|b: &String| b.strip_prefix("RECURRENCE-ID").map(str::to_owned));
+            let matches = match (rid, &this_rid) {
+                (None, None) => true,
+                (Some(r), Some(t)) => t.contains(r),
+                _ => false,
+            };
+            if matches {
+                found = block
+                    .iter()
+                    .find(|b| b.starts_with("ATTENDEE") && b.to_ascii_lowercase().ends_with(&format!("mailto:{who}")))
+                    .cloned();
+            }
+        } else if in_block {
+            block.push(l.to_owned());
+        }
+    }
+    found
+}
+
+fn partstat(ics: &str, who: &str, rid: Option<&str>) -> Option<String> {
+    let line = attendee_line(ics, who, rid)?;
+    line.split(';')
+        .find_map(|p| p.strip_prefix("PARTSTAT="))
+        .map(|p| p.split(':').next().unwrap_or(p).to_owned())
+}
+
+fn b64(s: &str) -> String {
+    imip_milter::target::webhook::base64(s.as_bytes())
+        .as_bytes()
+        .chunks(76)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+fn reply_ics(prodid: &str, components: &str) -> String {
+    format!("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:{prodid}\r\nMETHOD:REPLY\r\n{components}END:VCALENDAR\r\n")
+}
+
+fn vevent(organizer: &str, attendee: &str, extra: &str) -> String {
+    format!("BEGIN:VEVENT\r\nUID:{UID}\r\nDTSTAMP:20261120T100000Z\r\nSEQUENCE:0\r\n{organizer}{extra}{attendee}\r\nEND:VEVENT\r\n")
+}
+
+/// Apple Calendar: 8bit, quoted parameters, an extra invite.ics.
+fn apple(gateway: &str) -> Vec<u8> {
+    let ics = reply_ics(
+        "-//Apple Inc.//macOS 14.5//EN",
+        &vevent(
+            &format!("ORGANIZER;CN=\"Doe, Alice\";EMAIL=\"alice@example.org\":mailto:{gateway}\r\n"),
+            "ATTENDEE;CN=\"Bob Müller\";CUTYPE=INDIVIDUAL;EMAIL=\"bob@example.com\";PARTSTAT=ACCEPTED:mailto:bob@example.com",
+            "",
+        ),
+    );
+    format!("From: Bob <bob@example.com>\r\nTo: {gateway}\r\nSubject: Accepted\r\nMessage-Id: <apple-1@example.com>\r\nMime-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"A1\"\r\n\r\n--A1\r\nContent-Type: multipart/alternative; boundary=\"A2\"\r\n\r\n--A2\r\nContent-Type: text/plain; charset=\"utf-8\"\r\nContent-Transfer-Encoding: 8bit\r\n\r\nBob Müller has accepted.\r\n--A2\r\nContent-Type: text/calendar; charset=\"utf-8\"; method=\"REPLY\"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{ics}\r\n--A2--\r\n--A1\r\nContent-Type: application/ics; name=\"invite.ics\"\r\nContent-Disposition: attachment; filename=\"invite.ics\"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{ics}\r\n--A1--\r\n").into_bytes()
+}
+
+/// Google: base64 in alternative plus application/ics without method; CN
+/// holding the address; a comment with commas and colons; a declined override.
+fn google(gateway: &str) -> Vec<u8> {
+    let attendee = |ps: &str| {
+        format!("ATTENDEE;CUTYPE=INDIVIDUAL;ROLE=REQ-PARTICIPANT;PARTSTAT={ps};CN=dana@example.com;X-NUM-GUESTS=0;X-RESPONSE-COMMENT=\"Yes, mostly: not on the 14th\":mailto:dana@example.com")
+    };
+    let org = format!("ORGANIZER;CN=Alice Doe:mailto:{gateway}\r\n");
+    let ics = reply_ics(
+        "-//Google Inc//Google Calendar 70.9054//EN",
+        &format!(
+            "{}{}",
+            vevent(&org, &attendee("ACCEPTED"), "RRULE:FREQ=WEEKLY;COUNT=8\r\n"),
+            vevent(&org, &attendee("DECLINED"), "RECURRENCE-ID:20261214T090000Z\r\n")
+        ),
+    );
+    let b = b64(&ics);
+    format!("MIME-Version: 1.0\r\nMessage-ID: <google-1@google.com>\r\nSubject: Accepted: Weekly sync\r\nFrom: dana@example.com\r\nTo: {gateway}\r\nContent-Type: multipart/mixed; boundary=\"g1\"\r\n\r\n--g1\r\nContent-Type: multipart/alternative; boundary=\"g2\"\r\n\r\n--g2\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\n\r\ndana@example.com has accepted this invitation.\r\n--g2\r\nContent-Type: text/calendar; charset=\"UTF-8\"; method=REPLY\r\nContent-Transfer-Encoding: base64\r\n\r\n{b}\r\n--g2--\r\n--g1\r\nContent-Type: application/ics; name=\"invite.ics\"\r\nContent-Disposition: attachment; filename=\"invite.ics\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b}\r\n--g1--\r\n").into_bytes()
+}
+
+/// Outlook: no ORGANIZER, MAILTO: in capitals, X-MICROSOFT-*, base64.
+fn outlook(gateway: &str) -> Vec<u8> {
+    let ics = reply_ics(
+        "Microsoft Exchange Server 2010",
+        &vevent(
+            "",
+            "ATTENDEE;PARTSTAT=DECLINED;CN=Erik Jansen:MAILTO:Erik@example.com",
+            "X-MICROSOFT-CDO-BUSYSTATUS:BUSY\r\nX-MICROSOFT-CDO-INTENDEDSTATUS:BUSY\r\n",
+        ),
+    );
+    format!("From: Erik Jansen <Erik@example.com>\r\nTo: Alice Doe <{gateway}>\r\nSubject: Declined: Weekly sync\r\nMessage-ID: <outlook-1@example.com>\r\nContent-Type: multipart/alternative; boundary=\"_000_\"\r\nMIME-Version: 1.0\r\n\r\n--_000_\r\nContent-Type: text/plain; charset=\"us-ascii\"\r\n\r\nSorry.\r\n--_000_\r\nContent-Type: text/calendar; charset=\"utf-8\"; method=REPLY\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--_000_--\r\n", b64(&ics)).into_bytes()
+}
+
+/// Thunderbird: 8bit in alternative plus a base64 invite.ics.
+fn thunderbird(gateway: &str) -> Vec<u8> {
+    let ics = reply_ics(
+        "-//Mozilla.org/NONSGML Mozilla Calendar V1.1//EN",
+        &vevent(
+            &format!("ORGANIZER;CN=\"Alice Doe\":mailto:{gateway}\r\n"),
+            "ATTENDEE;RSVP=TRUE;CN=Chloé Martin;PARTSTAT=TENTATIVE;ROLE=REQ-PARTICIPANT:mailto:chloe@example.com",
+            "",
+        ),
+    );
+    format!("From: =?UTF-8?Q?Chlo=C3=A9_Martin?= <chloe@example.com>\r\nTo: {gateway}\r\nSubject: Tentative\r\nMessage-ID: <tb-1@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"t0\"\r\n\r\n--t0\r\nContent-Type: multipart/alternative; boundary=\"t1\"\r\n\r\n--t1\r\nContent-Type: text/plain; charset=UTF-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nTentatively accepted.\r\n--t1\r\nContent-Type: text/calendar; charset=UTF-8; method=REPLY\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{ics}\r\n--t1--\r\n--t0\r\nContent-Type: application/ics; name=\"invite.ics\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--t0--\r\n", b64(&ics)).into_bytes()
+}
+
+fn invitation() -> Vec<u8> {
+    let ics = event().replace(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\n",
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nMETHOD:REQUEST\r\n",
+    );
+    format!("From: Alice Doe <alice@example.org>\r\nTo: {}\r\nSubject: Invitation: Weekly sync\r\nMessage-ID: <weekly-invite@example.org>\r\nMIME-Version: 1.0\r\nContent-Type: text/calendar; charset=utf-8; method=REQUEST\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{ics}", ATTENDEES.join(", ")).into_bytes()
+}
+
+/// imip-milter's configuration for caldav against `url`.
+fn caldav_config(dir: &std::path::Path, url: &str) -> impl FnOnce(String) -> String {
+    let pw = dir.join("caldav.password");
+    std::fs::write(&pw, "imip-pw\n").unwrap();
+    let url = url.to_owned();
+    move |c: String| {
+        let c = c.replace("kind = \"webhook\"", "kind = \"caldav\"");
+        let c = c
+            .lines()
+            .map(|l| {
+                if l.starts_with("url = ") {
+                    format!("url = \"{url}\"")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!(
+            "{c}\nusername = \"imip\"\npassword_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n",
+            pw.display()
+        )
+    }
+}
+
+#[test]
+fn replies_from_four_clients_land_in_radicale() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let original = stored(&radicale);
+    let dir = tempfile::tempdir().unwrap();
+    let milter = Daemon::start_edited(
+        dir.path(),
+        "http://unused.invalid/",
+        None,
+        caldav_config(dir.path(), &radicale.url()),
+    );
+    let mailboxes = [
+        "alice",
+        "calendar",
+        "bob@example.com",
+        "dana@example.com",
+        "erik@example.com",
+        "chloe@example.com",
+    ];
+    let postfix = Postfix::start_with_mailboxes(
+        &format!(
+            "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
+            milter.port
+        ),
+        &mailboxes,
+    );
+    let diag = || {
+        format!(
+            "--- maillog\n{}\n--- milter\n{}\n--- radicale\n{}",
+            postfix.log(),
+            milter.log(),
+            radicale.log()
+        )
+    };
+
+    // The invitation leaves tokenized, one token bound to the four attendees.
+    let out = smtp_send(postfix.port, "alice@example.org", &ATTENDEES, &invitation());
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("250"),
+        "{out:?}\n{}",
+        diag()
+    );
+    let bob = postfix.wait_mailbox("bob-example.com", 1);
+    assert_eq!(bob.len(), 1, "{}", diag());
+    let gateway = bob[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("Reply-To: "))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| panic!("no Reply-To:\n{}", bob[0]));
+    assert!(gateway.starts_with("calendar+"), "{gateway}");
+
+    let start = std::time::Instant::now();
+    for (from, msg) in [
+        ("bob@example.com", apple(&gateway)),
+        ("dana@example.com", google(&gateway)),
+        ("erik@example.com", outlook(&gateway)),
+        ("chloe@example.com", thunderbird(&gateway)),
+    ] {
+        let out = smtp_send(postfix.port, from, &[&gateway], &msg);
+        assert!(
+            out.data.as_deref().unwrap_or("").starts_with("250"),
+            "{from}: {out:?}\n{}",
+            diag()
+        );
+    }
+    let done = |ics: &str| {
+        partstat(ics, "bob@example.com", None).as_deref() == Some("ACCEPTED")
+            && partstat(ics, "dana@example.com", None).as_deref() == Some("ACCEPTED")
+            && partstat(ics, "dana@example.com", Some("20261214T090000Z")).as_deref() == Some("DECLINED")
+            && partstat(ics, "erik@example.com", None).as_deref() == Some("DECLINED")
+            && partstat(ics, "chloe@example.com", None).as_deref() == Some("TENTATIVE")
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || done(&stored(&radicale))),
+        "{}\n{}",
+        stored(&radicale),
+        diag()
+    );
+    println!(
+        "four replies applied {} ms after the first reached Postfix",
+        start.elapsed().as_millis()
+    );
+
+    // Nothing else changed: every master line but the attendees' is as it was.
+    let after = unfold(&stored(&radicale));
+    let before = unfold(&original);
+    let master = |t: &str| -> Vec<String> {
+        let first = t.split("END:VEVENT").next().unwrap_or("").to_owned();
+        first
+            .lines()
+            .filter(|l| !l.starts_with("ATTENDEE"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(master(&before), master(&after), "{after}");
+    assert_eq!(
+        after.matches("BEGIN:VEVENT").count(),
+        2,
+        "master and Dana's override: {after}"
+    );
+    assert!(after.contains("X-ORGANIZER-CLIENT-STATE;X-KEEP=\"yes, please\":42"));
+    assert!(after.contains("DESCRIPTION:Agenda: status\\, risks\\; next steps"));
+}
+
+/// Sits between imip-milter and Radicale; before the first PUT passes, the
+/// organizer edits the event herself, so imip-milter's If-Match fails once.
+struct EditingProxy {
+    port: u16,
+    edited: Arc<AtomicBool>,
+}
+
+impl EditingProxy {
+    fn start(radicale_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let edited = Arc::new(AtomicBool::new(false));
+        let flag = edited.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let flag = flag.clone();
+                std::thread::spawn(move || proxy(stream, radicale_port, &flag));
+            }
+        });
+        Self { port, edited }
+    }
+}
+
+fn proxy(mut stream: TcpStream, upstream: u16, edited: &AtomicBool) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    );
+    let mut headers = Vec::new();
+    let mut len = 0;
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_owned(), v.trim().to_owned());
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.parse().unwrap_or(0);
+            } else if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("connection") {
+                headers.push((k, v));
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    if method == "PUT" && !edited.swap(true, Ordering::SeqCst) {
+        // Alice moves the room between imip-milter's GET and its PUT.
+        let now = radicale::http(
+            upstream,
+            "GET",
+            &path,
+            &[("Authorization", &radicale::basic("alice", "alice-pw"))],
+            "",
+        );
+        let changed = now.body.replace("LOCATION:Room 4", "LOCATION:Room 7");
+        let put = radicale::http(
+            upstream,
+            "PUT",
+            &path,
+            &[
+                ("Authorization", &radicale::basic("alice", "alice-pw")),
+                ("Content-Type", "text/calendar"),
+            ],
+            &changed,
+        );
+        assert!(matches!(put.status, 201 | 204), "organizer's edit: {}", put.status);
+    }
+    let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let resp = radicale::http(upstream, &method, &path, &hs, &String::from_utf8_lossy(&body));
+    let mut out = format!(
+        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+        resp.status,
+        resp.body.len()
+    );
+    for (k, v) in &resp.headers {
+        if k == "etag" || k == "content-type" {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    out.push_str("\r\n");
+    out.push_str(&resp.body);
+    let _ = stream.write_all(out.as_bytes());
+}
+
+/// `imip-milter deliver` with no daemon: it spools and delivers at once.
+fn deliver(config: &std::path::Path, rcpt: &str, msg: &[u8]) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(["deliver", "--config"])
+        .arg(config)
+        .args(["--rcpt", rcpt, "--sender", "bob@example.com"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(msg).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn standalone(dir: &std::path::Path, url: &str) -> (std::path::PathBuf, String) {
+    let config = dir.join("imip-milter.toml");
+    let text = common::config_text(&dir.join("state"), "inet:127.0.0.1:1", "http://unused.invalid/", "");
+    std::fs::write(&config, caldav_config(dir, url)(text)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args([
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            UID,
+        ])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.len(), 36, "{token}{}", String::from_utf8_lossy(&out.stderr));
+    (config, format!("calendar+{token}@example.org"))
+}
+
+#[test]
+fn concurrent_edit_between_get_and_put_keeps_both_changes() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let proxy = EditingProxy::start(radicale.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &format!("http://127.0.0.1:{}", proxy.port));
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "{err}");
+    assert!(proxy.edited.load(Ordering::SeqCst), "the organizer's edit happened");
+    let ics = stored(&radicale);
+    assert!(
+        ics.contains("LOCATION:Room 7"),
+        "the organizer's change survives: {ics}"
+    );
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}"
+    );
+    assert!(cli(&config, &["queue", "list", "--all"]).contains("delivered"));
+}
+
+#[test]
+fn reply_for_a_deleted_event_is_kept_as_failed() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let resp = radicale.request("alice", "DELETE", EVENT_PATH, &[], "");
+    assert!(matches!(resp.status, 200 | 204), "{}", resp.status);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &radicale.url());
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    let list = cli(&config, &["queue", "list"]);
+    assert!(
+        list.contains("1 failed") && list.contains("not in the calendars"),
+        "{list}"
+    );
+}
