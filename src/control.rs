@@ -129,7 +129,7 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
 }
 
 fn handle_tokens(spool: &Spool, req: &Request) -> Response {
-    let store = match RedbTokens::new(spool.database()) {
+    let store = match RedbTokens::new(spool) {
         Ok(s) => s,
         Err(e) => return Response::error(e.0),
     };

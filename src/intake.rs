@@ -144,7 +144,7 @@ fn touch(spool: &Spool, tokens: &[TokenRecord]) {
     if tokens.is_empty() {
         return;
     }
-    let store = match RedbTokens::new(spool.database()) {
+    let store = match RedbTokens::new(spool) {
         Ok(s) => s,
         Err(e) => return warn!("{e}"),
     };

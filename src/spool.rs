@@ -159,6 +159,54 @@ fn strip_brackets(rcpt: &str) -> &str {
     r.strip_prefix('<').and_then(|r| r.strip_suffix('>')).unwrap_or(r)
 }
 
+/// The database handle, replaceable: redb must be closed and opened again
+/// after an I/O error (a full disk, say) before it takes writes again.
+struct DbCell {
+    path: std::path::PathBuf,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl DbCell {
+    fn get(&self) -> Result<Arc<Database>, SpoolError> {
+        let guard = self.db.read().map_err(|_| SpoolError("spool lock poisoned".into()))?;
+        guard
+            .clone()
+            .ok_or_else(|| SpoolError("spool is being reopened".into()))
+    }
+
+    /// Closes and opens the database again; waits briefly for readers.
+    fn reopen(&self) {
+        let Ok(mut guard) = self.db.write() else { return };
+        if let Some(mut old) = guard.take() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if std::time::Instant::now() < deadline => {
+                        old = still_shared;
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(still_shared) => {
+                        // Someone holds it; try again at the next failure.
+                        *guard = Some(still_shared);
+                        return;
+                    }
+                }
+            }
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                tracing::warn!("spool {} reopened after an I/O error", self.path.display());
+                *guard = Some(Arc::new(db));
+            }
+            Err(e) => tracing::error!("spool {} cannot be reopened: {e}", self.path.display()),
+        }
+    }
+}
+
 /// Result of an append, per record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -194,7 +242,7 @@ macro_rules! redb_try {
 /// Handle to the spool; cheap to clone.
 #[derive(Clone)]
 pub struct Spool {
-    db: Arc<Database>,
+    db: Arc<DbCell>,
     appends: mpsc::Sender<AppendRequest>,
     /// Woken whenever a new record is pending.
     pub notify: Arc<Notify>,
@@ -245,6 +293,10 @@ impl Spool {
             redb_try!(txn.open_table(PENDING), "spool");
             redb_try!(txn.commit(), "spool");
         }
+        let db = Arc::new(DbCell {
+            path: path.to_owned(),
+            db: std::sync::RwLock::new(Some(db)),
+        });
         let (tx, rx) = mpsc::channel::<AppendRequest>();
         let notify = Arc::new(Notify::new());
         let writer_db = db.clone();
@@ -263,9 +315,10 @@ impl Spool {
         })
     }
 
-    /// The database, for the token store that lives in the same file.
-    pub fn database(&self) -> Arc<Database> {
-        self.db.clone()
+    /// The database, for the token store that lives in the same file. Hold
+    /// it only for one operation: after an I/O error it is replaced.
+    pub fn database(&self) -> Result<Arc<Database>, SpoolError> {
+        self.db.get()
     }
 
     /// Append transactions committed so far.
@@ -292,7 +345,7 @@ impl Spool {
         limit: usize,
         skip: &dyn Fn(&str) -> bool,
     ) -> Result<(Vec<Record>, Option<u64>), SpoolError> {
-        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
         let pending = redb_try!(txn.open_table(PENDING), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
         let mut due = Vec::new();
@@ -317,7 +370,7 @@ impl Spool {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Record>, SpoolError> {
-        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
         let raw = redb_try!(records.get(id), "spool read");
         Ok(raw.and_then(|r| serde_json::from_slice(r.value()).ok()))
@@ -325,7 +378,7 @@ impl Spool {
 
     /// All records, oldest first; only pending and failed unless `all`.
     pub fn list(&self, all: bool) -> Result<Vec<Record>, SpoolError> {
-        let txn = redb_try!(self.db.begin_read(), "spool read");
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
         let mut out = Vec::new();
         for entry in redb_try!(records.iter(), "spool read") {
@@ -343,7 +396,7 @@ impl Spool {
     /// Writes a changed record (and its pending index entry) durably.
     pub fn update(&self, rec: &Record) -> Result<(), SpoolError> {
         let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
-        let txn = redb_try!(self.db.begin_write(), "spool write");
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
@@ -394,7 +447,7 @@ impl Spool {
 
     /// Removes a record. Ok(false): no such record.
     pub fn delete(&self, id: &str) -> Result<bool, SpoolError> {
-        let txn = redb_try!(self.db.begin_write(), "spool write");
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         let existed;
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
@@ -417,7 +470,7 @@ impl Spool {
         if old.is_empty() {
             return Ok(0);
         }
-        let txn = redb_try!(self.db.begin_write(), "spool write");
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             for id in &old {
@@ -436,7 +489,7 @@ impl Spool {
     }
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>, commits: Arc<AtomicU64>) {
+fn writer(db: Arc<DbCell>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>, commits: Arc<AtomicU64>) {
     // Ends when every Spool handle (and so every sender) is gone.
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
@@ -446,7 +499,24 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Noti
                 Err(_) => break,
             }
         }
-        let result = commit_group(&db, &group);
+        let result = match db.get() {
+            Ok(handle) => {
+                let r = commit_group(&handle, &group);
+                drop(handle);
+                if let Err(e) = &r {
+                    if e.contains("Previous I/O error") || e.contains("No space left") || e.contains("I/O error") {
+                        // redb refuses all work after an I/O error until reopened;
+                        // this group is refused (451), later ones find it working.
+                        db.reopen();
+                    }
+                }
+                r
+            }
+            Err(e) => {
+                db.reopen();
+                Err(e.0)
+            }
+        };
         commits.fetch_add(1, Ordering::Relaxed);
         let any_new = matches!(&result, Ok(v) if v.iter().flatten().any(|a| *a == Appended::New));
         match result {

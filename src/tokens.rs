@@ -69,7 +69,7 @@ pub trait TokenStore: Send + Sync {
 
 /// The token store in the daemon's redb file.
 pub struct RedbTokens {
-    db: Arc<Database>,
+    spool: crate::spool::Spool,
 }
 
 fn event_key(organizer: &str, attendee: &str, uid: &str) -> String {
@@ -81,18 +81,26 @@ fn event_key(organizer: &str, attendee: &str, uid: &str) -> String {
 }
 
 impl RedbTokens {
-    pub fn new(db: Arc<Database>) -> Result<Self, StoreError> {
+    pub fn new(spool: &crate::spool::Spool) -> Result<Self, StoreError> {
+        let store = Self { spool: spool.clone() };
+        let db = store.db()?;
         let txn = db.begin_write().map_err(|x| e("open")(&x))?;
         txn.open_table(TOKENS).map_err(|x| e("open")(&x))?;
         txn.open_table(BY_EVENT).map_err(|x| e("open")(&x))?;
         txn.commit().map_err(|x| e("open")(&x))?;
-        Ok(Self { db })
+        Ok(store)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.spool
+            .database()
+            .map_err(|x| StoreError(format!("token store: {x}")))
     }
 }
 
 impl TokenStore for RedbTokens {
     fn get(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|x| e("read")(&x))?;
+        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
         let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
         let v = t.get(token).map_err(|x| e("read")(&x))?;
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
@@ -100,7 +108,7 @@ impl TokenStore for RedbTokens {
 
     fn find(&self, organizer: &str, attendee: &str, uid: &str) -> Result<Option<TokenRecord>, StoreError> {
         let token = {
-            let txn = self.db.begin_read().map_err(|x| e("read")(&x))?;
+            let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
             let t = txn.open_table(BY_EVENT).map_err(|x| e("read")(&x))?;
             let v = t
                 .get(event_key(organizer, attendee, uid).as_str())
@@ -115,7 +123,7 @@ impl TokenStore for RedbTokens {
 
     fn put(&self, rec: &TokenRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(rec).map_err(|x| e("encode")(&x))?;
-        let txn = self.db.begin_write().map_err(|x| e("write")(&x))?;
+        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
         {
             let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
             t.insert(rec.token.as_str(), bytes.as_slice())
@@ -134,7 +142,7 @@ impl TokenStore for RedbTokens {
         let Some(rec) = self.get(token)? else {
             return Ok(false);
         };
-        let txn = self.db.begin_write().map_err(|x| e("write")(&x))?;
+        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
         {
             let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
             t.remove(token).map_err(|x| e("write")(&x))?;
@@ -153,7 +161,7 @@ impl TokenStore for RedbTokens {
     }
 
     fn list(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(|x| e("read")(&x))?;
+        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
         let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(|x| e("read")(&x))? {
@@ -344,8 +352,8 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, RedbTokens) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("t.redb")).unwrap();
-        (dir, RedbTokens::new(Arc::new(db)).unwrap())
+        let spool = crate::spool::Spool::open(&dir.path().join("t.redb")).unwrap();
+        (dir, RedbTokens::new(&spool).unwrap())
     }
 
     #[test]

@@ -646,16 +646,25 @@ fn read_reply(r: &mut BufReader<TcpStream>) -> String {
 
 /// Sends one message over SMTP; `data` is the message with CRLF line ends.
 pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutcome {
-    let stream = TcpStream::connect(("127.0.0.1", port)).expect("smtp connect");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut w = stream.try_clone().unwrap();
+    smtp_try(port, from, rcpts, data).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// As `smtp_send`; Err says at which step the server did not go on.
+pub fn smtp_try(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> Result<SmtpOutcome, String> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
     let mut r = BufReader::new(stream);
     let banner = read_reply(&mut r);
-    assert!(banner.starts_with("220"), "banner: {banner}");
+    if !banner.starts_with("220") {
+        return Err(format!("banner: {banner}"));
+    }
     let timing = std::env::var_os("IMIP_SMTP_TIMING").is_some();
     let cmd = |w: &mut TcpStream, r: &mut BufReader<TcpStream>, c: &str| {
         let t = Instant::now();
-        w.write_all(format!("{c}\r\n").as_bytes()).unwrap();
+        let _ = w.write_all(format!("{c}\r\n").as_bytes());
         let reply = read_reply(r);
         if timing {
             eprintln!("{:>6} ms {c}", t.elapsed().as_millis());
@@ -663,16 +672,22 @@ pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutc
         reply
     };
     let ehlo = cmd(&mut w, &mut r, "EHLO client.test");
-    assert!(ehlo.starts_with("250"), "EHLO: {ehlo}");
+    if !ehlo.starts_with("250") {
+        return Err(format!("EHLO: {ehlo}"));
+    }
     let mail = cmd(&mut w, &mut r, &format!("MAIL FROM:<{from}>"));
-    assert!(mail.starts_with("250"), "MAIL: {mail}");
+    if !mail.starts_with("250") {
+        return Err(format!("MAIL: {mail}"));
+    }
     let mut out = SmtpOutcome::default();
     for rcpt in rcpts {
         out.rcpt.push(cmd(&mut w, &mut r, &format!("RCPT TO:<{rcpt}>")));
     }
     if out.rcpt.iter().any(|r| r.starts_with("250")) {
         let go = cmd(&mut w, &mut r, "DATA");
-        assert!(go.starts_with("354"), "DATA: {go}");
+        if !go.starts_with("354") {
+            return Err(format!("DATA: {go}"));
+        }
         let mut body = Vec::new();
         for line in data.split(|&b| b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -683,11 +698,11 @@ pub fn smtp_send(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> SmtpOutc
             body.extend_from_slice(b"\r\n");
         }
         body.extend_from_slice(b".\r\n");
-        w.write_all(&body).unwrap();
+        w.write_all(&body).map_err(|e| format!("DATA: {e}"))?;
         out.data = Some(read_reply(&mut r));
     }
     let _ = cmd(&mut w, &mut r, "QUIT");
-    out
+    Ok(out)
 }
 
 /// A reply from an attendee, unique per `n`.
