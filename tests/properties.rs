@@ -16,7 +16,7 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-    fn pick<'a>(&mut self, s: &'a [char]) -> char {
+    fn pick(&mut self, s: &[char]) -> char {
         s[self.below(s.len())]
     }
 }
