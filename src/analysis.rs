@@ -67,11 +67,17 @@ impl Analysis {
 
 /// Analyses one message as it arrived (headers and body).
 pub fn analyse(raw: &[u8]) -> Analysis {
-    let summary = match message::read(raw) {
-        Ok(s) => s,
-        Err(reason) => return Analysis::new(Kind::Malformed, reason),
+    // A panic in a parser must not become a lost reply or a dead session:
+    // whatever cannot be parsed is refused as unreadable.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| message::read(raw)));
+    let summary = match read {
+        Ok(Ok(s)) => s,
+        Ok(Err(reason)) => return Analysis::new(Kind::Malformed, reason),
+        Err(_) => return Analysis::new(Kind::Malformed, "the message structure cannot be read"),
     };
-    let mut analysis = classify(&summary);
+    let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classify(&summary)));
+    let mut analysis =
+        classified.unwrap_or_else(|_| Analysis::new(Kind::Malformed, "the calendar data cannot be read"));
     analysis.message_id = summary.message_id;
     analysis.from = summary.from;
     analysis.authentication_results = summary.authentication_results;

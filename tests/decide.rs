@@ -257,3 +257,11 @@ fn many_parts_are_bounded() {
     assert_eq!(d, Disposition::Reject);
     assert!(a.reason.contains("MIME parts"), "{}", a.reason);
 }
+
+#[test]
+fn input_that_trips_a_parser_assertion_is_refused() {
+    // Found by fuzz/run analyse: mail-parser 0.11.9 hits a debug_assert on it.
+    let raw = fixture("hostile/mail-parser-debug-assert.eml");
+    let (a, d) = decides(&raw);
+    assert!(matches!(d, Disposition::Reject | Disposition::Discard), "{}", a.reason);
+}

@@ -54,6 +54,8 @@ pub struct Delivery {
     /// The request body as text (calendarserver: the iTIP data).
     pub text: String,
     pub headers: HashMap<String, String>,
+    /// When the request was accepted.
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -231,6 +233,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
                 body: serde_json::from_slice(&body).unwrap_or_default(),
                 text: String::from_utf8_lossy(&body).into_owned(),
                 headers: headers.clone(),
+                at: Instant::now(),
             });
             200
         } else {
@@ -606,6 +609,10 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_imip-milter"))
             .args(args)
@@ -625,6 +632,8 @@ impl Drop for Daemon {
 /// What an SMTP server answered to one transaction.
 #[derive(Debug, Default)]
 pub struct SmtpOutcome {
+    /// When the final dot of DATA was written.
+    pub data_sent_at: Option<Instant>,
     pub rcpt: Vec<String>,
     /// The answer after the final dot (None if no recipient was accepted).
     pub data: Option<String>,
@@ -699,6 +708,7 @@ pub fn smtp_try(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> Result<Sm
         }
         body.extend_from_slice(b".\r\n");
         w.write_all(&body).map_err(|e| format!("DATA: {e}"))?;
+        out.data_sent_at = Some(Instant::now());
         out.data = Some(read_reply(&mut r));
     }
     let _ = cmd(&mut w, &mut r, "QUIT");
