@@ -144,6 +144,9 @@ pub struct Rewritten {
 pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewritten, String> {
     check_structure(text)?;
     let mut cal = ICalendar::parse(text).map_err(|e| describe(&e))?;
+    if cal.components.first().map(|c| &c.component_type) != Some(&ICalendarComponentType::VCalendar) {
+        return Err("the calendar data does not start with BEGIN:VCALENDAR".into());
+    }
     let is = |e: &ICalendarEntry| first_text(e).is_some_and(|v| normalise_mailto(v).eq_ignore_ascii_case(attendee));
     let mut mismatch = false;
     for comp in cal.components.iter_mut() {
@@ -346,6 +349,14 @@ mod tests {
         assert_eq!(i.method.as_deref(), Some("REPLY"));
         assert_eq!(i.uid.as_deref(), Some("u-1X:evil"));
         assert!(t.contains("REQUEST-STATUS:5.1;Service unavailable"));
+    }
+
+    #[test]
+    fn rewrite_refuses_what_read_refuses() {
+        // Found by fuzz/run itip: a bare VEVENT was rewritten into something unreadable.
+        let bare = "BEGIN:VEVENT\r\nUID:x\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:b@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+        assert!(read(bare, None).is_err());
+        assert!(rewrite_reply(bare, "mailto:a@example.org", "mailto:b@example.com").is_err());
     }
 
     #[test]
