@@ -217,8 +217,12 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
             _ => {}
         }
     }
+    let text = cal.to_string();
+    // What we hand on must read back; calcard writes some garbage it took
+    // in (control characters in component names) in a form it cannot read.
+    read(&text, None).map_err(|e| format!("the calendar data cannot be rewritten: {e}"))?;
     Ok(Rewritten {
-        text: cal.to_string(),
+        text,
         attendee_mismatch: mismatch,
     })
 }
