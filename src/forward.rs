@@ -199,7 +199,7 @@ pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut r
     }
     let s = spool.clone();
     let id = rec.id.clone();
-    match tokio::task::spawn_blocking(move || s.update(&rec)).await {
+    match tokio::task::spawn_blocking(move || s.record_outcome(&rec)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
         Err(e) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),

@@ -143,6 +143,9 @@ pub async fn run_with_reload(
     if let Err(e) = forwarder.await {
         error!("delivery worker ended abnormally: {e}");
     }
+    if let Err(e) = spool.flush() {
+        error!("spool flush at stop: {e}");
+    }
     control_task.abort();
     reload_task.abort();
     if let Some(t) = metrics_task {

@@ -431,6 +431,9 @@ fn deliver_without_daemon(
                 }
                 Err(e) => eprintln!("imip-milter deliver: spooled; the daemon delivers it ({e})"),
             }
+            if let Err(e) = spool.flush() {
+                eprintln!("imip-milter deliver: {e}");
+            }
         }
         Ok(verdict)
     })

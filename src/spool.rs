@@ -10,7 +10,7 @@ use crate::{
     address::token_prefix,
     analysis::{Analysis, Kind},
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::{
@@ -395,8 +395,30 @@ impl Spool {
 
     /// Writes a changed record (and its pending index entry) durably.
     pub fn update(&self, rec: &Record) -> Result<(), SpoolError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+        self.write_record(rec, Durability::Immediate)
+    }
+
+    /// Records a delivery outcome without an fsync of its own: the next
+    /// append's commit (or `flush`) makes it durable. Lost in a crash, the
+    /// outcome only means one more delivery with the same Idempotency-Key;
+    /// an fsync per delivery would compete with the appends for the disk.
+    pub fn record_outcome(&self, rec: &Record) -> Result<(), SpoolError> {
+        self.write_record(rec, Durability::None)
+    }
+
+    /// Makes every earlier commit durable.
+    pub fn flush(&self) -> Result<(), SpoolError> {
         let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
+        redb_try!(txn.commit(), "spool commit");
+        Ok(())
+    }
+
+    fn write_record(&self, rec: &Record, durability: Durability) -> Result<(), SpoolError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+        let mut txn = redb_try!(self.db.get()?.begin_write(), "spool write");
+        if !matches!(durability, Durability::Immediate) {
+            let _ = txn.set_durability(durability);
+        }
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");

@@ -39,6 +39,9 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue; // hostile/: regression inputs, tested in decide.rs
+        }
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let (ok, out, err) = imip(&[
             "inspect",
