@@ -33,14 +33,32 @@ use tracing::{error, info};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// A TCP listener whose connections send small milter replies at once
+/// (TCP_NODELAY): without it, Nagle's algorithm and the MTA's delayed ACKs
+/// can hold each reply back for tens of milliseconds.
+pub struct NoDelayListener(pub tokio::net::TcpListener);
+
+impl Listener for NoDelayListener {
+    type Io = tokio::net::TcpStream;
+
+    fn poll_accept(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<Self::Io>> {
+        self.0.poll_accept(cx).map_ok(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        })
+    }
+}
+
 /// Opens the milter socket named by `listen`. A unix socket replaces a stale
 /// file and is made group-writable for Postfix.
 pub async fn bind(
     listen: &ListenSocket,
-) -> io::Result<indymilter::EitherListener<tokio::net::TcpListener, tokio::net::UnixListener>> {
+) -> io::Result<indymilter::EitherListener<NoDelayListener, tokio::net::UnixListener>> {
     use indymilter::EitherListener;
     match listen {
-        ListenSocket::Inet(addr) => Ok(EitherListener::Tcp(tokio::net::TcpListener::bind(addr).await?)),
+        ListenSocket::Inet(addr) => Ok(EitherListener::Tcp(NoDelayListener(
+            tokio::net::TcpListener::bind(addr).await?,
+        ))),
         ListenSocket::Unix(path) => {
             if std::os::unix::net::UnixStream::connect(path).is_err() {
                 let _ = std::fs::remove_file(path);
