@@ -11,7 +11,7 @@ use crate::{
     schedule::{self, Applied, Crashers},
     spool::Record,
 };
-use reqwest::{header, redirect, Client, Method, RequestBuilder, StatusCode};
+use reqwest::{header, Client, Method, RequestBuilder, StatusCode};
 
 /// Writes tried when the event keeps changing under us.
 const MAX_WRITES: usize = 5;
@@ -37,13 +37,7 @@ impl CalDav {
             (Some(u), Some(f)) => Some((u.clone(), super::webhook::read_secret(f, "target.password_file")?)),
             _ => None,
         };
-        let client = Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
-            .redirect(redirect::Policy::none())
-            .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        let client = super::http_client(config)?;
         Ok(Self {
             client,
             base: config.url.trim_end_matches('/').to_owned(),

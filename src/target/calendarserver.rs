@@ -4,10 +4,10 @@
 //! (the organizer); authentication by a shared secret header or Digest/Basic.
 //! The answer is a CalDAV schedule-response whose request-status decides.
 
-use super::Outcome;
+use super::{root_cause, Outcome};
 use crate::{check::Finding, config::TargetConfig, spool::Record};
 use md5::{Digest, Md5};
-use reqwest::{header, redirect, Client, RequestBuilder, StatusCode};
+use reqwest::{header, Client, RequestBuilder, StatusCode};
 
 enum Auth {
     None,
@@ -31,13 +31,7 @@ impl CalendarServer {
             (None, Some(u), Some(f)) => Auth::Password(u.clone(), read(f, "target.password_file")?),
             _ => Auth::None,
         };
-        let client = Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
-            .redirect(redirect::Policy::none())
-            .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        let client = super::http_client(config)?;
         Ok(Self {
             client,
             inbox: format!("{}/inbox/", config.url.trim_end_matches('/')),
@@ -138,14 +132,6 @@ impl CalendarServer {
             Err(e) => Finding::fail("target", format!("{}: {}", self.inbox, root_cause(&e))),
         }
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// The request-status of a schedule-response, e.g. "2.0;Success".

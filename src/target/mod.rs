@@ -9,6 +9,27 @@ use crate::{
     spool::Record,
 };
 
+/// The HTTP client every target uses: the configured timeout, and no
+/// redirects (one would turn a POST into a GET; the target says so instead).
+pub(crate) fn http_client(config: &TargetConfig) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("target: cannot build HTTP client: {e}"))
+}
+
+/// The innermost cause of an error: what a log line about a failed delivery needs.
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

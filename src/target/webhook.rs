@@ -1,8 +1,8 @@
 //! Target `webhook`: POST the record's JSON document to a URL.
 
-use super::Outcome;
+use super::{root_cause, Outcome};
 use crate::{config::TargetConfig, spool::Record};
-use reqwest::{header, redirect, Client, StatusCode};
+use reqwest::{header, Client, StatusCode};
 use std::{fs, path::Path};
 
 pub struct Webhook {
@@ -50,14 +50,7 @@ impl Webhook {
             }
             _ => None,
         };
-        let client = Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
-            // A redirect would turn the POST into a GET; say so instead.
-            .redirect(redirect::Policy::none())
-            .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("target: cannot build HTTP client: {e}"))?;
+        let client = super::http_client(config)?;
         let auth_source = match (&config.token_file, &config.password_file) {
             (Some(_), _) => Some("target.token_file"),
             (None, Some(_)) => Some("target.password_file"),
@@ -129,14 +122,6 @@ impl Webhook {
             Err(e) => Finding::fail("target", format!("{}: {}", self.url, root_cause(&e))),
         }
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }
 
 /// DESIGN §3: 2xx done; 408, 425, 429, 5xx retried; other answers permanent.
