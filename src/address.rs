@@ -180,6 +180,21 @@ pub fn valid_token_syntax(token: &str) -> bool {
 }
 
 /// A token shortened for logs: tokens are capabilities and never logged in full.
+/// Text from outside made fit for a log line or a terminal: control
+/// characters (escape sequences, line breaks) shown as `\u{..}`, at most
+/// 200 characters.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().take(200) {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 pub fn token_prefix(token: &str) -> String {
     let prefix: String = token.chars().take(8).collect();
     if prefix.len() < token.len() {

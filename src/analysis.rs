@@ -38,6 +38,8 @@ pub struct Analysis {
     /// The calendar text taken, decoded, as received.
     pub icalendar: Option<String>,
     pub bounce: Option<DeliveryStatus>,
+    /// Message-IDs of the message a bounce returns, as quoted in it.
+    pub returned_message_ids: Vec<String>,
     pub message_id: Option<String>,
     pub from: Option<String>,
     pub authentication_results: Option<String>,
@@ -57,6 +59,7 @@ impl Analysis {
             itip: None,
             icalendar: None,
             bounce: None,
+            returned_message_ids: Vec::new(),
             message_id: None,
             from: None,
             authentication_results: None,
@@ -103,6 +106,7 @@ fn classify(summary: &message::MessageSummary) -> Analysis {
             a.icalendar = Some(part.text.clone());
         }
         a.bounce = Some(report.status.clone());
+        a.returned_message_ids = report.returned_message_ids.clone();
         return a;
     }
 

@@ -202,6 +202,9 @@ struct RawOutbound {
     enabled: Option<bool>,
     organizer_domains: Option<Vec<String>>,
     address_patterns: Option<Vec<String>>,
+    sender_login_maps: Option<PathBuf>,
+    trusted_logins: Option<Vec<String>>,
+    trusted_clients: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -576,9 +579,34 @@ impl Config {
                         .map_err(|e| ConfigError::new("outbound.address_patterns", format!("`{p}`: {e}")))?;
                     patterns.push(re);
                 }
+                let sender_logins = match &o.sender_login_maps {
+                    None => Default::default(),
+                    Some(path) => {
+                        let text = read_small_file(path, 1 << 20).map_err(|e| {
+                            ConfigError::new("outbound.sender_login_maps", format!("{}: {e}", path.display()))
+                        })?;
+                        crate::outbound::parse_login_map(&text).map_err(|e| {
+                            ConfigError::new("outbound.sender_login_maps", format!("{}: {e}", path.display()))
+                        })?
+                    }
+                };
+                let trusted_logins = o
+                    .trusted_logins
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|l| l.trim().to_ascii_lowercase())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                let mut trusted_clients = Vec::new();
+                for c in o.trusted_clients.unwrap_or_default() {
+                    trusted_clients.push(c.parse().map_err(|e| ConfigError::new("outbound.trusted_clients", e))?);
+                }
                 Some(crate::outbound::Outbound {
                     organizer_domains: domains,
                     address_patterns: patterns,
+                    sender_logins,
+                    trusted_logins,
+                    trusted_clients,
                 })
             }
             _ => None,
@@ -622,6 +650,20 @@ impl Config {
     pub fn control_path(&self) -> PathBuf {
         self.state_dir.join("control.sock")
     }
+}
+
+/// A configuration side file (a map), read whole up to `limit` bytes.
+fn read_small_file(path: &std::path::Path, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > limit {
+        return Err(format!("larger than {limit} bytes"));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

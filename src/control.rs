@@ -153,7 +153,7 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
             organizer,
             attendee,
             uid,
-        } => tokens::mint_or_reuse(&store, organizer, attendee, uid, now).map(|t| with(vec![t], 1)),
+        } => tokens::mint_or_reuse(&store, organizer, attendee, uid, None, now).map(|t| with(vec![t], 1)),
         Request::TokensRevoke { token } => store.revoke(token).map(|found| match found {
             true => with(Vec::new(), 1),
             false => Response::error("no such token"),

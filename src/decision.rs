@@ -4,6 +4,7 @@
 use crate::{
     address::Recipient,
     analysis::{Analysis, Kind},
+    tokens::TokenRecord,
 };
 use std::fmt;
 
@@ -201,13 +202,7 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
 /// people. `organizer` is the token's, as a `mailto:` URI.
 pub fn decide_with_organizer(analysis: &Analysis, recipients: &[Recipient], organizer: Option<&str>) -> Decision {
     let d = decide_message(analysis, recipients);
-    let address = organizer.and_then(|o| {
-        let a = o
-            .get(..7)
-            .filter(|p| p.eq_ignore_ascii_case("mailto:"))
-            .map(|_| &o[7..])?;
-        (a.contains('@') && !a.contains(['<', '>', ',', ' '])).then_some(a)
-    });
+    let address = organizer.and_then(bare_address);
     match (analysis.kind, address) {
         (Kind::Other, Some(a)) if !d.spool && d.disposition != Disposition::Accept => Decision {
             redirect_to: Some(a.to_owned()),
@@ -218,6 +213,117 @@ pub fn decide_with_organizer(analysis: &Analysis, recipients: &[Recipient], orga
         },
         _ => d,
     }
+}
+
+/// What a local token lets a reply or bounce do (DESIGN §4c): answer for
+/// one attendee of one event of one organizer, and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// The attendee (`mailto:`) the message answers, or bounced, for.
+    Answers(String),
+    /// The reply is about another event than the token's.
+    ForeignUid(String),
+    /// The reply answers only for people the token was not given to.
+    ForeignAttendee(String),
+    /// The bounce does not quote the invitation sent with this token.
+    BounceNotBelieved(String),
+}
+
+/// Binds a reply or bounce to `token`. Pure: the milter, `deliver` and
+/// `inspect` judge alike.
+pub fn bind(analysis: &Analysis, token: &TokenRecord) -> Binding {
+    let itip = analysis.itip.as_ref();
+    match analysis.kind {
+        Kind::Bounce => {
+            let quotes_message = analysis
+                .returned_message_ids
+                .iter()
+                .any(|m| token.invitations.iter().any(|i| i == m));
+            let quotes_event = itip.is_some_and(|i| !i.uids.is_empty() && i.uids.iter().all(|u| *u == token.uid));
+            if !quotes_message && !quotes_event {
+                return Binding::BounceNotBelieved(
+                    "the delivery report quotes neither the invitation's Message-ID nor its event".into(),
+                );
+            }
+            let failed = analysis
+                .bounce
+                .as_ref()
+                .and_then(|b| b.final_recipient.as_deref())
+                .map(|r| format!("mailto:{r}"));
+            // One attendee: the token is the authority (the report may name
+            // an alias). A shared token: only a listed attendee.
+            let who = match token.attendee.is_empty() {
+                false => Some(token.attendee.clone()),
+                true => failed.as_deref().and_then(|f| token.answering([f])),
+            };
+            match who {
+                Some(a) => Binding::Answers(a),
+                None => Binding::BounceNotBelieved(format!(
+                    "the failed recipient {} was not invited with this address",
+                    failed.as_deref().map(clip).unwrap_or_else(|| "(none)".into())
+                )),
+            }
+        }
+        _ => {
+            let Some(itip) = itip else {
+                return Binding::ForeignAttendee(String::new());
+            };
+            if let Some(other) = itip.uids.iter().find(|u| **u != token.uid) {
+                return Binding::ForeignUid(clip(other));
+            }
+            match token.answering(itip.attendees.iter().map(String::as_str)) {
+                Some(a) => Binding::Answers(a),
+                None => Binding::ForeignAttendee(itip.attendees.first().map(|a| clip(a)).unwrap_or_default()),
+            }
+        }
+    }
+}
+
+/// Text from a message, made safe and short for a log line or an SMTP reply.
+fn clip(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(80).collect()
+}
+
+/// EOM, local tokens: the reply or bounce does not bind to its token.
+/// `organizer` (a bare address) gets a reply for somebody else instead.
+pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -> Option<Decision> {
+    let (reason, text) = match binding {
+        Binding::Answers(_) => return None,
+        Binding::ForeignUid(uid) => (
+            format!("the reply is about event {uid}, not the token's"),
+            "The calendar reply is about another event than the invitation this address was given for;              please answer the invitation itself with your calendar program",
+        ),
+        Binding::ForeignAttendee(who) => {
+            let reason = format!("the reply answers for {who}, not for the attendee the token was given to");
+            if let Some(a) = organizer {
+                return Some(Decision {
+                    redirect_to: Some(a.to_owned()),
+                    ..Decision::new(Disposition::Redirect, format!("{reason}; redirected to the organizer"))
+                });
+            }
+            (
+                reason,
+                "The calendar reply answers for somebody the invitation was not sent to;                  please answer from the address the invitation went to",
+            )
+        }
+        Binding::BounceNotBelieved(why) => (
+            format!("bounce not believed: {why}"),
+            "The delivery report does not quote an invitation sent from here",
+        ),
+    };
+    if mixed {
+        return Some(Decision::new(Disposition::DeleteRecipients, reason));
+    }
+    Some(Decision::new(Disposition::Reject, reason).reply("550", "5.7.1", text))
+}
+
+/// A `mailto:` URI's address, when it is one plain address.
+pub fn bare_address(uri: &str) -> Option<&str> {
+    let a = uri
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("mailto:"))
+        .and_then(|_| uri.get(7..))?;
+    (a.contains('@') && !a.contains(['<', '>', ',', ' ']) && !a.chars().any(char::is_control)).then_some(a)
 }
 
 /// EOM: `[policy] sender` does not let this reply through.
@@ -231,6 +337,28 @@ pub fn decide_policy_refused(why: &str, mixed: bool) -> Decision {
         "5.7.1",
         "The calendar reply could not be verified as coming from the invited attendee; \
          please answer from the address the invitation went to",
+    )
+}
+
+/// EOM, local tokens: the reply cannot be made into one attendee's answer.
+pub fn decide_unreadable(why: &str, mixed: bool) -> Decision {
+    let reason = format!("calendar data not handed on: {why}");
+    if mixed {
+        return Decision::new(Disposition::DeleteRecipients, reason);
+    }
+    Decision::new(Disposition::Reject, reason).reply(
+        "550",
+        "5.6.0",
+        format!("The calendar reply cannot be read: {why}"),
+    )
+}
+
+/// Any stage: a bug in a per-message step (a caught panic).
+pub fn decide_internal_error(stage: &str) -> Decision {
+    Decision::new(Disposition::Tempfail, format!("internal error at {stage}")).reply(
+        "451",
+        "4.3.0",
+        "Temporary failure in the calendar gateway; please try again later",
     )
 }
 

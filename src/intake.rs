@@ -51,43 +51,86 @@ pub async fn take(
     let organizer = gateway(recipients)
         .find_map(|(_, t)| record_of(t))
         .map(|r| r.organizer.as_str());
+    let mixed = classes.contains(&Recipient::Other);
     let mut decision = match tokens.is_empty() {
         true => decision::decide_message(&analysis, &classes),
         false => decision::decide_with_organizer(&analysis, &classes, organizer),
     };
+    // Local tokens: each token binds the message to its attendee and event.
+    let mut answering: Vec<(&str, String)> = Vec::new();
+    if decision.spool {
+        for (_, token) in gateway(recipients) {
+            let Some(t) = record_of(token) else { continue };
+            match decision::bind(&analysis, t) {
+                decision::Binding::Answers(a) => answering.push((token, a)),
+                unbound => {
+                    let organizer = decision::bare_address(&t.organizer);
+                    if let Some(d) = decision::decide_unbound(&unbound, mixed, organizer) {
+                        decision = d;
+                    }
+                    answering.clear();
+                    break;
+                }
+            }
+        }
+    }
     if decision.spool && analysis.kind == Kind::Reply {
         let token = gateway(recipients).find_map(|(_, t)| record_of(t));
-        if let Err(why) = policy::check(sender_policy, &analysis, token) {
-            decision = decision::decide_policy_refused(&why, classes.contains(&Recipient::Other));
+        let who = answering.first().map(|(_, a)| a.as_str());
+        if let Err(why) = policy::check(sender_policy, &analysis, token, who) {
+            decision = decision::decide_policy_refused(&why, mixed);
         }
     }
     let mut ids = Vec::new();
     let mut duplicates = 0;
     let mut notes = Vec::new();
     if decision.spool {
-        let records: Vec<_> = gateway(recipients)
-            .map(|(raw, token)| match record_of(token) {
-                Some(t) => {
-                    let (local, note) = for_organizer(&analysis, t);
-                    notes.extend(note);
-                    let mut r = build_record(&local, envelope, raw, token);
-                    if let Some(obj) = r.payload.as_object_mut() {
-                        obj.insert("organizer".into(), t.organizer.clone().into());
+        let mut records = Vec::new();
+        let mut unreadable = None;
+        for (raw, token) in gateway(recipients) {
+            let record = match (record_of(token), answering.iter().find(|(t, _)| *t == token)) {
+                (Some(t), Some((_, attendee))) => match for_organizer(&analysis, t, attendee) {
+                    Ok((local, dropped)) => {
+                        let mut r = build_record(&local, envelope, raw, token);
+                        if let Some(obj) = r.payload.as_object_mut() {
+                            obj.insert("organizer".into(), t.organizer.clone().into());
+                            if !dropped.is_empty() {
+                                obj.insert("dropped".into(), dropped.clone().into());
+                            }
+                        }
+                        if !dropped.is_empty() {
+                            notes.push(format!(
+                                "components for {} dropped (not the token's attendee)",
+                                dropped.join(", ")
+                            ));
+                        }
+                        r
                     }
-                    r
-                }
-                None => build_record(&analysis, envelope, raw, token),
-            })
-            .collect();
+                    Err(e) => {
+                        unreadable = Some(e);
+                        break;
+                    }
+                },
+                (Some(_), None) => continue, // cannot happen: every local token was bound above
+                (None, _) => build_record(&analysis, envelope, raw, token),
+            };
+            records.push(record);
+        }
+        if let Some(e) = unreadable {
+            decision = decision::decide_unreadable(&e, mixed);
+            records.clear();
+        }
         ids = records.iter().map(|r| r.id.clone()).collect();
-        match spool.append(records).await {
-            Ok(outcomes) => {
-                duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
-                touch(spool, tokens);
-            }
-            Err(e) => {
-                error!("{queue_id}: {e}");
-                decision = decision::decide_spool_failed(&e.0);
+        if !records.is_empty() {
+            match spool.append(records).await {
+                Ok(outcomes) => {
+                    duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
+                    touch(spool, tokens);
+                }
+                Err(e) => {
+                    error!("{queue_id}: {e}");
+                    decision = decision::decide_spool_failed(&e.0);
+                }
             }
         }
     }
@@ -102,41 +145,29 @@ pub async fn take(
     }
 }
 
-/// Local mode: the reply as the organizer's server should get it.
-fn for_organizer(analysis: &Analysis, t: &TokenRecord) -> (Analysis, Option<String>) {
+/// Local mode: the reply (or bounce) as the organizer's server should get
+/// it, for `attendee` only; and the attendees whose components were dropped.
+/// Err: the reply cannot be rewritten, and is not handed on as it came.
+fn for_organizer(analysis: &Analysis, t: &TokenRecord, attendee: &str) -> Result<(Analysis, Vec<String>), String> {
     let mut a = analysis.clone();
-    let mut note = None;
+    let mut dropped = Vec::new();
     match a.kind {
         Kind::Reply => {
             if let Some(cal) = &analysis.icalendar {
-                let replying = analysis.itip.as_ref().and_then(|i| i.attendee.as_deref());
-                match itip::rewrite_reply(cal, &t.organizer, &t.attendee_for(replying)) {
-                    Ok(r) => {
-                        if r.attendee_mismatch {
-                            note = Some("ATTENDEE is not the token's attendee (SCHEDULE-STATUS=5.1)".to_owned());
-                        }
-                        a.itip = itip::read(&r.text, None).ok().or(a.itip);
-                        a.icalendar = Some(r.text);
-                    }
-                    Err(e) => note = Some(format!("not rewritten: {e}")),
-                }
+                let r = itip::rewrite_reply(cal, &t.organizer, attendee)?;
+                dropped = r.dropped;
+                a.itip = Some(itip::read(&r.text, None)?);
+                a.icalendar = Some(r.text);
             }
         }
         Kind::Bounce => {
-            // A shared token: the bounce names the attendee it failed for.
-            let failed = analysis
-                .bounce
-                .as_ref()
-                .and_then(|b| b.final_recipient.as_deref())
-                .map(|r| format!("mailto:{r}"));
-            let attendee = t.attendee_for(failed.as_deref());
-            let text = itip::bounce_reply(&t.organizer, &attendee, &t.uid, chrono::Utc::now());
+            let text = itip::bounce_reply(&t.organizer, attendee, &t.uid, chrono::Utc::now());
             a.itip = itip::read(&text, None).ok();
             a.icalendar = Some(text);
         }
         _ => {}
     }
-    (a, note)
+    Ok((a, dropped))
 }
 
 /// Records when each token was last used; tokens expire counted from there.

@@ -2,8 +2,8 @@
 
 use calcard::{
     icalendar::{
-        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry, ICalendarMethod, ICalendarParameter,
-        ICalendarParameterName, ICalendarParameterValue, ICalendarProperty, ICalendarValue, Uri,
+        ICalendar, ICalendarComponent, ICalendarComponentType, ICalendarEntry, ICalendarMethod, ICalendarParameterName,
+        ICalendarProperty, ICalendarValue, Uri,
     },
     Entry,
 };
@@ -20,6 +20,11 @@ pub struct Itip {
     pub organizer: Option<String>,
     /// Number of scheduling components (VEVENT, VTODO, VJOURNAL).
     pub components: usize,
+    /// Every distinct UID of the scheduling components, in order.
+    pub uids: Vec<String>,
+    /// Every distinct ATTENDEE of the scheduling components, in order, as
+    /// `mailto:` URIs (scheme in lower case).
+    pub attendees: Vec<String>,
 }
 
 /// Reads calendar text. Err is a sentence saying why it cannot be read.
@@ -59,6 +64,21 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         .and_then(|c| c.property(&ICalendarProperty::Organizer))
         .and_then(first_text)
         .map(normalise_mailto);
+    let mut uids: Vec<String> = Vec::new();
+    let mut attendees: Vec<String> = Vec::new();
+    for c in &scheduling {
+        if let Some(u) = c.uid() {
+            if !uids.iter().any(|x| x == u) {
+                uids.push(u.to_owned());
+            }
+        }
+        for a in c.properties(&ICalendarProperty::Attendee).filter_map(first_text) {
+            let a = normalise_mailto(a);
+            if !attendees.iter().any(|x| x.eq_ignore_ascii_case(&a)) {
+                attendees.push(a);
+            }
+        }
+    }
     Ok(Itip {
         method,
         uid,
@@ -66,6 +86,8 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         partstat,
         organizer,
         components: scheduling.len(),
+        uids,
+        attendees,
     })
 }
 
@@ -131,14 +153,15 @@ fn clip(s: &str) -> String {
 }
 
 /// A REPLY made ready for the organizer's server, as CalendarServer's mail
-/// gateway does: only the token's attendee is kept (a reply whose ATTENDEE is
-/// not the token's keeps its own, marked SCHEDULE-STATUS=5.1), the real
+/// gateway does, and bounded by the token: only components that answer for
+/// `attendee` are kept, and in them only that ATTENDEE; components about
+/// anybody else are dropped (never applied as that person's answer). The real
 /// ORGANIZER is put back (this also repairs Outlook replies without one),
 /// STATUS is dropped, METHOD is upper case, a missing PRODID is added.
 pub struct Rewritten {
     pub text: String,
-    /// The reply's ATTENDEE was not the token's attendee.
-    pub attendee_mismatch: bool,
+    /// ATTENDEE values of the components dropped, for the log and `queue show`.
+    pub dropped: Vec<String>,
 }
 
 pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewritten, String> {
@@ -148,7 +171,29 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
         return Err("the calendar data does not start with BEGIN:VCALENDAR".into());
     }
     let is = |e: &ICalendarEntry| first_text(e).is_some_and(|v| normalise_mailto(v).eq_ignore_ascii_case(attendee));
-    let mut mismatch = false;
+    let mut dropped: Vec<String> = Vec::new();
+    // Components are a flat list; the VCALENDAR's children are indexes into it.
+    let mut remove: Vec<u32> = Vec::new();
+    for (i, comp) in cal.components.iter().enumerate() {
+        if is_scheduling(&comp.component_type)
+            && !comp
+                .entries
+                .iter()
+                .any(|e| e.name == ICalendarProperty::Attendee && is(e))
+        {
+            for a in comp.properties(&ICalendarProperty::Attendee).filter_map(first_text) {
+                let a = normalise_mailto(a);
+                if !dropped.iter().any(|d| d.eq_ignore_ascii_case(&a)) {
+                    dropped.push(a);
+                }
+            }
+            remove.push(i as u32);
+        }
+    }
+    cal.remove_component_ids(&remove);
+    if !cal.components.iter().any(|c| is_scheduling(&c.component_type)) {
+        return Err(format!("the reply does not answer for {attendee}"));
+    }
     for comp in cal.components.iter_mut() {
         match comp.component_type {
             ICalendarComponentType::VCalendar => {
@@ -166,31 +211,9 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
                     );
                 }
             }
-            ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal => {
+            ref t if is_scheduling(t) => {
                 comp.entries.retain(|e| e.name != ICalendarProperty::Status);
-                if comp
-                    .entries
-                    .iter()
-                    .any(|e| e.name == ICalendarProperty::Attendee && is(e))
-                {
-                    comp.entries.retain(|e| e.name != ICalendarProperty::Attendee || is(e));
-                } else {
-                    let mut first = true;
-                    comp.entries.retain(|e| {
-                        if e.name != ICalendarProperty::Attendee {
-                            return true;
-                        }
-                        std::mem::replace(&mut first, false)
-                    });
-                    if let Some(a) = comp.entries.iter_mut().find(|e| e.name == ICalendarProperty::Attendee) {
-                        mismatch = true;
-                        a.params.retain(|p| p.name != ICalendarParameterName::ScheduleStatus);
-                        a.params.push(ICalendarParameter {
-                            name: ICalendarParameterName::ScheduleStatus,
-                            value: ICalendarParameterValue::Text("5.1".into()),
-                        });
-                    }
-                }
+                comp.entries.retain(|e| e.name != ICalendarProperty::Attendee || is(e));
                 let org = ICalendarValue::Uri(Uri::Location(organizer.to_owned()));
                 let mut seen = false;
                 comp.entries.retain_mut(|e| {
@@ -220,11 +243,19 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
     let text = cal.to_string();
     // What we hand on must read back; calcard writes some garbage it took
     // in (control characters in component names) in a form it cannot read.
-    read(&text, None).map_err(|e| format!("the calendar data cannot be rewritten: {e}"))?;
-    Ok(Rewritten {
-        text,
-        attendee_mismatch: mismatch,
-    })
+    let back = read(&text, None).map_err(|e| format!("the calendar data cannot be rewritten: {e}"))?;
+    // The token's bound must hold in what we hand on, whatever the writer did.
+    if back.attendees.len() != 1 || !back.attendees.iter().all(|a| a.eq_ignore_ascii_case(attendee)) {
+        return Err("the calendar data cannot be rewritten for one attendee".into());
+    }
+    Ok(Rewritten { text, dropped })
+}
+
+fn is_scheduling(t: &ICalendarComponentType) -> bool {
+    matches!(
+        t,
+        ICalendarComponentType::VEvent | ICalendarComponentType::VTodo | ICalendarComponentType::VJournal
+    )
 }
 
 /// CalendarServer's answer to a bounced invitation: a REPLY from the
@@ -312,7 +343,7 @@ mod tests {
                 "STATUS:CONFIRMED\r\nATTENDEE;PARTSTAT=DECLINED:mailto:eve@example.com\r\nATTENDEE;PARTSTAT",
             );
         let r = rewrite_reply(&tokenized, "mailto:alice@example.org", "mailto:bob@example.com").unwrap();
-        assert!(!r.attendee_mismatch);
+        assert!(r.dropped.is_empty());
         let i = read(&r.text, None).unwrap();
         assert_eq!(i.method.as_deref(), Some("REPLY"));
         assert_eq!(i.organizer.as_deref(), Some("mailto:alice@example.org"));
@@ -324,20 +355,36 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_adds_a_missing_organizer_and_flags_a_stranger() {
+    fn rewrite_adds_a_missing_organizer() {
         let no_org: String = REPLY
             .lines()
             .filter(|l| !l.starts_with("ORGANIZER") && !l.starts_with("PRODID"))
             .map(|l| format!("{l}\r\n"))
             .collect();
-        let r = rewrite_reply(&no_org, "mailto:alice@example.org", "mailto:carol@example.com").unwrap();
-        assert!(r.attendee_mismatch);
-        assert!(r.text.contains("SCHEDULE-STATUS=5.1"), "{}", r.text);
+        let r = rewrite_reply(&no_org, "mailto:alice@example.org", "mailto:bob@example.com").unwrap();
         assert!(r.text.contains("PRODID:"), "{}", r.text);
         assert_eq!(
             read(&r.text, None).unwrap().organizer.as_deref(),
             Some("mailto:alice@example.org")
         );
+    }
+
+    #[test]
+    fn rewrite_keeps_only_the_tokens_attendees_components() {
+        // Bob's master answer, and an override that answers for Dana.
+        let two = REPLY.replace(
+            "END:VEVENT\r\n",
+            "END:VEVENT\r\nBEGIN:VEVENT\r\nUID:abc-123\r\nRECURRENCE-ID:20261208T090000Z\r\nDTSTAMP:20261120T100000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:dana@example.com\r\nEND:VEVENT\r\n",
+        );
+        let i = read(&two, None).unwrap();
+        assert_eq!(i.attendees, ["mailto:bob@example.com", "mailto:dana@example.com"]);
+        let r = rewrite_reply(&two, "mailto:alice@example.org", "mailto:bob@example.com").unwrap();
+        assert_eq!(r.dropped, ["mailto:dana@example.com"]);
+        assert!(!r.text.contains("dana@example.com"), "{}", r.text);
+        assert_eq!(read(&r.text, None).unwrap().components, 1);
+        // Nothing for the token's attendee at all: no reply to hand on.
+        let err = rewrite_reply(&two, "mailto:alice@example.org", "mailto:carol@example.com");
+        assert!(err.is_err());
     }
 
     #[test]

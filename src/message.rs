@@ -35,6 +35,8 @@ pub struct Report {
     pub status: DeliveryStatus,
     /// Calendar parts of the returned message, if the report carries it whole.
     pub returned_calendars: Vec<CalendarPart>,
+    /// Message-IDs of the returned message (whole or headers only), `<...>`.
+    pub returned_message_ids: Vec<String>,
 }
 
 /// What the MIME walk found.
@@ -90,6 +92,7 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
     });
     let mut status: Option<DeliveryStatus> = None;
     let mut returned = Vec::new();
+    let mut returned_ids: Vec<String> = Vec::new();
 
     for part in &message.parts {
         *budget = budget
@@ -114,6 +117,7 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
             walk(inner, &mut inner_summary, budget, true)?;
             if is_report {
                 returned.extend(inner_summary.calendars);
+                returned_ids.extend(inner.message_id().map(|id| format!("<{id}>")));
             } else {
                 summary.attached_calendars += inner_summary.calendars.len();
             }
@@ -121,6 +125,10 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
         }
         match (ctype.as_str(), subtype.as_str()) {
             ("multipart", _) => {}
+            ("text", "rfc822-headers") | ("message", "global-headers") if is_report => {
+                let headers = MessageParser::default().parse_headers(part.contents());
+                returned_ids.extend(headers.and_then(|h| h.message_id().map(|id| format!("<{id}>"))));
+            }
             ("message", "delivery-status" | "global-delivery-status") if status.is_none() => {
                 status = parse_delivery_status(&String::from_utf8_lossy(part.contents()));
             }
@@ -140,6 +148,7 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
         summary.report = Some(Report {
             status,
             returned_calendars: returned,
+            returned_message_ids: returned_ids.into_iter().take(4).collect(),
         });
     }
     Ok(())

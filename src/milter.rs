@@ -12,10 +12,12 @@ use crate::{
     tokens::{self, Lookup, TokenRecord, TokenStore},
 };
 use bytes::Bytes;
+use futures_util::FutureExt;
 use indymilter::{Callbacks, Context, ContextActions, EomContext, SetErrorReply, SocketInfo, Status};
 use std::{
     collections::{HashMap, VecDeque},
     ffi::{CStr, CString},
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex, RwLock},
 };
 use tracing::{info, warn};
@@ -159,8 +161,8 @@ impl Shared {
 pub struct Session {
     client_addr: Option<String>,
     mail_from: String,
-    /// The client authenticated (SMTP AUTH) for this message.
-    authenticated: bool,
+    /// The SASL login (`{auth_authen}`) of this message, if any.
+    login: Option<String>,
     /// Recipients accepted at RCPT: the argument as received, and its class.
     recipients: Vec<(String, Recipient)>,
     /// Local mode: the records of the gateway recipients' tokens.
@@ -176,6 +178,10 @@ impl Session {
         self.token_records.clear();
         self.message = Vec::new();
         self.too_large = false;
+    }
+
+    fn client_ip(&self) -> Option<std::net::IpAddr> {
+        self.client_addr.as_deref().and_then(|a| a.parse().ok())
     }
 
     fn classes(&self) -> Vec<Recipient> {
@@ -215,26 +221,56 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         .on_mail(|cx, args| Box::pin(mail(cx, args)))
         .on_rcpt(move |cx, args| {
             let s = on_rcpt.clone();
-            Box::pin(async move { rcpt(&s, cx, args) })
+            Box::pin(async move { guarded(cx, "RCPT", |cx| rcpt(&s, cx, args)) })
         })
         .on_data(move |cx| {
             let s = on_data.clone();
-            Box::pin(async move { data(&s, cx) })
+            Box::pin(async move { guarded(cx, "DATA", |cx| data(&s, cx)) })
         })
         .on_header(move |cx, name, value| {
             let s = on_header.clone();
-            Box::pin(async move { header(&s, cx, name, value) })
+            Box::pin(async move { guarded(cx, "header", |cx| header(&s, cx, name, value)) })
         })
         .on_eoh(|cx| Box::pin(eoh(cx)))
         .on_body(move |cx, chunk| {
             let s = on_body.clone();
-            Box::pin(async move { body(&s, cx, chunk) })
+            Box::pin(async move { guarded(cx, "body", |cx| body(&s, cx, chunk)) })
         })
         .on_eom(move |cx| {
             let s = on_eom.clone();
-            Box::pin(async move { eom(&s, cx).await })
+            Box::pin(async move {
+                match AssertUnwindSafe(eom(&s, &mut *cx)).catch_unwind().await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        let queue_id = queue_id(&cx.macros);
+                        panicked(&mut cx.reply, &queue_id, "end of message")
+                    }
+                }
+            })
         })
         .on_abort(|cx| Box::pin(abort(cx)))
+}
+
+/// Runs one per-message step; a panic in it (a bug) costs this message a
+/// 451, never the session, the daemon, or an untokenized invitation.
+fn guarded(cx: &mut Context<Session>, stage: &str, step: impl FnOnce(&mut Context<Session>) -> Status) -> Status {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut *cx))) {
+        Ok(status) => status,
+        Err(_) => {
+            if let Some(s) = cx.data.as_mut() {
+                s.reset_message();
+            }
+            let queue_id = queue_id(&cx.macros);
+            panicked(&mut cx.reply, &queue_id, stage)
+        }
+    }
+}
+
+fn panicked(reply: &mut impl SetErrorReply, queue_id: &str, stage: &str) -> Status {
+    tracing::error!("{queue_id}: internal error at {stage}; answered 451, the sender retries");
+    let d = decision::decide_internal_error(stage);
+    set_reply(reply, &d);
+    Status::Tempfail
 }
 
 async fn connect(cx: &mut Context<Session>, info: SocketInfo) -> Status {
@@ -259,10 +295,11 @@ async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
             a.trim().trim_start_matches('<').trim_end_matches('>').to_owned()
         })
         .unwrap_or_default();
-    session.authenticated = cx
+    session.login = cx
         .macros
         .get(c"{auth_authen}")
-        .is_some_and(|a| !a.to_bytes().is_empty());
+        .map(text)
+        .filter(|a| !a.is_empty() && a.len() <= 320);
     Status::Continue
 }
 
@@ -390,9 +427,12 @@ async fn abort(cx: &mut Context<Session>) -> Status {
     Status::Continue
 }
 
+/// Mail that may carry an invitation to tokenize. Local envelope senders
+/// without authentication are looked at too, only to say in the log why
+/// their invitation leaves untokenized.
 fn outbound_candidate(shared: &Shared, session: &Session) -> bool {
     let Some(out) = &shared.outbound else { return false };
-    (session.authenticated || out.is_local(&session.mail_from))
+    (session.login.is_some() || session.client_ip().is_some() || out.is_local(&session.mail_from))
         && session.recipients.iter().any(|(raw, _)| out.is_external(raw))
 }
 
@@ -409,8 +449,12 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         let message = std::mem::take(&mut session.message);
         let recipients = std::mem::take(&mut session.recipients);
         let from = std::mem::take(&mut session.mail_from);
+        let submitter = Submitter {
+            login: session.login.take(),
+            client: session.client_ip(),
+        };
         session.reset_message();
-        return tokenize(shared, cx, &queue_id, &from, &recipients, message).await;
+        return tokenize(shared, cx, &queue_id, &from, &submitter, &recipients, message).await;
     }
     let message = std::mem::take(&mut session.message);
     let recipients = std::mem::take(&mut session.recipients);
@@ -465,13 +509,21 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     status
 }
 
+/// Who submitted an outgoing message.
+struct Submitter {
+    login: Option<String>,
+    client: Option<std::net::IpAddr>,
+}
+
 /// Outbound: an invitation from a local organizer to external attendees leaves
-/// with a tokenized ORGANIZER, Reply-To and envelope sender.
+/// with a tokenized ORGANIZER, Reply-To and envelope sender, when the sender
+/// authenticated as that organizer.
 async fn tokenize(
     shared: &Shared,
     cx: &mut EomContext<Session>,
     queue_id: &str,
     from: &str,
+    submitter: &Submitter,
     recipients: &[(String, Recipient)],
     message: Vec<u8>,
 ) -> Status {
@@ -494,10 +546,22 @@ async fn tokenize(
         Err(_) => return Status::Accept,
     };
     let Some(inv) = found else { return Status::Accept };
+    let how = match out.authorize(&inv.organizer, submitter.login.as_deref(), submitter.client) {
+        Ok(how) => how,
+        Err(why) => {
+            warn!(
+                "{queue_id}: from=<{}> outbound invitation uid={} not tokenized: {why}",
+                crate::address::printable(from),
+                crate::address::printable(&inv.uid)
+            );
+            return Status::Accept;
+        }
+    };
     let now = crate::spool::now_ms();
+    let mid = inv.message_id.as_deref();
     let record = match externals.as_slice() {
-        [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, now),
-        many => tokens::mint_or_reuse_shared(local.store.as_ref(), &inv.organizer, &inv.uid, many, now),
+        [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, mid, now),
+        many => tokens::mint_or_reuse_shared(local.store.as_ref(), &inv.organizer, &inv.uid, many, mid, now),
     };
     let record = match record {
         Ok(r) => r,
@@ -528,9 +592,11 @@ async fn tokenize(
         );
         return Status::Accept;
     };
-    let has_reply_to = String::from_utf8_lossy(&message[..body_start])
-        .lines()
-        .any(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case("reply-to:"));
+    let has_reply_to = message
+        .get(..body_start)
+        .unwrap_or_default()
+        .split(|b| *b == b'\n')
+        .any(|l| l.get(..9).is_some_and(|n| n.eq_ignore_ascii_case(b"reply-to:")));
     let result = async {
         cx.actions.replace_body(&body).await?;
         if has_reply_to {
@@ -548,10 +614,11 @@ async fn tokenize(
         return Status::Tempfail;
     }
     info!(
-        "{queue_id}: from=<{from}> outbound method={} uid={} organizer={} attendees={} token={}",
+        "{queue_id}: from=<{}> outbound method={} uid={} organizer={} attendees={} token={} authorized-by={how}",
+        crate::address::printable(from),
         inv.method,
-        inv.uid,
-        inv.organizer,
+        crate::address::printable(&inv.uid),
+        crate::address::printable(&inv.organizer),
         externals.len(),
         crate::address::token_prefix(&record.token)
     );

@@ -6,6 +6,7 @@
 
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use regex::Regex;
+use std::{collections::HashMap, net::IpAddr};
 
 /// The methods that carry an invitation (RFC 5546).
 const METHODS: [&str; 4] = ["REQUEST", "CANCEL", "ADD", "PUBLISH"];
@@ -17,9 +18,140 @@ pub struct Outbound {
     pub organizer_domains: Vec<String>,
     /// Calendar user addresses that are external and reached by iMIP.
     pub address_patterns: Vec<Regex>,
+    /// `sender_login_maps`: organizer address or `@domain` → SASL logins
+    /// that may send for it (keys and logins in lower case).
+    pub sender_logins: HashMap<String, Vec<String>>,
+    /// SASL logins of calendar servers that may send for any local organizer.
+    pub trusted_logins: Vec<String>,
+    /// Client networks of calendar servers that submit without SMTP AUTH.
+    pub trusted_clients: Vec<ClientNet>,
+}
+
+/// An address or network, `192.0.2.10`, `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for ClientNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| format!("`{s}` is no IP address or network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl ClientNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> Option<u128> {
+            match (self.addr, ip) {
+                (IpAddr::V4(_), IpAddr::V4(v)) => Some(u128::from(u32::from(v)) << 96),
+                (IpAddr::V6(_), IpAddr::V6(v)) => Some(u128::from(v)),
+                (IpAddr::V4(_), IpAddr::V6(v)) => v.to_ipv4_mapped().map(|v| u128::from(u32::from(v)) << 96),
+                _ => None,
+            }
+        };
+        let (Some(net), Some(ip)) = (bits(self.addr), bits(ip)) else {
+            return false;
+        };
+        let mask = match self.prefix {
+            0 => 0,
+            p => u128::MAX << (128 - u32::from(p)),
+        };
+        net & mask == ip & mask
+    }
+}
+
+/// Reads a Postfix `smtpd_sender_login_maps`-style file: `address login,
+/// login` or `@domain login` per line, `#` comments. Err names the line.
+pub fn parse_login_map(text: &str) -> Result<HashMap<String, Vec<String>>, String> {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut words = line
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty());
+        let (Some(key), logins) = (words.next(), words) else {
+            continue;
+        };
+        let logins: Vec<String> = logins.map(str::to_ascii_lowercase).collect();
+        if logins.is_empty() || !key.contains('@') {
+            return Err(format!(
+                "line {}: needs an address or @domain and at least one login",
+                n + 1
+            ));
+        }
+        map.entry(key.to_ascii_lowercase()).or_default().extend(logins);
+    }
+    Ok(map)
 }
 
 impl Outbound {
+    /// Whether the sender who submitted this message may get tokens for
+    /// `organizer` (DESIGN §4c): Ok says how, Err why not. The envelope
+    /// sender never counts.
+    pub fn authorize(
+        &self,
+        organizer: &str,
+        login: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<&'static str, String> {
+        let address = organizer
+            .trim()
+            .trim_start_matches("mailto:")
+            .trim_start_matches("MAILTO:")
+            .to_ascii_lowercase();
+        if let Some(login) = login.map(str::to_ascii_lowercase).filter(|l| !l.is_empty()) {
+            if login == address {
+                return Ok("SASL login");
+            }
+            let domain = address
+                .rsplit_once('@')
+                .map(|(_, d)| format!("@{d}"))
+                .unwrap_or_default();
+            let mapped = |key: &str| self.sender_logins.get(key).is_some_and(|ls| ls.contains(&login));
+            if mapped(&address) || mapped(&domain) {
+                return Ok("outbound.sender_login_maps");
+            }
+            if self.trusted_logins.contains(&login) && self.is_local(&address) {
+                return Ok("outbound.trusted_logins");
+            }
+        }
+        if client.is_some_and(|ip| self.trusted_clients.iter().any(|n| n.contains(ip))) && self.is_local(&address) {
+            return Ok("outbound.trusted_clients");
+        }
+        let login: String = login
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(80)
+            .collect();
+        Err(format!(
+            "the sender did not authenticate as organizer {} (SASL login: {}, client {}; see outbound.sender_login_maps, trusted_logins, trusted_clients)",
+            address.chars().filter(|c| !c.is_control()).take(120).collect::<String>(),
+            if login.is_empty() { "none".to_owned() } else { login },
+            client.map(|c| c.to_string()).unwrap_or_else(|| "unknown".into()),
+        ))
+    }
+
     pub fn is_local(&self, address: &str) -> bool {
         let a = address.trim_start_matches("mailto:").trim_start_matches("MAILTO:");
         a.rsplit_once('@')
@@ -45,6 +177,8 @@ pub struct Invitation {
     pub organizer: String,
     pub uid: String,
     pub method: String,
+    /// The message's Message-ID, `<...>`, remembered with the token.
+    pub message_id: Option<String>,
     /// Byte ranges of the calendar parts' bodies in the raw message, with
     /// their transfer encoding.
     parts: Vec<(usize, usize, Encoding)>,
@@ -101,6 +235,7 @@ pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
                     organizer,
                     uid,
                     method,
+                    message_id: message.message_id().map(|id| format!("<{id}>")),
                     parts: vec![range],
                 })
             }
@@ -167,8 +302,8 @@ pub fn rewrite_organizer(text: &str, tokenized: &str, real: &str) -> String {
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i];
-        let is_org =
-            line.len() >= 10 && line[..9].eq_ignore_ascii_case("ORGANIZER") && matches!(&line[9..10], ";" | ":");
+        let is_org = line.get(..9).is_some_and(|n| n.eq_ignore_ascii_case("ORGANIZER"))
+            && matches!(line.get(9..10), Some(";" | ":"));
         if !is_org {
             out.push_str(line);
             i += 1;
@@ -183,7 +318,7 @@ pub fn rewrite_organizer(text: &str, tokenized: &str, real: &str) -> String {
             i += 1;
         }
         let (head, _) = split_value(&logical);
-        let params: Vec<&str> = split_params(&head[9..])
+        let params: Vec<&str> = split_params(head.get(9..).unwrap_or(""))
             .into_iter()
             .filter(|p| !p.to_ascii_uppercase().starts_with("EMAIL="))
             .collect();
@@ -354,6 +489,9 @@ mod tests {
 
     fn cfg() -> Outbound {
         Outbound {
+            sender_logins: HashMap::new(),
+            trusted_logins: Vec::new(),
+            trusted_clients: Vec::new(),
             organizer_domains: vec!["example.org".into()],
             address_patterns: vec![Regex::new("^mailto:").unwrap()],
         }

@@ -3,23 +3,26 @@
 use crate::{analysis::Analysis, config::SenderPolicy, tokens::TokenRecord};
 
 /// Ok when `policy` lets this reply through; Err says why not.
-pub fn check(policy: &SenderPolicy, analysis: &Analysis, token: Option<&TokenRecord>) -> Result<(), String> {
+/// `answering`: the attendee the reply answers for (local tokens).
+pub fn check(
+    policy: &SenderPolicy,
+    analysis: &Analysis,
+    token: Option<&TokenRecord>,
+    answering: Option<&str>,
+) -> Result<(), String> {
     let from = analysis.from.as_deref().unwrap_or("").to_ascii_lowercase();
+    let shown: String = from.chars().filter(|c| !c.is_control()).take(80).collect();
     match policy {
         SenderPolicy::Token => Ok(()),
         SenderPolicy::Attendee => {
-            let attendee = token
-                .map(|t| {
-                    t.attendee
-                        .trim_start_matches("mailto:")
-                        .trim_start_matches("MAILTO:")
-                        .to_ascii_lowercase()
-                })
-                .unwrap_or_default();
-            if !from.is_empty() && from == attendee {
+            let bare = |a: &str| crate::decision::bare_address(a).unwrap_or(a).to_ascii_lowercase();
+            // Any attendee of a shared token, but only for their own answer.
+            let invited = token.is_some_and(|t| t.allowed().iter().any(|a| bare(a) == from));
+            let own = answering.is_none_or(|a| bare(a) == from);
+            if !from.is_empty() && invited && own {
                 Ok(())
             } else {
-                Err(format!("header From <{from}> is not the invited attendee"))
+                Err(format!("header From <{shown}> is not the invited attendee"))
             }
         }
         SenderPolicy::Dmarc { authserv_id } => {
@@ -77,14 +80,36 @@ mod tests {
             created_ms: 0,
             last_used_ms: 0,
             attendees: Vec::new(),
+            invitations: Vec::new(),
         }
     }
 
     #[test]
     fn attendee_policy() {
         let p = SenderPolicy::Attendee;
-        assert!(check(&p, &reply("bob@example.com", &[]), Some(&token())).is_ok());
-        assert!(check(&p, &reply("mallory@example.net", &[]), Some(&token())).is_err());
+        assert!(check(
+            &p,
+            &reply("bob@example.com", &[]),
+            Some(&token()),
+            Some("mailto:bob@example.com")
+        )
+        .is_ok());
+        assert!(check(&p, &reply("mallory@example.net", &[]), Some(&token()), None).is_err());
+    }
+
+    #[test]
+    fn attendee_policy_on_a_shared_token() {
+        let p = SenderPolicy::Attendee;
+        let mut shared = token();
+        shared.attendee.clear();
+        shared.attendees = vec!["mailto:bob@example.com".into(), "mailto:Carol@example.com".into()];
+        let bob = Some("mailto:bob@example.com");
+        let carol = Some("mailto:carol@example.com");
+        assert!(check(&p, &reply("bob@example.com", &[]), Some(&shared), bob).is_ok());
+        assert!(check(&p, &reply("carol@example.com", &[]), Some(&shared), carol).is_ok());
+        // Carol may not answer for Bob, nor a stranger for anybody.
+        assert!(check(&p, &reply("carol@example.com", &[]), Some(&shared), bob).is_err());
+        assert!(check(&p, &reply("dana@example.com", &[]), Some(&shared), None).is_err());
     }
 
     #[test]
@@ -93,14 +118,14 @@ mod tests {
             authserv_id: "mx.example.org".into(),
         };
         let good = "mx.example.org; dkim=pass header.d=example.com; dmarc=pass (p=reject) header.from=example.com";
-        assert!(check(&p, &reply("bob@example.com", &[good]), None).is_ok());
+        assert!(check(&p, &reply("bob@example.com", &[good]), None, None).is_ok());
         let forged = good.replace("mx.example.org", "evil.example");
-        assert!(check(&p, &reply("bob@example.com", &[&forged]), None).is_err());
+        assert!(check(&p, &reply("bob@example.com", &[&forged]), None, None).is_err());
         let fail = good.replace("dmarc=pass", "dmarc=fail");
-        assert!(check(&p, &reply("bob@example.com", &[&fail]), None).is_err());
+        assert!(check(&p, &reply("bob@example.com", &[&fail]), None, None).is_err());
         let other_domain = good.replace("header.from=example.com", "header.from=example.net");
-        assert!(check(&p, &reply("bob@example.com", &[&other_domain]), None).is_err());
+        assert!(check(&p, &reply("bob@example.com", &[&other_domain]), None, None).is_err());
         // Several headers: one trusted pass suffices.
-        assert!(check(&p, &reply("bob@example.com", &[&forged, good]), None).is_ok());
+        assert!(check(&p, &reply("bob@example.com", &[&forged, good]), None, None).is_ok());
     }
 }

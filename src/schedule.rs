@@ -36,7 +36,8 @@ struct Answer {
     recurrence_id: Option<i64>,
     recurrence_line: Option<String>,
     attendee: String,
-    partstat: String,
+    /// None for a bounce: it records a delivery failure, not an answer.
+    partstat: Option<String>,
     delegated_to: Option<String>,
     delegated_from: Option<String>,
     request_status: Option<String>,
@@ -114,9 +115,7 @@ fn answers(reply: &str) -> Result<Vec<Answer>, String> {
                 s
             }),
             attendee: text_of(att).map(|a| mailto(&a)).unwrap_or_default(),
-            partstat: param(ICalendarParameterName::Partstat)
-                .unwrap_or_else(|| "NEEDS-ACTION".into())
-                .to_ascii_uppercase(),
+            partstat: param(ICalendarParameterName::Partstat).map(|p| p.to_ascii_uppercase()),
             delegated_to: param(ICalendarParameterName::DelegatedTo),
             delegated_from: param(ICalendarParameterName::DelegatedFrom),
             request_status: c
@@ -275,11 +274,21 @@ fn fold(line: &str, eol: &str) -> String {
     out
 }
 
-/// Applies `reply` to `stored`. Err is a permanent refusal (attendee not
-/// invited and crashers refused, unreadable data).
-pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Applied, String> {
+/// Applies `reply` to `stored`, for `attendee` only (the token's: answers
+/// the reply gives for anybody else are never applied). Err is a permanent
+/// refusal (attendee not invited and crashers refused, unreadable data).
+pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers) -> Result<Applied, String> {
     let stored_cal = ICalendar::parse(stored).map_err(|_| "the stored event cannot be read".to_owned())?;
-    let answers = answers(reply)?;
+    let attendee = mailto(attendee);
+    let (answers, foreign): (Vec<Answer>, Vec<Answer>) =
+        answers(reply)?.into_iter().partition(|a| a.attendee == attendee);
+    let mut notes: Vec<String> = foreign
+        .iter()
+        .map(|a| format!("answer for {} ignored (not the token's attendee)", a.attendee))
+        .collect();
+    if answers.is_empty() {
+        return Ok(Applied::Unchanged(notes.join("; ")));
+    }
     let eol = if stored.contains("\r\n") { "\r\n" } else { "\n" };
     let physical: Vec<&str> = stored.split_inclusive('\n').collect();
     let logical = logical_lines(&physical);
@@ -296,7 +305,6 @@ pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Appl
     // Edits: logical line index → replacement text (folded); insertions before a logical line.
     let mut replace: Vec<(usize, String)> = Vec::new();
     let mut insert: Vec<(usize, String)> = Vec::new();
-    let mut notes = Vec::new();
 
     for a in &answers {
         let block = match a.recurrence_id {
@@ -364,7 +372,7 @@ pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Appl
                 continue;
             }
         };
-        if a.sequence < block.sequence {
+        if a.partstat.is_some() && a.sequence < block.sequence {
             notes.push(format!("stale reply (SEQUENCE {} < {})", a.sequence, block.sequence));
             continue;
         }
@@ -375,7 +383,11 @@ pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Appl
                 let old = &logical[i].2;
                 let (_, ps) = params(old);
                 let last = get_param(&ps, STAMP_PARAM).unwrap_or("");
-                if a.sequence == block.sequence && !a.dtstamp.is_empty() && a.dtstamp.as_str() < last {
+                if a.partstat.is_some()
+                    && a.sequence == block.sequence
+                    && !a.dtstamp.is_empty()
+                    && a.dtstamp.as_str() < last
+                {
                     notes.push(format!("stale reply (DTSTAMP {} before {last})", a.dtstamp));
                     continue;
                 }
@@ -430,7 +442,9 @@ pub fn apply_reply(stored: &str, reply: &str, crashers: Crashers) -> Result<Appl
 fn attendee_line(old: &str, a: &Answer) -> String {
     let value = value_of(old).to_owned();
     let (name, mut ps) = params(old);
-    set_param(&mut ps, "PARTSTAT", Some(&a.partstat));
+    if let Some(p) = &a.partstat {
+        set_param(&mut ps, "PARTSTAT", Some(p));
+    }
     if let Some(d) = &a.delegated_to {
         set_param(&mut ps, "DELEGATED-TO", Some(d));
     }
@@ -440,7 +454,8 @@ fn attendee_line(old: &str, a: &Answer) -> String {
     if let Some(rs) = &a.request_status {
         set_param(&mut ps, "SCHEDULE-STATUS", Some(rs));
     }
-    if !a.dtstamp.is_empty() {
+    // The stamp marks the last answer applied; a bounce is no answer.
+    if a.partstat.is_some() && !a.dtstamp.is_empty() {
         set_param(&mut ps, STAMP_PARAM, Some(&a.dtstamp));
     }
     let mut line = name;
@@ -465,6 +480,12 @@ mod tests {
         )
     }
 
+    /// Applies for the reply's own (first) attendee, as a token for them would.
+    fn apply(stored: &str, reply: &str, crashers: Crashers) -> Result<Applied, String> {
+        let who = answers(reply)?.first().map(|a| a.attendee.clone()).unwrap_or_default();
+        apply_reply(stored, reply, &who, crashers)
+    }
+
     /// The new text, unfolded for comparison.
     fn changed(a: Applied) -> String {
         match a {
@@ -476,7 +497,7 @@ mod tests {
     #[test]
     fn partstat_changes_and_nothing_else() {
         let out = changed(
-            apply_reply(
+            apply(
                 STORED,
                 &reply("Dana@Example.com", "ACCEPTED", "", 1, "20261120T100000Z"),
                 Crashers::Refuse,
@@ -492,7 +513,7 @@ mod tests {
         assert_eq!(STORED.lines().count(), out.lines().count());
         // Applying the same reply again writes nothing.
         assert!(matches!(
-            apply_reply(
+            apply(
                 &out,
                 &reply("dana@example.com", "ACCEPTED", "", 1, "20261120T100000Z"),
                 Crashers::Refuse
@@ -503,7 +524,7 @@ mod tests {
 
     #[test]
     fn stale_replies_are_ignored() {
-        let r = apply_reply(
+        let r = apply(
             STORED,
             &reply("dana@example.com", "DECLINED", "", 0, "20261120T100000Z"),
             Crashers::Refuse,
@@ -513,14 +534,14 @@ mod tests {
             "{r:?}"
         );
         let newer = changed(
-            apply_reply(
+            apply(
                 STORED,
                 &reply("dana@example.com", "ACCEPTED", "", 1, "20261120T120000Z"),
                 Crashers::Refuse,
             )
             .unwrap(),
         );
-        let r = apply_reply(
+        let r = apply(
             &newer,
             &reply("dana@example.com", "DECLINED", "", 1, "20261120T110000Z"),
             Crashers::Refuse,
@@ -535,7 +556,7 @@ mod tests {
     fn override_created_only_for_a_real_instance() {
         let rid = "RECURRENCE-ID:20261214T090000Z\r\n";
         let out = changed(
-            apply_reply(
+            apply(
                 STORED,
                 &reply("dana@example.com", "DECLINED", rid, 1, "20261120T100000Z"),
                 Crashers::Refuse,
@@ -562,7 +583,7 @@ mod tests {
         // The master keeps Dana's answer as it was.
         assert!(out.contains("ATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com"));
         let not_an_instance = "RECURRENCE-ID:20261215T090000Z\r\n";
-        let r = apply_reply(
+        let r = apply(
             STORED,
             &reply("dana@example.com", "DECLINED", not_an_instance, 1, "2026"),
             Crashers::Refuse,
@@ -573,15 +594,15 @@ mod tests {
     #[test]
     fn party_crashers() {
         let r = reply("mallory@example.net", "ACCEPTED", "", 1, "20261120T100000Z");
-        assert!(apply_reply(STORED, &r, Crashers::Refuse).is_err());
-        let out = changed(apply_reply(STORED, &r, Crashers::Record).unwrap());
+        assert!(apply(STORED, &r, Crashers::Refuse).is_err());
+        let out = changed(apply(STORED, &r, Crashers::Record).unwrap());
         assert!(out.contains("mailto:mallory@example.net"), "{out}");
     }
 
     #[test]
     fn request_status_becomes_schedule_status() {
         let out = changed(
-            apply_reply(
+            apply(
                 STORED,
                 &reply(
                     "erik@example.com",
@@ -595,5 +616,65 @@ mod tests {
             .unwrap(),
         );
         assert!(out.contains("SCHEDULE-STATUS=5.1"), "{out}");
+    }
+
+    #[test]
+    fn answers_for_anybody_but_the_tokens_attendee_change_nothing() {
+        // A token for Erik; the reply answers for Dana (and Erik in an override).
+        let r = reply("dana@example.com", "DECLINED", "", 1, "20261120T100000Z");
+        let got = apply_reply(STORED, &r, "mailto:erik@example.com", Crashers::Record).unwrap();
+        assert!(
+            matches!(got, Applied::Unchanged(ref w) if w.contains("dana@example.com")),
+            "{got:?}"
+        );
+        let both = r.replace(
+            "END:VEVENT\r\nEND:VCALENDAR",
+            "END:VEVENT\r\nBEGIN:VEVENT\r\nUID:weekly@example.org\r\nDTSTAMP:20261120T100000Z\r\nSEQUENCE:1\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:erik@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR",
+        );
+        let out = changed(apply_reply(STORED, &both, "MAILTO:Erik@example.com", Crashers::Refuse).unwrap());
+        assert!(
+            out.contains("ATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com"),
+            "{out}"
+        );
+        assert!(
+            out.contains("PARTSTAT=ACCEPTED") && out.contains("erik@example.com"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_bounce_records_the_failure_and_keeps_the_answer_and_its_stamp() {
+        let accepted = changed(
+            apply(
+                STORED,
+                &reply("dana@example.com", "ACCEPTED", "", 1, "20261120T100000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        let bounce = crate::itip::bounce_reply(
+            "mailto:alice@example.org",
+            "mailto:dana@example.com",
+            "weekly@example.org",
+            chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap(),
+        );
+        let out = changed(apply_reply(&accepted, &bounce, "mailto:dana@example.com", Crashers::Refuse).unwrap());
+        let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
+        assert!(dana.contains("PARTSTAT=ACCEPTED"), "{dana}");
+        assert!(dana.contains("SCHEDULE-STATUS=5.1"), "{dana}");
+        assert!(
+            dana.contains("X-IMIP-MILTER-DTSTAMP=20261120T100000Z"),
+            "the stamp stays: {dana}"
+        );
+        // Dana's later genuine answer still counts.
+        let later = changed(
+            apply(
+                &out,
+                &reply("dana@example.com", "TENTATIVE", "", 1, "20261121T100000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        assert!(later.contains("PARTSTAT=TENTATIVE"), "{later}");
     }
 }

@@ -25,20 +25,44 @@ pub struct TokenRecord {
     /// `attendee` is empty and a reply must come from one of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attendees: Vec<String>,
+    /// Message-IDs of the invitations sent with this token (newest last, at
+    /// most `MAX_INVITATIONS`): a bounce is believed when it quotes one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invitations: Vec<String>,
 }
 
+/// Invitation Message-IDs remembered per token.
+pub const MAX_INVITATIONS: usize = 8;
+
 impl TokenRecord {
-    /// The attendee a reply that names `replying` answers for: the token's
-    /// own, or for a shared token the listed one it names.
-    pub fn attendee_for(&self, replying: Option<&str>) -> String {
-        if !self.attendee.is_empty() {
-            return self.attendee.clone();
+    /// The attendees this token may answer for: its own, or a shared token's list.
+    pub fn allowed(&self) -> Vec<&str> {
+        if self.attendee.is_empty() {
+            self.attendees.iter().map(String::as_str).collect()
+        } else {
+            vec![self.attendee.as_str()]
         }
-        replying
-            .and_then(|r| self.attendees.iter().find(|a| a.eq_ignore_ascii_case(r)))
-            .or(self.attendees.first())
-            .cloned()
-            .unwrap_or_default()
+    }
+
+    /// The first of `named` (ATTENDEE values of a reply, a bounce's failed
+    /// recipient) that this token may answer for. Nobody else, ever.
+    pub fn answering<'a>(&self, named: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        let allowed = self.allowed();
+        named
+            .into_iter()
+            .find_map(|n| allowed.iter().find(|a| a.eq_ignore_ascii_case(n)))
+            .map(|a| (*a).to_owned())
+    }
+
+    /// Remembers the Message-ID of an invitation sent with this token.
+    pub fn remember_invitation(&mut self, message_id: &str) {
+        if message_id.is_empty() || self.invitations.iter().any(|m| m == message_id) {
+            return;
+        }
+        self.invitations.push(message_id.chars().take(998).collect());
+        if self.invitations.len() > MAX_INVITATIONS {
+            self.invitations.remove(0);
+        }
     }
 }
 
@@ -219,16 +243,18 @@ pub fn mint_or_reuse(
     organizer: &str,
     attendee: &str,
     uid: &str,
+    invitation: Option<&str>,
     now_ms: u64,
 ) -> Result<TokenRecord, StoreError> {
     let organizer = crate::itip::normalise_mailto(organizer);
     let attendee = crate::itip::normalise_mailto(attendee);
     if let Some(mut r) = store.find(&organizer, &attendee, uid)? {
         r.last_used_ms = now_ms;
+        r.remember_invitation(invitation.unwrap_or(""));
         store.put(&r)?;
         return Ok(r);
     }
-    let r = TokenRecord {
+    let mut r = TokenRecord {
         token: mint()?,
         organizer,
         attendee,
@@ -236,7 +262,9 @@ pub fn mint_or_reuse(
         created_ms: now_ms,
         last_used_ms: now_ms,
         attendees: Vec::new(),
+        invitations: Vec::new(),
     };
+    r.remember_invitation(invitation.unwrap_or(""));
     store.put(&r)?;
     Ok(r)
 }
@@ -248,6 +276,7 @@ pub fn mint_or_reuse_shared(
     organizer: &str,
     uid: &str,
     attendees: &[String],
+    invitation: Option<&str>,
     now_ms: u64,
 ) -> Result<TokenRecord, StoreError> {
     let organizer = crate::itip::normalise_mailto(organizer);
@@ -262,10 +291,12 @@ pub fn mint_or_reuse_shared(
             created_ms: now_ms,
             last_used_ms: now_ms,
             attendees: Vec::new(),
+            invitations: Vec::new(),
         },
     };
     list.retain(|a| !r.attendees.iter().any(|b| b.eq_ignore_ascii_case(a)));
     r.attendees.extend(list);
+    r.remember_invitation(invitation.unwrap_or(""));
     r.last_used_ms = now_ms;
     store.put(&r)?;
     Ok(r)
@@ -306,6 +337,7 @@ pub fn parse_csv(text: &str, now_ms: u64) -> (Vec<TokenRecord>, Vec<String>) {
             created_ms: accessed,
             last_used_ms: accessed,
             attendees: Vec::new(),
+            invitations: Vec::new(),
         });
     }
     (out, bad)
@@ -363,12 +395,12 @@ mod tests {
         assert_eq!(t.len(), 36);
         assert_eq!(&t[14..15], "4");
         assert!(crate::address::valid_token_syntax(&t));
-        let a = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:bob@example.com", "u1", 1).unwrap();
-        let b = mint_or_reuse(&s, "MAILTO:Alice@example.org", "mailto:BOB@example.com", "u1", 2).unwrap();
+        let a = mint_or_reuse(&s, "mailto:alice@example.org", "mailto:bob@example.com", "u1", None, 1).unwrap();
+        let b = mint_or_reuse(&s, "MAILTO:Alice@example.org", "mailto:BOB@example.com", "u1", None, 2).unwrap();
         assert_eq!(a.token, b.token);
-        let c = mint_or_reuse(&s, "alice@example.org", "mailto:carol@example.com", "u1", 3).unwrap();
+        let c = mint_or_reuse(&s, "alice@example.org", "mailto:carol@example.com", "u1", None, 3).unwrap();
         assert_eq!(
-            mint_or_reuse(&s, "alice@example.org", "carol@example.com", "u1", 4)
+            mint_or_reuse(&s, "alice@example.org", "carol@example.com", "u1", None, 4)
                 .unwrap()
                 .token,
             c.token
@@ -380,7 +412,7 @@ mod tests {
     #[test]
     fn expiry_and_revocation() {
         let (_d, s) = store();
-        let r = mint_or_reuse(&s, "mailto:a@x", "mailto:b@y", "u", 0).unwrap();
+        let r = mint_or_reuse(&s, "mailto:a@x", "mailto:b@y", "u", None, 0).unwrap();
         assert!(matches!(
             lookup(&s, &r.token, 89 * 86_400_000, 90).unwrap(),
             Lookup::Valid(_)

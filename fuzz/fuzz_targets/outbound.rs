@@ -6,6 +6,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let cfg = Outbound {
+        sender_logins: Default::default(),
+        trusted_logins: Vec::new(),
+        trusted_clients: Vec::new(),
         organizer_domains: vec!["example.org".into()],
         address_patterns: vec![regex::Regex::new("^mailto:").unwrap()],
     };

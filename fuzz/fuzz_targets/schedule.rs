@@ -8,9 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let (stored, reply) = text.split_once('\0').unwrap_or((&text, ""));
     for crashers in [Crashers::Refuse, Crashers::Record] {
-        if let Ok(Applied::Changed(out)) = apply_reply(stored, reply, crashers) {
+        if let Ok(Applied::Changed(out)) = apply_reply(stored, reply, "mailto:bob@example.com", crashers) {
             // Applying the same reply again changes nothing more than once over.
-            let _ = apply_reply(&out, reply, crashers);
+            let _ = apply_reply(&out, reply, "mailto:bob@example.com", crashers);
         }
     }
 });

@@ -110,10 +110,10 @@ impl CalDav {
             .collect())
     }
 
-    async fn find(&self, calendar: &str, uid: &str) -> Result<Option<Object>, Outcome> {
+    async fn find(&self, calendar: &str, uid: &str, organizer: &str) -> Result<Option<Object>, Outcome> {
         let uid_xml = uid.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
         let body = format!(
-            r#"<?xml version="1.0" encoding="utf-8"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><D:getetag/><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"><C:prop-filter name="UID"><C:text-match collation="i;octet">{uid_xml}</C:text-match></C:prop-filter></C:comp-filter></C:comp-filter></C:filter></C:calendar-query>"#
+            r#"<?xml version="1.0" encoding="utf-8"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><D:getetag/><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"><C:prop-filter name="UID"><C:text-match collation="i;octet" match-type="equals">{uid_xml}</C:text-match></C:prop-filter></C:comp-filter></C:comp-filter></C:filter></C:calendar-query>"#
         );
         let resp = self
             .req(Method::from_bytes(b"REPORT").unwrap_or(Method::GET), calendar)
@@ -128,11 +128,15 @@ impl CalDav {
             return Err(http_failure(status, "REPORT"));
         }
         let xml = resp.text().await.map_err(transport)?;
+        // Servers that ignore match-type search by substring: take only an
+        // object whose UID is exactly this one and whose ORGANIZER is the
+        // organizer (an attendee's copy of the same UID is not the event).
         Ok(blocks(&xml, "response").into_iter().find_map(|r| {
-            Some(Object {
-                href: self.absolute(&text(r, "href")?),
+            let data = unescape(&text(r, "calendar-data")?);
+            is_organizers_event(&data, uid, organizer).then(|| Object {
+                href: self.absolute(&text(r, "href").unwrap_or_default()),
                 etag: text(r, "getetag"),
-                data: unescape(&text(r, "calendar-data")?),
+                data,
             })
         }))
     }
@@ -159,11 +163,14 @@ impl CalDav {
 
     pub async fn deliver(&self, record: &Record) -> Outcome {
         let p = &record.payload;
-        let (Some(organizer), Some(uid), Some(reply)) =
-            (p["organizer"].as_str(), p["uid"].as_str(), p["icalendar"].as_str())
-        else {
+        let (Some(organizer), Some(uid), Some(attendee), Some(reply)) = (
+            p["organizer"].as_str(),
+            p["uid"].as_str(),
+            p["attendee"].as_str(),
+            p["icalendar"].as_str(),
+        ) else {
             return Outcome::Permanent(
-                "record lacks organizer, UID or calendar data (caldav needs tokens.mode = local)".into(),
+                "record lacks organizer, UID, attendee or calendar data (caldav needs tokens.mode = local)".into(),
             );
         };
         let Some(home) = self.home(organizer) else {
@@ -175,7 +182,7 @@ impl CalDav {
         };
         let mut object = None;
         for cal in &calendars {
-            match self.find(cal, uid).await {
+            match self.find(cal, uid, organizer).await {
                 Ok(Some(o)) => {
                     object = Some(o);
                     break;
@@ -188,7 +195,7 @@ impl CalDav {
             return Outcome::Permanent(format!("event {uid} is not in the calendars of {organizer} (deleted?)"));
         };
         for _ in 0..MAX_WRITES {
-            let new = match schedule::apply_reply(&object.data, reply, self.crashers) {
+            let new = match schedule::apply_reply(&object.data, reply, attendee, self.crashers) {
                 Ok(Applied::Changed(t)) => t,
                 Ok(Applied::Unchanged(_)) => return Outcome::Delivered,
                 Err(e) => return Outcome::Permanent(e),
@@ -209,7 +216,13 @@ impl CalDav {
                 StatusCode::PRECONDITION_FAILED => {
                     // Changed since we read it: read again, apply again.
                     match self.get(&object.href).await {
-                        Ok(Some(o)) => object = o,
+                        Ok(Some(o)) if is_organizers_event(&o.data, uid, organizer) => object = o,
+                        Ok(Some(_)) => {
+                            return Outcome::Permanent(format!(
+                                "{} no longer holds event {uid} of {organizer}",
+                                object.href
+                            ))
+                        }
                         Ok(None) => return Outcome::Permanent(format!("event {uid} was deleted")),
                         Err(o) => return o,
                     }
@@ -248,6 +261,22 @@ impl CalDav {
             Err(e) => Finding::fail("target", format!("{}: {e}", self.base)),
         }
     }
+}
+
+/// Whether calendar object `data` is `organizer`'s event `uid`: some
+/// component has exactly that UID and names that ORGANIZER.
+fn is_organizers_event(data: &str, uid: &str, organizer: &str) -> bool {
+    let Ok(cal) = calcard::icalendar::ICalendar::parse(data) else {
+        return false;
+    };
+    let organizer = crate::itip::normalise_mailto(organizer);
+    cal.components.iter().any(|c| {
+        c.uid() == Some(uid)
+            && c.property(&calcard::icalendar::ICalendarProperty::Organizer)
+                .and_then(|e| e.values.first())
+                .and_then(|v| v.as_text())
+                .is_some_and(|o| crate::itip::normalise_mailto(o).eq_ignore_ascii_case(&organizer))
+    })
 }
 
 fn transport(e: reqwest::Error) -> Outcome {
@@ -365,5 +394,34 @@ END:VCALENDAR</C:calendar-data></prop></propstat></response></multistatus>"#;
         assert_eq!(text(rs[2], "getetag").as_deref(), Some("\"e1\""));
         assert!(text(rs[2], "calendar-data").unwrap().contains("SUMMARY:a & b"));
         assert!(!has_element("<C:calendar-data>x</C:calendar-data>", "calendar"));
+    }
+
+    #[test]
+    fn only_the_organizers_event_with_exactly_that_uid() {
+        let ev = |uid: &str, org: &str| {
+            format!("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:20261101T000000Z\r\nORGANIZER:{org}\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n")
+        };
+        let alice = "mailto:alice@example.org";
+        assert!(is_organizers_event(
+            &ev("weekly@example.org", "MAILTO:Alice@example.org"),
+            "weekly@example.org",
+            alice
+        ));
+        assert!(!is_organizers_event(
+            &ev("weekly@example.org", alice),
+            "ekly@exam",
+            alice
+        ));
+        assert!(!is_organizers_event(
+            &ev("weekly@example.org", "mailto:mallory@example.net"),
+            "weekly@example.org",
+            alice
+        ));
+        assert!(!is_organizers_event(
+            &ev("Weekly@example.org", alice),
+            "weekly@example.org",
+            alice
+        ));
+        assert!(!is_organizers_event("garbage", "weekly@example.org", alice));
     }
 }
