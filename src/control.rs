@@ -48,7 +48,8 @@ pub enum Request {
     },
     TokensAdd {
         organizer: String,
-        attendee: String,
+        /// One attendee, or several sharing one token.
+        attendees: Vec<String>,
         uid: String,
     },
     TokensRevoke {
@@ -151,9 +152,13 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
         }),
         Request::TokensAdd {
             organizer,
-            attendee,
+            attendees,
             uid,
-        } => tokens::mint_or_reuse(&store, organizer, attendee, uid, None, now).map(|t| with(vec![t], 1)),
+        } => match attendees.as_slice() {
+            [one] => tokens::mint_or_reuse(&store, organizer, one, uid, None, now),
+            many => tokens::mint_or_reuse_shared(&store, organizer, uid, many, None, now),
+        }
+        .map(|t| with(vec![t], 1)),
         Request::TokensRevoke { token } => store.revoke(token).map(|found| match found {
             true => with(Vec::new(), 1),
             false => Response::error("no such token"),

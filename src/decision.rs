@@ -291,7 +291,8 @@ pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -
         Binding::Answers(_) => return None,
         Binding::ForeignUid(uid) => (
             format!("the reply is about event {uid}, not the token's"),
-            "The calendar reply is about another event than the invitation this address was given for;              please answer the invitation itself with your calendar program",
+            "The calendar reply is about another event than the invitation this address was given for; \
+             please answer the invitation itself with your calendar program",
         ),
         Binding::ForeignAttendee(who) => {
             let reason = format!("the reply answers for {who}, not for the attendee the token was given to");
@@ -303,7 +304,8 @@ pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -
             }
             (
                 reason,
-                "The calendar reply answers for somebody the invitation was not sent to;                  please answer from the address the invitation went to",
+                "The calendar reply answers for somebody the invitation was not sent to; \
+                 please answer from the address the invitation went to",
             )
         }
         Binding::BounceNotBelieved(why) => (

@@ -96,12 +96,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokensAction {
-    /// Mint a token for (organizer, attendee, event UID), or print the existing one
+    /// Mint a token for (organizer, attendee, event UID), or print the existing
+    /// one; several --attendee make one token shared by them
     Add {
         #[arg(long, value_name = "ADDR")]
         organizer: String,
-        #[arg(long, value_name = "ADDR")]
-        attendee: String,
+        #[arg(long, value_name = "ADDR", required = true)]
+        attendee: Vec<String>,
         #[arg(long, value_name = "UID")]
         uid: String,
     },
@@ -481,7 +482,7 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
             uid,
         } => Request::TokensAdd {
             organizer: organizer.clone(),
-            attendee: attendee.clone(),
+            attendees: attendee.clone(),
             uid: uid.clone(),
         },
         TokensAction::List => Request::TokensList,

@@ -8,8 +8,12 @@ use indymilter_test::{MacroStage, Status, TestConnection};
 use std::{process::Command, time::Duration};
 
 const SECRET: &str = "s3cret-shared";
+/// The event of outlook.eml, which Erik's token was given for.
+const OUTLOOK_UID: &str = "040000008200E00074C5B7101A82E00800000000A0B1C2D3E4F5A60100000000000000001000000012345678";
+/// The event of the invitation bounce.eml returns.
+const BOUNCED_UID: &str = "invite-bounce-77@example.org";
 
-async fn start(server: &Webhook) -> InProcess {
+async fn start(server: &Webhook, uid: &str) -> InProcess {
     let secrets = tempfile::tempdir().unwrap().keep();
     let secret_file = secrets.join("secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
@@ -25,7 +29,7 @@ async fn start(server: &Webhook) -> InProcess {
     let csv = m.state_dir.path().join("tokens.csv");
     std::fs::write(
         &csv,
-        format!("{TOKEN},mailto:alice@example.org,mailto:Erik.Jansen@contoso.example,invite-bounce-77@example.org,2099-01-01 00:00:00\n"),
+        format!("{TOKEN},mailto:alice@example.org,mailto:Erik.Jansen@contoso.example,{uid},2099-01-01 00:00:00\n"),
     )
     .unwrap();
     let out = cli(&m, server, &["tokens", "import", csv.to_str().unwrap()]);
@@ -87,7 +91,7 @@ async fn send(m: &InProcess, eml: &str) -> Status {
 async fn outlook_reply_is_injected_with_the_real_organizer() {
     let server = Webhook::start();
     server.calendarserver(SECRET);
-    let m = start(&server).await;
+    let m = start(&server, OUTLOOK_UID).await;
     assert_eq!(send(&m, "outlook.eml").await, Status::Discard);
     let got = server.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1, "refused: {:?}", server.refused());
@@ -102,7 +106,7 @@ async fn outlook_reply_is_injected_with_the_real_organizer() {
 async fn a_bounce_is_injected_as_a_5_1_reply() {
     let server = Webhook::start();
     server.calendarserver(SECRET);
-    let m = start(&server).await;
+    let m = start(&server, BOUNCED_UID).await;
     assert_eq!(send(&m, "bounce.eml").await, Status::Discard);
     let got = server.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1, "refused: {:?}", server.refused());
@@ -115,7 +119,7 @@ async fn a_3_x_status_is_kept_as_failed_with_the_status() {
     let server = Webhook::start();
     server.calendarserver(SECRET);
     server.request_status_next(&["3.7;Invalid calendar user"]);
-    let m = start(&server).await;
+    let m = start(&server, OUTLOOK_UID).await;
     assert_eq!(send(&m, "outlook.eml").await, Status::Discard);
     server.wait_for(1, Duration::from_secs(10));
     let ok = common::wait_until(Duration::from_secs(5), || {
@@ -133,7 +137,7 @@ async fn a_3_x_status_is_kept_as_failed_with_the_status() {
 async fn the_double_refuses_a_wrong_secret() {
     let server = Webhook::start();
     server.calendarserver("another-secret");
-    let m = start(&server).await;
+    let m = start(&server, OUTLOOK_UID).await;
     assert_eq!(send(&m, "outlook.eml").await, Status::Discard);
     assert!(common::wait_until(Duration::from_secs(5), || !server
         .refused()

@@ -29,12 +29,17 @@ fn cli(m: &InProcess, url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Tokens of the fixtures, as CalendarServer's IMIP_TOKENS would hold them.
-fn import(m: &InProcess, url: &str, attendee: &str) {
+/// The events of the fixtures.
+const APPLE_UID: &str = "2E1F6A8C-4B1D-4C2E-9F3A-1B2C3D4E5F60";
+const OUTLOOK_UID: &str = "040000008200E00074C5B7101A82E00800000000A0B1C2D3E4F5A60100000000000000001000000012345678";
+const BOUNCED_UID: &str = "invite-bounce-77@example.org";
+
+/// The token of the fixtures, as CalendarServer's IMIP_TOKENS would hold it.
+fn import(m: &InProcess, url: &str, attendee: &str, uid: &str) {
     let csv = m.state_dir.path().join("tokens.csv");
     std::fs::write(
         &csv,
-        format!("TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED\n{TOKEN},mailto:alice@example.org,{attendee},invite-bounce-77@example.org,2099-01-01 00:00:00\n"),
+        format!("TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED\n{TOKEN},mailto:alice@example.org,{attendee},{uid},2099-01-01 00:00:00\n"),
     )
     .unwrap();
     let (ok, out, err) = cli(m, url, &["tokens", "import", csv.to_str().unwrap()]);
@@ -52,9 +57,12 @@ async fn transaction(m: &InProcess, client: [u8; 4], rcpts: &[String]) -> (TestC
     (conn, st)
 }
 
-async fn finish(mut conn: TestConnection, eml: &str) -> (EomActions, Status) {
+async fn finish(conn: TestConnection, eml: &str) -> (EomActions, Status) {
+    finish_raw(conn, String::from_utf8(fixture(eml)).unwrap()).await
+}
+
+async fn finish_raw(mut conn: TestConnection, raw: String) -> (EomActions, Status) {
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
-    let raw = String::from_utf8(fixture(eml)).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
     for line in unfolded.split("\r\n") {
@@ -77,7 +85,7 @@ fn gateway() -> String {
 async fn outlook_reply_gets_the_real_organizer_back() {
     let hook = Webhook::start();
     let m = InProcess::start_with(&hook.url(), LOCAL).await;
-    import(&m, &hook.url(), "mailto:erik.jansen@contoso.example");
+    import(&m, &hook.url(), "mailto:erik.jansen@contoso.example", OUTLOOK_UID);
     let (conn, st) = transaction(&m, [192, 0, 2, 1], &[gateway()]).await;
     assert_eq!(st, vec![Status::Continue]);
     let (_, status) = finish(conn, "outlook.eml").await;
@@ -99,28 +107,75 @@ async fn outlook_reply_gets_the_real_organizer_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stranger_replying_is_marked_and_a_bounce_becomes_a_5_1_reply() {
+async fn a_reply_for_somebody_else_goes_to_the_organizer_and_changes_nothing() {
     let hook = Webhook::start();
     let m = InProcess::start_with(&hook.url(), LOCAL).await;
-    import(&m, &hook.url(), "mailto:someone-else@example.com");
+    // The token was given to someone else; Bob answers through it.
+    import(&m, &hook.url(), "mailto:someone-else@example.com", APPLE_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
-    assert_eq!(finish(conn, "apple.eml").await.1, Status::Discard);
+    let (actions, status) = finish(conn, "apple.eml").await;
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(
+        actions.has_add_recipient("<alice@example.org>", None::<&str>),
+        "{actions:?}"
+    );
+    assert!(actions.has_delete_recipient(gateway().as_str()), "{actions:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty(), "nothing handed on as an answer");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_about_another_event_is_refused() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    // Bob's token, for another event than the one his reply names.
+    import(&m, &hook.url(), "mailto:bob@example.com", BOUNCED_UID);
+    let (conn, _) = transaction(&m, [192, 0, 2, 9], &[gateway()]).await;
+    match finish(conn, "apple.eml").await.1 {
+        Status::Reject { message: Some(msg) } => {
+            let msg = msg.to_string_lossy().into_owned();
+            assert!(msg.starts_with("550 5.7.1 ") && msg.contains("another event"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty());
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_that_quotes_the_invitation_becomes_a_5_1_reply_and_a_forged_one_is_refused() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:nobody@gone.example", BOUNCED_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
     assert_eq!(finish(conn, "bounce.eml").await.1, Status::Discard);
-    let got = hook.wait_for(2, Duration::from_secs(10));
-    let reply = got.iter().find(|d| d.body["kind"] == "reply").unwrap();
-    assert!(reply.body["icalendar"]
-        .as_str()
-        .unwrap()
-        .contains("SCHEDULE-STATUS=5.1"));
+    let got = hook.wait_for(1, Duration::from_secs(10));
     let bounce = got.iter().find(|d| d.body["kind"] == "bounce").unwrap();
     let cal = bounce.body["icalendar"].as_str().unwrap();
     assert!(
         cal.contains("METHOD:REPLY") && cal.contains("REQUEST-STATUS:5.1"),
         "{cal}"
     );
+    assert!(!cal.contains("PARTSTAT"), "a bounce is no answer: {cal}");
     assert!(cal.contains("ORGANIZER:mailto:alice@example.org"), "{cal}");
     assert!(cal.contains("UID:invite-bounce-77@example.org"), "{cal}");
+
+    // A report that names the token but quotes no invitation sent with it.
+    let forged = String::from_utf8(fixture("bounce.eml"))
+        .unwrap()
+        .replace("invite-bounce-77-msg@example.org", "made-up@evil.example")
+        .replace("UID:invite-bounce-77@example.org", "UID:made-up@evil.example");
+    let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
+    match finish_raw(conn, forged).await.1 {
+        Status::Reject { message: Some(msg) } => {
+            assert!(msg.to_string_lossy().starts_with("550 5.7.1 "), "{msg:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.deliveries().len(), 1);
     m.stop().await;
 }
 
@@ -128,7 +183,7 @@ async fn a_stranger_replying_is_marked_and_a_bounce_becomes_a_5_1_reply() {
 async fn a_persons_text_is_redirected_to_the_organizer() {
     let hook = Webhook::start();
     let m = InProcess::start_with(&hook.url(), LOCAL).await;
-    import(&m, &hook.url(), "mailto:bob@example.com");
+    import(&m, &hook.url(), "mailto:bob@example.com", APPLE_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 3], &[gateway()]).await;
     let (actions, status) = finish(conn, "human-text.eml").await;
     assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
@@ -146,7 +201,7 @@ async fn a_persons_text_is_redirected_to_the_organizer() {
 async fn unknown_tokens_are_refused_and_a_prober_is_slowed_down() {
     let hook = Webhook::start();
     let m = InProcess::start_with(&hook.url(), LOCAL).await;
-    import(&m, &hook.url(), "mailto:bob@example.com");
+    import(&m, &hook.url(), "mailto:bob@example.com", APPLE_UID);
     let unknown: Vec<String> = (0..3)
         .map(|i| format!("<calendar+guess{i:04}-0000@example.org>"))
         .collect();
@@ -209,9 +264,13 @@ async fn tokens_add_mints_and_reuses() {
 async fn attendee_policy_refuses_a_reply_from_someone_else() {
     let hook = Webhook::start();
     let m = InProcess::start_with(&hook.url(), &format!("{LOCAL}\n[policy]\nsender = \"attendee\"\n")).await;
-    import(&m, &hook.url(), "mailto:erik.jansen@contoso.example");
+    import(&m, &hook.url(), "mailto:bob@example.com", APPLE_UID);
+    // Bob's answer, sent by somebody else.
+    let other = String::from_utf8(fixture("apple.eml"))
+        .unwrap()
+        .replace("<bob@example.com>", "<mallory@example.net>");
     let (conn, _) = transaction(&m, [192, 0, 2, 8], &[gateway()]).await;
-    match finish(conn, "apple.eml").await.1 {
+    match finish_raw(conn, other).await.1 {
         Status::Reject { message: Some(msg) } => {
             let msg = msg.to_string_lossy().into_owned();
             assert!(
@@ -223,10 +282,50 @@ async fn attendee_policy_refuses_a_reply_from_someone_else() {
     }
     let (conn, _) = transaction(&m, [192, 0, 2, 8], &[gateway()]).await;
     assert_eq!(
-        finish(conn, "outlook.eml").await.1,
+        finish(conn, "apple.eml").await.1,
         Status::Discard,
         "From is the attendee"
     );
     assert_eq!(hook.wait_for(1, Duration::from_secs(10)).len(), 1);
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attendee_policy_takes_any_attendee_of_a_shared_token_for_their_own_answer() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), &format!("{LOCAL}\n[policy]\nsender = \"attendee\"\n")).await;
+    // One token for an invitation to Carol and Bob, as outbound mints it.
+    let (ok, out, err) = cli(
+        &m,
+        &hook.url(),
+        &[
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "carol@example.com",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            APPLE_UID,
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let shared = format!("<calendar+{}@example.org>", out.trim());
+    let (conn, _) = transaction(&m, [192, 0, 2, 10], std::slice::from_ref(&shared)).await;
+    assert_eq!(
+        finish(conn, "apple.eml").await.1,
+        Status::Discard,
+        "Bob, the second attendee"
+    );
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got[0].body["attendee"], "mailto:bob@example.com");
+    // Carol may not send Bob's answer.
+    let carol = String::from_utf8(fixture("apple.eml"))
+        .unwrap()
+        .replace("<bob@example.com>", "<carol@example.com>");
+    let (conn, _) = transaction(&m, [192, 0, 2, 10], &[shared]).await;
+    assert!(matches!(finish_raw(conn, carol).await.1, Status::Reject { .. }));
     m.stop().await;
 }
