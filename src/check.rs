@@ -69,9 +69,39 @@ impl fmt::Display for Finding {
 pub async fn run(config: &Config, config_path: &Path, postfix_config: Option<&Path>) -> Vec<Finding> {
     let mut out = vec![Finding::ok("config", format!("{} is valid", config_path.display()))];
     out.extend(state_dir(config));
+    out.extend(milter_socket(config));
     out.push(target(config).await);
     out.extend(postfix(config, postfix_config));
     out
+}
+
+/// With outbound tokenization whoever reaches the milter socket can claim
+/// any SASL login or client address in the macros, and so mint tokens.
+fn milter_socket(config: &Config) -> Option<Finding> {
+    config.outbound.as_ref()?;
+    Some(match &config.listen {
+        ListenSocket::Inet(addr) => Finding::fail(
+            "listen",
+            format!(
+                "listen = inet:{addr} with outbound tokenization: any local user can connect and claim a SASL login; \
+                 listen on unix:/var/spool/postfix/imip-milter/milter.sock (group postfix) instead"
+            ),
+        ),
+        ListenSocket::Unix(path) => {
+            use std::os::unix::fs::PermissionsExt;
+            match std::fs::metadata(path) {
+                Ok(m) if m.permissions().mode() & 0o006 != 0 => Finding::fail(
+                    "listen",
+                    format!("{} is open to every local user: chmod o-rw it", path.display()),
+                ),
+                Ok(_) => Finding::ok("listen", format!("{} is closed to other users", path.display())),
+                Err(_) => Finding::warn(
+                    "listen",
+                    format!("{} does not exist (daemon not running?)", path.display()),
+                ),
+            }
+        }
+    })
 }
 
 fn state_dir(config: &Config) -> Vec<Finding> {

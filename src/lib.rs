@@ -155,6 +155,13 @@ pub async fn run_with_reload(
             .unwrap_or_default()
     );
 
+    if let (Some(_), config::ListenSocket::Inet(addr)) = (&config.outbound, &config.listen) {
+        // Every local user can reach it and claim any SASL login (DESIGN §4c).
+        tracing::warn!(
+            "outbound tokenization with listen = inet:{addr}: local users can connect and mint tokens; \
+             listen on a unix socket that only Postfix can reach"
+        );
+    }
     let result = indymilter::run(listener, milter::callbacks(shared), milter_config, shutdown).await;
     info!("milter sessions finished; stopping deliveries");
     let _ = stop_tx.send(true);

@@ -535,13 +535,18 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
                 let used = chrono::DateTime::from_timestamp_millis(t.last_used_ms as i64)
                     .map(|d| d.format("%Y-%m-%d").to_string())
                     .unwrap_or_default();
+                let attendee = match t.attendee.is_empty() {
+                    true => t.attendees.join(","),
+                    false => t.attendee.clone(),
+                };
+                let shown = imip_milter::address::printable;
                 println!(
                     "{:<12} {:<36} {:<36} {:<10} {}",
                     imip_milter::address::token_prefix(&t.token),
-                    t.organizer,
-                    t.attendee,
+                    shown(&t.organizer),
+                    shown(&attendee),
                     used,
-                    t.uid
+                    shown(&t.uid)
                 );
             }
             println!("-- {} tokens", tokens.len());

@@ -208,7 +208,7 @@ pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
         }
         let text = match &part.body {
             PartType::Text(t) => t.to_string(),
-            PartType::Binary(b) | PartType::InlineBinary(b) => String::from_utf8(b.to_vec()).ok()?,
+            PartType::Binary(b) | PartType::InlineBinary(b) => String::from_utf8_lossy(b).into_owned(),
             _ => continue,
         };
         let Ok(itip) = crate::itip::read(&text, None) else {
@@ -270,17 +270,27 @@ pub fn rewrite_body(raw: &[u8], body_start: usize, inv: &Invitation, tokenized: 
             Encoding::Base64 => decode_base64(encoded)?,
             Encoding::QuotedPrintable => decode_qp(encoded),
         };
-        let text = String::from_utf8(decoded).ok()?;
-        let rewritten = rewrite_organizer(&text, tokenized, real);
+        // 8-bit calendar text that is no UTF-8 is taken as Latin-1 and
+        // written back as it came: only ORGANIZER lines change.
+        let rewritten: Vec<u8> = match String::from_utf8(decoded) {
+            Ok(t) => rewrite_organizer(&t, tokenized, real).into_bytes(),
+            Err(e) => {
+                let text: String = e.into_bytes().iter().map(|&b| char::from(b)).collect();
+                rewrite_organizer(&text, tokenized, real)
+                    .chars()
+                    .map(|c| u8::try_from(u32::from(c)).ok())
+                    .collect::<Option<Vec<u8>>>()?
+            }
+        };
         let trailing = &encoded[encoded.len() - trailing_newlines(encoded)..];
         match encoding {
-            Encoding::Plain => out.extend_from_slice(rewritten.as_bytes()),
+            Encoding::Plain => out.extend_from_slice(&rewritten),
             Encoding::Base64 => {
-                out.extend_from_slice(encode_base64(rewritten.as_bytes()).as_bytes());
+                out.extend_from_slice(encode_base64(&rewritten).as_bytes());
                 out.extend_from_slice(trailing);
             }
             Encoding::QuotedPrintable => {
-                out.extend_from_slice(encode_qp(rewritten.as_bytes()).as_bytes());
+                out.extend_from_slice(encode_qp(&rewritten).as_bytes());
                 out.extend_from_slice(trailing);
             }
         }

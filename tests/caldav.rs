@@ -211,7 +211,7 @@ fn caldav_config(dir: &std::path::Path, url: &str) -> impl FnOnce(String) -> Str
             .collect::<Vec<_>>()
             .join("\n");
         format!(
-            "{c}\nusername = \"imip\"\npassword_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n",
+            "{c}\nusername = \"imip\"\npassword_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n# The test client submits as a calendar server on a fixed host.\ntrusted_clients = [\"127.0.0.1\"]\n",
             pw.display()
         )
     }
@@ -506,5 +506,211 @@ fn reply_for_a_deleted_event_is_kept_as_failed() {
     assert!(
         list.contains("1 failed") && list.contains("not in the calendars"),
         "{list}"
+    );
+}
+
+/// A reply through Bob's token, from `from`, with these VEVENTs.
+fn reply_through(gateway: &str, from: &str, components: &str) -> Vec<u8> {
+    let ics = reply_ics("-//Example Attendee Client//EN", components);
+    format!("From: <{from}>\r\nTo: {gateway}\r\nSubject: Answer\r\nMessage-ID: <{}@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/calendar; charset=utf-8; method=REPLY\r\n\r\n{ics}", components.len()).into_bytes()
+}
+
+fn answer(uid: &str, who: &str, partstat: &str, extra: &str) -> String {
+    format!("BEGIN:VEVENT\r\nUID:{uid}\r\nDTSTAMP:20261120T100000Z\r\nSEQUENCE:0\r\n{extra}ATTENDEE;PARTSTAT={partstat}:mailto:{who}\r\nEND:VEVENT\r\n")
+}
+
+/// A delivery report for Bob's copy of the invitation; `quoted_uid` is the
+/// event the returned invitation names.
+fn bounce_for_bob(token: &str, quoted_uid: &str) -> Vec<u8> {
+    String::from_utf8(common::fixture("bounce.eml"))
+        .unwrap()
+        .replace(common::TOKEN, token)
+        .replace("nobody@gone.example", "bob@example.com")
+        .replace("invite-bounce-77-msg@example.org", "unrelated@example.net")
+        .replace("invite-bounce-77@example.org", quoted_uid)
+        .into_bytes()
+}
+
+/// DESIGN §4c on a real CalDAV server: Bob's token changes Bob's answer in
+/// the weekly sync, and nothing else: not Dana's line, not another event,
+/// not an event whose UID merely contains the token's, not an attendee's
+/// copy of the same UID; a bounce records the failure and keeps the answer.
+#[test]
+fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let put = |path: &str, ics: &str| {
+        let resp = radicale.request("alice", "PUT", path, &[("Content-Type", "text/calendar")], ics);
+        assert!(
+            matches!(resp.status, 201 | 204),
+            "PUT {path}: {} {}",
+            resp.status,
+            resp.body
+        );
+    };
+    // Dana has accepted already.
+    let weekly = event().replace(
+        "PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com",
+        "PARTSTAT=ACCEPTED;RSVP=TRUE:mailto:dana@example.com",
+    );
+    put(EVENT_PATH, &weekly);
+    // Another of Alice's events, without Bob.
+    let secret = weekly
+        .replace(UID, "other-secret-event")
+        .replace("mailto:bob@example.com", "mailto:grace@example.com");
+    put("/alice/calendar/other.ics", &secret);
+    // An attendee's copy of the weekly sync (another organizer), in a calendar listed first.
+    let resp = radicale.request("alice", "MKCALENDAR", "/alice/aaa-copies/", &[], "");
+    assert!(matches!(resp.status, 201 | 405), "{}", resp.status);
+    let copy = event().replace(
+        "ORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org",
+        "ORGANIZER:mailto:mallory@example.net",
+    );
+    put("/alice/aaa-copies/copy.ics", &copy);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &radicale.url());
+    let token = gateway
+        .strip_prefix("calendar+")
+        .and_then(|g| g.strip_suffix("@example.org"))
+        .unwrap()
+        .to_owned();
+    let diag = || format!("{}\n{}", cli(&config, &["queue", "list", "--all"]), radicale.log());
+
+    // 1. Through Bob's token, an answer for Dana alone: not applied.
+    let msg = reply_through(
+        &gateway,
+        "dana@example.com",
+        &answer(UID, "dana@example.com", "DECLINED", ""),
+    );
+    let (code, err) = deliver(&config, &gateway, &msg);
+    assert_eq!(code, 77, "refused (to the organizer): {err}");
+    // 2. Bob's answer with an override that answers for Dana: Bob's applies, Dana's is dropped.
+    let both = format!(
+        "{}{}",
+        answer(UID, "bob@example.com", "ACCEPTED", ""),
+        answer(
+            UID,
+            "dana@example.com",
+            "DECLINED",
+            "RECURRENCE-ID:20261214T090000Z\r\n"
+        )
+    );
+    let (code, err) = deliver(&config, &gateway, &reply_through(&gateway, "bob@example.com", &both));
+    assert_eq!(code, 0, "{err}");
+    let ics = stored(&radicale);
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}\n{}",
+        diag()
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}"
+    );
+    assert_eq!(
+        unfold(&ics).matches("BEGIN:VEVENT").count(),
+        1,
+        "no override for Dana: {ics}"
+    );
+    assert!(
+        cli(&config, &["queue", "list", "--all"]).contains("delivered"),
+        "{}",
+        diag()
+    );
+    // The attendee's copy under another organizer is not the event.
+    let c = radicale
+        .request("alice", "GET", "/alice/aaa-copies/copy.ics", &[], "")
+        .body;
+    assert_eq!(
+        partstat(&c, "bob@example.com", None).as_deref(),
+        Some("NEEDS-ACTION"),
+        "{c}"
+    );
+
+    // 3. Another event's UID: refused, the other event unchanged.
+    let msg = reply_through(
+        &gateway,
+        "bob@example.com",
+        &answer("other-secret-event", "dana@example.com", "DECLINED", ""),
+    );
+    let (code, err) = deliver(&config, &gateway, &msg);
+    assert_eq!(code, 77, "{err}");
+    assert!(err.contains("another event"), "{err}");
+    let other = radicale
+        .request("alice", "GET", "/alice/calendar/other.ics", &[], "")
+        .body;
+    assert_eq!(
+        partstat(&other, "dana@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{other}"
+    );
+
+    // 4. A token for a UID that is only a part of the weekly sync's finds nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args([
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "dana@example.com",
+            "--uid",
+            "ekly-sync-2026@exam",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let partial = format!("calendar+{}@example.org", String::from_utf8_lossy(&out.stdout).trim());
+    let msg = reply_through(
+        &partial,
+        "dana@example.com",
+        &answer("ekly-sync-2026@exam", "dana@example.com", "DECLINED", ""),
+    );
+    let (code, err) = deliver(&config, &partial, &msg);
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    let list = cli(&config, &["queue", "list"]);
+    assert!(
+        list.contains("1 failed") && list.contains("not in the calendars"),
+        "{list}"
+    );
+    assert_eq!(
+        partstat(&stored(&radicale), "dana@example.com", None).as_deref(),
+        Some("ACCEPTED")
+    );
+
+    // 5. A bounce for Bob that quotes the invitation records the failure, keeps the answer.
+    let (code, err) = deliver(&config, &gateway, &bounce_for_bob(&token, UID));
+    assert_eq!(code, 0, "{err}");
+    let ics = stored(&radicale);
+    let bob = attendee_line(&ics, "bob@example.com", None).unwrap_or_default();
+    assert!(
+        bob.contains("PARTSTAT=ACCEPTED") && bob.contains("SCHEDULE-STATUS=5.1"),
+        "{bob}\n{}",
+        diag()
+    );
+    assert!(
+        bob.contains("X-IMIP-MILTER-DTSTAMP=20261120T100000Z"),
+        "the stamp stays: {bob}"
+    );
+    // A report that quotes no invitation sent with this token changes nothing.
+    let (code, err) = deliver(&config, &gateway, &bounce_for_bob(&token, "made-up@evil.example"));
+    assert_eq!(code, 77, "{err}");
+    // Bob's later answer still counts.
+    let later = answer(UID, "bob@example.com", "TENTATIVE", "").replace("20261120T100000Z", "20261121T100000Z");
+    let (code, err) = deliver(&config, &gateway, &reply_through(&gateway, "bob@example.com", &later));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        partstat(&stored(&radicale), "bob@example.com", None).as_deref(),
+        Some("TENTATIVE"),
+        "{}",
+        diag()
+    );
+    assert_eq!(
+        partstat(&stored(&radicale), "dana@example.com", None).as_deref(),
+        Some("ACCEPTED")
     );
 }

@@ -66,3 +66,22 @@ async fn reject_rcpt() {
     assert!(hook.deliveries().is_empty());
     m.stop().await;
 }
+
+const OUTBOUND: &str =
+    "\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_tokens_only_for_the_authenticated_organizer_and_no_panic_on_8bit() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), OUTBOUND).await;
+    script("outbound.lua", &m).await;
+    let out = m.cli(OUTBOUND, &["tokens", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    for uid in ["out-sasl", "out-utf8", "out-latin1"] {
+        assert!(list.contains(uid), "{uid}: {list}");
+    }
+    for uid in ["out-nosasl", "out-mallory"] {
+        assert!(!list.contains(uid), "{uid} got a token: {list}");
+    }
+    m.stop().await;
+}

@@ -416,7 +416,7 @@ fn calendarserver_site() -> Site {
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
     let milter = Daemon::start_edited(dir.path(), &hook.base_url(), None, |c| {
         format!(
-            "{}secret_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n",
+            "{}secret_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n# The test client submits as a calendar server on a fixed host.\ntrusted_clients = [\"127.0.0.1\"]\n",
             c.replace("kind = \"webhook\"", "kind = \"calendarserver\""),
             secret.display()
         )
@@ -543,10 +543,12 @@ fn invitation_out_tokenized_reply_in_injected() {
         diagnostics(&s)
     );
 
-    // A bounce of the invitation is injected as a 5.1 status.
+    // A bounce of the invitation is injected as a 5.1 status: it quotes the
+    // Message-ID that went out with the token.
     let bounce = String::from_utf8(fixture("bounce.eml"))
         .unwrap()
         .replace(TOKEN, &token)
+        .replace("invite-bounce-77-msg@example.org", "kickoff-invite@example.org")
         .replace("nobody@gone.example", "bob@example.com");
     let out = smtp_send(s.postfix.port, "", &[&reply_to], bounce.as_bytes());
     assert!(

@@ -491,6 +491,19 @@ impl InProcess {
         }
     }
 
+    /// The CLI against this milter's state_dir; `extra` as given to `start_with`.
+    pub fn cli(&self, extra: &str, args: &[&str]) -> std::process::Output {
+        let config = self.state_dir.path().join("cli.toml");
+        let text = config_text(self.state_dir.path(), "inet:127.0.0.1:1", "http://127.0.0.1:1/", extra);
+        std::fs::write(&config, text).expect("cli config");
+        Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("imip-milter")
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
