@@ -599,3 +599,45 @@ fn throughput() {
         println!("{}", diagnostics(&s));
     }
 }
+
+/// `[policy] sender = "dmarc"` believes Authentication-Results with this
+/// site's authserv-id. A sender who writes one itself is believed only
+/// where Postfix does not remove it first: the shipped header_checks table
+/// does, before the milter sees the message.
+#[test]
+fn dmarc_policy_believes_no_authentication_results_a_sender_wrote() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let forged = format!(
+        "Authentication-Results: mx.example.org; dkim=pass header.d=example.com; dmarc=pass (p=reject) header.from=example.com\r\n{}",
+        String::from_utf8(fixture("apple.eml")).unwrap()
+    );
+    let table = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("postfix/imip-milter-header-checks"),
+        table.path().join("header-checks"),
+    )
+    .unwrap();
+    let send = |header_checks: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = Webhook::start();
+        let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+            format!("{c}\n[policy]\nsender = \"dmarc\"\nauthserv_id = \"mx.example.org\"\n")
+        });
+        let postfix = Postfix::start_with(
+            &format!("{{ inet:127.0.0.1:{}, default_action=tempfail }}", milter.port),
+            header_checks,
+        );
+        let out = smtp_send(postfix.port, "bob@example.com", &[&gateway()], forged.as_bytes());
+        (out.data.unwrap_or_default(), postfix.log(), milter.log())
+    };
+    // Without the table the milter cannot tell the forged header from its MTA's.
+    let (answer, maillog, log) = send("");
+    assert!(answer.starts_with("250"), "{answer}\n{maillog}\n{log}");
+    // With it the header never reaches the milter, and the reply is refused.
+    let (answer, maillog, log) = send(&format!(
+        "header_checks = regexp:{}/header-checks",
+        table.path().display()
+    ));
+    assert!(answer.starts_with("550 5.7.1 "), "{answer}\n{maillog}\n{log}");
+    assert!(log.contains("no DMARC pass"), "{log}");
+}
