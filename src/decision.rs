@@ -230,8 +230,8 @@ pub enum Binding {
 }
 
 /// Binds a reply or bounce to `token`. Pure: the milter, `deliver` and
-/// `inspect` judge alike.
-pub fn bind(analysis: &Analysis, token: &TokenRecord) -> Binding {
+/// `inspect` judge alike. `envelope_sender`: MAIL FROM, without brackets.
+pub fn bind(analysis: &Analysis, token: &TokenRecord, envelope_sender: &str) -> Binding {
     let itip = analysis.itip.as_ref();
     match analysis.kind {
         Kind::Bounce => {
@@ -271,7 +271,23 @@ pub fn bind(analysis: &Analysis, token: &TokenRecord) -> Binding {
             if let Some(other) = itip.uids.iter().find(|u| **u != token.uid) {
                 return Binding::ForeignUid(clip(other));
             }
-            match token.answering(itip.attendees.iter().map(String::as_str)) {
+            let named = itip.attendees.iter().map(String::as_str);
+            let who = match token.attendee.is_empty() {
+                false => token.answering(named),
+                // A shared token went to several people alike: it answers for
+                // the listed attendee who sent the reply (header From or
+                // envelope sender), never for another one on the list.
+                true => {
+                    let senders = [analysis.from.as_deref().unwrap_or(""), envelope_sender];
+                    named
+                        .filter(|a| {
+                            let bare = bare_address(a).unwrap_or(a);
+                            senders.iter().any(|s| !s.is_empty() && s.eq_ignore_ascii_case(bare))
+                        })
+                        .find_map(|a| token.answering([a]))
+                }
+            };
+            match who {
                 Some(a) => Binding::Answers(a),
                 None => Binding::ForeignAttendee(itip.attendees.first().map(|a| clip(a)).unwrap_or_default()),
             }
@@ -285,8 +301,7 @@ fn clip(s: &str) -> String {
 }
 
 /// EOM, local tokens: the reply or bounce does not bind to its token.
-/// `organizer` (a bare address) gets a reply for somebody else instead.
-pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -> Option<Decision> {
+pub fn decide_unbound(binding: &Binding, mixed: bool) -> Option<Decision> {
     let (reason, text) = match binding {
         Binding::Answers(_) => return None,
         Binding::ForeignUid(uid) => (
@@ -294,20 +309,13 @@ pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -
             "The calendar reply is about another event than the invitation this address was given for; \
              please answer the invitation itself with your calendar program",
         ),
-        Binding::ForeignAttendee(who) => {
-            let reason = format!("the reply answers for {who}, not for the attendee the token was given to");
-            if let Some(a) = organizer {
-                return Some(Decision {
-                    redirect_to: Some(a.to_owned()),
-                    ..Decision::new(Disposition::Redirect, format!("{reason}; redirected to the organizer"))
-                });
-            }
-            (
-                reason,
-                "The calendar reply answers for somebody the invitation was not sent to; \
-                 please answer from the address the invitation went to",
-            )
-        }
+        // Refused rather than redirected: the organizer's own calendar
+        // program could apply the answer it carries.
+        Binding::ForeignAttendee(who) => (
+            format!("the reply answers for {who}, not for the attendee the token was given to"),
+            "The calendar reply answers for somebody this invitation was not sent to; \
+             please answer from the address the invitation went to",
+        ),
         Binding::BounceNotBelieved(why) => (
             format!("bounce not believed: {why}"),
             "The delivery report does not quote an invitation sent from here",
@@ -378,5 +386,100 @@ fn capitalise(s: &str) -> String {
     match c.next() {
         Some(f) => f.to_uppercase().chain(c).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::analyse;
+
+    fn reply(from: &str, components: &str) -> Analysis {
+        analyse(
+            format!(
+                "From: <{from}>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\nBEGIN:VCALENDAR\r\nMETHOD:REPLY\r\n{components}END:VCALENDAR\r\n"
+            )
+            .as_bytes(),
+        )
+    }
+
+    fn answer(uid_lines: &str, who: &str) -> String {
+        format!("BEGIN:VEVENT\r\n{uid_lines}ATTENDEE;PARTSTAT=ACCEPTED:mailto:{who}\r\nEND:VEVENT\r\n")
+    }
+
+    fn token(attendee: &str, attendees: &[&str]) -> TokenRecord {
+        TokenRecord {
+            token: "t".repeat(36),
+            organizer: "mailto:alice@example.org".into(),
+            attendee: attendee.into(),
+            uid: "ev-1".into(),
+            created_ms: 0,
+            last_used_ms: 0,
+            attendees: attendees.iter().map(|a| (*a).to_owned()).collect(),
+            invitations: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_token_binds_its_attendee_and_its_event() {
+        let bob = token("mailto:bob@example.com", &[]);
+        let ok = reply("bob@example.com", &answer("UID:ev-1\r\n", "Bob@example.com"));
+        assert_eq!(bind(&ok, &bob, ""), Binding::Answers("mailto:bob@example.com".into()));
+        let dana = reply("dana@example.com", &answer("UID:ev-1\r\n", "dana@example.com"));
+        assert!(matches!(bind(&dana, &bob, ""), Binding::ForeignAttendee(_)));
+        let other = reply("bob@example.com", &answer("UID:ev-2\r\n", "bob@example.com"));
+        assert!(matches!(bind(&other, &bob, ""), Binding::ForeignUid(_)));
+        // A second UID line, or a second component about another event.
+        let two = reply(
+            "bob@example.com",
+            &answer("UID:ev-1\r\nUID:ev-2\r\n", "bob@example.com"),
+        );
+        assert!(matches!(bind(&two, &bob, ""), Binding::ForeignUid(_)), "{:?}", two.itip);
+        let mixed = reply(
+            "bob@example.com",
+            &format!(
+                "{}{}",
+                answer("UID:ev-1\r\n", "bob@example.com"),
+                answer("UID:ev-2\r\n", "bob@example.com")
+            ),
+        );
+        assert!(matches!(bind(&mixed, &bob, ""), Binding::ForeignUid(_)));
+    }
+
+    #[test]
+    fn a_shared_token_answers_for_the_listed_attendee_who_sent_the_reply() {
+        let shared = token("", &["mailto:bob@example.com", "mailto:carol@example.com"]);
+        // Carol sends an answer for Bob (listed first) and for herself.
+        let both = format!(
+            "{}{}",
+            answer("UID:ev-1\r\n", "bob@example.com"),
+            answer("UID:ev-1\r\n", "carol@example.com")
+        );
+        let from_carol = reply("carol@example.com", &both);
+        assert_eq!(
+            bind(&from_carol, &shared, ""),
+            Binding::Answers("mailto:carol@example.com".into())
+        );
+        // Only Bob's answer, from Carol: nobody's.
+        let for_bob = reply("carol@example.com", &answer("UID:ev-1\r\n", "bob@example.com"));
+        assert!(matches!(
+            bind(&for_bob, &shared, "carol@example.com"),
+            Binding::ForeignAttendee(_)
+        ));
+        // The envelope sender counts as well (a From rewritten by a list).
+        let via_list = reply("list@lists.example", &answer("UID:ev-1\r\n", "bob@example.com"));
+        assert_eq!(
+            bind(&via_list, &shared, "Bob@example.com"),
+            Binding::Answers("mailto:bob@example.com".into())
+        );
+    }
+
+    #[test]
+    fn unbound_messages_are_refused_with_a_sentence() {
+        let d = decide_unbound(&Binding::ForeignUid("ev-2".into()), false).unwrap();
+        assert_eq!(d.smtp_reply.map(|r| r.enhanced), Some("5.7.1"));
+        let d = decide_unbound(&Binding::ForeignAttendee("mailto:dana@example.com".into()), true).unwrap();
+        assert_eq!(d.disposition, Disposition::DeleteRecipients);
+        assert!(decide_unbound(&Binding::Answers("mailto:bob@example.com".into()), false).is_none());
     }
 }

@@ -61,11 +61,10 @@ pub async fn take(
     if decision.spool {
         for (_, token) in gateway(recipients) {
             let Some(t) = record_of(token) else { continue };
-            match decision::bind(&analysis, t) {
+            match decision::bind(&analysis, t, &envelope.mail_from) {
                 decision::Binding::Answers(a) => answering.push((token, a)),
                 unbound => {
-                    let organizer = decision::bare_address(&t.organizer);
-                    if let Some(d) = decision::decide_unbound(&unbound, mixed, organizer) {
+                    if let Some(d) = decision::decide_unbound(&unbound, mixed) {
                         decision = d;
                     }
                     answering.clear();
@@ -75,10 +74,13 @@ pub async fn take(
         }
     }
     if decision.spool && analysis.kind == Kind::Reply {
-        let token = gateway(recipients).find_map(|(_, t)| record_of(t));
-        let who = answering.first().map(|(_, a)| a.as_str());
-        if let Err(why) = policy::check(sender_policy, &analysis, token, who) {
-            decision = decision::decide_policy_refused(&why, mixed);
+        // Every token the message names must pass, each for its own attendee.
+        for (_, token) in gateway(recipients) {
+            let who = answering.iter().find(|(t, _)| *t == token).map(|(_, a)| a.as_str());
+            if let Err(why) = policy::check(sender_policy, &analysis, record_of(token), who) {
+                decision = decision::decide_policy_refused(&why, mixed);
+                break;
+            }
         }
     }
     let mut ids = Vec::new();
@@ -181,10 +183,16 @@ fn touch(spool: &Spool, tokens: &[TokenRecord]) {
     };
     let now = crate::spool::now_ms();
     for t in tokens {
-        let mut t = t.clone();
-        t.last_used_ms = now;
-        if let Err(e) = store.put(&t) {
-            warn!("{e}");
+        // Read again: a token revoked or changed since RCPT stays as it is now.
+        match store.get(&t.token) {
+            Ok(Some(mut current)) => {
+                current.last_used_ms = now;
+                if let Err(e) = store.put(&current) {
+                    warn!("{e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!("{e}"),
         }
     }
 }

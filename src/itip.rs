@@ -67,10 +67,14 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
     let mut uids: Vec<String> = Vec::new();
     let mut attendees: Vec<String> = Vec::new();
     for c in &scheduling {
-        if let Some(u) = c.uid() {
-            if !uids.iter().any(|x| x == u) {
-                uids.push(u.to_owned());
-            }
+        // Exactly one UID, as text; anything else binds to no event ("").
+        let mut found = c.properties(&ICalendarProperty::Uid);
+        let u = match (found.next().and_then(first_text), found.next()) {
+            (Some(u), None) => u,
+            _ => "",
+        };
+        if !uids.iter().any(|x| x == u) {
+            uids.push(u.to_owned());
         }
         for a in c.properties(&ICalendarProperty::Attendee).filter_map(first_text) {
             let a = normalise_mailto(a);

@@ -158,6 +158,14 @@ fn init_logging(level: tracing::Level, format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
+    // A panic message can quote the mail it choked on: log where, not what.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!("internal error (panic) at {at}");
+    }));
     // journald stamps every line itself.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_journal) {

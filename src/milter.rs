@@ -73,7 +73,7 @@ impl UnknownLimiter {
 
     /// Whether `client` used up its unknown tokens for now.
     pub fn blocked(&self, client: &str, now: u64) -> bool {
-        let Ok(mut seen) = self.seen.lock() else { return false };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         match seen.get_mut(client) {
             Some(q) => {
                 Self::prune(q, now, self.window_ms);
@@ -84,7 +84,7 @@ impl UnknownLimiter {
     }
 
     pub fn record(&self, client: &str, now: u64) {
-        let Ok(mut seen) = self.seen.lock() else { return };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_CLIENTS && !seen.contains_key(client) {
             let window = self.window_ms;
             seen.retain(|_, q| {
@@ -257,8 +257,12 @@ fn guarded(cx: &mut Context<Session>, stage: &str, step: impl FnOnce(&mut Contex
     match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut *cx))) {
         Ok(status) => status,
         Err(_) => {
-            if let Some(s) = cx.data.as_mut() {
-                s.reset_message();
+            // Postfix goes on after a recipient's 451; a later stage's 451
+            // ends the message.
+            if stage != "RCPT" {
+                if let Some(s) = cx.data.as_mut() {
+                    s.reset_message();
+                }
             }
             let queue_id = queue_id(&cx.macros);
             panicked(&mut cx.reply, &queue_id, stage)

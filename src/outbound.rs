@@ -593,4 +593,46 @@ mod tests {
         assert!(folded.split("\r\n").all(|l| l.len() <= 75));
         assert_eq!(folded.replace("\r\n ", "").trim_end(), long);
     }
+
+    #[test]
+    fn only_the_authenticated_organizer_gets_tokens() {
+        let mut c = cfg();
+        c.sender_logins =
+            parse_login_map("# who may send for whom\nalice@example.org  alice, assistant\n@example.org calsrv\n")
+                .unwrap();
+        c.trusted_logins = vec!["caldav-robot".into()];
+        c.trusted_clients = vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let alice = "mailto:Alice@example.org";
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert!(c.authorize(alice, Some("alice@example.org"), None).is_ok());
+        assert!(c.authorize(alice, Some("assistant"), None).is_ok());
+        assert!(c.authorize(alice, Some("calsrv"), None).is_ok());
+        assert!(c.authorize(alice, Some("caldav-robot"), None).is_ok());
+        assert!(c.authorize(alice, None, ip("192.0.2.77")).is_ok());
+        assert!(c.authorize(alice, None, ip("::ffff:192.0.2.77")).is_ok());
+        assert!(c.authorize(alice, None, ip("2001:db8::1")).is_ok());
+        // The envelope sender is no argument here at all; these are refused.
+        assert!(c.authorize(alice, None, None).is_err());
+        assert!(c.authorize(alice, Some("mallory"), ip("198.51.100.1")).is_err());
+        assert!(c.authorize(alice, None, ip("192.0.3.1")).is_err());
+        assert!(c.authorize(alice, None, ip("2001:db8::2")).is_err());
+        // Trust reaches only organizers in organizer_domains.
+        assert!(c
+            .authorize("mailto:ceo@other.example", Some("caldav-robot"), ip("192.0.2.77"))
+            .is_err());
+        assert!(parse_login_map("alice\n").is_err());
+        assert!("10.0.0.0/33".parse::<ClientNet>().is_err());
+        assert!("0.0.0.0/0"
+            .parse::<ClientNet>()
+            .unwrap()
+            .contains("203.0.113.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn non_ascii_lines_neither_panic_nor_change() {
+        // Found in review: a byte-index slice split a character at byte 9.
+        let text = INVITE.replace("SUMMARY:Planung Zürich", "SUMMARY:Über\r\nORGANIZÉ:x\r\nORGANIZER:Ü");
+        let out = rewrite_organizer(&text, "mailto:calendar+t@example.org", "alice@example.org");
+        assert!(out.contains("SUMMARY:Über\r\nORGANIZÉ:x\r\n"), "{out}");
+    }
 }

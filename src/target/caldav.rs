@@ -133,8 +133,9 @@ impl CalDav {
         // organizer (an attendee's copy of the same UID is not the event).
         Ok(blocks(&xml, "response").into_iter().find_map(|r| {
             let data = unescape(&text(r, "calendar-data")?);
+            let href = text(r, "href").filter(|h| !h.is_empty())?;
             is_organizers_event(&data, uid, organizer).then(|| Object {
-                href: self.absolute(&text(r, "href").unwrap_or_default()),
+                href: self.absolute(&href),
                 etag: text(r, "getetag"),
                 data,
             })
