@@ -2,7 +2,7 @@
 //! OK / WARN / FAIL; the caller exits 1 on any FAIL.
 
 use crate::{
-    config::{Config, ListenSocket},
+    config::{Config, ListenSocket, SenderPolicy},
     control::{self, Request},
     target::Target,
 };
@@ -213,6 +213,36 @@ fn milter_entry(smtpd_milters: &str, names: &[String]) -> Option<String> {
     })
 }
 
+/// `[policy] sender = "dmarc"` is sound only when Postfix removes the
+/// Authentication-Results a sender wrote in this site's name.
+fn header_checks(authserv_id: &str, dir: Option<&Path>) -> Finding {
+    let tables = postconf(dir, &["-h", "header_checks"]).unwrap_or_default();
+    let forged = format!("Authentication-Results: {authserv_id}; dmarc=pass header.from=example.com");
+    let removes = tables.split([',', ' ', '\t']).filter(|t| !t.is_empty()).any(|table| {
+        let mut cmd = Command::new("postmap");
+        if let Some(d) = dir {
+            cmd.arg("-c").arg(d);
+        }
+        cmd.args(["-q", &forged, table])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim_start().starts_with("IGNORE"))
+    });
+    match removes {
+        true => Finding::ok(
+            "postfix",
+            format!("header_checks removes Authentication-Results claiming {authserv_id}"),
+        ),
+        false => Finding::fail(
+            "postfix",
+            format!(
+                "policy.sender = dmarc, but header_checks keeps Authentication-Results that a sender writes as \
+                 {authserv_id}: add regexp:/etc/postfix/imip-milter-header-checks (from \
+                 /usr/share/doc/imip-milter/postfix/, with your authserv-id)"
+            ),
+        ),
+    }
+}
+
 fn setting(entry: &str, key: &str) -> Option<String> {
     entry.split(',').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -229,6 +259,9 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         ));
         return out;
     };
+    if let SenderPolicy::Dmarc { authserv_id } = &config.policy {
+        out.push(header_checks(authserv_id, dir));
+    }
     let names = milter_names(&config.listen);
     match milter_entry(&milters, &names) {
         None => out.push(Finding::fail(

@@ -436,7 +436,10 @@ async fn abort(cx: &mut Context<Session>) -> Status {
 /// their invitation leaves untokenized.
 fn outbound_candidate(shared: &Shared, session: &Session) -> bool {
     let Some(out) = &shared.outbound else { return false };
-    (session.login.is_some() || session.client_ip().is_some() || out.is_local(&session.mail_from))
+    let trusted = session
+        .client_ip()
+        .is_some_and(|ip| out.trusted_clients.iter().any(|n| n.contains(ip)));
+    (session.login.is_some() || trusted || out.is_local(&session.mail_from))
         && session.recipients.iter().any(|(raw, _)| out.is_external(raw))
 }
 

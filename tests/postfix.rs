@@ -628,16 +628,30 @@ fn dmarc_policy_believes_no_authentication_results_a_sender_wrote() {
             header_checks,
         );
         let out = smtp_send(postfix.port, "bob@example.com", &[&gateway()], forged.as_bytes());
-        (out.data.unwrap_or_default(), postfix.log(), milter.log())
+        let etc = postfix.etc();
+        let check = milter.cli(&["check", "--postfix-config", etc.to_str().unwrap()]);
+        let check = String::from_utf8_lossy(&check.stdout).into_owned();
+        (
+            out.data.unwrap_or_default(),
+            format!("{}\n{check}", postfix.log()),
+            milter.log(),
+            check,
+        )
     };
-    // Without the table the milter cannot tell the forged header from its MTA's.
-    let (answer, maillog, log) = send("");
+    // Without the table the milter cannot tell the forged header from its
+    // MTA's; check says so.
+    let (answer, maillog, log, check) = send("");
     assert!(answer.starts_with("250"), "{answer}\n{maillog}\n{log}");
+    assert!(
+        check.contains("FAIL") && check.contains("header_checks keeps"),
+        "{check}"
+    );
     // With it the header never reaches the milter, and the reply is refused.
-    let (answer, maillog, log) = send(&format!(
+    let (answer, maillog, log, check) = send(&format!(
         "header_checks = regexp:{}/header-checks",
         table.path().display()
     ));
     assert!(answer.starts_with("550 5.7.1 "), "{answer}\n{maillog}\n{log}");
     assert!(log.contains("no DMARC pass"), "{log}");
+    assert!(check.contains("header_checks removes"), "{check}");
 }

@@ -86,7 +86,9 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        // Bound here, not probed first: parallel tests race for probed ports.
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("webhook bind");
+        Self::serve_on(listener, Arc::new(Mutex::new(WebhookState::default())))
     }
 
     pub fn start_on(port: u16) -> Self {
@@ -96,6 +98,11 @@ impl Webhook {
 
     fn start_with(port: u16, state: Arc<Mutex<WebhookState>>) -> Self {
         let listener = StdTcpListener::bind(("127.0.0.1", port)).expect("webhook bind");
+        Self::serve_on(listener, state)
+    }
+
+    fn serve_on(listener: StdTcpListener, state: Arc<Mutex<WebhookState>>) -> Self {
+        let port = listener.local_addr().expect("webhook port").port();
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(Mutex::new(false));
         let (st, sp) = (state.clone(), stop.clone());
