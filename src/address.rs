@@ -182,10 +182,10 @@ pub fn valid_token_syntax(token: &str) -> bool {
 /// A token shortened for logs: tokens are capabilities and never logged in full.
 /// Text from outside made fit for a log line or a terminal: control
 /// characters (escape sequences, line breaks) shown as `\u{..}`, at most
-/// 200 characters.
+/// 1000 characters.
 pub fn printable(text: &str) -> String {
     let mut out = String::new();
-    for c in text.chars().take(200) {
+    for c in text.chars().take(1000) {
         if c.is_control() {
             out.extend(c.escape_unicode());
         } else {

@@ -111,6 +111,8 @@ pub struct TargetConfig {
     pub calendar_home: String,
     /// caldav: add a reply from someone not invited (else refuse it).
     pub party_crashers_record: bool,
+    /// The largest HTTP answer body read from the target.
+    pub max_response_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +251,7 @@ struct RawTarget {
     secret_header: Option<String>,
     calendar_home: Option<String>,
     party_crashers: Option<String>,
+    max_response_bytes: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +450,7 @@ impl Config {
                 .secret_header
                 .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
             calendar_home: target.calendar_home.unwrap_or_else(|| "{base}/{user}/".to_owned()),
+            max_response_bytes: positive("target.max_response_bytes", target.max_response_bytes, 4 << 20, 1 << 30)?,
             party_crashers_record: match target.party_crashers.as_deref().unwrap_or("refuse") {
                 "refuse" => false,
                 "record" => true,

@@ -362,17 +362,19 @@ pub fn format_list(records: &[Record]) -> String {
         "{:<32} {:<9} {:<6} {:>8} {:>8} {:<12} {:<14} {}\n",
         "ID", "STATE", "KIND", "ATTEMPTS", "AGE", "TOKEN", "QUEUE-ID", "LAST-ERROR"
     );
+    // Text from mail, Postfix and servers: escape sequences shown, not obeyed.
+    let shown = crate::address::printable;
     for r in records {
         out.push_str(&format!(
             "{:<32} {:<9} {:<6} {:>8} {:>8} {:<12} {:<14} {}\n",
-            r.id,
+            shown(&r.id),
             r.state.as_str(),
-            r.kind,
+            shown(&r.kind),
             r.attempts,
             human_age(now.saturating_sub(r.created_ms)),
-            r.token_prefix,
-            r.queue_id.as_deref().unwrap_or("-"),
-            r.last_error.as_deref().unwrap_or("")
+            shown(&r.token_prefix),
+            shown(r.queue_id.as_deref().unwrap_or("-")),
+            shown(r.last_error.as_deref().unwrap_or(""))
         ));
     }
     let pending = records.iter().filter(|r| r.state == State::Pending).count();

@@ -155,7 +155,15 @@ pub fn decide_data(recipients: &[Recipient]) -> Option<Decision> {
 }
 
 /// Body stage: the message outgrew `max_message_bytes`.
-pub fn decide_too_large(limit: usize) -> Decision {
+/// `mixed`: other recipients get the message; only the gateway recipients
+/// are removed (refusing it would bounce it for everybody).
+pub fn decide_too_large(limit: usize, mixed: bool) -> Decision {
+    if mixed {
+        return Decision::new(
+            Disposition::DeleteRecipients,
+            format!("message larger than {limit} bytes; gateway recipients removed"),
+        );
+    }
     Decision::new(Disposition::Reject, format!("message larger than {limit} bytes")).reply(
         "552",
         "5.3.4",

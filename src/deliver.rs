@@ -71,7 +71,7 @@ impl Verdict {
 }
 
 pub fn too_large(limit: usize) -> Verdict {
-    Verdict::from_decision(&decision::decide_too_large(limit))
+    Verdict::from_decision(&decision::decide_too_large(limit, false))
 }
 
 /// Takes one message for one recipient.

@@ -65,12 +65,12 @@ pub fn inspect(gateway: &GatewayAddresses, max_message_bytes: usize, rcpts: &[St
     }
     let mut v = if accepted.is_empty() && last_reject.is_some() {
         // Every recipient refused: the transaction ends at RCPT.
-        let d = last_reject.unwrap_or_else(|| decision::decide_too_large(0));
+        let d = last_reject.unwrap_or_else(|| decision::decide_too_large(0, false));
         verdict(&d, "none")
     } else if let Some(d) = decision::decide_data(&accepted) {
         verdict(&d, "none")
     } else if raw.len() > max_message_bytes {
-        verdict(&decision::decide_too_large(max_message_bytes), "none")
+        verdict(&decision::decide_too_large(max_message_bytes, false), "none")
     } else {
         let analysis = analyse(raw);
         let d = decision::decide_message(&analysis, &accepted);

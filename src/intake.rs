@@ -2,7 +2,7 @@
 //! `imip-milter deliver` alike: analyse → decide → spool.
 
 use crate::{
-    address::{token_prefix, Recipient},
+    address::{printable, token_prefix, Recipient},
     analysis::{analyse, Analysis, Kind},
     config::SenderPolicy,
     decision::{self, Decision, Disposition},
@@ -210,9 +210,10 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let tokens: Vec<String> = gateway(recipients).map(|(_, t)| token_prefix(t)).collect();
     let mut line = format!(
-        "{queue_id}: from=<{}> message-id={} disposition={} kind={} token={} reason=\"{}\"",
-        envelope.mail_from,
-        intake.analysis.message_id.as_deref().unwrap_or("-"),
+        "{}: from=<{}> message-id={} disposition={} kind={} token={} reason=\"{}\"",
+        printable(queue_id),
+        printable(&envelope.mail_from),
+        printable(intake.analysis.message_id.as_deref().unwrap_or("-")),
         intake.decision.disposition.as_str(),
         intake.analysis.kind.as_str(),
         if tokens.is_empty() {
@@ -220,7 +221,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         } else {
             tokens.join(",")
         },
-        intake.decision.reason.replace('"', "'"),
+        printable(&intake.decision.reason.replace('"', "'")),
     );
     if !intake.ids.is_empty() {
         line.push_str(&format!(" id={}", intake.ids.join(",")));

@@ -73,33 +73,59 @@ impl UnknownLimiter {
 
     /// Whether `client` used up its unknown tokens for now.
     pub fn blocked(&self, client: &str, now: u64) -> bool {
+        let key = Self::key(client);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        match seen.get_mut(client) {
-            Some(q) => {
-                Self::prune(q, now, self.window_ms);
-                q.len() >= self.max
-            }
-            None => false,
-        }
+        let full = seen.len() >= MAX_CLIENTS;
+        let q = match seen.get_mut(&key) {
+            Some(q) => q,
+            // Under a flood of new addresses they share one bucket.
+            None if full => match seen.get_mut(OVERFLOW) {
+                Some(q) => q,
+                None => return false,
+            },
+            None => return false,
+        };
+        Self::prune(q, now, self.window_ms);
+        q.len() >= self.max
     }
 
     pub fn record(&self, client: &str, now: u64) {
+        let mut key = Self::key(client);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= MAX_CLIENTS && !seen.contains_key(client) {
+        if seen.len() >= MAX_CLIENTS && !seen.contains_key(&key) {
             let window = self.window_ms;
             seen.retain(|_, q| {
                 Self::prune(q, now, window);
                 !q.is_empty()
             });
             if seen.len() >= MAX_CLIENTS {
-                return; // under a flood, stop learning rather than grow
+                key = OVERFLOW.to_owned();
             }
         }
-        let q = seen.entry(client.to_owned()).or_default();
+        let q = seen.entry(key).or_default();
         Self::prune(q, now, self.window_ms);
         q.push_back(now);
+        // Remember no more than the limit needs.
+        while q.len() > self.max {
+            q.pop_front();
+        }
+    }
+
+    /// IPv6 clients are counted per /64: one host has a whole /64 to rotate through.
+    fn key(client: &str) -> String {
+        match client.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            Ok(std::net::IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_default(),
+            _ => client.to_owned(),
+        }
     }
 }
+
+/// The bucket that new clients share while MAX_CLIENTS are remembered.
+const OVERFLOW: &str = "*";
 
 /// What every session shares.
 pub struct Shared {
@@ -127,11 +153,11 @@ impl Shared {
         let Some(local) = &self.tokens else { return Ok(None) };
         let now = crate::spool::now_ms();
         let client = client.unwrap_or("-");
-        if local.limiter.blocked(client, now) {
-            return Err(decision::decide_too_many_unknown());
-        }
+        // Only unknown tokens count and only they wait: a valid token from a
+        // client that guessed before still passes.
         match tokens::lookup(local.store.as_ref(), token, now, local.days_to_live) {
             Ok(Lookup::Valid(r)) => Ok(Some(r)),
+            Ok(_) if local.limiter.blocked(client, now) => Err(decision::decide_too_many_unknown()),
             Ok(l) => {
                 local.limiter.record(client, now);
                 Err(decision::decide_unknown_token(l == Lookup::Expired))
@@ -374,6 +400,9 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
     let Some(session) = cx.data.as_mut() else {
         return Status::Continue;
     };
+    if session.too_large {
+        return Status::Continue; // mixed recipients: no longer buffered
+    }
     let add: usize = bytes.iter().map(|b| b.len()).sum();
     let limit = shared.settings().max_message_bytes;
     if session.message.len() + add > limit {
@@ -392,12 +421,16 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
             );
             return Status::Accept;
         }
+        if session.recipients.iter().any(|(_, c)| *c == Recipient::Other) {
+            // Decided at end of message, where recipients can be removed.
+            return Status::Continue;
+        }
         METRICS.message(Disposition::Reject);
-        let d = decision::decide_too_large(limit);
+        let d = decision::decide_too_large(limit, false);
         info!(
             "{}: reject from=<{}>: {}",
             queue_id(&cx.macros),
-            session.mail_from,
+            crate::address::printable(&session.mail_from),
             d.reason
         );
         set_reply(&mut cx.reply, &d);
@@ -462,6 +495,29 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         };
         session.reset_message();
         return tokenize(shared, cx, &queue_id, &from, &submitter, &recipients, message).await;
+    }
+    if session.too_large {
+        // Mixed recipients: the others get the message, the gateway loses it.
+        let recipients = std::mem::take(&mut session.recipients);
+        let from = std::mem::take(&mut session.mail_from);
+        session.reset_message();
+        let d = decision::decide_too_large(shared.settings().max_message_bytes, true);
+        METRICS.message(d.disposition);
+        for (raw, _) in intake::gateway(&recipients) {
+            if let Err(e) = cx.actions.delete_recipient(raw).await {
+                warn!("{queue_id}: cannot delete recipient: {e}");
+                let d = decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
+                set_reply(&mut cx.reply, &d);
+                return Status::Tempfail;
+            }
+        }
+        info!(
+            "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
+            crate::address::printable(&from),
+            d.disposition.as_str(),
+            d.reason
+        );
+        return Status::Accept;
     }
     let message = std::mem::take(&mut session.message);
     let recipients = std::mem::take(&mut session.recipients);
@@ -630,4 +686,28 @@ async fn tokenize(
         crate::address::token_prefix(&record.token)
     );
     Status::Accept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_share_their_64_and_a_full_map_a_bucket() {
+        let l = UnknownLimiter::new(2, std::time::Duration::from_secs(60));
+        l.record("2001:db8:1:2::1", 0);
+        l.record("2001:db8:1:2:ffff::9", 1);
+        assert!(l.blocked("2001:db8:1:2::77", 2), "the same /64");
+        assert!(!l.blocked("2001:db8:1:3::1", 2), "another /64");
+        assert!(!l.blocked("192.0.2.1", 2));
+        // Fill the map; newcomers then share one bucket instead of going free.
+        for i in 0..MAX_CLIENTS {
+            l.record(&format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255), 3);
+        }
+        l.record("198.51.100.1", 4);
+        l.record("198.51.100.2", 4);
+        assert!(l.blocked("198.51.100.3", 5), "a newcomer under a flood is limited");
+        // Counts age out of the window.
+        assert!(!l.blocked("2001:db8:1:2::1", 61_002));
+    }
 }

@@ -714,3 +714,108 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
         Some("ACCEPTED")
     );
 }
+
+/// A CalDAV server gone bad: answers every request with `answer(port)`,
+/// and counts the connections it gets.
+struct HostileServer {
+    port: u16,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HostileServer {
+    fn start(answer: impl Fn(&mut TcpStream) + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        let answer = Arc::new(answer);
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().flatten() {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.clone();
+                std::thread::spawn(move || {
+                    // Read the request head and body, then answer.
+                    let mut r = BufReader::new(stream.try_clone().unwrap());
+                    let mut len = 0;
+                    loop {
+                        let mut l = String::new();
+                        if r.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    let _ = r.read_exact(&mut body);
+                    answer(&mut stream);
+                });
+            }
+        });
+        Self { port, connections }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// DESIGN §4c: the calendar server's answers are outside input. A huge
+/// answer is not read past target.max_response_bytes; hrefs to another
+/// origin get no request and no credentials.
+#[test]
+fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
+    // Where a foreign href points; nothing may arrive here.
+    let elsewhere = HostileServer::start(|s| {
+        let _ = s.write_all(b"HTTP/1.1 207 Multi-Status\r\nContent-Length: 0\r\n\r\n");
+    });
+    let other = elsewhere.port;
+    let foreign = HostileServer::start(move |s| {
+        let xml = format!(
+            "<?xml version=\"1.0\"?><D:multistatus xmlns:D=\"DAV:\" xmlns:C=\"urn:ietf:params:xml:ns:caldav\">\
+             <D:response><D:href>//127.0.0.1:{other}/elsewhere/</D:href><D:propstat><D:prop><D:resourcetype><C:calendar/><D:collection/></D:resourcetype></D:prop></D:propstat></D:response>\
+             <D:response><D:href>http://127.0.0.1:{other}/alice/cal/</D:href><D:propstat><D:prop><D:resourcetype><C:calendar/><D:collection/></D:resourcetype></D:prop></D:propstat></D:response>\
+             <D:response><D:href>/bob/calendar/</D:href><D:propstat><D:prop><D:resourcetype><C:calendar/><D:collection/></D:resourcetype></D:prop></D:propstat></D:response>\
+             </D:multistatus>"
+        );
+        let _ = s.write_all(
+            format!("HTTP/1.1 207 Multi-Status\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len()).as_bytes(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &foreign.url());
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    let list = cli(&config, &["queue", "list"]);
+    assert!(
+        list.contains("1 failed") && list.contains("not in the calendars"),
+        "{list}"
+    );
+    assert_eq!(
+        elsewhere.connections.load(Ordering::SeqCst),
+        0,
+        "a request went to a foreign href"
+    );
+
+    // 64 MiB of '<' without a length: read up to the cap, then refused.
+    let huge = HostileServer::start(|s| {
+        let _ = s.write_all(b"HTTP/1.1 207 Multi-Status\r\nContent-Type: application/xml\r\nConnection: close\r\n\r\n");
+        let chunk = vec![b'<'; 1 << 20];
+        for _ in 0..64 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &huge.url());
+    let started = std::time::Instant::now();
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    let list = cli(&config, &["queue", "list"]);
+    assert!(
+        list.contains("1 failed") && list.contains("max_response_bytes"),
+        "{list}"
+    );
+    println!("huge answer refused after {} ms", started.elapsed().as_millis());
+}

@@ -181,6 +181,30 @@ async fn oversized_message_gets_552() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_mixed_message_loses_only_its_gateway_recipient() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await; // max_message_bytes = 1000000
+    let mut conn = open(&m).await;
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    let gateway = format!("<Calendar+{TOKEN}@example.org>");
+    for r in [gateway.as_str(), "<alice@example.org>"] {
+        assert_eq!(conn.rcpt([r]).await.unwrap(), Status::Continue);
+    }
+    assert_eq!(conn.data().await.unwrap(), Status::Continue);
+    conn.header("Subject", "big, to Alice and the calendar").await.unwrap();
+    conn.eoh().await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+    }
+    conn.macros(MacroStage::Eom, [("i", "BIG1")]).await.unwrap();
+    let (actions, status) = conn.eom().await.unwrap();
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(actions.has_delete_recipient(gateway.as_str()), "{actions:?}");
+    assert!(!actions.has_delete_recipient("<alice@example.org>"), "{actions:?}");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_reply_twice_is_delivered_once() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await;
@@ -207,5 +231,22 @@ async fn transient_target_errors_are_retried_until_delivered() {
     let got = hook.wait_for(1, Duration::from_secs(15));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body["partstat"], "ACCEPTED");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escape_sequences_from_outside_are_shown_not_obeyed_in_queue_list() {
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let mut conn = to_gateway(&m, "<bob@example.com>").await;
+    // Whoever reaches the milter socket sets the macros; a title-changing sequence.
+    let (_, status) = send_message(&mut conn, &fixture("apple.eml"), "Q1\x1b]0;owned\x07").await;
+    assert_eq!(status, Status::Discard);
+    hook.wait_for(1, Duration::from_secs(10));
+    let out = m.cli("", &["queue", "list", "--all"]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("Q1"), "{list}");
+    assert!(!list.contains('\x1b') && !list.contains('\x07'), "{list:?}");
+    assert!(list.contains("\\u{1b}"), "{list}");
     m.stop().await;
 }

@@ -22,6 +22,9 @@ pub struct CalDav {
     home_template: String,
     auth: Option<(String, String)>,
     crashers: Crashers,
+    max_response_bytes: usize,
+    /// target.url, parsed: hrefs are followed on its origin only.
+    origin: Option<reqwest::Url>,
 }
 
 /// A calendar object on the server.
@@ -48,6 +51,8 @@ impl CalDav {
             } else {
                 Crashers::Refuse
             },
+            max_response_bytes: config.max_response_bytes,
+            origin: reqwest::Url::parse(&config.url).ok(),
         })
     }
 
@@ -65,6 +70,13 @@ impl CalDav {
             .get(7..)
             .filter(|_| organizer[..7].eq_ignore_ascii_case("mailto:"))?;
         let (user, domain) = address.rsplit_once('@')?;
+        // Spliced into a URL path: nothing that leaves the organizer's home.
+        if address.contains(['/', '\\', '?', '#', '%'])
+            || address.contains("..")
+            || address.chars().any(char::is_control)
+        {
+            return None;
+        }
         Some(
             self.home_template
                 .replace("{base}", &self.base)
@@ -74,14 +86,28 @@ impl CalDav {
         )
     }
 
-    fn absolute(&self, href: &str) -> String {
-        if href.starts_with("http://") || href.starts_with("https://") {
-            return href.to_owned();
-        }
-        match reqwest::Url::parse(&self.base).and_then(|b| b.join(href)) {
-            Ok(u) => u.to_string(),
-            Err(_) => format!("{}{href}", self.base),
-        }
+    /// An href from the server as a URL on target.url's origin; None for
+    /// anything elsewhere (a hostile or broken server's href gets no request
+    /// and no credentials).
+    fn absolute(&self, href: &str) -> Option<String> {
+        let base = self.origin.as_ref()?;
+        let url = base.join(href).ok()?;
+        super::same_origin(base, &url).then(|| url.to_string())
+    }
+
+    /// As `absolute`, and under `parent` (the calendar home, a calendar).
+    fn under(&self, href: &str, parent: &str) -> Option<String> {
+        let url = self.absolute(href)?;
+        let parent = reqwest::Url::parse(parent).ok()?;
+        let top = parent.path().trim_end_matches('/');
+        let path = reqwest::Url::parse(&url).ok()?.path().to_owned();
+        (path.trim_end_matches('/') == top || path.starts_with(&format!("{top}/"))).then_some(url)
+    }
+
+    async fn body(&self, resp: reqwest::Response) -> Result<String, Outcome> {
+        super::read_capped(resp, self.max_response_bytes)
+            .await
+            .map_err(super::ReadError::outcome)
     }
 
     async fn calendars(&self, home: &str) -> Result<Vec<String>, Outcome> {
@@ -101,12 +127,12 @@ impl CalDav {
         if status.as_u16() != 207 {
             return Err(http_failure(status, "PROPFIND"));
         }
-        let xml = resp.text().await.map_err(transport)?;
+        let xml = self.body(resp).await?;
         Ok(blocks(&xml, "response")
             .into_iter()
             .filter(|r| blocks(r, "resourcetype").iter().any(|t| has_element(t, "calendar")))
             .filter_map(|r| text(r, "href"))
-            .map(|h| self.absolute(&h))
+            .filter_map(|h| self.under(&h, home))
             .collect())
     }
 
@@ -127,15 +153,16 @@ impl CalDav {
         if status.as_u16() != 207 {
             return Err(http_failure(status, "REPORT"));
         }
-        let xml = resp.text().await.map_err(transport)?;
+        let xml = self.body(resp).await?;
         // Servers that ignore match-type search by substring: take only an
         // object whose UID is exactly this one and whose ORGANIZER is the
         // organizer (an attendee's copy of the same UID is not the event).
         Ok(blocks(&xml, "response").into_iter().find_map(|r| {
             let data = unescape(&text(r, "calendar-data")?);
             let href = text(r, "href").filter(|h| !h.is_empty())?;
+            let href = self.under(&href, calendar)?;
             is_organizers_event(&data, uid, organizer).then(|| Object {
-                href: self.absolute(&href),
+                href,
                 etag: text(r, "getetag"),
                 data,
             })
@@ -155,7 +182,7 @@ impl CalDav {
                 Ok(Some(Object {
                     href: href.to_owned(),
                     etag,
-                    data: resp.text().await.map_err(transport)?,
+                    data: self.body(resp).await?,
                 }))
             }
             s => Err(http_failure(s, "GET")),
@@ -196,7 +223,20 @@ impl CalDav {
             return Outcome::Permanent(format!("event {uid} is not in the calendars of {organizer} (deleted?)"));
         };
         for _ in 0..MAX_WRITES {
-            let new = match schedule::apply_reply(&object.data, reply, attendee, self.crashers) {
+            // CPU work on hostile input: off the threads that answer Postfix.
+            let (data, reply_text, who, crashers) = (
+                object.data.clone(),
+                reply.to_owned(),
+                attendee.to_owned(),
+                self.crashers,
+            );
+            let applied =
+                tokio::task::spawn_blocking(move || schedule::apply_reply(&data, &reply_text, &who, crashers)).await;
+            let applied = match applied {
+                Ok(a) => a,
+                Err(e) => return Outcome::Permanent(format!("applying the reply failed: {e}")),
+            };
+            let new = match applied {
                 Ok(Applied::Changed(t)) => t,
                 Ok(Applied::Unchanged(_)) => return Outcome::Delivered,
                 Err(e) => return Outcome::Permanent(e),

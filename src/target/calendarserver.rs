@@ -21,6 +21,7 @@ pub struct CalendarServer {
     client: Client,
     inbox: String,
     auth: Auth,
+    max_response_bytes: usize,
 }
 
 impl CalendarServer {
@@ -36,6 +37,7 @@ impl CalendarServer {
             client,
             inbox: format!("{}/inbox/", config.url.trim_end_matches('/')),
             auth,
+            max_response_bytes: config.max_response_bytes,
         })
     }
 
@@ -100,8 +102,10 @@ impl CalendarServer {
         match self.send(originator, recipient, body).await {
             Ok(resp) => {
                 let status = resp.status();
-                let text = resp.text().await.unwrap_or_default();
-                classify(status, &text)
+                match super::read_capped(resp, self.max_response_bytes).await {
+                    Ok(text) => classify(status, &text),
+                    Err(e) => e.outcome(),
+                }
             }
             Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
             Err(e) => Outcome::Retry(root_cause(&e)),

@@ -30,6 +30,49 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// An HTTP answer's body, at most `limit` bytes (`target.max_response_bytes`):
+/// a server that sends more is not read on. Invalid UTF-8 is replaced.
+pub(crate) async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<String, ReadError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge(limit));
+    }
+    let mut body: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
+        if body.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    TooLarge(usize),
+    Http(reqwest::Error),
+}
+
+impl ReadError {
+    /// A too large answer is kept as failed: trying again gets the same.
+    pub(crate) fn outcome(self) -> Outcome {
+        match self {
+            Self::TooLarge(limit) => Outcome::Permanent(format!(
+                "the server's answer is larger than {limit} bytes (target.max_response_bytes)"
+            )),
+            Self::Http(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
+            Self::Http(e) => Outcome::Retry(root_cause(&e)),
+        }
+    }
+}
+
+/// Whether `url` is on the scheme, host and port of `base`: credentials
+/// and requests go nowhere else, whatever hrefs a server sends.
+pub(crate) fn same_origin(base: &reqwest::Url, url: &reqwest::Url) -> bool {
+    base.scheme() == url.scheme()
+        && base.host_str() == url.host_str()
+        && base.port_or_known_default() == url.port_or_known_default()
+}
+
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
