@@ -49,6 +49,69 @@ impl Listener for NoDelayListener {
     }
 }
 
+/// A listener that survives failing accepts (EMFILE when the descriptor
+/// table is full): it logs once per burst, backs off, and tries again,
+/// where indymilter alone would stop serving.
+pub struct Resilient<L> {
+    inner: L,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    errors: u64,
+    backoff: std::time::Duration,
+    /// When the last error was logged: at most one line per ten seconds.
+    logged: Option<std::time::Instant>,
+}
+
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl<L> Resilient<L> {
+    pub fn new(inner: L) -> Self {
+        Self {
+            inner,
+            pause: None,
+            errors: 0,
+            backoff: ACCEPT_BACKOFF_MIN,
+            logged: None,
+        }
+    }
+}
+
+impl<L: Listener> Listener for Resilient<L> {
+    type Io = L::Io;
+
+    fn poll_accept(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<Self::Io>> {
+        use std::task::Poll;
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.pause = None;
+            }
+            match self.inner.poll_accept(cx) {
+                Poll::Ready(Ok(io)) => {
+                    if self.errors > 0 {
+                        info!("accepting connections again after {} failed accepts", self.errors);
+                        self.errors = 0;
+                        self.backoff = ACCEPT_BACKOFF_MIN;
+                    }
+                    return Poll::Ready(Ok(io));
+                }
+                Poll::Ready(Err(e)) => {
+                    if self.logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
+                        self.logged = Some(std::time::Instant::now());
+                        error!("cannot accept milter connections: {e}; retrying (raise LimitNOFILE?)");
+                    }
+                    self.errors += 1;
+                    self.pause = Some(Box::pin(tokio::time::sleep(self.backoff)));
+                    self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 /// Opens the milter socket named by `listen`. A unix socket replaces a stale
 /// file and is made group-writable for Postfix.
 pub async fn bind(
@@ -162,7 +225,13 @@ pub async fn run_with_reload(
              listen on a unix socket that only Postfix can reach"
         );
     }
-    let result = indymilter::run(listener, milter::callbacks(shared), milter_config, shutdown).await;
+    let result = indymilter::run(
+        Resilient::new(listener),
+        milter::callbacks(shared),
+        milter_config,
+        shutdown,
+    )
+    .await;
     info!("milter sessions finished; stopping deliveries");
     let _ = stop_tx.send(true);
     if let Err(e) = forwarder.await {

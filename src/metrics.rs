@@ -117,21 +117,39 @@ impl Metrics {
     }
 }
 
+/// Scrapes answered at once; more connections wait in the kernel's backlog
+/// instead of taking the daemon's descriptors (local users reach this port).
+const MAX_CONNECTIONS: usize = 8;
+/// How long a connection may take to send its request.
+const IDLE: Duration = Duration::from_secs(2);
+
 /// Serves GET /metrics until the task is dropped.
 pub async fn serve(listener: TcpListener, spool: Spool) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut failing = false;
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (mut stream, _) = match listener.accept().await {
-            Ok(s) => s,
+            Ok(s) => {
+                failing = false;
+                s
+            }
             Err(e) => {
-                warn!("metrics: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Once per burst: a full descriptor table fails every accept.
+                if !std::mem::replace(&mut failing, true) {
+                    warn!("metrics: cannot accept connections: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
         let spool = spool.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut head = vec![0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head)).await {
+            let n = match tokio::time::timeout(IDLE, stream.read(&mut head)).await {
                 Ok(Ok(n)) => n,
                 _ => return,
             };

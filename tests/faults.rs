@@ -317,3 +317,51 @@ fn sigkill_mid_burst_loses_nothing() {
     assert!(keys.values().all(|k| k.len() == 1), "one id per reply: {keys:?}");
     assert!(retries.load(Ordering::SeqCst) > 0, "the kill was felt by the senders");
 }
+
+/// A local user floods the metrics port and the milter port until the
+/// daemon's descriptor table is full: the daemon says so once, keeps
+/// running, and serves the next reply once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_descriptor_table_is_survived() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = common::free_port();
+    let mut milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        format!("{c}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+    });
+    let pid = milter.pid().expect("pid").to_string();
+    let limited = Command::new("prlimit")
+        .args(["--nofile=64:64", "--pid", &pid])
+        .status()
+        .unwrap();
+    assert!(limited.success());
+    let mut flood = Vec::new();
+    for port in [metrics_port, milter.port] {
+        for _ in 0..120 {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                flood.push(s);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        milter.log().contains("cannot accept milter connections"),
+        "the flood filled the table: {}",
+        milter.log()
+    );
+    drop(flood);
+    // The backoff is at most 1 s; then the next reply is served.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", milter.port).parse().unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(20),
+        send(addr, &common::fixture("apple.eml"), "FD1"),
+    )
+    .await
+    .expect("answered in time");
+    assert_eq!(status, Status::Discard, "{}", milter.log());
+    assert_eq!(hook.wait_for(1, Duration::from_secs(10)).len(), 1);
+    let log = milter.log();
+    assert_eq!(log.matches("cannot accept milter connections").count(), 1, "{log}");
+    assert!(log.contains("accepting connections again"), "{log}");
+    assert!(milter.terminate().success());
+}
