@@ -62,6 +62,9 @@ pub enum Request {
     /// CalendarServer's IMIP_TOKENS as CSV.
     TokensImport {
         csv: String,
+        /// Over the control socket: the CSV follows the request line, this long.
+        #[serde(default)]
+        bytes: u64,
     },
     /// Followed by `bytes` bytes of message.
     Deliver {
@@ -173,7 +176,7 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
             }
             Ok(with(Vec::new(), n))
         }),
-        Request::TokensImport { csv } => {
+        Request::TokensImport { csv, .. } => {
             let (records, problems) = tokens::parse_csv(csv, now);
             let mut n = 0;
             let mut result = Ok(());
@@ -278,6 +281,19 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
             ..Default::default()
         });
     }
+    let mut req = req;
+    if let Request::TokensImport { csv, bytes } = &mut req {
+        if *bytes > MAX_IMPORT {
+            return Some(Response::error(format!("a token file of more than {MAX_IMPORT} bytes")));
+        }
+        let mut raw = Vec::with_capacity(*bytes as usize);
+        let mut limited = (&mut *reader).take(*bytes);
+        match tokio::time::timeout(Duration::from_secs(60), limited.read_to_end(&mut raw)).await {
+            Ok(Ok(n)) if n as u64 == *bytes => {}
+            _ => return Some(Response::error("token file incomplete")),
+        }
+        csv.push_str(&String::from_utf8_lossy(&raw));
+    }
     if !matches!(
         req,
         Request::List { .. } | Request::Show { .. } | Request::TokensList | Request::TokensShow { .. }
@@ -329,6 +345,10 @@ pub fn request_with(path: &Path, req: &Request, payload: &[u8]) -> Result<Respon
     BufReader::new(stream).read_line(&mut answer).map_err(io_err)?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Other(format!("bad answer from daemon: {e}")))
 }
+
+/// The largest token file `tokens import` sends (CalendarServer's
+/// IMIP_TOKENS of a large site is a few MB).
+pub const MAX_IMPORT: u64 = 256 << 20;
 
 /// Asks the daemon, or, when none runs, opens the spool directly.
 pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Result<Response, String> {

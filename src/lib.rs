@@ -98,7 +98,10 @@ impl<L: Listener> Listener for Resilient<L> {
                     return Poll::Ready(Ok(io));
                 }
                 Poll::Ready(Err(e)) => {
-                    if self.logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10)) {
+                    if self
+                        .logged
+                        .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10))
+                    {
                         self.logged = Some(std::time::Instant::now());
                         error!("cannot accept milter connections: {e}; retrying (raise LimitNOFILE?)");
                     }

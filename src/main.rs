@@ -500,7 +500,15 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
             days_to_live: config.tokens.days_to_live,
         },
         TokensAction::Import { file } => match std::fs::read_to_string(file) {
-            Ok(csv) => Request::TokensImport { csv },
+            Ok(csv) if csv.len() as u64 > control::MAX_IMPORT => {
+                eprintln!(
+                    "imip-milter: {}: larger than {} bytes",
+                    file.display(),
+                    control::MAX_IMPORT
+                );
+                return ExitCode::from(EX_NOINPUT);
+            }
+            Ok(csv) => Request::TokensImport { csv, bytes: 0 },
             Err(e) => {
                 eprintln!("imip-milter: {}: {e}", file.display());
                 return ExitCode::from(EX_NOINPUT);
@@ -511,7 +519,26 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
         eprintln!("imip-milter: {e}");
         return ExitCode::FAILURE;
     }
-    let resp = match control::request_or_open(&config.control_path(), &config.spool_path(), &req) {
+    // A token file travels after the request line, not in it.
+    let sent = match &req {
+        Request::TokensImport { csv, .. } => {
+            let head = Request::TokensImport {
+                csv: String::new(),
+                bytes: csv.len() as u64,
+            };
+            match control::request_with(&config.control_path(), &head, csv.as_bytes()) {
+                Err(control::ClientError::NoDaemon) => None,
+                Err(control::ClientError::Other(e)) => Some(Err(e)),
+                Ok(r) => Some(Ok(r)),
+            }
+        }
+        _ => None,
+    };
+    let answer = match sent {
+        Some(a) => a,
+        None => control::request_or_open(&config.control_path(), &config.spool_path(), &req),
+    };
+    let resp = match answer {
         Ok(r) if r.ok => r,
         Ok(r) => {
             eprintln!("imip-milter: {}", r.error.unwrap_or_default());

@@ -331,3 +331,24 @@ async fn attendee_policy_takes_any_attendee_of_a_shared_token_for_their_own_answ
     assert!(matches!(finish_raw(conn, carol).await.1, Status::Reject { .. }));
     m.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_token_file_is_imported_through_the_daemon() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    // About 400 KiB: far more than one request line may carry.
+    let rows: String = (0..3000)
+        .map(|i| {
+            format!("8e3c0d1a-5b7e-4f61-9a0c-{i:012},mailto:alice@example.org,mailto:guest{i}@example.com,event-{i}@example.org,2099-01-01 00:00:00\n")
+        })
+        .collect();
+    assert!(rows.len() > 256 * 1024);
+    let csv = m.state_dir.path().join("big.csv");
+    std::fs::write(&csv, format!("TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED\n{rows}")).unwrap();
+    let (ok, out, err) = cli(&m, &hook.url(), &["tokens", "import", csv.to_str().unwrap()]);
+    assert!(ok && out.contains("3000 token(s) imported"), "{out}{err}");
+    let last = "<calendar+8e3c0d1a-5b7e-4f61-9a0c-000000002999@example.org>".to_owned();
+    let (_, st) = transaction(&m, [192, 0, 2, 11], &[last]).await;
+    assert_eq!(st, vec![Status::Continue]);
+    m.stop().await;
+}
