@@ -70,6 +70,7 @@ pub async fn run(config: &Config, config_path: &Path, postfix_config: Option<&Pa
     let mut out = vec![Finding::ok("config", format!("{} is valid", config_path.display()))];
     out.extend(state_dir(config));
     out.extend(milter_socket(config));
+    out.extend(secret_files(config));
     out.push(target(config).await);
     out.extend(postfix(config, postfix_config));
     out
@@ -102,6 +103,32 @@ fn milter_socket(config: &Config) -> Option<Finding> {
             }
         }
     })
+}
+
+/// Secrets readable by others are secrets no more.
+fn secret_files(config: &Config) -> Vec<Finding> {
+    use std::os::unix::fs::PermissionsExt;
+    let t = &config.target;
+    [
+        ("target.token_file", &t.token_file),
+        ("target.password_file", &t.password_file),
+        ("target.secret_file", &t.secret_file),
+    ]
+    .into_iter()
+    .filter_map(|(key, path)| Some((key, path.as_ref()?)))
+    .map(|(key, path)| match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => Finding::warn(
+            "secrets",
+            format!(
+                "{key} {} is readable by group or others (mode {:o}): chmod 600 it, owned by the daemon's user",
+                path.display(),
+                m.permissions().mode() & 0o777
+            ),
+        ),
+        Ok(_) => Finding::ok("secrets", format!("{key} {} is private", path.display())),
+        Err(e) => Finding::fail("secrets", format!("{key} {}: {e}", path.display())),
+    })
+    .collect()
 }
 
 fn state_dir(config: &Config) -> Vec<Finding> {

@@ -153,6 +153,12 @@ fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> Result<Config, Strin
 
 fn init_logging(level: tracing::Level, format: LogFormat) {
     use std::io::IsTerminal;
+    use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+    // Libraries' trace lines carry whole milter commands (RCPT arguments,
+    // that is tokens) and HTTP internals: at most debug from them.
+    let filter = Targets::new()
+        .with_default(level.min(tracing::Level::DEBUG))
+        .with_target("imip_milter", level);
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
@@ -169,9 +175,9 @@ fn init_logging(level: tracing::Level, format: LogFormat) {
     // journald stamps every line itself.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_journal) {
-        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
-        (LogFormat::Text, true) => builder.without_time().init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Json, _) => builder.json().flatten_event(true).finish().with(filter).init(),
+        (LogFormat::Text, true) => builder.without_time().finish().with(filter).init(),
+        (LogFormat::Text, false) => builder.finish().with(filter).init(),
     }
 }
 

@@ -296,3 +296,37 @@ fn deliver_without_daemon_spools_and_delivers_itself() {
     assert_eq!(code, 0);
     assert_eq!(hook.deliveries().len(), 1);
 }
+
+#[test]
+fn check_warns_about_a_secret_file_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("webhook.token");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("imip-milter.toml");
+    std::fs::write(
+        &cfg,
+        common::config_text(
+            &dir.path().join("state"),
+            "inet:127.0.0.1:1",
+            &hook.url(),
+            &format!("token_file = \"{}\"\n", secret.display()),
+        ),
+    )
+    .unwrap();
+    let check = || imip(&["check", "--config", cfg.to_str().unwrap()]).1;
+    let out = check();
+    assert!(
+        out.lines()
+            .any(|l| l.contains("WARN") && l.contains("target.token_file") && l.contains("644")),
+        "{out}"
+    );
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = check();
+    assert!(
+        out.lines().any(|l| l.contains("OK") && l.contains("target.token_file")),
+        "{out}"
+    );
+}

@@ -365,3 +365,24 @@ async fn a_full_descriptor_table_is_survived() {
     assert!(log.contains("accepting connections again"), "{log}");
     assert!(milter.terminate().success());
 }
+
+/// Tokens are capabilities: no log level prints one whole, not even the
+/// milter library's own trace lines of each milter command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_carry_no_whole_token() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        c.replace("log_level = \"debug\"", "log_level = \"trace\"")
+    });
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", milter.port).parse().unwrap();
+    assert_eq!(
+        send(addr, &common::fixture("apple.eml"), "TRACE1").await,
+        Status::Discard
+    );
+    assert_eq!(hook.wait_for(1, Duration::from_secs(10)).len(), 1);
+    assert!(milter.terminate().success());
+    let log = milter.log();
+    assert!(log.contains("TRACE") && log.contains(&TOKEN[..8]), "{log}");
+    assert!(!log.contains(TOKEN), "a whole token in the log:\n{log}");
+}
