@@ -68,8 +68,18 @@ impl Analysis {
     }
 }
 
+/// Events, tasks and journals one calendar reply may hold by default
+/// (`max_components`): a master and its overrides, with room to spare.
+pub const DEFAULT_MAX_COMPONENTS: usize = 1000;
+
 /// Analyses one message as it arrived (headers and body).
 pub fn analyse(raw: &[u8]) -> Analysis {
+    analyse_bounded(raw, DEFAULT_MAX_COMPONENTS)
+}
+
+/// As `analyse`; a reply with more than `max_components` scheduling
+/// components is refused (applying it would cost CPU without bound).
+pub fn analyse_bounded(raw: &[u8], max_components: usize) -> Analysis {
     // A panic in a parser must not become a lost reply or a dead session:
     // whatever cannot be parsed is refused as unreadable.
     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| message::read(raw)));
@@ -78,7 +88,7 @@ pub fn analyse(raw: &[u8]) -> Analysis {
         Ok(Err(reason)) => return Analysis::new(Kind::Malformed, reason),
         Err(_) => return Analysis::new(Kind::Malformed, "the message structure cannot be read"),
     };
-    let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classify(&summary)));
+    let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classify(&summary, max_components)));
     let mut analysis =
         classified.unwrap_or_else(|_| Analysis::new(Kind::Malformed, "the calendar data cannot be read"));
     analysis.message_id = summary.message_id;
@@ -88,7 +98,7 @@ pub fn analyse(raw: &[u8]) -> Analysis {
     analysis
 }
 
-fn classify(summary: &message::MessageSummary) -> Analysis {
+fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysis {
     if let Some(report) = &summary.report {
         if report.status.action != "failed" {
             return Analysis::new(
@@ -157,6 +167,13 @@ fn classify(summary: &message::MessageSummary) -> Analysis {
         Some("REPLY") if itip.components == 0 => {
             Analysis::new(Kind::Malformed, "the calendar reply holds no event or task")
         }
+        Some(_) if itip.components > max_components => Analysis::new(
+            Kind::Malformed,
+            format!(
+                "the calendar data holds {} events or tasks, more than the {max_components} this gateway takes",
+                itip.components
+            ),
+        ),
         Some("REPLY") if itip.uid.is_none() => Analysis::new(Kind::Malformed, "the calendar reply has no UID"),
         Some("REPLY") if itip.attendee.is_none() => {
             Analysis::new(Kind::Malformed, "the calendar reply names no attendee")

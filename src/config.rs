@@ -167,6 +167,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub max_message_bytes: usize,
     pub max_sessions: usize,
+    /// Scheduling components one calendar reply may hold.
+    pub max_components: usize,
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -187,6 +189,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     max_message_bytes: Option<i64>,
     max_sessions: Option<i64>,
+    max_components: Option<i64>,
     log_level: Option<String>,
     log_format: Option<String>,
     gateway: Option<RawGateway>,
@@ -342,6 +345,12 @@ impl Config {
         }
         let max_message_bytes = positive("max_message_bytes", raw.max_message_bytes, 10 * 1024 * 1024, 1 << 30)?;
         let max_sessions = positive("max_sessions", raw.max_sessions, 100, 10_000)?;
+        let max_components = positive(
+            "max_components",
+            raw.max_components,
+            crate::analysis::DEFAULT_MAX_COMPONENTS,
+            1_000_000,
+        )?;
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => tracing::Level::ERROR,
             "warn" => tracing::Level::WARN,
@@ -633,6 +642,7 @@ impl Config {
             state_dir,
             max_message_bytes,
             max_sessions,
+            max_components,
             log_level,
             log_format,
             metrics_listen,

@@ -110,7 +110,16 @@ pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<St
         mail_from: sender.to_owned(),
         client_addr: None,
     };
-    let intake = intake::take(&shared.spool, raw, &recipients, &records, &settings.policy, &envelope).await;
+    let intake = intake::take(
+        &shared.spool,
+        raw,
+        &recipients,
+        &records,
+        &settings.policy,
+        settings.max_components,
+        &envelope,
+    )
+    .await;
     intake::log(&envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);
     if let Some(to) = &intake.decision.redirect_to {

@@ -3,7 +3,7 @@
 
 use crate::{
     address::{GatewayAddresses, Recipient},
-    analysis::analyse,
+    analysis::analyse_bounded,
     decision::{self, Decision},
 };
 use serde::Serialize;
@@ -46,7 +46,13 @@ fn verdict(d: &Decision, kind: &'static str) -> Verdict {
 }
 
 /// Decides what the milter would do with `raw` sent to `rcpts`.
-pub fn inspect(gateway: &GatewayAddresses, max_message_bytes: usize, rcpts: &[String], raw: &[u8]) -> Verdict {
+pub fn inspect(
+    gateway: &GatewayAddresses,
+    max_message_bytes: usize,
+    max_components: usize,
+    rcpts: &[String],
+    raw: &[u8],
+) -> Verdict {
     let mut accepted = Vec::new();
     let mut rejected = Vec::new();
     let mut last_reject = None;
@@ -72,7 +78,7 @@ pub fn inspect(gateway: &GatewayAddresses, max_message_bytes: usize, rcpts: &[St
     } else if raw.len() > max_message_bytes {
         verdict(&decision::decide_too_large(max_message_bytes, false), "none")
     } else {
-        let analysis = analyse(raw);
+        let analysis = analyse_bounded(raw, max_components);
         let d = decision::decide_message(&analysis, &accepted);
         let mut v = verdict(&d, analysis.kind.as_str());
         v.token = accepted.iter().find_map(|c| match c {

@@ -3,7 +3,7 @@
 
 use crate::{
     address::{printable, token_prefix, Recipient},
-    analysis::{analyse, Analysis, Kind},
+    analysis::{analyse_bounded, Analysis, Kind},
     config::SenderPolicy,
     decision::{self, Decision, Disposition},
     itip, policy,
@@ -30,12 +30,13 @@ pub async fn take(
     recipients: &[(String, Recipient)],
     tokens: &[TokenRecord],
     sender_policy: &SenderPolicy,
+    max_components: usize,
     envelope: &Envelope,
 ) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
     // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
-    let analysis = match tokio::task::spawn_blocking(move || analyse(&raw)).await {
+    let analysis = match tokio::task::spawn_blocking(move || analyse_bounded(&raw, max_components)).await {
         Ok(a) => a,
         Err(e) => {
             error!("{queue_id}: analysis failed: {e}");

@@ -279,9 +279,10 @@ fn run(arg: &ConfigArg) -> ExitCode {
 }
 
 fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, file: &str) -> ExitCode {
-    let (gateway, max) = if gateway.is_empty() {
+    use imip_milter::analysis::DEFAULT_MAX_COMPONENTS;
+    let (gateway, max, max_components) = if gateway.is_empty() {
         match load_config(arg, false) {
-            Ok(c) => (c.gateway, c.max_message_bytes),
+            Ok(c) => (c.gateway, c.max_message_bytes, c.max_components),
             Err(e) => {
                 eprintln!("imip-milter: {e} (or give --gateway)");
                 return ExitCode::from(EX_CONFIG);
@@ -301,7 +302,8 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         }
         let delimiters = "+".to_owned();
         let max = config.as_ref().map(|c| c.max_message_bytes).unwrap_or(10 * 1024 * 1024);
-        (GatewayAddresses::new(bases, &delimiters), max)
+        let components = config.as_ref().map_or(DEFAULT_MAX_COMPONENTS, |c| c.max_components);
+        (GatewayAddresses::new(bases, &delimiters), max, components)
     };
     let mut raw = Vec::new();
     let read = if file == "-" {
@@ -313,7 +315,7 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         eprintln!("imip-milter: {file}: {e}");
         return ExitCode::from(EX_NOINPUT);
     }
-    let verdict = imip_milter::inspect::inspect(&gateway, max, rcpts, &raw);
+    let verdict = imip_milter::inspect::inspect(&gateway, max, max_components, rcpts, &raw);
     if json {
         match serde_json::to_string(&verdict) {
             Ok(s) => println!("{s}"),

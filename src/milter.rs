@@ -26,6 +26,7 @@ use tracing::{info, warn};
 pub struct Settings {
     pub gateway: GatewayAddresses,
     pub max_message_bytes: usize,
+    pub max_components: usize,
     pub policy: SenderPolicy,
 }
 
@@ -34,6 +35,7 @@ impl Settings {
         Self {
             gateway: config.gateway.clone(),
             max_message_bytes: config.max_message_bytes,
+            max_components: config.max_components,
             policy: config.policy.clone(),
         }
     }
@@ -529,8 +531,17 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     };
     session.reset_message();
 
-    let policy = shared.settings().policy.clone();
-    let mut intake = intake::take(&shared.spool, message, &recipients, &token_records, &policy, &envelope).await;
+    let settings = shared.settings();
+    let mut intake = intake::take(
+        &shared.spool,
+        message,
+        &recipients,
+        &token_records,
+        &settings.policy,
+        settings.max_components,
+        &envelope,
+    )
+    .await;
     let status = match intake.decision.disposition {
         Disposition::Accept => Status::Accept,
         Disposition::Discard => Status::Discard,

@@ -305,6 +305,7 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
     // Edits: logical line index → replacement text (folded); insertions before a logical line.
     let mut replace: Vec<(usize, String)> = Vec::new();
     let mut insert: Vec<(usize, String)> = Vec::new();
+    let mut instances: Option<std::collections::HashSet<i64>> = None;
 
     for a in &answers {
         let block = match a.recurrence_id {
@@ -316,8 +317,16 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
             None => {
                 // An instance without an override: create one, if it is an instance at all.
                 let rid = a.recurrence_id.unwrap_or(0);
-                let expanded = stored_cal.expand_dates(chrono::Utc, 10_000);
-                let real = expanded.events.iter().any(|e| e.start.timestamp() == rid);
+                // Expanded once per reply, however many overrides it brings.
+                let starts = instances.get_or_insert_with(|| {
+                    stored_cal
+                        .expand_dates(chrono::Utc, 10_000)
+                        .events
+                        .iter()
+                        .map(|e| e.start.timestamp())
+                        .collect::<std::collections::HashSet<i64>>()
+                });
+                let real = starts.contains(&rid);
                 if !real {
                     notes.push(format!("no instance at RECURRENCE-ID {rid}; ignored"));
                     continue;

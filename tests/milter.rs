@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixture, InProcess, Webhook, TOKEN};
 use indymilter_test::{MacroStage, Status, TestConnection};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 async fn open(m: &InProcess) -> TestConnection {
     let mut conn = TestConnection::configure()
@@ -248,5 +248,79 @@ async fn escape_sequences_from_outside_are_shown_not_obeyed_in_queue_list() {
     assert!(list.contains("Q1"), "{list}");
     assert!(!list.contains('\x1b') && !list.contains('\x07'), "{list:?}");
     assert!(list.contains("\\u{1b}"), "{list}");
+    m.stop().await;
+}
+
+/// A hostile reply with 60,000 components (a daily event's "overrides"):
+/// refused with a sentence, and a new connection meanwhile is answered
+/// within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_60000_components_is_refused_and_stalls_nobody() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        c.replace("max_message_bytes = 1000000", "max_message_bytes = 20000000")
+    })
+    .await;
+    let mut ics = String::from("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\n");
+    for i in 0..60_000u32 {
+        ics.push_str(&format!(
+            "BEGIN:VEVENT\r\nUID:daily@example.org\r\nRECURRENCE-ID:2027{:02}{:02}T090000Z\r\nDTSTAMP:20261120T100000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\n",
+            i % 12 + 1,
+            i % 28 + 1
+        ));
+    }
+    ics.push_str("END:VCALENDAR\r\n");
+    let raw = format!(
+        "From: <bob@example.com>\r\nMessage-ID: <huge@example.com>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n{ics}"
+    );
+    let addr = m.addr;
+    let big = tokio::spawn(async move {
+        let mut conn = TestConnection::configure()
+            .read_timeout(Duration::from_secs(120))
+            .open_tcp(addr)
+            .await
+            .unwrap();
+        conn.connect("client.example.com", [192, 0, 2, 70]).await.unwrap();
+        conn.mail(["<bob@example.com>"]).await.unwrap();
+        conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+            .await
+            .unwrap();
+        conn.data().await.unwrap();
+        conn.header("From", "<bob@example.com>").await.unwrap();
+        conn.header("Content-Type", "text/calendar; method=REPLY")
+            .await
+            .unwrap();
+        conn.eoh().await.unwrap();
+        let body = raw.split_once("\r\n\r\n").unwrap().1.as_bytes().to_vec();
+        for chunk in body.chunks(65_535) {
+            conn.body(chunk.to_vec()).await.unwrap();
+        }
+        let started = Instant::now();
+        let (_, st) = conn.eom().await.unwrap();
+        (st, started.elapsed())
+    });
+    // While the big one is analysed: a new SMTP session's milter connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut conn = open(&m).await;
+        assert_eq!(conn.mail(["<carol@example.com>"]).await.unwrap(), Status::Continue);
+        slowest = slowest.max(t.elapsed());
+        let _ = conn.close().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, took) = big.await.unwrap();
+    let msg = rejection(status);
+    assert!(
+        msg.starts_with("550 5.6.0 ") && msg.contains("more than the 1000"),
+        "{msg}"
+    );
+    println!(
+        "refused after {} ms; slowest new connection {} ms",
+        took.as_millis(),
+        slowest.as_millis()
+    );
+    assert!(slowest < Duration::from_secs(1), "a new connection waited {slowest:?}");
     m.stop().await;
 }
