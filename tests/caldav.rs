@@ -818,4 +818,21 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
         "{list}"
     );
     println!("huge answer refused after {} ms", started.elapsed().as_millis());
+
+    // 3 MiB of '<' within the cap: read in one pass, not in minutes.
+    let flood = HostileServer::start(|s| {
+        let body = "<".repeat(3 << 20);
+        let _ = s.write_all(
+            format!("HTTP/1.1 207 Multi-Status\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &flood.url());
+    let started = std::time::Instant::now();
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    let took = started.elapsed();
+    let list = cli(&config, &["queue", "list"]);
+    assert!(list.contains("1 pending") && list.contains("XML"), "{list}");
+    assert!(took < Duration::from_secs(20), "the flood took {took:?}");
 }

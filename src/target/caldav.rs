@@ -128,10 +128,11 @@ impl CalDav {
             return Err(http_failure(status, "PROPFIND"));
         }
         let xml = self.body(resp).await?;
-        Ok(blocks(&xml, "response")
+        Ok(read_multistatus(xml)
+            .await?
             .into_iter()
-            .filter(|r| blocks(r, "resourcetype").iter().any(|t| has_element(t, "calendar")))
-            .filter_map(|r| text(r, "href"))
+            .filter(|r| r.calendar)
+            .filter_map(|r| r.href)
             .filter_map(|h| self.under(&h, home))
             .collect())
     }
@@ -157,13 +158,12 @@ impl CalDav {
         // Servers that ignore match-type search by substring: take only an
         // object whose UID is exactly this one and whose ORGANIZER is the
         // organizer (an attendee's copy of the same UID is not the event).
-        Ok(blocks(&xml, "response").into_iter().find_map(|r| {
-            let data = unescape(&text(r, "calendar-data")?);
-            let href = text(r, "href").filter(|h| !h.is_empty())?;
-            let href = self.under(&href, calendar)?;
-            is_organizers_event(&data, uid, organizer).then(|| Object {
+        Ok(read_multistatus(xml).await?.into_iter().find_map(|r| {
+            let data = r.calendar_data?;
+            let href = self.under(&r.href?, calendar)?;
+            is_organizers_event(&data, uid, organizer).then_some(Object {
                 href,
-                etag: text(r, "getetag"),
+                etag: r.etag,
                 data,
             })
         }))
@@ -338,104 +338,18 @@ fn http_failure(status: StatusCode, what: &str) -> Outcome {
     }
 }
 
-/// Elements named `local` (any namespace prefix), their inner text.
-fn blocks<'a>(xml: &'a str, local: &str) -> Vec<&'a str> {
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = find_tag(rest, local, false) {
-        let Some(gt) = rest[start..].find('>') else { break };
-        let open_end = start + gt + 1;
-        if rest[start..open_end].ends_with("/>") {
-            out.push("");
-            rest = &rest[open_end..];
-            continue;
-        }
-        let Some(close) = find_tag(&rest[open_end..], local, true) else {
-            break;
-        };
-        out.push(&rest[open_end..open_end + close]);
-        let after = open_end + close;
-        rest = &rest[after + rest[after..].find('>').map(|i| i + 1).unwrap_or(rest.len() - after)..];
+/// Parses a multistatus answer off the async workers.
+async fn read_multistatus(xml: String) -> Result<Vec<super::dav_xml::DavResponse>, Outcome> {
+    match tokio::task::spawn_blocking(move || super::dav_xml::multistatus(&xml)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(Outcome::Retry(e)),
+        Err(e) => Err(Outcome::Retry(format!("reading the server's XML failed: {e}"))),
     }
-    out
-}
-
-/// Position of `<local`, `<x:local` (or the closing form) followed by a delimiter.
-fn find_tag(s: &str, local: &str, closing: bool) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = s[from..].find('<') {
-        let at = from + i;
-        let mut name = &s[at + 1..];
-        if closing {
-            match name.strip_prefix('/') {
-                Some(n) => name = n,
-                None => {
-                    from = at + 1;
-                    continue;
-                }
-            }
-        } else if name.starts_with('/') {
-            from = at + 1;
-            continue;
-        }
-        let end = name
-            .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
-            .unwrap_or(name.len());
-        let full = &name[..end];
-        let bare = full.rsplit(':').next().unwrap_or(full);
-        if bare.eq_ignore_ascii_case(local) {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
-}
-
-fn has_element(xml: &str, local: &str) -> bool {
-    find_tag(xml, local, false).is_some()
-}
-
-fn text(xml: &str, local: &str) -> Option<String> {
-    blocks(xml, local).first().map(|t| unescape(t.trim()))
-}
-
-fn unescape(s: &str) -> String {
-    let s = s.trim();
-    let s = s
-        .strip_prefix("<![CDATA[")
-        .and_then(|x| x.strip_suffix("]]>"))
-        .unwrap_or(s);
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&#13;", "\r")
-        .replace("&#xD;", "\r")
-        .replace("&amp;", "&")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn multistatus_parsing() {
-        let xml = r#"<?xml version='1.0' encoding='utf-8'?>
-<multistatus xmlns="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><response><href>/alice/</href><propstat><prop><resourcetype><collection /></resourcetype></prop></propstat></response><response><href>/alice/work/</href><propstat><prop><resourcetype><C:calendar /><collection /></resourcetype></prop></propstat></response><response><href>/alice/cal%20b/</href><propstat><prop><resourcetype><C:calendar/><collection/></resourcetype><getetag>"e1"</getetag><C:calendar-data>BEGIN:VCALENDAR&#13;
-SUMMARY:a &amp; b
-END:VCALENDAR</C:calendar-data></prop></propstat></response></multistatus>"#;
-        let rs = blocks(xml, "response");
-        assert_eq!(rs.len(), 3);
-        let cals: Vec<String> = rs
-            .iter()
-            .filter(|r| blocks(r, "resourcetype").iter().any(|t| has_element(t, "calendar")))
-            .filter_map(|r| text(r, "href"))
-            .collect();
-        assert_eq!(cals, ["/alice/work/", "/alice/cal%20b/"]);
-        assert_eq!(text(rs[2], "getetag").as_deref(), Some("\"e1\""));
-        assert!(text(rs[2], "calendar-data").unwrap().contains("SUMMARY:a & b"));
-        assert!(!has_element("<C:calendar-data>x</C:calendar-data>", "calendar"));
-    }
 
     #[test]
     fn only_the_organizers_event_with_exactly_that_uid() {

@@ -2,6 +2,7 @@
 
 pub mod caldav;
 pub mod calendarserver;
+pub mod dav_xml;
 pub mod webhook;
 
 use crate::{
