@@ -138,20 +138,11 @@ impl CalendarServer {
     }
 }
 
-/// The request-status of a schedule-response, e.g. "2.0;Success".
-pub fn request_status(xml: &str) -> Option<String> {
-    let lower = xml.to_ascii_lowercase();
-    let at = lower.find("request-status")?;
-    let open = at + lower[at..].find('>')? + 1;
-    let close = open + lower[open..].find('<')?;
-    Some(xml[open..close].trim().to_owned())
-}
-
 /// 2.x done; 3.x and 5.x kept as failed with the status; 4.x retried.
 pub fn classify(status: StatusCode, body: &str) -> Outcome {
     let code = status.as_u16();
     match code {
-        200..=299 => match request_status(body) {
+        200..=299 => match super::dav_xml::request_status(body) {
             Some(s) if s.starts_with('2') => Outcome::Delivered,
             Some(s) if s.starts_with('4') => Outcome::Retry(format!("request-status {s}")),
             Some(s) => Outcome::Permanent(format!("request-status {s}")),
@@ -220,7 +211,10 @@ mod tests {
     #[test]
     fn schedule_response_statuses() {
         let ok = r#"<?xml version="1.0"?><C:schedule-response xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><C:response><C:recipient><D:href>mailto:alice@example.org</D:href></C:recipient><C:request-status>2.0;Success</C:request-status></C:response></C:schedule-response>"#;
-        assert_eq!(request_status(ok).as_deref(), Some("2.0;Success"));
+        assert_eq!(
+            crate::target::dav_xml::request_status(ok).as_deref(),
+            Some("2.0;Success")
+        );
         assert_eq!(classify(StatusCode::OK, ok), Outcome::Delivered);
         let bad = ok.replace("2.0;Success", "3.7;Invalid calendar user");
         assert!(matches!(classify(StatusCode::OK, &bad), Outcome::Permanent(s) if s.contains("3.7")));

@@ -143,6 +143,37 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
     Ok(out)
 }
 
+/// The first `CALDAV:request-status` of a schedule-response (RFC 6638,
+/// CalendarServer's answer to an injected reply), e.g. "2.0;Success".
+pub fn request_status(xml: &str) -> Option<String> {
+    let mut reader = NsReader::from_str(xml);
+    let mut text: Option<String> = None;
+    loop {
+        let (ns, event) = reader.read_resolved_event().ok()?;
+        let space = space(&ns);
+        match event {
+            Event::Start(e) if (space, e.local_name().as_ref()) == (Space::CalDav, "request-status") => {
+                text = Some(String::new())
+            }
+            Event::End(e) if (space, e.local_name().as_ref()) == (Space::CalDav, "request-status") => {
+                return text.map(|t| t.trim().to_owned());
+            }
+            Event::Text(t) => {
+                if let Some(s) = text.as_mut() {
+                    s.push_str(&t.into_inner());
+                }
+            }
+            Event::GeneralRef(r) => {
+                if let (Some(s), Some(v)) = (text.as_mut(), resolve_predefined_entity(&r.into_inner())) {
+                    s.push_str(v);
+                }
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
