@@ -169,6 +169,10 @@ pub struct Config {
     pub max_sessions: usize,
     /// Scheduling components one calendar reply may hold.
     pub max_components: usize,
+    /// Message bytes all sessions together may buffer.
+    pub max_buffered_bytes: usize,
+    /// Gateway recipients one message may have.
+    pub max_gateway_recipients: usize,
     pub log_level: tracing::Level,
     pub log_format: LogFormat,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -190,6 +194,8 @@ struct RawConfig {
     max_message_bytes: Option<i64>,
     max_sessions: Option<i64>,
     max_components: Option<i64>,
+    max_buffered_bytes: Option<i64>,
+    max_gateway_recipients: Option<i64>,
     log_level: Option<String>,
     log_format: Option<String>,
     gateway: Option<RawGateway>,
@@ -351,6 +357,13 @@ impl Config {
             crate::analysis::DEFAULT_MAX_COMPONENTS,
             1_000_000,
         )?;
+        let max_buffered_bytes = positive("max_buffered_bytes", raw.max_buffered_bytes, 128 << 20, 1 << 40)?;
+        if max_buffered_bytes < max_message_bytes {
+            return Err(ConfigError::new(
+                "max_buffered_bytes",
+                "must not be smaller than max_message_bytes",
+            ));
+        }
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => tracing::Level::ERROR,
             "warn" => tracing::Level::WARN,
@@ -643,6 +656,8 @@ impl Config {
             max_message_bytes,
             max_sessions,
             max_components,
+            max_buffered_bytes,
+            max_gateway_recipients: positive("max_gateway_recipients", raw.max_gateway_recipients, 10, 1000)?,
             log_level,
             log_format,
             metrics_listen,

@@ -171,6 +171,26 @@ pub fn decide_too_large(limit: usize, mixed: bool) -> Decision {
     )
 }
 
+/// RCPT: more gateway recipients than `max_gateway_recipients`; the client
+/// sends the others in another transaction.
+pub fn decide_too_many_recipients(max: usize) -> Decision {
+    Decision::new(Disposition::Tempfail, format!("more than {max} gateway recipients")).reply(
+        "452",
+        "4.5.3",
+        "Too many calendar gateway recipients in one message",
+    )
+}
+
+/// Header or body: the host's budget for buffered message bytes
+/// (`max_buffered_bytes`) is spent; the sender tries again later.
+pub fn decide_budget_spent() -> Decision {
+    Decision::new(Disposition::Tempfail, "max_buffered_bytes spent").reply(
+        "451",
+        "4.3.2",
+        "The calendar gateway is busy; please try again later",
+    )
+}
+
 /// EOM: `recipients` are those accepted at RCPT.
 pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision {
     if let Some(d) = decide_data(recipients) {

@@ -12,6 +12,9 @@ use crate::{
 };
 use tracing::{debug, error, info, warn};
 
+/// Analyses running at once.
+static ANALYSES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// What became of one message.
 pub struct Intake {
     pub decision: Decision,
@@ -35,7 +38,9 @@ pub async fn take(
 ) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
-    // MIME and iCalendar parsing is CPU work; keep it off the I/O threads.
+    // MIME and iCalendar parsing is CPU work; keep it off the I/O threads,
+    // and a few at a time: each holds a whole message.
+    let _slot = ANALYSES.acquire().await;
     let analysis = match tokio::task::spawn_blocking(move || analyse_bounded(&raw, max_components)).await {
         Ok(a) => a,
         Err(e) => {

@@ -27,6 +27,9 @@ pub struct Settings {
     pub gateway: GatewayAddresses,
     pub max_message_bytes: usize,
     pub max_components: usize,
+    pub max_gateway_recipients: usize,
+    /// Read once, at start: the budget of all sessions together.
+    pub max_buffered_bytes: usize,
     pub policy: SenderPolicy,
 }
 
@@ -36,6 +39,8 @@ impl Settings {
             gateway: config.gateway.clone(),
             max_message_bytes: config.max_message_bytes,
             max_components: config.max_components,
+            max_buffered_bytes: config.max_buffered_bytes,
+            max_gateway_recipients: config.max_gateway_recipients,
             policy: config.policy.clone(),
         }
     }
@@ -137,15 +142,18 @@ pub struct Shared {
     pub tokens: Option<LocalTokens>,
     /// Set when outbound tokenization is enabled (needs local tokens).
     pub outbound: Option<Outbound>,
+    pub budget: Arc<Budget>,
 }
 
 impl Shared {
     pub fn new(settings: Settings, spool: Spool) -> Self {
+        let settings_budget = settings.max_buffered_bytes;
         Self {
             settings: RwLock::new(Arc::new(settings)),
             spool,
             tokens: None,
             outbound: None,
+            budget: Arc::new(Budget::new(settings_budget)),
         }
     }
 
@@ -184,6 +192,39 @@ impl Shared {
     }
 }
 
+/// Message bytes buffered by all sessions together, against
+/// `max_buffered_bytes`: past it a message gets 451 4.3.2 instead of memory.
+pub struct Budget {
+    limit: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.used
+            .fetch_update(Relaxed, Relaxed, |u| u.checked_add(n).filter(|t| *t <= self.limit))
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.used.fetch_update(Relaxed, Relaxed, |u| Some(u.saturating_sub(n)));
+    }
+
+    /// Bytes buffered now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// State of one SMTP connection.
 #[derive(Default)]
 pub struct Session {
@@ -197,6 +238,9 @@ pub struct Session {
     token_records: Vec<TokenRecord>,
     message: Vec<u8>,
     too_large: bool,
+    /// The shared budget and this session's part of it.
+    budget: Option<Arc<Budget>>,
+    reserved: usize,
 }
 
 impl Session {
@@ -206,6 +250,14 @@ impl Session {
         self.token_records.clear();
         self.message = Vec::new();
         self.too_large = false;
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give(self.reserved);
+        }
+        self.reserved = 0;
     }
 
     fn client_ip(&self) -> Option<std::net::IpAddr> {
@@ -214,6 +266,13 @@ impl Session {
 
     fn classes(&self) -> Vec<Recipient> {
         self.recipients.iter().map(|(_, r)| r.clone()).collect()
+    }
+}
+
+impl Drop for Session {
+    /// A connection that ends mid-message gives its bytes back.
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -239,13 +298,17 @@ fn set_reply(reply: &mut impl SetErrorReply, d: &Decision) {
 
 /// The milter callbacks, sharing `shared`.
 pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
+    let on_connect = shared.clone();
     let on_rcpt = shared.clone();
     let on_header = shared.clone();
     let on_body = shared.clone();
     let on_data = shared.clone();
     let on_eom = shared;
     Callbacks::new()
-        .on_connect(|cx, _host, info| Box::pin(connect(cx, info)))
+        .on_connect(move |cx, _host, info| {
+            let s = on_connect.clone();
+            Box::pin(async move { connect(&s, cx, info).await })
+        })
         .on_mail(|cx, args| Box::pin(mail(cx, args)))
         .on_rcpt(move |cx, args| {
             let s = on_rcpt.clone();
@@ -305,15 +368,14 @@ fn panicked(reply: &mut impl SetErrorReply, queue_id: &str, stage: &str) -> Stat
     Status::Tempfail
 }
 
-async fn connect(cx: &mut Context<Session>, info: SocketInfo) -> Status {
-    let client_addr = match info {
+async fn connect(shared: &Shared, cx: &mut Context<Session>, info: SocketInfo) -> Status {
+    let mut session = Session::default();
+    session.client_addr = match info {
         SocketInfo::Inet(addr) => Some(addr.ip().to_string()),
         _ => None,
     };
-    cx.data = Some(Session {
-        client_addr,
-        ..Default::default()
-    });
+    session.budget = Some(shared.budget.clone());
+    cx.data = Some(session);
     Status::Continue
 }
 
@@ -354,6 +416,24 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
         return Status::Reject;
     }
     let session = cx.data.get_or_insert_with(Session::default);
+    let gateways = session
+        .recipients
+        .iter()
+        .filter(|(_, c)| matches!(c, Recipient::Gateway { .. }))
+        .count();
+    if matches!(class, Recipient::Gateway { .. }) && gateways >= settings.max_gateway_recipients {
+        // Each would be spooled: the count is the amplification bound.
+        let d = decision::decide_too_many_recipients(settings.max_gateway_recipients);
+        METRICS.message(d.disposition);
+        info!(
+            "{}: tempfail RCPT {}: {}",
+            queue_id(&cx.macros),
+            settings.gateway.redact(&raw),
+            d.reason
+        );
+        set_reply(&mut cx.reply, &d);
+        return Status::Tempfail;
+    }
     if let Recipient::Gateway { token } = &class {
         match shared.check_token(token, session.client_addr.as_deref()) {
             Ok(Some(record)) => session.token_records.push(record),
@@ -410,6 +490,7 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
     if session.message.len() + add > limit {
         session.too_large = true;
         session.message = Vec::new();
+        session.release();
         if !session
             .recipients
             .iter()
@@ -438,6 +519,15 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
         set_reply(&mut cx.reply, &d);
         return Status::Reject;
     }
+    if session.budget.as_ref().is_some_and(|b| !b.take(add)) {
+        session.reset_message();
+        let d = decision::decide_budget_spent();
+        METRICS.message(d.disposition);
+        warn!("{}: tempfail: {}", queue_id(&cx.macros), d.reason);
+        set_reply(&mut cx.reply, &d);
+        return Status::Tempfail;
+    }
+    session.reserved += add;
     for b in bytes {
         session.message.extend_from_slice(b);
     }

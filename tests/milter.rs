@@ -324,3 +324,66 @@ async fn a_reply_with_60000_components_is_refused_and_stalls_nobody() {
     assert!(slowest < Duration::from_secs(1), "a new connection waited {slowest:?}");
     m.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_recipients_past_the_cap_get_452() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| format!("max_gateway_recipients = 3\n{c}")).await;
+    let mut conn = open(&m).await;
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let r = format!("<calendar+invented-{i:04}@example.org>");
+        statuses.push(conn.rcpt([r.as_str()]).await.unwrap());
+    }
+    // Others still pass.
+    statuses.push(conn.rcpt(["<alice@example.org>"]).await.unwrap());
+    assert_eq!(&statuses[..3], &[Status::Continue, Status::Continue, Status::Continue]);
+    for s in &statuses[3..5] {
+        match s {
+            Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("452 4.5.3 "), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(statuses[5], Status::Continue);
+    m.stop().await;
+}
+
+/// Sessions together buffer at most max_buffered_bytes: past it a message
+/// gets 451 4.3.2, and the bytes come back when a session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffered_bytes_budget_answers_451_instead_of_growing() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| format!("max_buffered_bytes = 1500000\n{c}")).await;
+    let mut first = to_gateway(&m, "<bob@example.com>").await;
+    first.header("Subject", "first").await.unwrap();
+    first.eoh().await.unwrap();
+    for _ in 0..15 {
+        assert_eq!(first.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+    }
+    // 900 kB held by the first; the second may not add 900 kB more.
+    let mut second = to_gateway(&m, "<carol@example.com>").await;
+    second.header("Subject", "second").await.unwrap();
+    second.eoh().await.unwrap();
+    let mut status = Status::Continue;
+    for _ in 0..15 {
+        status = second.body(vec![b'x'; 60_000]).await.unwrap();
+        if status != Status::Continue {
+            break;
+        }
+    }
+    match status {
+        Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("451 4.3.2 "), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The first ends (its connection closes): its bytes come back.
+    first.close().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = to_gateway(&m, "<dana@example.com>").await;
+    third.header("Subject", "third").await.unwrap();
+    third.eoh().await.unwrap();
+    for _ in 0..15 {
+        assert_eq!(third.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+    }
+    m.stop().await;
+}
