@@ -123,6 +123,8 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// How long delivered records are kept to recognise duplicates.
     pub keep_delivered: Duration,
+    /// Failed records are kept this long for `queue list`, then forgotten.
+    pub keep_failed: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +273,7 @@ struct RawDelivery {
     initial_backoff: Option<RawDuration>,
     max_backoff: Option<RawDuration>,
     keep_delivered: Option<RawDuration>,
+    keep_failed: Option<RawDuration>,
 }
 
 /// A duration written as seconds (`30`) or with a unit (`500ms`, `30s`, `5m`, `2h`, `5d`).
@@ -506,6 +509,7 @@ impl Config {
             initial_backoff: None,
             max_backoff: None,
             keep_delivered: None,
+            keep_failed: None,
         });
         let delivery = DeliveryConfig {
             concurrency: positive("delivery.concurrency", d.concurrency, 4, 256)?,
@@ -517,6 +521,7 @@ impl Config {
                 d.keep_delivered,
                 Duration::from_secs(7 * 86_400),
             )?,
+            keep_failed: duration("delivery.keep_failed", d.keep_failed, Duration::from_secs(30 * 86_400))?,
         };
         if delivery.initial_backoff.is_zero() {
             return Err(ConfigError::new("delivery.initial_backoff", "must be longer than zero"));

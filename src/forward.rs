@@ -76,11 +76,12 @@ pub async fn run(
         let now = now_ms();
         if now.saturating_sub(last_purge) > 3_600_000 {
             last_purge = now;
-            let before = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
+            let delivered = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
+            let failed = now.saturating_sub(cfg.keep_failed.as_millis() as u64);
             let s = spool.clone();
-            match tokio::task::spawn_blocking(move || s.purge_delivered(before)).await {
+            match tokio::task::spawn_blocking(move || s.purge_finished(delivered, failed)).await {
                 Ok(Ok(n)) if n > 0 => {
-                    info!("forgot {n} delivered records older than delivery.keep_delivered")
+                    info!("forgot {n} records past delivery.keep_delivered or delivery.keep_failed")
                 }
                 Ok(Err(e)) => warn!("spool purge failed: {e}"),
                 _ => {}
@@ -217,6 +218,7 @@ mod tests {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             keep_delivered: Duration::from_secs(86_400),
+            keep_failed: Duration::from_secs(86_400),
         }
     }
 

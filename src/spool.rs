@@ -481,12 +481,20 @@ impl Spool {
         Ok(existed)
     }
 
-    /// Forgets delivered records finished before `before_ms`; returns how many.
-    pub fn purge_delivered(&self, before_ms: u64) -> Result<usize, SpoolError> {
+    /// Forgets delivered records finished before `delivered_before` and
+    /// failed ones before `failed_before` (ms); returns how many.
+    pub fn purge_finished(&self, delivered_before: u64, failed_before: u64) -> Result<usize, SpoolError> {
         let old: Vec<String> = self
             .list(true)?
             .into_iter()
-            .filter(|r| r.state == State::Delivered && r.finished_ms.unwrap_or(0) < before_ms)
+            .filter(|r| {
+                let finished = r.finished_ms.unwrap_or(r.created_ms);
+                match r.state {
+                    State::Delivered => finished < delivered_before,
+                    State::Failed => finished < failed_before,
+                    State::Pending => false,
+                }
+            })
             .map(|r| r.id)
             .collect();
         if old.is_empty() {
@@ -663,6 +671,30 @@ mod tests {
         assert_eq!(spool.list(false).unwrap().len(), 200);
         // Requests waiting while a commit runs share the next one.
         assert!(spool.commits() < 100, "{} commits for 200 appends", spool.commits());
+    }
+
+    #[tokio::test]
+    async fn finished_records_are_forgotten_after_their_time_pending_never() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        for uid in ["p1", "d1", "f1"] {
+            spool.append(vec![record(uid)]).await.unwrap();
+        }
+        let all = spool.list(true).unwrap();
+        let by = |uid: &str| all.iter().find(|r| r.payload["uid"] == uid).unwrap().clone();
+        let (mut d, mut f) = (by("d1"), by("f1"));
+        d.state = State::Delivered;
+        d.finished_ms = Some(1_000);
+        f.state = State::Failed;
+        f.finished_ms = Some(5_000);
+        spool.update(&d).unwrap();
+        spool.update(&f).unwrap();
+        // keep_delivered has passed for d1, keep_failed not yet for f1.
+        assert_eq!(spool.purge_finished(2_000, 2_000).unwrap(), 1);
+        assert_eq!(spool.purge_finished(2_000, 6_000).unwrap(), 1);
+        let left = spool.list(true).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].payload["uid"], "p1");
     }
 
     #[test]
