@@ -71,6 +71,8 @@ pub enum Request {
         rcpt: String,
         sender: String,
         queue_id: Option<String>,
+        #[serde(default)]
+        client_addr: Option<String>,
         bytes: u64,
     },
 }
@@ -256,6 +258,7 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         rcpt,
         sender,
         queue_id,
+        client_addr,
         bytes,
     } = req
     {
@@ -274,7 +277,7 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
             Ok(Ok(n)) if n as u64 == bytes => {}
             _ => return Some(Response::error("message incomplete")),
         }
-        let verdict = deliver::take(shared, &rcpt, &sender, queue_id, raw).await;
+        let verdict = deliver::take(shared, &rcpt, &sender, queue_id, client_addr, raw).await;
         return Some(Response {
             ok: true,
             verdict: Some(verdict),

@@ -75,7 +75,17 @@ pub fn too_large(limit: usize) -> Verdict {
 }
 
 /// Takes one message for one recipient.
-pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<String>, raw: Vec<u8>) -> Verdict {
+/// `client_addr`: the SMTP client's address (Postfix's `${client_address}`),
+/// for the unknown-token limit and the record.
+pub async fn take(
+    shared: &Shared,
+    rcpt: &str,
+    sender: &str,
+    queue_id: Option<String>,
+    client_addr: Option<String>,
+    raw: Vec<u8>,
+) -> Verdict {
+    let client_addr = client_addr.filter(|a| a.parse::<std::net::IpAddr>().is_ok());
     let settings = shared.settings();
     if raw.len() > settings.max_message_bytes {
         return too_large(settings.max_message_bytes);
@@ -98,7 +108,7 @@ pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<St
     }
     let mut records = Vec::new();
     if let Recipient::Gateway { token } = &class {
-        match shared.check_token(token, None) {
+        match shared.check_token(token, client_addr.as_deref()) {
             Ok(Some(r)) => records.push(r),
             Ok(None) => {}
             Err(d) => return Verdict::from_decision(&d),
@@ -108,7 +118,7 @@ pub async fn take(shared: &Shared, rcpt: &str, sender: &str, queue_id: Option<St
     let envelope = Envelope {
         queue_id,
         mail_from: sender.to_owned(),
-        client_addr: None,
+        client_addr,
     };
     let intake = intake::take(
         &shared.spool,

@@ -74,6 +74,9 @@ enum Command {
         /// Postfix queue id, for the log
         #[arg(long, value_name = "ID")]
         queue_id: Option<String>,
+        /// The SMTP client's address (Postfix: ${client_address})
+        #[arg(long, value_name = "ADDR")]
+        client_addr: Option<String>,
     },
     /// Check the configuration, the state directory, the target and Postfix
     Check {
@@ -198,7 +201,8 @@ fn main() -> ExitCode {
             rcpt,
             sender,
             queue_id,
-        } => deliver(&config, &rcpt, &sender, queue_id),
+            client_addr,
+        } => deliver(&config, &rcpt, &sender, queue_id, client_addr),
         Command::Check { config, postfix_config } => check(&config, postfix_config.as_deref()),
         Command::Tokens { config, action } => tokens(&config, action),
         Command::DefaultConfig => {
@@ -374,7 +378,13 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
     }
 }
 
-fn deliver(arg: &ConfigArg, rcpt: &str, sender: &str, queue_id: Option<String>) -> ExitCode {
+fn deliver(
+    arg: &ConfigArg,
+    rcpt: &str,
+    sender: &str,
+    queue_id: Option<String>,
+    client_addr: Option<String>,
+) -> ExitCode {
     use imip_milter::deliver::EX_TEMPFAIL;
     let fail = |msg: String| {
         // Our own trouble is never the sender's fault: try again later.
@@ -396,6 +406,7 @@ fn deliver(arg: &ConfigArg, rcpt: &str, sender: &str, queue_id: Option<String>) 
         rcpt: rcpt.to_owned(),
         sender: sender.to_owned(),
         queue_id: queue_id.clone(),
+        client_addr: client_addr.clone(),
         bytes: raw.len() as u64,
     };
     let verdict = match control::request_with(&config.control_path(), &req, &raw) {
@@ -404,10 +415,12 @@ fn deliver(arg: &ConfigArg, rcpt: &str, sender: &str, queue_id: Option<String>) 
             None => return fail(resp.error.unwrap_or_else(|| "no answer".into())),
         },
         Err(control::ClientError::Other(e)) => return fail(e),
-        Err(control::ClientError::NoDaemon) => match deliver_without_daemon(config, rcpt, sender, queue_id, raw) {
-            Ok(v) => v,
-            Err(e) => return fail(e),
-        },
+        Err(control::ClientError::NoDaemon) => {
+            match deliver_without_daemon(config, rcpt, sender, queue_id, client_addr, raw) {
+                Ok(v) => v,
+                Err(e) => return fail(e),
+            }
+        }
     };
     if verdict.exit_code() != 0 {
         eprintln!("{}", verdict.message());
@@ -422,6 +435,7 @@ fn deliver_without_daemon(
     rcpt: &str,
     sender: &str,
     queue_id: Option<String>,
+    client_addr: Option<String>,
     raw: Vec<u8>,
 ) -> Result<imip_milter::deliver::Verdict, String> {
     use imip_milter::{milter::Shared, spool::Spool, target::Target};
@@ -436,7 +450,7 @@ fn deliver_without_daemon(
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
             shared.tokens = Some(imip_milter::local_tokens(&config, &spool).map_err(|e| e.to_string())?);
         }
-        let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, raw).await;
+        let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, client_addr, raw).await;
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {
                 Ok(target) => {

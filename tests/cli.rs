@@ -205,6 +205,11 @@ async fn bearer_token_is_read_from_its_file() {
 }
 
 fn deliver(cfg: &str, rcpt: &str, eml: &str) -> (i32, String) {
+    deliver_from(cfg, rcpt, eml, "192.0.2.80")
+}
+
+/// As Postfix's pipe runs it, with `${client_address}`.
+fn deliver_from(cfg: &str, rcpt: &str, eml: &str, client: &str) -> (i32, String) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
         .args([
@@ -215,6 +220,8 @@ fn deliver(cfg: &str, rcpt: &str, eml: &str) -> (i32, String) {
             "bob@example.com",
             "--queue-id",
             "DQ1",
+            "--client-addr",
+            client,
             "--rcpt",
             rcpt,
         ])
@@ -329,4 +336,38 @@ fn check_warns_about_a_secret_file_others_can_read() {
         out.lines().any(|l| l.contains("OK") && l.contains("target.token_file")),
         "{out}"
     );
+}
+
+/// The safety net counts unknown tokens per SMTP client too, not in one
+/// bucket for everybody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_counts_unknown_tokens_per_client() {
+    const LOCAL: &str = "\n[tokens]\nmode = \"local\"\nmax_unknown = 2\n";
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    let config = m.state_dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", &hook.url(), LOCAL),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    let run = |client: &'static str, guess: u32| {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            deliver_from(
+                &cfg,
+                &format!("calendar+guess-{guess:08}@example.org"),
+                "apple.eml",
+                client,
+            )
+            .0
+        })
+    };
+    assert_eq!(run("198.51.100.7", 1).await.unwrap(), 67);
+    assert_eq!(run("198.51.100.7", 2).await.unwrap(), 67);
+    // The prober waits (75 = EX_TEMPFAIL); another client is not affected.
+    assert_eq!(run("198.51.100.7", 3).await.unwrap(), 75);
+    assert_eq!(run("192.0.2.81", 4).await.unwrap(), 67);
+    m.stop().await;
 }
