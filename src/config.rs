@@ -173,6 +173,8 @@ pub struct Config {
     pub max_components: usize,
     /// Message bytes all sessions together may buffer.
     pub max_buffered_bytes: usize,
+    /// Started as root, run as this user (default: the owner of state_dir).
+    pub user: Option<String>,
     /// Gateway recipients one message may have.
     pub max_gateway_recipients: usize,
     pub log_level: tracing::Level,
@@ -197,6 +199,7 @@ struct RawConfig {
     max_sessions: Option<i64>,
     max_components: Option<i64>,
     max_buffered_bytes: Option<i64>,
+    user: Option<String>,
     max_gateway_recipients: Option<i64>,
     log_level: Option<String>,
     log_format: Option<String>,
@@ -662,6 +665,7 @@ impl Config {
             max_sessions,
             max_components,
             max_buffered_bytes,
+            user: raw.user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),
             max_gateway_recipients: positive("max_gateway_recipients", raw.max_gateway_recipients, 10, 1000)?,
             log_level,
             log_format,

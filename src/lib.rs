@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod milter;
 pub mod outbound;
 pub mod policy;
+pub mod privileges;
 pub mod schedule;
 pub mod spool;
 pub mod target;

@@ -226,6 +226,24 @@ fn run(arg: &ConfigArg) -> ExitCode {
         Some(p) => Some(p.clone()),
         None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
     };
+    // Before any thread or file: root becomes the daemon's user.
+    let identity = match imip_milter::privileges::drop_to_owner(&config) {
+        Ok(id) => id,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    info!(
+        "configuration {}, state_dir {}, uid {} gid {}",
+        reload_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "built-in default".into()),
+        config.state_dir.display(),
+        identity.uid,
+        identity.gid
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -342,6 +360,10 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    if let Err(e) = imip_milter::privileges::drop_to_owner(&config) {
+        eprintln!("imip-milter: {e}");
+        return ExitCode::from(EX_CONFIG);
+    }
     let (req, list) = match action {
         QueueAction::List { all } => (Request::List { all }, true),
         QueueAction::Show { id } => (Request::Show { id }, false),
@@ -395,6 +417,9 @@ fn deliver(
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if let Err(e) = imip_milter::privileges::drop_to_owner(&config) {
+        return fail(e);
+    }
     let mut raw = Vec::new();
     if let Err(e) = std::io::stdin()
         .take(config.max_message_bytes as u64 + 1)
@@ -537,6 +562,11 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
             }
         },
     };
+    // The token file is read as the caller; the store is opened as its owner.
+    if let Err(e) = imip_milter::privileges::drop_to_owner(&config) {
+        eprintln!("imip-milter: {e}");
+        return ExitCode::from(EX_CONFIG);
+    }
     if let Err(e) = imip_milter::prepare_state_dir(&config) {
         eprintln!("imip-milter: {e}");
         return ExitCode::FAILURE;

@@ -156,3 +156,75 @@ async fn metrics_and_json_logs() {
     );
     assert!(!log.contains('\u{1b}'), "no colour codes when not on a terminal");
 }
+
+/// A state_dir owned by the daemon's user (nobody here), with the CLI and
+/// the daemon started as root, as a newcomer does: root becomes the owner
+/// before it opens anything, so a symlink the owner planted leads nowhere
+/// the owner could not go, and the daemon's files stay the owner's.
+#[test]
+fn root_works_in_state_dir_as_its_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (uid, gid) = common::nobody();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    // Root's own directory, where the owner plants a link.
+    let secret_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(secret_dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let target = secret_dir.path().join("created-by-root");
+    std::os::unix::fs::symlink(&target, state.join("spool.redb")).unwrap();
+    let config = dir.path().join("imip-milter.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            &state,
+            "inet:127.0.0.1:1",
+            "http://127.0.0.1:1/",
+            "\n[tokens]\nmode = \"local\"\n",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args([
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            "u1",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(!target.exists(), "root followed the owner's symlink");
+
+    // Without the link, the daemon started as root runs as the owner.
+    std::fs::remove_file(state.join("spool.redb")).unwrap();
+    let hook = Webhook::start();
+    let mut milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| c);
+    assert!(
+        wait_until(Duration::from_secs(10), || state.join("spool.redb").exists()),
+        "{}",
+        milter.log()
+    );
+    let spool = std::fs::metadata(state.join("spool.redb")).unwrap();
+    assert_eq!((spool.uid(), spool.gid()), (uid, gid), "{}", milter.log());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", milter.pid().unwrap())).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == uid.to_string()),
+        "{uid_line}"
+    );
+    assert!(milter.log().contains(&format!("uid {uid}")), "{}", milter.log());
+    assert!(milter.terminate().success());
+}
