@@ -10,7 +10,7 @@ use crate::{
     address::token_prefix,
     analysis::{Analysis, Kind},
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::{
@@ -28,6 +28,9 @@ use tokio::sync::{oneshot, Notify};
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// id → time of the next attempt (ms since the epoch), for pending records only.
 const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
+/// id → creation time (ms), for pending records only: metrics read it
+/// instead of every record's payload.
+const PENDING_SINCE: TableDefinition<&str, u64> = TableDefinition::new("pending_since");
 
 /// Requests folded into one commit at most.
 const MAX_GROUP: usize = 512;
@@ -289,8 +292,20 @@ impl Spool {
         let db = Arc::new(db);
         {
             let txn = redb_try!(db.begin_write(), "spool");
-            redb_try!(txn.open_table(RECORDS), "spool");
-            redb_try!(txn.open_table(PENDING), "spool");
+            let records = redb_try!(txn.open_table(RECORDS), "spool");
+            let pending = redb_try!(txn.open_table(PENDING), "spool");
+            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool");
+            // A spool from before the index: fill it once.
+            if redb_try!(since.is_empty(), "spool") && !redb_try!(pending.is_empty(), "spool") {
+                for entry in redb_try!(pending.iter(), "spool") {
+                    let (id, _) = redb_try!(entry, "spool");
+                    let created = redb_try!(records.get(id.value()), "spool")
+                        .and_then(|raw| serde_json::from_slice::<Record>(raw.value()).ok())
+                        .map_or(0, |r| r.created_ms);
+                    redb_try!(since.insert(id.value(), created), "spool");
+                }
+            }
+            drop((records, pending, since));
             redb_try!(txn.commit(), "spool");
         }
         let db = Arc::new(DbCell {
@@ -422,11 +437,14 @@ impl Spool {
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
             redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
             if rec.state == State::Pending {
                 redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+                redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
             } else {
                 redb_try!(pending.remove(rec.id.as_str()), "spool write");
+                redb_try!(since.remove(rec.id.as_str()), "spool write");
             }
         }
         redb_try!(txn.commit(), "spool commit");
@@ -474,8 +492,10 @@ impl Spool {
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
             existed = redb_try!(records.remove(id), "spool write").is_some();
             redb_try!(pending.remove(id), "spool write");
+            redb_try!(since.remove(id), "spool write");
         }
         redb_try!(txn.commit(), "spool commit");
         Ok(existed)
@@ -512,10 +532,18 @@ impl Spool {
     }
 
     /// Counts of pending records and the creation time of the oldest one.
+    /// From the index alone: no record's payload is read.
     pub fn pending_stats(&self) -> Result<(usize, Option<u64>), SpoolError> {
-        let recs = self.list(false)?;
-        let pending: Vec<&Record> = recs.iter().filter(|r| r.state == State::Pending).collect();
-        Ok((pending.len(), pending.iter().map(|r| r.created_ms).min()))
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
+        let since = redb_try!(txn.open_table(PENDING_SINCE), "spool read");
+        let mut count = 0;
+        let mut oldest: Option<u64> = None;
+        for entry in redb_try!(since.iter(), "spool read") {
+            let (_, created) = redb_try!(entry, "spool read");
+            count += 1;
+            oldest = Some(oldest.map_or(created.value(), |o| o.min(created.value())));
+        }
+        Ok((count, oldest))
     }
 }
 
@@ -574,6 +602,7 @@ fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Append
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
             for req in group {
                 let mut out = Vec::with_capacity(req.records.len());
                 for rec in &req.records {
@@ -584,6 +613,7 @@ fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Append
                     let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
                     redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
                     redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+                    redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
                     out.push(Appended::New);
                 }
                 outcomes.push(out);
@@ -689,6 +719,8 @@ mod tests {
         f.finished_ms = Some(5_000);
         spool.update(&d).unwrap();
         spool.update(&f).unwrap();
+        // Counted from the index: only p1 is pending.
+        assert_eq!(spool.pending_stats().unwrap(), (1, Some(by("p1").created_ms)));
         // keep_delivered has passed for d1, keep_failed not yet for f1.
         assert_eq!(spool.purge_finished(2_000, 2_000).unwrap(), 1);
         assert_eq!(spool.purge_finished(2_000, 6_000).unwrap(), 1);
