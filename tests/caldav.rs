@@ -445,6 +445,12 @@ fn cli(config: &std::path::Path, args: &[&str]) -> String {
     )
 }
 
+/// `queue list` shows one failed record, failed for `why`.
+fn assert_one_failed(config: &std::path::Path, why: &str) {
+    let list = cli(config, &["queue", "list"]);
+    assert!(list.contains("1 failed") && list.contains(why), "{list}");
+}
+
 fn standalone(dir: &std::path::Path, url: &str) -> (std::path::PathBuf, String) {
     let config = dir.join("imip-milter.toml");
     let text = common::config_text(&dir.join("state"), "inet:127.0.0.1:1", "http://unused.invalid/", "");
@@ -502,11 +508,7 @@ fn reply_for_a_deleted_event_is_kept_as_failed() {
     let (config, gateway) = standalone(dir.path(), &radicale.url());
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
-    let list = cli(&config, &["queue", "list"]);
-    assert!(
-        list.contains("1 failed") && list.contains("not in the calendars"),
-        "{list}"
-    );
+    assert_one_failed(&config, "not in the calendars");
 }
 
 /// A reply through Bob's token, from `from`, with these VEVENTs.
@@ -672,11 +674,7 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
     );
     let (code, err) = deliver(&config, &partial, &msg);
     assert_eq!(code, 0, "taken and spooled: {err}");
-    let list = cli(&config, &["queue", "list"]);
-    assert!(
-        list.contains("1 failed") && list.contains("not in the calendars"),
-        "{list}"
-    );
+    assert_one_failed(&config, "not in the calendars");
     assert_eq!(
         partstat(&stored(&radicale), "dana@example.com", None).as_deref(),
         Some("ACCEPTED")
@@ -786,11 +784,7 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
     let (config, gateway) = standalone(dir.path(), &foreign.url());
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
-    let list = cli(&config, &["queue", "list"]);
-    assert!(
-        list.contains("1 failed") && list.contains("not in the calendars"),
-        "{list}"
-    );
+    assert_one_failed(&config, "not in the calendars");
     assert_eq!(
         elsewhere.connections.load(Ordering::SeqCst),
         0,
@@ -812,11 +806,7 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
     let started = std::time::Instant::now();
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
-    let list = cli(&config, &["queue", "list"]);
-    assert!(
-        list.contains("1 failed") && list.contains("max_response_bytes"),
-        "{list}"
-    );
+    assert_one_failed(&config, "max_response_bytes");
     println!("huge answer refused after {} ms", started.elapsed().as_millis());
 
     // 3 MiB of '<' within the cap: read in one pass, not in minutes.

@@ -77,6 +77,19 @@ async fn finish_raw(mut conn: TestConnection, raw: String) -> (EomActions, Statu
     r
 }
 
+/// A 550 5.7.1 whose text says `words`, and nothing handed on to the target.
+async fn refused_and_not_applied(status: Status, words: &str, hook: &Webhook) {
+    match status {
+        Status::Reject { message: Some(msg) } => {
+            let msg = msg.to_string_lossy().into_owned();
+            assert!(msg.starts_with("550 5.7.1 ") && msg.contains(words), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty(), "nothing handed on as an answer");
+}
+
 fn gateway() -> String {
     format!("<calendar+{TOKEN}@example.org>")
 }
@@ -113,15 +126,7 @@ async fn a_reply_for_somebody_else_is_refused_and_changes_nothing() {
     // The token was given to someone else; Bob answers through it.
     import(&m, &hook.url(), "mailto:someone-else@example.com", APPLE_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 2], &[gateway()]).await;
-    match finish(conn, "apple.eml").await.1 {
-        Status::Reject { message: Some(msg) } => {
-            let msg = msg.to_string_lossy().into_owned();
-            assert!(msg.starts_with("550 5.7.1 ") && msg.contains("not sent to"), "{msg}");
-        }
-        other => panic!("{other:?}"),
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(hook.deliveries().is_empty(), "nothing handed on as an answer");
+    refused_and_not_applied(finish(conn, "apple.eml").await.1, "not sent to", &hook).await;
     m.stop().await;
 }
 
@@ -132,15 +137,7 @@ async fn a_reply_about_another_event_is_refused() {
     // Bob's token, for another event than the one his reply names.
     import(&m, &hook.url(), "mailto:bob@example.com", BOUNCED_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 9], &[gateway()]).await;
-    match finish(conn, "apple.eml").await.1 {
-        Status::Reject { message: Some(msg) } => {
-            let msg = msg.to_string_lossy().into_owned();
-            assert!(msg.starts_with("550 5.7.1 ") && msg.contains("another event"), "{msg}");
-        }
-        other => panic!("{other:?}"),
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(hook.deliveries().is_empty());
+    refused_and_not_applied(finish(conn, "apple.eml").await.1, "another event", &hook).await;
     m.stop().await;
 }
 
