@@ -295,6 +295,7 @@ impl Spool {
             let records = redb_try!(txn.open_table(RECORDS), "spool");
             let pending = redb_try!(txn.open_table(PENDING), "spool");
             let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool");
+            redb_try!(txn.open_table(CONTENT), "spool");
             // A spool from before the index: fill it once.
             if redb_try!(since.is_empty(), "spool") && !redb_try!(pending.is_empty(), "spool") {
                 for entry in redb_try!(pending.iter(), "spool") {
@@ -363,6 +364,7 @@ impl Spool {
         let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
         let pending = redb_try!(txn.open_table(PENDING), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let content = redb_try!(txn.open_table(CONTENT), "spool read");
         let mut due = Vec::new();
         let mut next: Option<u64> = None;
         for entry in redb_try!(pending.iter(), "spool read") {
@@ -374,7 +376,7 @@ impl Spool {
             if at <= now && due.len() < limit {
                 if let Some(raw) = redb_try!(records.get(id), "spool read") {
                     if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
-                        due.push(rec);
+                        due.push(hydrate(rec, &content));
                     }
                 }
             } else if at > now {
@@ -387,8 +389,11 @@ impl Spool {
     pub fn get(&self, id: &str) -> Result<Option<Record>, SpoolError> {
         let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let content = redb_try!(txn.open_table(CONTENT), "spool read");
         let raw = redb_try!(records.get(id), "spool read");
-        Ok(raw.and_then(|r| serde_json::from_slice(r.value()).ok()))
+        Ok(raw
+            .and_then(|r| serde_json::from_slice(r.value()).ok())
+            .map(|r| hydrate(r, &content)))
     }
 
     /// All records, oldest first; only pending and failed unless `all`.
@@ -429,12 +434,13 @@ impl Spool {
     }
 
     fn write_record(&self, rec: &Record, durability: Durability) -> Result<(), SpoolError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
         let mut txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         if !matches!(durability, Durability::Immediate) {
             let _ = txn.set_durability(durability);
         }
         {
+            let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
+            let bytes = encode(rec, &mut content)?;
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
             let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
@@ -504,9 +510,9 @@ impl Spool {
     /// Forgets delivered records finished before `delivered_before` and
     /// failed ones before `failed_before` (ms); returns how many.
     pub fn purge_finished(&self, delivered_before: u64, failed_before: u64) -> Result<usize, SpoolError> {
-        let old: Vec<String> = self
-            .list(true)?
-            .into_iter()
+        let all = self.list(true)?;
+        let old: Vec<String> = all
+            .iter()
             .filter(|r| {
                 let finished = r.finished_ms.unwrap_or(r.created_ms);
                 match r.state {
@@ -515,16 +521,30 @@ impl Spool {
                     State::Pending => false,
                 }
             })
-            .map(|r| r.id)
+            .map(|r| r.id.clone())
             .collect();
-        if old.is_empty() {
-            return Ok(0);
-        }
+        // Calendar texts no remaining record refers to go too.
+        let kept: std::collections::HashSet<&str> = all
+            .iter()
+            .filter(|r| !old.contains(&r.id))
+            .filter_map(|r| r.payload.get("icalendar_ref").and_then(|v| v.as_str()))
+            .collect();
         let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             for id in &old {
                 redb_try!(records.remove(id.as_str()), "spool write");
+            }
+            let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
+            let mut unused = Vec::new();
+            for entry in redb_try!(content.iter(), "spool read") {
+                let (key, _) = redb_try!(entry, "spool read");
+                if !kept.contains(key.value()) {
+                    unused.push(key.value().to_owned());
+                }
+            }
+            for key in &unused {
+                redb_try!(content.remove(key.as_str()), "spool write");
             }
         }
         redb_try!(txn.commit(), "spool commit");
@@ -545,6 +565,56 @@ impl Spool {
         }
         Ok((count, oldest))
     }
+}
+
+/// Calendar text, stored once under its hash however many records (one
+/// per gateway recipient) carry it.
+const CONTENT: TableDefinition<&str, &[u8]> = TableDefinition::new("content");
+/// Shorter calendar text stays inside its record.
+const SHARE_FROM: usize = 2048;
+
+/// The record as stored: a long calendar text moves to CONTENT, the record
+/// keeps its hash in `icalendar_ref`.
+fn encode(rec: &Record, content: &mut redb::Table<&str, &[u8]>) -> Result<Vec<u8>, SpoolError> {
+    let encode = |r: &Record| serde_json::to_vec(r).map_err(|e| SpoolError(format!("spool encode: {e}")));
+    let Some(text) = rec.payload.get("icalendar").and_then(|v| v.as_str()) else {
+        return encode(rec);
+    };
+    if text.len() < SHARE_FROM {
+        return encode(rec);
+    }
+    let key: String = Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if redb_try!(content.get(key.as_str()), "spool read").is_none() {
+        redb_try!(content.insert(key.as_str(), text.as_bytes()), "spool write");
+    }
+    let mut stored = rec.clone();
+    if let Some(obj) = stored.payload.as_object_mut() {
+        obj.remove("icalendar");
+        obj.insert("icalendar_ref".into(), key.into());
+    }
+    encode(&stored)
+}
+
+/// A stored record with its calendar text back in place.
+fn hydrate(mut rec: Record, content: &impl ReadableTable<&'static str, &'static [u8]>) -> Record {
+    let key = rec
+        .payload
+        .get("icalendar_ref")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    if let (Some(key), Some(obj)) = (key, rec.payload.as_object_mut()) {
+        if let Ok(Some(text)) = content.get(key.as_str()) {
+            obj.insert(
+                "icalendar".into(),
+                String::from_utf8_lossy(text.value()).into_owned().into(),
+            );
+            obj.remove("icalendar_ref");
+        }
+    }
+    rec
 }
 
 fn writer(db: Arc<DbCell>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>, commits: Arc<AtomicU64>) {
@@ -603,6 +673,7 @@ fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Append
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
             let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
+            let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
             for req in group {
                 let mut out = Vec::with_capacity(req.records.len());
                 for rec in &req.records {
@@ -610,7 +681,7 @@ fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Append
                         out.push(Appended::Duplicate);
                         continue;
                     }
-                    let bytes = serde_json::to_vec(rec).map_err(|e| SpoolError(format!("spool encode: {e}")))?;
+                    let bytes = encode(rec, &mut content)?;
                     redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
                     redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
                     redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
@@ -727,6 +798,39 @@ mod tests {
         let left = spool.list(true).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].payload["uid"], "p1");
+    }
+
+    #[tokio::test]
+    async fn calendar_text_is_stored_once_for_many_recipients() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let spool = Spool::open(&path).unwrap();
+        let big = format!("{}{}", "X-PAD:".repeat(1), "y".repeat(200_000));
+        let records: Vec<Record> = (0..10)
+            .map(|i| {
+                let mut r = record(&format!("same\r\n{big}"));
+                r.id = format!("r{i}");
+                r.payload["token"] = format!("token{i:04}").into();
+                r
+            })
+            .collect();
+        let text = records[0].payload["icalendar"].as_str().unwrap().to_owned();
+        spool.append(records).await.unwrap();
+        spool.flush().unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 1_500_000, "10 records of 200 kB take {size} bytes");
+        // Deliveries and `queue show` get the text back.
+        let (due, _) = spool.due(now_ms() + 1, 20, &|_| false).unwrap();
+        assert_eq!(due.len(), 10);
+        assert!(due.iter().all(|r| r.payload["icalendar"] == text.as_str()));
+        assert_eq!(spool.get("r3").unwrap().unwrap().payload["icalendar"], text.as_str());
+        // An outcome written back stays shared; a purge drops what no record needs.
+        let mut r = spool.get("r0").unwrap().unwrap();
+        r.state = State::Delivered;
+        r.finished_ms = Some(1);
+        spool.update(&r).unwrap();
+        assert_eq!(spool.purge_finished(2, 0).unwrap(), 1);
+        assert_eq!(spool.get("r1").unwrap().unwrap().payload["icalendar"], text.as_str());
     }
 
     #[test]
