@@ -805,7 +805,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.redb");
         let spool = Spool::open(&path).unwrap();
-        let big = format!("{}{}", "X-PAD:".repeat(1), "y".repeat(200_000));
+        let big = format!("X-PAD:{}", "y".repeat(200_000));
         let records: Vec<Record> = (0..10)
             .map(|i| {
                 let mut r = record(&format!("same\r\n{big}"));
