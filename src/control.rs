@@ -8,7 +8,7 @@ use crate::{
     deliver::{self, Verdict},
     milter::Shared,
     spool::{now_ms, Record, Spool, State},
-    tokens::{self, RedbTokens, TokenRecord, TokenStore},
+    tokens::{self, TokenRecord, TokenStore},
 };
 use serde::{Deserialize, Serialize};
 use std::{
@@ -129,16 +129,26 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
             false => Response::error(format!("no record {id}")),
         }),
         Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
-        _ => return handle_tokens(spool, req),
+        _ => return Response::error("not a spool request"),
     };
     result.unwrap_or_else(|e| Response::error(e.0))
 }
 
-fn handle_tokens(spool: &Spool, req: &Request) -> Response {
-    let store = match RedbTokens::new(spool) {
-        Ok(s) => s,
-        Err(e) => return Response::error(e.0),
-    };
+/// Whether `req` is about tokens (answered by `handle_tokens`).
+pub fn is_token_request(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::TokensList
+            | Request::TokensShow { .. }
+            | Request::TokensAdd { .. }
+            | Request::TokensRevoke { .. }
+            | Request::TokensPurge { .. }
+            | Request::TokensImport { .. }
+    )
+}
+
+/// Carries out a token request on the configured store.
+pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
     let with = |tokens: Vec<TokenRecord>, count: usize| Response {
         ok: true,
         tokens: Some(tokens),
@@ -147,11 +157,11 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
     };
     let now = now_ms();
     let result = match req {
-        Request::TokensList => store.list().map(|t| {
+        Request::TokensList => store.list().await.map(|t| {
             let n = t.len();
             with(t, n)
         }),
-        Request::TokensShow { token } => store.get(token).map(|t| match t {
+        Request::TokensShow { token } => store.get(token).await.map(|t| match t {
             Some(t) => with(vec![t], 1),
             None => Response::error("no such token"),
         }),
@@ -160,30 +170,21 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
             attendees,
             uid,
         } => match attendees.as_slice() {
-            [one] => tokens::mint_or_reuse(&store, organizer, one, uid, None, now),
-            many => tokens::mint_or_reuse_shared(&store, organizer, uid, many, None, now),
+            [one] => tokens::mint_or_reuse(store, organizer, one, uid, None, now).await,
+            many => tokens::mint_or_reuse_shared(store, organizer, uid, many, None, now).await,
         }
         .map(|t| with(vec![t], 1)),
-        Request::TokensRevoke { token } => store.revoke(token).map(|found| match found {
+        Request::TokensRevoke { token } => store.revoke(token).await.map(|found| match found {
             true => with(Vec::new(), 1),
             false => Response::error("no such token"),
         }),
-        Request::TokensPurge { days_to_live } => store.list().and_then(|all| {
-            let mut n = 0;
-            for t in all {
-                if tokens::lookup(&store, &t.token, now, *days_to_live)? == tokens::Lookup::Expired {
-                    store.revoke(&t.token)?;
-                    n += 1;
-                }
-            }
-            Ok(with(Vec::new(), n))
-        }),
+        Request::TokensPurge { days_to_live } => purge(store, now, *days_to_live).await.map(|n| with(Vec::new(), n)),
         Request::TokensImport { csv, .. } => {
             let (records, problems) = tokens::parse_csv(csv, now);
             let mut n = 0;
             let mut result = Ok(());
             for r in &records {
-                if let Err(e) = store.put(r) {
+                if let Err(e) = store.put(r).await {
                     result = Err(e);
                     break;
                 }
@@ -197,6 +198,17 @@ fn handle_tokens(spool: &Spool, req: &Request) -> Response {
         _ => return Response::error("not a token request"),
     };
     result.unwrap_or_else(|e| Response::error(e.0))
+}
+
+async fn purge(store: &dyn TokenStore, now: u64, days_to_live: u32) -> Result<usize, tokens::StoreError> {
+    let mut n = 0;
+    for t in store.list().await? {
+        if tokens::lookup(store, &t.token, now, days_to_live).await? == tokens::Lookup::Expired {
+            store.revoke(&t.token).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Binds the control socket (replacing a stale one), readable by the owner only.
@@ -305,6 +317,17 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         let v = serde_json::to_value(&req).unwrap_or_default();
         info!("control: {}", v["cmd"].as_str().unwrap_or("?"));
     }
+    if is_token_request(&req) {
+        let store = match &shared.tokens {
+            Some(local) => local.store.clone(),
+            // Remote token mode: the commands still work on this host's store.
+            None => match tokens::open(&shared.spool) {
+                Ok(s) => s,
+                Err(e) => return Some(Response::error(e.0)),
+            },
+        };
+        return Some(handle_tokens(store.as_ref(), &req).await);
+    }
     let spool = shared.spool.clone();
     Some(
         tokio::task::spawn_blocking(move || handle(&spool, &req))
@@ -364,16 +387,17 @@ pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Resu
             if creates && !writes_tokens {
                 return Err(format!("no spool at {} and no daemon running", spool_path.display()));
             }
+            // The caller runs as state_dir's owner already (privileges).
             let spool = Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
-            if creates {
-                // Tokens imported before the first start: the file belongs to
-                // whoever owns state_dir (the daemon's user), not to root.
-                if let Some(dir) = spool_path.parent().and_then(|d| std::fs::metadata(d).ok()) {
-                    use std::os::unix::fs::MetadataExt;
-                    let _ = std::os::unix::fs::chown(spool_path, Some(dir.uid()), Some(dir.gid()));
-                }
+            if !is_token_request(req) {
+                return Ok(handle(&spool, req));
             }
-            Ok(handle(&spool, req))
+            let store = tokens::open(&spool).map_err(|e| e.0)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            Ok(runtime.block_on(handle_tokens(store.as_ref(), req)))
         }
     }
 }

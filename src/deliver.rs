@@ -108,7 +108,7 @@ pub async fn take(
     }
     let mut records = Vec::new();
     if let Recipient::Gateway { token } = &class {
-        match shared.check_token(token, client_addr.as_deref()) {
+        match shared.check_token(token, client_addr.as_deref()).await {
             Ok(Some(r)) => records.push(r),
             Ok(None) => {}
             Err(d) => return Verdict::from_decision(&d),
@@ -120,16 +120,8 @@ pub async fn take(
         mail_from: sender.to_owned(),
         client_addr,
     };
-    let intake = intake::take(
-        &shared.spool,
-        raw,
-        &recipients,
-        &records,
-        &settings.policy,
-        settings.max_components,
-        &envelope,
-    )
-    .await;
+    let store = shared.tokens.as_ref().map(|l| l.store.as_ref());
+    let intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
     intake::log(&envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);
     if let Some(to) = &intake.decision.redirect_to {

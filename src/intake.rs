@@ -4,11 +4,12 @@
 use crate::{
     address::{printable, token_prefix, Recipient},
     analysis::{analyse_bounded, Analysis, Kind},
-    config::SenderPolicy,
     decision::{self, Decision, Disposition},
-    itip, policy,
+    itip,
+    milter::Settings,
+    policy,
     spool::{build_record, Appended, Envelope, Spool},
-    tokens::{RedbTokens, TokenRecord, TokenStore},
+    tokens::{TokenRecord, TokenStore},
 };
 use tracing::{debug, error, info, warn};
 
@@ -27,15 +28,17 @@ pub struct Intake {
 /// Analyses, decides and, for a reply or bounce, spools durably.
 /// `recipients` are those accepted at RCPT: the argument as received and its class.
 /// `tokens`: in local mode, the records of the gateway recipients' tokens.
+/// `store`: the token store, in local mode.
 pub async fn take(
     spool: &Spool,
+    store: Option<&dyn TokenStore>,
     raw: Vec<u8>,
     recipients: &[(String, Recipient)],
     tokens: &[TokenRecord],
-    sender_policy: &SenderPolicy,
-    max_components: usize,
+    settings: &Settings,
     envelope: &Envelope,
 ) -> Intake {
+    let (sender_policy, max_components) = (&settings.policy, settings.max_components);
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
     // MIME and iCalendar parsing is CPU work; keep it off the I/O threads,
@@ -133,7 +136,9 @@ pub async fn take(
             match spool.append(records).await {
                 Ok(outcomes) => {
                     duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
-                    touch(spool, tokens);
+                    if let Some(store) = store {
+                        touch(store, tokens).await;
+                    }
                 }
                 Err(e) => {
                     error!("{queue_id}: {e}");
@@ -179,26 +184,11 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord, attendee: &str) -> Result
 }
 
 /// Records when each token was last used; tokens expire counted from there.
-fn touch(spool: &Spool, tokens: &[TokenRecord]) {
-    if tokens.is_empty() {
-        return;
-    }
-    let store = match RedbTokens::new(spool) {
-        Ok(s) => s,
-        Err(e) => return warn!("{e}"),
-    };
+async fn touch(store: &dyn TokenStore, tokens: &[TokenRecord]) {
     let now = crate::spool::now_ms();
     for t in tokens {
-        // Read again: a token revoked or changed since RCPT stays as it is now.
-        match store.get(&t.token) {
-            Ok(Some(mut current)) => {
-                current.last_used_ms = now;
-                if let Err(e) = store.put(&current) {
-                    warn!("{e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => warn!("{e}"),
+        if let Err(e) = store.touch(&t.token, now).await {
+            warn!("{e}");
         }
     }
 }

@@ -159,13 +159,13 @@ impl Shared {
 
     /// Checks a gateway recipient's token in local mode: Ok(None) in remote
     /// mode, Ok(Some(record)) for a valid token, Err(decision) to refuse.
-    pub fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Decision> {
+    pub async fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Decision> {
         let Some(local) = &self.tokens else { return Ok(None) };
         let now = crate::spool::now_ms();
         let client = client.unwrap_or("-");
         // Only unknown tokens count and only they wait: a valid token from a
         // client that guessed before still passes.
-        match tokens::lookup(local.store.as_ref(), token, now, local.days_to_live) {
+        match tokens::lookup(local.store.as_ref(), token, now, local.days_to_live).await {
             Ok(Lookup::Valid(r)) => Ok(Some(r)),
             Ok(_) if local.limiter.blocked(client, now) => Err(decision::decide_too_many_unknown()),
             Ok(l) => {
@@ -312,7 +312,16 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
         .on_mail(|cx, args| Box::pin(mail(cx, args)))
         .on_rcpt(move |cx, args| {
             let s = on_rcpt.clone();
-            Box::pin(async move { guarded(cx, "RCPT", |cx| rcpt(&s, cx, args)) })
+            Box::pin(async move {
+                // A panic here costs this recipient a 451; Postfix goes on.
+                match AssertUnwindSafe(rcpt(&s, &mut *cx, args)).catch_unwind().await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        let queue_id = queue_id(&cx.macros);
+                        panicked(&mut cx.reply, &queue_id, "RCPT")
+                    }
+                }
+            })
         })
         .on_data(move |cx| {
             let s = on_data.clone();
@@ -348,12 +357,9 @@ fn guarded(cx: &mut Context<Session>, stage: &str, step: impl FnOnce(&mut Contex
     match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut *cx))) {
         Ok(status) => status,
         Err(_) => {
-            // Postfix goes on after a recipient's 451; a later stage's 451
-            // ends the message.
-            if stage != "RCPT" {
-                if let Some(s) = cx.data.as_mut() {
-                    s.reset_message();
-                }
+            // A 451 after RCPT ends the message.
+            if let Some(s) = cx.data.as_mut() {
+                s.reset_message();
             }
             let queue_id = queue_id(&cx.macros);
             panicked(&mut cx.reply, &queue_id, stage)
@@ -397,7 +403,7 @@ async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     Status::Continue
 }
 
-fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
+async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
     let Some(raw) = args.first().map(|a| text(a)) else {
         return Status::Continue;
     };
@@ -434,8 +440,11 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
         set_reply(&mut cx.reply, &d);
         return Status::Tempfail;
     }
+    let client = session.client_addr.clone();
     if let Recipient::Gateway { token } = &class {
-        match shared.check_token(token, session.client_addr.as_deref()) {
+        let checked = shared.check_token(token, client.as_deref()).await;
+        let session = cx.data.get_or_insert_with(Session::default);
+        match checked {
             Ok(Some(record)) => session.token_records.push(record),
             Ok(None) => {}
             Err(d) => {
@@ -457,7 +466,10 @@ fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Statu
             }
         }
     }
-    session.recipients.push((raw, class));
+    cx.data
+        .get_or_insert_with(Session::default)
+        .recipients
+        .push((raw, class));
     Status::Continue
 }
 
@@ -622,13 +634,14 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     session.reset_message();
 
     let settings = shared.settings();
+    let store = shared.tokens.as_ref().map(|l| l.store.as_ref());
     let mut intake = intake::take(
         &shared.spool,
+        store,
         message,
         &recipients,
         &token_records,
-        &settings.policy,
-        settings.max_components,
+        &settings,
         &envelope,
     )
     .await;
@@ -724,8 +737,8 @@ async fn tokenize(
     let now = crate::spool::now_ms();
     let mid = inv.message_id.as_deref();
     let record = match externals.as_slice() {
-        [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, mid, now),
-        many => tokens::mint_or_reuse_shared(local.store.as_ref(), &inv.organizer, &inv.uid, many, mid, now),
+        [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, mid, now).await,
+        many => tokens::mint_or_reuse_shared(local.store.as_ref(), &inv.organizer, &inv.uid, many, mid, now).await,
     };
     let record = match record {
         Ok(r) => r,

@@ -1,0 +1,152 @@
+//! The token store in the daemon's redb file: one host's tokens.
+
+use super::{e, StoreError, StoreFuture, TokenRecord, TokenStore};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::sync::Arc;
+
+/// token → TokenRecord (JSON)
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// "organizer\0attendee\0uid" (addresses in lower case) → token
+const BY_EVENT: TableDefinition<&str, &str> = TableDefinition::new("tokens_by_event");
+
+/// The token store in the daemon's redb file.
+pub struct RedbTokens {
+    spool: crate::spool::Spool,
+}
+
+fn event_key(organizer: &str, attendee: &str, uid: &str) -> String {
+    format!(
+        "{}\0{}\0{uid}",
+        organizer.to_ascii_lowercase(),
+        attendee.to_ascii_lowercase()
+    )
+}
+
+impl RedbTokens {
+    pub fn new(spool: &crate::spool::Spool) -> Result<Self, StoreError> {
+        let store = Self { spool: spool.clone() };
+        let db = store.db()?;
+        let txn = db.begin_write().map_err(|x| e("open")(&x))?;
+        txn.open_table(TOKENS).map_err(|x| e("open")(&x))?;
+        txn.open_table(BY_EVENT).map_err(|x| e("open")(&x))?;
+        txn.commit().map_err(|x| e("open")(&x))?;
+        Ok(store)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.spool
+            .database()
+            .map_err(|x| StoreError(format!("token store: {x}")))
+    }
+}
+
+impl RedbTokens {
+    fn get_now(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
+        let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
+        let v = t.get(token).map_err(|x| e("read")(&x))?;
+        Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
+    fn find_now(&self, organizer: &str, attendee: &str, uid: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let token = {
+            let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
+            let t = txn.open_table(BY_EVENT).map_err(|x| e("read")(&x))?;
+            let v = t
+                .get(event_key(organizer, attendee, uid).as_str())
+                .map_err(|x| e("read")(&x))?;
+            v.map(|v| v.value().to_owned())
+        };
+        match token {
+            Some(t) => self.get_now(&t),
+            None => Ok(None),
+        }
+    }
+
+    fn put_now(&self, rec: &TokenRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(rec).map_err(|x| e("encode")(&x))?;
+        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
+        {
+            let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
+            t.insert(rec.token.as_str(), bytes.as_slice())
+                .map_err(|x| e("write")(&x))?;
+            let mut by = txn.open_table(BY_EVENT).map_err(|x| e("write")(&x))?;
+            by.insert(
+                event_key(&rec.organizer, &rec.attendee, &rec.uid).as_str(),
+                rec.token.as_str(),
+            )
+            .map_err(|x| e("write")(&x))?;
+        }
+        txn.commit().map_err(|x| e("commit")(&x))
+    }
+
+    fn revoke_now(&self, token: &str) -> Result<bool, StoreError> {
+        let Some(rec) = self.get_now(token)? else {
+            return Ok(false);
+        };
+        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
+        {
+            let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
+            t.remove(token).map_err(|x| e("write")(&x))?;
+            let mut by = txn.open_table(BY_EVENT).map_err(|x| e("write")(&x))?;
+            let key = event_key(&rec.organizer, &rec.attendee, &rec.uid);
+            let points_here = by
+                .get(key.as_str())
+                .map_err(|x| e("write")(&x))?
+                .is_some_and(|v| v.value() == token);
+            if points_here {
+                by.remove(key.as_str()).map_err(|x| e("write")(&x))?;
+            }
+        }
+        txn.commit().map_err(|x| e("commit")(&x))?;
+        Ok(true)
+    }
+
+    fn list_now(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
+        let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|x| e("read")(&x))? {
+            let (_, v) = entry.map_err(|x| e("read")(&x))?;
+            if let Ok(r) = serde_json::from_slice::<TokenRecord>(v.value()) {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|r| r.created_ms);
+        Ok(out)
+    }
+}
+
+impl TokenStore for RedbTokens {
+    // redb answers at once from a local file: no thread hop.
+    fn get<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(std::future::ready(self.get_now(token)))
+    }
+
+    fn find<'a>(&'a self, organizer: &'a str, attendee: &'a str, uid: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(std::future::ready(self.find_now(organizer, attendee, uid)))
+    }
+
+    fn put<'a>(&'a self, rec: &'a TokenRecord) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(self.put_now(rec)))
+    }
+
+    fn revoke<'a>(&'a self, token: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(self.revoke_now(token)))
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(std::future::ready(self.list_now()))
+    }
+
+    fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
+        let result = self.get_now(token).and_then(|found| match found {
+            Some(mut t) => {
+                t.last_used_ms = now_ms;
+                self.put_now(&t)
+            }
+            None => Ok(()),
+        });
+        Box::pin(std::future::ready(result))
+    }
+}
