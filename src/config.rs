@@ -143,6 +143,18 @@ pub struct TokensConfig {
     /// `unknown_window` get 450 4.7.1.
     pub max_unknown: usize,
     pub unknown_window: Duration,
+    /// Where local tokens live: this host's spool, or a database all hosts share.
+    pub store: TokenStoreConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenStoreConfig {
+    Redb,
+    Postgres {
+        /// `postgresql://user@host:port/db`, no password.
+        url: String,
+        password_file: Option<PathBuf>,
+    },
 }
 
 /// Who may answer for a token (`[policy] sender`).
@@ -237,6 +249,10 @@ struct RawTokens {
     days_to_live: Option<i64>,
     max_unknown: Option<i64>,
     unknown_window: Option<RawDuration>,
+    store: Option<String>,
+    url: Option<String>,
+    password_file: Option<PathBuf>,
+    layout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -541,6 +557,10 @@ impl Config {
             days_to_live: None,
             max_unknown: None,
             unknown_window: None,
+            store: None,
+            url: None,
+            password_file: None,
+            layout: None,
         });
         let tokens = TokensConfig {
             mode: match t.mode.as_deref().unwrap_or("remote") {
@@ -556,6 +576,53 @@ impl Config {
             days_to_live: positive("tokens.days_to_live", t.days_to_live, 90, 36_500)? as u32,
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
+            store: match t.store.as_deref().unwrap_or("redb") {
+                "redb" => TokenStoreConfig::Redb,
+                "postgres" => {
+                    let url = t
+                        .url
+                        .filter(|u| !u.trim().is_empty())
+                        .ok_or_else(|| ConfigError::new("tokens.url", "store = \"postgres\" needs the database URL"))?;
+                    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+                        return Err(ConfigError::new("tokens.url", "must start with postgresql://"));
+                    }
+                    if url
+                        .split_once("://")
+                        .and_then(|(_, r)| r.split_once('@'))
+                        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+                    {
+                        return Err(ConfigError::new(
+                            "tokens.url",
+                            "no password in the URL: put it in tokens.password_file",
+                        ));
+                    }
+                    match t.layout.as_deref().unwrap_or("own") {
+                        "own" => {}
+                        "calendarserver" => {
+                            return Err(ConfigError::new(
+                                "tokens.layout",
+                                "calendarserver is not built yet; use \"own\"",
+                            ))
+                        }
+                        other => {
+                            return Err(ConfigError::new(
+                                "tokens.layout",
+                                format!("`{other}` is not own or calendarserver"),
+                            ))
+                        }
+                    }
+                    TokenStoreConfig::Postgres {
+                        url,
+                        password_file: t.password_file,
+                    }
+                }
+                other => {
+                    return Err(ConfigError::new(
+                        "tokens.store",
+                        format!("`{other}` is not redb or postgres"),
+                    ))
+                }
+            },
         };
 
         let policy = match raw.policy {

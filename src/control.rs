@@ -321,8 +321,8 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         let store = match &shared.tokens {
             Some(local) => local.store.clone(),
             // Remote token mode: the commands still work on this host's store.
-            None => match tokens::open(&shared.spool) {
-                Ok(s) => s,
+            None => match tokens::RedbTokens::new(&shared.spool) {
+                Ok(s) => Arc::new(s),
                 Err(e) => return Some(Response::error(e.0)),
             },
         };
@@ -377,7 +377,9 @@ pub fn request_with(path: &Path, req: &Request, payload: &[u8]) -> Result<Respon
 pub const MAX_IMPORT: u64 = 256 << 20;
 
 /// Asks the daemon, or, when none runs, opens the spool directly.
-pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Result<Response, String> {
+pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<Response, String> {
+    let (control, spool_path) = (config.control_path(), config.spool_path());
+    let (control, spool_path) = (control.as_path(), spool_path.as_path());
     match request(control, req) {
         Ok(r) => Ok(r),
         Err(ClientError::Other(e)) => Err(e),
@@ -392,7 +394,7 @@ pub fn request_or_open(control: &Path, spool_path: &Path, req: &Request) -> Resu
             if !is_token_request(req) {
                 return Ok(handle(&spool, req));
             }
-            let store = tokens::open(&spool).map_err(|e| e.0)?;
+            let store = tokens::open(&config.tokens, &spool).map_err(|e| e.0)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -257,7 +257,7 @@ pub async fn run_with_reload(
 /// The token store and abuse limit of local token mode.
 pub fn local_tokens(config: &Config, spool: &spool::Spool) -> Result<milter::LocalTokens, Error> {
     Ok(milter::LocalTokens {
-        store: tokens::open(spool)?,
+        store: tokens::open(&config.tokens, spool)?,
         days_to_live: config.tokens.days_to_live,
         limiter: milter::UnknownLimiter::new(config.tokens.max_unknown, config.tokens.unknown_window),
     })

@@ -375,7 +375,7 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
         }
         QueueAction::Delete { id } => (Request::Delete { id }, false),
     };
-    match control::request_or_open(&config.control_path(), &config.spool_path(), &req) {
+    match control::request_or_open(&config, &req) {
         Ok(resp) if resp.ok => {
             match (list, resp.records, resp.count) {
                 (true, Some(records), _) => print!("{}", control::format_list(&records)),
@@ -588,7 +588,7 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
     };
     let answer = match sent {
         Some(a) => a,
-        None => control::request_or_open(&config.control_path(), &config.spool_path(), &req),
+        None => control::request_or_open(&config, &req),
     };
     let resp = match answer {
         Ok(r) if r.ok => r,

@@ -41,7 +41,7 @@ fn milter() -> &'static Milter {
             attendees: vec!["bob@example.com".into(), "carol@example.com".into()],
             uid: "fuzz-event@example.org".into(),
         };
-        let resp = control::request_or_open(&config.control_path(), &config.spool_path(), &add).expect("token");
+        let resp = control::request_or_open(&config, &add).expect("token");
         let token = resp.tokens.and_then(|t| t.first().map(|t| t.token.clone())).expect("token");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -6,9 +6,10 @@ use serde::{Deserialize, Serialize};
 use std::{fmt, future::Future, io::Read, pin::Pin, sync::Arc};
 
 mod import;
+mod postgres;
 mod redb;
 
-pub use self::{import::parse_csv, redb::RedbTokens};
+pub use self::{import::parse_csv, postgres::PostgresTokens, redb::RedbTokens};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -96,9 +97,23 @@ pub trait TokenStore: Send + Sync {
     fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()>;
 }
 
-/// The configured store: the spool's redb file (one host).
-pub fn open(spool: &crate::spool::Spool) -> Result<Arc<dyn TokenStore>, StoreError> {
-    Ok(Arc::new(RedbTokens::new(spool)?))
+/// The configured store: the spool's redb file (one host), or PostgreSQL
+/// (every host of a site). PostgreSQL is connected at first use.
+pub fn open(
+    config: &crate::config::TokensConfig,
+    spool: &crate::spool::Spool,
+) -> Result<Arc<dyn TokenStore>, StoreError> {
+    use crate::config::TokenStoreConfig;
+    match &config.store {
+        TokenStoreConfig::Redb => Ok(Arc::new(RedbTokens::new(spool)?)),
+        TokenStoreConfig::Postgres { url, password_file } => {
+            let password = match password_file {
+                Some(f) => Some(crate::target::webhook::read_secret(f, "tokens.password_file").map_err(StoreError)?),
+                None => None,
+            };
+            Ok(Arc::new(PostgresTokens::new(url, password)?))
+        }
+    }
 }
 
 /// What a token in a recipient address comes to.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod postfix;
+pub mod postgres;
 pub mod radicale;
 
 use std::{

@@ -1,0 +1,284 @@
+//! Local tokens in PostgreSQL (`[tokens] store = "postgres"`), shared by
+//! every host of a site: the submission host that mints tokens and the MX
+//! hosts that take the replies (DESIGN §4b). The program's own tables,
+//! created and versioned at first use. Connections are made lazily and kept
+//! in a small pool; every call is bounded in time, and an outage is logged
+//! once, when it starts and when it ends.
+
+use super::{StoreError, StoreFuture, TokenRecord, TokenStore};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_postgres::{Client, NoTls, Row};
+
+/// Connections kept open at most.
+const POOL: usize = 4;
+/// One connect or one statement at most; then the caller answers 451.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// The schema this program writes and reads.
+const VERSION: i32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS imip_milter_version (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS imip_milter_tokens (
+    token text PRIMARY KEY,
+    organizer text NOT NULL,
+    attendee text NOT NULL,
+    uid text NOT NULL,
+    created_ms bigint NOT NULL,
+    last_used_ms bigint NOT NULL,
+    attendees text[] NOT NULL DEFAULT '{}',
+    invitations text[] NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS imip_milter_tokens_event
+    ON imip_milter_tokens (lower(organizer), lower(attendee), uid);
+INSERT INTO imip_milter_version SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM imip_milter_version);
+";
+
+const COLUMNS: &str = "token, organizer, attendee, uid, created_ms, last_used_ms, attendees, invitations";
+
+pub struct PostgresTokens {
+    config: tokio_postgres::Config,
+    /// For messages: the URL as configured (it holds no password).
+    url: String,
+    idle: Mutex<Vec<Client>>,
+    slots: Semaphore,
+    ready: AtomicBool,
+    down: AtomicBool,
+}
+
+impl PostgresTokens {
+    /// Reads the settings; connects at first use.
+    pub fn new(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        config.connect_timeout(TIMEOUT);
+        config.application_name("imip-milter");
+        Ok(Self {
+            config,
+            url: url.to_owned(),
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(POOL),
+            ready: AtomicBool::new(false),
+            down: AtomicBool::new(false),
+        })
+    }
+
+    async fn connect(&self) -> Result<Client, StoreError> {
+        let (client, connection) = tokio::time::timeout(TIMEOUT, self.config.connect(NoTls))
+            .await
+            .map_err(|_| {
+                StoreError(format!(
+                    "token database {}: no answer in {}s",
+                    self.url,
+                    TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| {
+                StoreError(format!(
+                    "token database {}: {}",
+                    self.url,
+                    crate::target::root_cause(&e)
+                ))
+            })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        if !self.ready.load(Ordering::Relaxed) {
+            migrate(&client)
+                .await
+                .map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        Ok(client)
+    }
+
+    /// Runs `f` on a pooled connection, bounded in time; logs an outage once.
+    async fn with<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError("token database: closed".into()))?;
+        let pooled = self.idle.lock().await.pop().filter(|c| !c.is_closed());
+        let result = async {
+            let client = match pooled {
+                Some(c) => c,
+                None => self.connect().await?,
+            };
+            let answer = tokio::time::timeout(TIMEOUT, f(&client))
+                .await
+                .map_err(|_| {
+                    StoreError(format!(
+                        "token database {}: {what}: no answer in {}s",
+                        self.url,
+                        TIMEOUT.as_secs()
+                    ))
+                })?
+                .map_err(|e| {
+                    StoreError(format!(
+                        "token database {}: {what}: {}",
+                        self.url,
+                        crate::target::root_cause(&e)
+                    ))
+                })?;
+            Ok::<_, StoreError>((client, answer))
+        }
+        .await;
+        match result {
+            Ok((client, answer)) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!("token database {} reachable again", self.url);
+                }
+                self.idle.lock().await.push(client);
+                Ok(answer)
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::error!("{e}; recipients get 451 until it answers");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Creates or checks the schema; several hosts may start at once.
+async fn migrate(client: &Client) -> Result<(), String> {
+    let text = |e: tokio_postgres::Error| crate::target::root_cause(&e);
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(726373); {SCHEMA} COMMIT;"
+        ))
+        .await
+        .map_err(text)?;
+    let row = client
+        .query_one("SELECT max(version) FROM imip_milter_version", &[])
+        .await
+        .map_err(text)?;
+    let version: Option<i32> = row.get(0);
+    match version {
+        Some(VERSION) => Ok(()),
+        Some(v) => Err(format!("schema version {v}; this imip-milter knows {VERSION}")),
+        None => Err("schema version missing".into()),
+    }
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn record(row: &Row) -> TokenRecord {
+    let u = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
+    TokenRecord {
+        token: row.get(0),
+        organizer: row.get(1),
+        attendee: row.get(2),
+        uid: row.get(3),
+        created_ms: u(4),
+        last_used_ms: u(5),
+        attendees: row.get(6),
+        invitations: row.get(7),
+    }
+}
+
+impl TokenStore for PostgresTokens {
+    fn get<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {COLUMNS} FROM imip_milter_tokens WHERE token = $1");
+            let row = self
+                .with("lookup", async |c| c.query_opt(&sql, &[&token]).await)
+                .await?;
+            Ok(row.as_ref().map(record))
+        })
+    }
+
+    fn find<'a>(&'a self, organizer: &'a str, attendee: &'a str, uid: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(async move {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM imip_milter_tokens \
+                 WHERE lower(organizer) = lower($1) AND lower(attendee) = lower($2) AND uid = $3 \
+                 ORDER BY created_ms DESC LIMIT 1"
+            );
+            let row = self
+                .with("lookup", async |c| {
+                    c.query_opt(&sql, &[&organizer, &attendee, &uid]).await
+                })
+                .await?;
+            Ok(row.as_ref().map(record))
+        })
+    }
+
+    fn put<'a>(&'a self, rec: &'a TokenRecord) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let sql = format!(
+                "INSERT INTO imip_milter_tokens ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (token) DO UPDATE SET organizer = EXCLUDED.organizer, attendee = EXCLUDED.attendee, \
+                 uid = EXCLUDED.uid, created_ms = EXCLUDED.created_ms, last_used_ms = EXCLUDED.last_used_ms, \
+                 attendees = EXCLUDED.attendees, invitations = EXCLUDED.invitations"
+            );
+            let (created, used) = (ms(rec.created_ms), ms(rec.last_used_ms));
+            self.with("write", async |c| {
+                c.execute(
+                    &sql,
+                    &[
+                        &rec.token,
+                        &rec.organizer,
+                        &rec.attendee,
+                        &rec.uid,
+                        &created,
+                        &used,
+                        &rec.attendees,
+                        &rec.invitations,
+                    ],
+                )
+                .await
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn revoke<'a>(&'a self, token: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let n = self
+                .with("write", async |c| {
+                    c.execute("DELETE FROM imip_milter_tokens WHERE token = $1", &[&token])
+                        .await
+                })
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(async move {
+            let sql = format!("SELECT {COLUMNS} FROM imip_milter_tokens ORDER BY created_ms");
+            let rows = self.with("list", async |c| c.query(&sql, &[]).await).await?;
+            Ok(rows.iter().map(record).collect())
+        })
+    }
+
+    fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let now = ms(now_ms);
+            self.with("write", async |c| {
+                c.execute(
+                    "UPDATE imip_milter_tokens SET last_used_ms = GREATEST(last_used_ms, $2) WHERE token = $1",
+                    &[&token, &now],
+                )
+                .await
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+}

@@ -1,0 +1,131 @@
+//! A private PostgreSQL cluster for tests: initdb into a temporary
+//! directory as the `postgres` user, 127.0.0.1 on a free port, trust
+//! authentication, a database `imip` owned by the user `imip`.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+pub struct Postgres {
+    pub port: u16,
+    bin: PathBuf,
+    data: PathBuf,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// The newest server under /usr/lib/postgresql (Debian's layout).
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<u32> = fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql)")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    versions.sort_unstable();
+    let v = versions
+        .last()
+        .expect("no PostgreSQL version under /usr/lib/postgresql");
+    PathBuf::from(format!("/usr/lib/postgresql/{v}/bin"))
+}
+
+fn as_postgres(bin: &Path, program: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+    c
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let chown = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let bin = bin_dir();
+        let out = as_postgres(&bin, "initdb")
+            .args(["-A", "trust", "-U", "imip", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Self {
+            port: super::free_port(),
+            bin,
+            data,
+            child: None,
+            _dir: dir,
+        };
+        pg.run();
+        let out = as_postgres(&pg.bin, "createdb")
+            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "imip", "imip"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "createdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub fn run(&mut self) {
+        // Started as postgres directly (not through runuser): signals reach it.
+        use std::os::unix::process::CommandExt;
+        let id = |arg: &str| {
+            let out = Command::new("id").args([arg, "postgres"]).output().expect("id");
+            String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("postgres user")
+        };
+        let child = Command::new(self.bin.join("postgres"))
+            .uid(id("-u"))
+            .gid(id("-g"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-k", ""])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres");
+        self.child = Some(child);
+        let ready = super::wait_until(Duration::from_secs(30), || {
+            as_postgres(&self.bin, "pg_isready")
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(ready, "PostgreSQL did not start on port {}", self.port);
+    }
+
+    /// Stops the server (fast shutdown), as an outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // runuser passes SIGINT on to postgres: fast shutdown.
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+        super::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgresql://imip@127.0.0.1:{}/imip", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

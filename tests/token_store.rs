@@ -1,0 +1,158 @@
+//! The token stores behind one trait: this host's redb file and PostgreSQL
+//! shared by every host, held to the same tests; and the milter on the
+//! PostgreSQL store, through a database outage (451 at RCPT, never 550).
+
+mod common;
+
+use common::{postgres::Postgres, InProcess, Webhook};
+use imip_milter::tokens::{self, Lookup, PostgresTokens, RedbTokens, TokenRecord, TokenStore};
+use indymilter_test::{Status, TestConnection};
+use std::time::Duration;
+
+/// What every backend must do alike.
+async fn exercise(s: &dyn TokenStore) {
+    let a = tokens::mint_or_reuse(
+        s,
+        "mailto:alice@example.org",
+        "mailto:bob@example.com",
+        "u1",
+        Some("<inv-1@example.org>"),
+        1,
+    )
+    .await
+    .unwrap();
+    // One token per (organizer, attendee, UID), whatever the case of the addresses.
+    let b = tokens::mint_or_reuse(
+        s,
+        "MAILTO:Alice@example.org",
+        "mailto:BOB@example.com",
+        "u1",
+        Some("<inv-2@example.org>"),
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.token, b.token);
+    let got = s.get(&a.token).await.unwrap().unwrap();
+    assert_eq!(got.invitations, ["<inv-1@example.org>", "<inv-2@example.org>"]);
+    // A shared token keeps its attendees.
+    let shared = tokens::mint_or_reuse_shared(
+        s,
+        "mailto:alice@example.org",
+        "u2",
+        &["mailto:carol@example.com".into(), "mailto:dana@example.com".into()],
+        None,
+        3,
+    )
+    .await
+    .unwrap();
+    let back = s.get(&shared.token).await.unwrap().unwrap();
+    assert_eq!(back.attendees, ["mailto:carol@example.com", "mailto:dana@example.com"]);
+    assert_eq!(s.list().await.unwrap().len(), 2);
+    // Expiry counts from the last use; a use moves it.
+    assert!(matches!(
+        tokens::lookup(s, &a.token, 89 * 86_400_000, 90).await.unwrap(),
+        Lookup::Valid(_)
+    ));
+    assert_eq!(
+        tokens::lookup(s, &a.token, 91 * 86_400_000, 90).await.unwrap(),
+        Lookup::Expired
+    );
+    s.touch(&a.token, 50 * 86_400_000).await.unwrap();
+    assert!(matches!(
+        tokens::lookup(s, &a.token, 91 * 86_400_000, 90).await.unwrap(),
+        Lookup::Valid(_)
+    ));
+    // Revoked tokens are unknown, and a use does not bring them back.
+    assert!(s.revoke(&a.token).await.unwrap());
+    assert!(!s.revoke(&a.token).await.unwrap());
+    s.touch(&a.token, 60 * 86_400_000).await.unwrap();
+    assert_eq!(tokens::lookup(s, &a.token, 0, 90).await.unwrap(), Lookup::Unknown);
+    assert!(s
+        .find("mailto:alice@example.org", "mailto:bob@example.com", "u1")
+        .await
+        .unwrap()
+        .is_none());
+    // Imported rows replace by token.
+    let imported = TokenRecord {
+        token: "8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81".into(),
+        organizer: "mailto:alice@example.org".into(),
+        attendee: "mailto:erik@example.com".into(),
+        uid: "u3".into(),
+        created_ms: 5,
+        last_used_ms: 5,
+        attendees: Vec::new(),
+        invitations: Vec::new(),
+    };
+    s.put(&imported).await.unwrap();
+    s.put(&imported).await.unwrap();
+    assert_eq!(s.get(&imported.token).await.unwrap(), Some(imported));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stores_keep_the_same_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = imip_milter::spool::Spool::open(&dir.path().join("spool.redb")).unwrap();
+    exercise(&RedbTokens::new(&spool).unwrap()).await;
+    let pg = Postgres::start();
+    exercise(&PostgresTokens::new(&pg.url(), None).unwrap()).await;
+}
+
+async fn rcpt(m: &InProcess, rcpt: &str) -> Status {
+    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    conn.connect("client.example.com", [192, 0, 2, 33]).await.unwrap();
+    conn.mail(["<bob@example.com>"]).await.unwrap();
+    let st = conn.rcpt([rcpt]).await.unwrap();
+    let _ = conn.close().await;
+    st
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_milter_on_postgres_answers_451_while_the_database_is_down() {
+    let mut pg = Postgres::start();
+    let hook = Webhook::start();
+    let local = format!(
+        "\n[tokens]\nmode = \"local\"\nstore = \"postgres\"\nurl = \"{}\"\n",
+        pg.url()
+    );
+    let m = InProcess::start_with(&hook.url(), &local).await;
+    let out = m.cli(
+        &local,
+        &[
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            "pg-1",
+        ],
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.len(), 36, "{}", String::from_utf8_lossy(&out.stderr));
+    let gateway = format!("<calendar+{token}@example.org>");
+    assert_eq!(rcpt(&m, &gateway).await, Status::Continue);
+    match rcpt(&m, "<calendar+00000000-0000-4000-8000-000000000000@example.org>").await {
+        Status::Reject { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("550 5.1.1 ")),
+        other => panic!("{other:?}"),
+    }
+    // The database goes away: the sender is asked to retry, never refused.
+    pg.stop();
+    let started = std::time::Instant::now();
+    match rcpt(&m, &gateway).await {
+        Status::Tempfail { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("451 4.3.0 "), "{msg:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    // And back: the same token passes again.
+    pg.run();
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::block_in_place(|| rt.block_on(rcpt(&m, &gateway))) == Status::Continue
+        }),
+        "the token passes once the database is back"
+    );
+    m.stop().await;
+}
