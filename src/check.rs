@@ -71,6 +71,7 @@ pub async fn run(config: &Config, config_path: &Path, postfix_config: Option<&Pa
     out.extend(state_dir(config));
     out.extend(milter_socket(config));
     out.extend(secret_files(config));
+    out.extend(token_database(config).await);
     out.push(target(config).await);
     out.extend(postfix(config, postfix_config));
     out
@@ -102,6 +103,29 @@ fn milter_socket(config: &Config) -> Option<Finding> {
                 ),
             }
         }
+    })
+}
+
+/// The shared token database: reachable, credentials, schema, a lookup.
+async fn token_database(config: &Config) -> Option<Finding> {
+    let crate::config::TokenStoreConfig::Postgres { url, password_file } = &config.tokens.store else {
+        return None;
+    };
+    let password = match password_file {
+        Some(f) => match crate::target::webhook::read_secret(f, "tokens.password_file") {
+            Ok(p) => Some(p),
+            Err(e) => return Some(Finding::fail("tokens", e)),
+        },
+        None => None,
+    };
+    let store = match crate::tokens::PostgresTokens::new(url, password) {
+        Ok(s) => s,
+        Err(e) => return Some(Finding::fail("tokens", e.0)),
+    };
+    use crate::tokens::TokenStore;
+    Some(match store.get("imip-milter-check-probe").await {
+        Ok(_) => Finding::ok("tokens", format!("{url} answers a lookup (schema version 1)")),
+        Err(e) => Finding::fail("tokens", format!("{e}: check tokens.url and tokens.password_file")),
     })
 }
 

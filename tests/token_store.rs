@@ -137,8 +137,20 @@ async fn the_milter_on_postgres_answers_451_while_the_database_is_down() {
         Status::Reject { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("550 5.1.1 ")),
         other => panic!("{other:?}"),
     }
+    let check = |m: &InProcess| {
+        let out = m.cli(&local, &["check"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("tokens"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let up = check(&m);
+    assert!(up.contains("OK") && up.contains("answers a lookup"), "{up}");
     // The database goes away: the sender is asked to retry, never refused.
     pg.stop();
+    let down = check(&m);
+    assert!(down.contains("FAIL") && down.contains("tokens.url"), "{down}");
     let started = std::time::Instant::now();
     match rcpt(&m, &gateway).await {
         Status::Tempfail { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("451 4.3.0 "), "{msg:?}"),

@@ -83,7 +83,10 @@ impl Postgres {
         use std::os::unix::process::CommandExt;
         let id = |arg: &str| {
             let out = Command::new("id").args([arg, "postgres"]).output().expect("id");
-            String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().expect("postgres user")
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u32>()
+                .expect("postgres user")
         };
         let child = Command::new(self.bin.join("postgres"))
             .uid(id("-u"))
