@@ -378,9 +378,8 @@ pub const MAX_IMPORT: u64 = 256 << 20;
 
 /// Asks the daemon, or, when none runs, opens the spool directly.
 pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<Response, String> {
-    let (control, spool_path) = (config.control_path(), config.spool_path());
-    let (control, spool_path) = (control.as_path(), spool_path.as_path());
-    match request(control, req) {
+    let spool_path = config.spool_path();
+    match request(&config.control_path(), req) {
         Ok(r) => Ok(r),
         Err(ClientError::Other(e)) => Err(e),
         Err(ClientError::NoDaemon) => {
@@ -390,7 +389,7 @@ pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<
                 return Err(format!("no spool at {} and no daemon running", spool_path.display()));
             }
             // The caller runs as state_dir's owner already (privileges).
-            let spool = Spool::open_waiting(spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
+            let spool = Spool::open_waiting(&spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
             if !is_token_request(req) {
                 return Ok(handle(&spool, req));
             }

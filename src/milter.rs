@@ -218,11 +218,6 @@ impl Budget {
         use std::sync::atomic::Ordering::Relaxed;
         let _ = self.used.fetch_update(Relaxed, Relaxed, |u| Some(u.saturating_sub(n)));
     }
-
-    /// Bytes buffered now.
-    pub fn used(&self) -> usize {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
-    }
 }
 
 /// State of one SMTP connection.
@@ -316,10 +311,7 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 // A panic here costs this recipient a 451; Postfix goes on.
                 match AssertUnwindSafe(rcpt(&s, &mut *cx, args)).catch_unwind().await {
                     Ok(status) => status,
-                    Err(_) => {
-                        let queue_id = queue_id(&cx.macros);
-                        panicked(&mut cx.reply, &queue_id, "RCPT")
-                    }
+                    Err(_) => panicked(&cx.macros, &mut cx.reply, "RCPT"),
                 }
             })
         })
@@ -341,10 +333,7 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
             Box::pin(async move {
                 match AssertUnwindSafe(eom(&s, &mut *cx)).catch_unwind().await {
                     Ok(status) => status,
-                    Err(_) => {
-                        let queue_id = queue_id(&cx.macros);
-                        panicked(&mut cx.reply, &queue_id, "end of message")
-                    }
+                    Err(_) => panicked(&cx.macros, &mut cx.reply, "end of message"),
                 }
             })
         })
@@ -361,13 +350,13 @@ fn guarded(cx: &mut Context<Session>, stage: &str, step: impl FnOnce(&mut Contex
             if let Some(s) = cx.data.as_mut() {
                 s.reset_message();
             }
-            let queue_id = queue_id(&cx.macros);
-            panicked(&mut cx.reply, &queue_id, stage)
+            panicked(&cx.macros, &mut cx.reply, stage)
         }
     }
 }
 
-fn panicked(reply: &mut impl SetErrorReply, queue_id: &str, stage: &str) -> Status {
+fn panicked(macros: &indymilter::Macros, reply: &mut impl SetErrorReply, stage: &str) -> Status {
+    let queue_id = queue_id(macros);
     tracing::error!("{queue_id}: internal error at {stage}; answered 451, the sender retries");
     let d = decision::decide_internal_error(stage);
     set_reply(reply, &d);

@@ -89,19 +89,15 @@ impl CalDav {
     /// An href from the server as a URL on target.url's origin; None for
     /// anything elsewhere (a hostile or broken server's href gets no request
     /// and no credentials).
-    fn absolute(&self, href: &str) -> Option<String> {
+    /// The same under `parent` (the calendar home, a calendar).
+    fn under(&self, href: &str, parent: &str) -> Option<String> {
         let base = self.origin.as_ref()?;
         let url = base.join(href).ok()?;
-        super::same_origin(base, &url).then(|| url.to_string())
-    }
-
-    /// As `absolute`, and under `parent` (the calendar home, a calendar).
-    fn under(&self, href: &str, parent: &str) -> Option<String> {
-        let url = self.absolute(href)?;
-        let parent = reqwest::Url::parse(parent).ok()?;
-        let top = parent.path().trim_end_matches('/');
-        let path = reqwest::Url::parse(&url).ok()?.path().to_owned();
-        (path.trim_end_matches('/') == top || path.starts_with(&format!("{top}/"))).then_some(url)
+        let top = reqwest::Url::parse(parent).ok()?;
+        let top = top.path().trim_end_matches('/');
+        let path = url.path();
+        let inside = path.trim_end_matches('/') == top || path.starts_with(&format!("{top}/"));
+        (super::same_origin(base, &url) && inside).then(|| url.to_string())
     }
 
     async fn body(&self, resp: reqwest::Response) -> Result<String, Outcome> {
