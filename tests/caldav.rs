@@ -432,12 +432,7 @@ fn deliver(config: &std::path::Path, rcpt: &str, msg: &[u8]) -> (i32, String) {
 }
 
 fn cli(config: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = common::cli(config, args);
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -455,23 +450,7 @@ fn standalone(dir: &std::path::Path, url: &str) -> (std::path::PathBuf, String) 
     let config = dir.join("imip-milter.toml");
     let text = common::config_text(&dir.join("state"), "inet:127.0.0.1:1", "http://unused.invalid/", "");
     std::fs::write(&config, caldav_config(dir, url)(text)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-        .args([
-            "tokens",
-            "add",
-            "--organizer",
-            "alice@example.org",
-            "--attendee",
-            "bob@example.com",
-            "--uid",
-            UID,
-        ])
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(token.len(), 36, "{token}{}", String::from_utf8_lossy(&out.stderr));
+    let token = common::add_token(&config, "alice@example.org", "bob@example.com", UID);
     (config, format!("calendar+{token}@example.org"))
 }
 
@@ -651,22 +630,8 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
     );
 
     // 4. A token for a UID that is only a part of the weekly sync's finds nothing.
-    let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-        .args([
-            "tokens",
-            "add",
-            "--organizer",
-            "alice@example.org",
-            "--attendee",
-            "dana@example.com",
-            "--uid",
-            "ekly-sync-2026@exam",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let partial = format!("calendar+{}@example.org", String::from_utf8_lossy(&out.stdout).trim());
+    let partial_token = common::add_token(&config, "alice@example.org", "dana@example.com", "ekly-sync-2026@exam");
+    let partial = format!("calendar+{partial_token}@example.org");
     let msg = reply_through(
         &partial,
         "dana@example.com",

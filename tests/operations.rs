@@ -186,8 +186,9 @@ fn root_works_in_state_dir_as_its_owner() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-        .args([
+    let out = common::cli(
+        &config,
+        &[
             "tokens",
             "add",
             "--organizer",
@@ -196,11 +197,8 @@ fn root_works_in_state_dir_as_its_owner() {
             "bob@example.com",
             "--uid",
             "u1",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(!target.exists(), "root followed the owner's symlink");
 

@@ -428,6 +428,36 @@ fn check(request_line: &str, headers: &HashMap<String, String>, body: &[u8], pat
     (200, "ok".into())
 }
 
+/// `imip-milter ARGS --config CONFIG`, as an administrator runs it.
+pub fn cli(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("imip-milter")
+}
+
+/// `imip-milter tokens add` for one attendee; the token it prints.
+pub fn add_token(config: &Path, organizer: &str, attendee: &str, uid: &str) -> String {
+    let out = cli(
+        config,
+        &[
+            "tokens",
+            "add",
+            "--organizer",
+            organizer,
+            "--attendee",
+            attendee,
+            "--uid",
+            uid,
+        ],
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.len(), 36, "{token}{}", String::from_utf8_lossy(&out.stderr));
+    token
+}
+
 /// A configuration for tests; `extra` is appended to the [target] section.
 pub fn config_text(state_dir: &Path, listen: &str, webhook_url: &str, extra: &str) -> String {
     format!(
@@ -504,12 +534,7 @@ impl InProcess {
         let config = self.state_dir.path().join("cli.toml");
         let text = config_text(self.state_dir.path(), "inet:127.0.0.1:1", "http://127.0.0.1:1/", extra);
         std::fs::write(&config, text).expect("cli config");
-        Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .output()
-            .expect("imip-milter")
+        cli(&config, args)
     }
 
     pub async fn stop(mut self) {
@@ -635,12 +660,7 @@ impl Daemon {
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_imip-milter"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .output()
-            .expect("imip-milter cli")
+        cli(&self.config_path, args)
     }
 }
 
