@@ -108,23 +108,19 @@ fn milter_socket(config: &Config) -> Option<Finding> {
 
 /// The shared token database: reachable, credentials, schema, a lookup.
 async fn token_database(config: &Config) -> Option<Finding> {
-    let crate::config::TokenStoreConfig::Postgres { url, password_file } = &config.tokens.store else {
+    let crate::config::TokenStoreConfig::Postgres { url, layout, .. } = &config.tokens.store else {
         return None;
     };
-    let password = match password_file {
-        Some(f) => match crate::target::webhook::read_secret(f, "tokens.password_file") {
-            Ok(p) => Some(p),
-            Err(e) => return Some(Finding::fail("tokens", e)),
-        },
-        None => None,
-    };
-    let store = match crate::tokens::PostgresTokens::new(url, password) {
+    let store = match crate::tokens::open_shared(&config.tokens.store) {
         Ok(s) => s,
         Err(e) => return Some(Finding::fail("tokens", e.0)),
     };
-    use crate::tokens::TokenStore;
+    let schema = match layout {
+        crate::tokens::Layout::Own => "schema version 1",
+        crate::tokens::Layout::CalendarServer => "CalendarServer's IMIP_TOKENS",
+    };
     Some(match store.get("imip-milter-check-probe").await {
-        Ok(_) => Finding::ok("tokens", format!("{url} answers a lookup (schema version 1)")),
+        Ok(_) => Finding::ok("tokens", format!("{url} answers a lookup ({schema})")),
         Err(e) => Finding::fail("tokens", format!("{e}: check tokens.url and tokens.password_file")),
     })
 }

@@ -154,6 +154,7 @@ pub enum TokenStoreConfig {
         /// `postgresql://user@host:port/db`, no password.
         url: String,
         password_file: Option<PathBuf>,
+        layout: crate::tokens::Layout,
     },
 }
 
@@ -577,7 +578,18 @@ impl Config {
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
             store: match t.store.as_deref().unwrap_or("redb") {
-                "redb" => TokenStoreConfig::Redb,
+                "redb" => {
+                    for (key, set) in [
+                        ("tokens.url", t.url.is_some()),
+                        ("tokens.password_file", t.password_file.is_some()),
+                        ("tokens.layout", t.layout.is_some()),
+                    ] {
+                        if set {
+                            return Err(ConfigError::new(key, "is for store = \"postgres\""));
+                        }
+                    }
+                    TokenStoreConfig::Redb
+                }
                 "postgres" => {
                     let url = t
                         .url
@@ -596,24 +608,20 @@ impl Config {
                             "no password in the URL: put it in tokens.password_file",
                         ));
                     }
-                    match t.layout.as_deref().unwrap_or("own") {
-                        "own" => {}
-                        "calendarserver" => {
-                            return Err(ConfigError::new(
-                                "tokens.layout",
-                                "calendarserver is not built yet; use \"own\"",
-                            ))
-                        }
+                    let layout = match t.layout.as_deref().unwrap_or("own") {
+                        "own" => crate::tokens::Layout::Own,
+                        "calendarserver" => crate::tokens::Layout::CalendarServer,
                         other => {
                             return Err(ConfigError::new(
                                 "tokens.layout",
                                 format!("`{other}` is not own or calendarserver"),
                             ))
                         }
-                    }
+                    };
                     TokenStoreConfig::Postgres {
                         url,
                         password_file: t.password_file,
+                        layout,
                     }
                 }
                 other => {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, InProcess, Webhook, TOKEN};
+use common::{fixture, postgres::Postgres, InProcess, Webhook, TOKEN};
 use indymilter_test::{MacroStage, Status, TestConnection};
 use std::{process::Command, time::Duration};
 
@@ -13,18 +13,23 @@ const OUTLOOK_UID: &str = "040000008200E00074C5B7101A82E00800000000A0B1C2D3E4F5A
 /// The event of the invitation bounce.eml returns.
 const BOUNCED_UID: &str = "invite-bounce-77@example.org";
 
-async fn start(server: &Webhook, uid: &str) -> InProcess {
+/// The milter with target calendarserver and this `[tokens]` section.
+async fn start_with_tokens(server: &Webhook, tokens: &str) -> InProcess {
     let secrets = tempfile::tempdir().unwrap().keep();
     let secret_file = secrets.join("secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    let m = InProcess::start_edited(&server.base_url(), |c| {
+    InProcess::start_edited(&server.base_url(), |c| {
         format!(
-            "{}secret_file = \"{}\"\n\n[tokens]\nmode = \"local\"\n",
+            "{}secret_file = \"{}\"\n{tokens}",
             c.replace("kind = \"webhook\"", "kind = \"calendarserver\""),
             secret_file.display()
         )
     })
-    .await;
+    .await
+}
+
+async fn start(server: &Webhook, uid: &str) -> InProcess {
+    let m = start_with_tokens(server, "\n[tokens]\nmode = \"local\"\n").await;
     // The token of the fixtures, as CalendarServer's IMIP_TOKENS holds it.
     let csv = m.state_dir.path().join("tokens.csv");
     std::fs::write(
@@ -147,5 +152,68 @@ async fn the_double_refuses_a_wrong_secret() {
         cli(&m, &server, &["queue", "list"]).1.contains("credentials refused")
     });
     assert!(ok, "{}", cli(&m, &server, &["queue", "list"]).1);
+    m.stop().await;
+}
+
+/// A CalendarServer site keeps its own token table: CalendarServer minted
+/// the token as it sent the invitation, the milter reads the row, injects the
+/// reply with the row's organizer and attendee, and moves ACCESSED as
+/// CalendarServer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calendarserver_s_own_token_table_is_the_store() {
+    let pg = Postgres::start();
+    pg.calendarserver_schema();
+    // As CalendarServer's imipCreateToken writes a row: the attendee in lower case.
+    pg.psql(&format!(
+        "INSERT INTO imip_tokens (token, organizer, attendee, icaluid, accessed) VALUES \
+         ('{TOKEN}', 'mailto:alice@example.org', 'mailto:erik.jansen@contoso.example', '{OUTLOOK_UID}', \
+          timezone('UTC', now()) - interval '10 days')"
+    ));
+    let age = || {
+        pg.psql(&format!(
+            "SELECT extract(epoch FROM timezone('UTC', now()) - accessed)::bigint FROM imip_tokens WHERE token = '{TOKEN}'"
+        ))
+    };
+    assert!(age().parse::<i64>().unwrap() > 9 * 86_400);
+    let tokens = format!(
+        "\n[tokens]\nmode = \"local\"\nstore = \"postgres\"\nurl = \"{}\"\nlayout = \"calendarserver\"\n",
+        pg.url()
+    );
+    let server = Webhook::start();
+    server.calendarserver(SECRET);
+    let m = start_with_tokens(&server, &tokens).await;
+    assert_eq!(send(&m, "outlook.eml").await, Status::Discard);
+    let got = server.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "refused: {:?}", server.refused());
+    assert_eq!(
+        got[0].headers["originator"].to_ascii_lowercase(),
+        "mailto:erik.jansen@contoso.example"
+    );
+    assert_eq!(got[0].headers["recipient"], "mailto:alice@example.org");
+    assert!(got[0].text.contains("PARTSTAT=DECLINED"));
+    let moved = age().parse::<i64>().unwrap();
+    assert!(moved < 600, "ACCESSED not moved: {moved} s old");
+    // The tokens commands work on CalendarServer's table.
+    let list = m.cli(&tokens, &["tokens", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        text.contains("erik.jansen@contoso.example") && text.contains(&TOKEN[..8]),
+        "{text}"
+    );
+    let minted = common::add_token(
+        &m.state_dir.path().join("cli.toml"),
+        "alice@example.org",
+        "Dana@Example.com",
+        "cs-minted-1",
+    );
+    let row = pg.psql(&format!(
+        "SELECT organizer || ' ' || attendee || ' ' || icaluid FROM imip_tokens WHERE token = '{minted}'"
+    ));
+    assert_eq!(row, "mailto:alice@example.org mailto:dana@example.com cs-minted-1");
+    assert!(m.cli(&tokens, &["tokens", "revoke", TOKEN]).status.success());
+    assert_eq!(
+        pg.psql(&format!("SELECT count(*) FROM imip_tokens WHERE token = '{TOKEN}'")),
+        "0"
+    );
     m.stop().await;
 }

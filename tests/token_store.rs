@@ -5,12 +5,13 @@
 mod common;
 
 use common::{postgres::Postgres, InProcess, Webhook};
-use imip_milter::tokens::{self, Lookup, PostgresTokens, RedbTokens, TokenRecord, TokenStore};
+use imip_milter::tokens::{self, CalendarServerTokens, Lookup, PostgresTokens, RedbTokens, TokenRecord, TokenStore};
 use indymilter_test::{Status, TestConnection};
 use std::time::Duration;
 
-/// What every backend must do alike.
-async fn exercise(s: &dyn TokenStore) {
+/// What every backend must do alike. CalendarServer's table has no column
+/// for the invitations' Message-IDs.
+async fn exercise(s: &dyn TokenStore, keeps_invitations: bool) {
     let a = tokens::mint_or_reuse(
         s,
         "mailto:alice@example.org",
@@ -34,7 +35,9 @@ async fn exercise(s: &dyn TokenStore) {
     .unwrap();
     assert_eq!(a.token, b.token);
     let got = s.get(&a.token).await.unwrap().unwrap();
-    assert_eq!(got.invitations, ["<inv-1@example.org>", "<inv-2@example.org>"]);
+    if keeps_invitations {
+        assert_eq!(got.invitations, ["<inv-1@example.org>", "<inv-2@example.org>"]);
+    }
     // A shared token keeps its attendees.
     let shared = tokens::mint_or_reuse_shared(
         s,
@@ -93,9 +96,57 @@ async fn exercise(s: &dyn TokenStore) {
 async fn both_stores_keep_the_same_contract() {
     let dir = tempfile::tempdir().unwrap();
     let spool = imip_milter::spool::Spool::open(&dir.path().join("spool.redb")).unwrap();
-    exercise(&RedbTokens::new(&spool).unwrap()).await;
+    exercise(&RedbTokens::new(&spool).unwrap(), true).await;
     let pg = Postgres::start();
-    exercise(&PostgresTokens::new(&pg.url(), None).unwrap()).await;
+    exercise(&PostgresTokens::new(&pg.url(), None).unwrap(), true).await;
+    pg.calendarserver_schema();
+    let cs = CalendarServerTokens::new(&pg.url(), None).unwrap();
+    exercise(&cs, false).await;
+    // CalendarServer keeps one token per (organizer, attendee, UID): a shared
+    // token is a row per attendee, and takes the place of an earlier one.
+    let alone = tokens::mint_or_reuse(
+        &cs,
+        "mailto:alice@example.org",
+        "mailto:frank@example.com",
+        "u4",
+        None,
+        7,
+    )
+    .await
+    .unwrap();
+    let both = tokens::mint_or_reuse_shared(
+        &cs,
+        "mailto:alice@example.org",
+        "u4",
+        &["mailto:Frank@example.com".into(), "mailto:gina@example.com".into()],
+        None,
+        8,
+    )
+    .await
+    .unwrap();
+    assert_ne!(alone.token, both.token);
+    assert_eq!(cs.get(&alone.token).await.unwrap(), None);
+    let again = tokens::mint_or_reuse_shared(
+        &cs,
+        "mailto:alice@example.org",
+        "u4",
+        &["mailto:gina@example.com".into()],
+        None,
+        9,
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.token, both.token);
+    let rows = pg.psql(&format!(
+        "SELECT string_agg(attendee, ' ' ORDER BY attendee) FROM imip_tokens WHERE token = '{}'",
+        both.token
+    ));
+    assert_eq!(rows, "mailto:frank@example.com mailto:gina@example.com");
+    // A table that is not CalendarServer's is said so.
+    let elsewhere =
+        CalendarServerTokens::new(&format!("postgresql://imip@127.0.0.1:{}/postgres", pg.port), None).unwrap();
+    let err = elsewhere.get("x").await.unwrap_err().to_string();
+    assert!(err.contains("IMIP_TOKENS"), "{err}");
 }
 
 async fn rcpt(m: &InProcess, rcpt: &str) -> Status {

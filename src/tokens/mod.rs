@@ -5,11 +5,17 @@
 use serde::{Deserialize, Serialize};
 use std::{fmt, future::Future, io::Read, pin::Pin, sync::Arc};
 
+mod calendarserver;
 mod import;
 mod postgres;
 mod redb;
 
-pub use self::{import::parse_csv, postgres::PostgresTokens, redb::RedbTokens};
+pub use self::{
+    calendarserver::CalendarServerTokens,
+    import::parse_csv,
+    postgres::{Layout, PostgresTokens},
+    redb::RedbTokens,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -106,14 +112,28 @@ pub fn open(
     use crate::config::TokenStoreConfig;
     match &config.store {
         TokenStoreConfig::Redb => Ok(Arc::new(RedbTokens::new(spool)?)),
-        TokenStoreConfig::Postgres { url, password_file } => {
-            let password = match password_file {
-                Some(f) => Some(crate::target::webhook::read_secret(f, "tokens.password_file").map_err(StoreError)?),
-                None => None,
-            };
-            Ok(Arc::new(PostgresTokens::new(url, password)?))
-        }
+        TokenStoreConfig::Postgres { .. } => open_shared(&config.store),
     }
+}
+
+/// The PostgreSQL store in its configured layout.
+pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn TokenStore>, StoreError> {
+    let crate::config::TokenStoreConfig::Postgres {
+        url,
+        password_file,
+        layout,
+    } = config
+    else {
+        return Err(StoreError("tokens.store: not a database".into()));
+    };
+    let password = match password_file {
+        Some(f) => Some(crate::target::webhook::read_secret(f, "tokens.password_file").map_err(StoreError)?),
+        None => None,
+    };
+    Ok(match layout {
+        Layout::Own => Arc::new(PostgresTokens::new(url, password)?),
+        Layout::CalendarServer => Arc::new(CalendarServerTokens::new(url, password)?),
+    })
 }
 
 /// What a token in a recipient address comes to.

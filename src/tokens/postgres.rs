@@ -1,9 +1,10 @@
 //! Local tokens in PostgreSQL (`[tokens] store = "postgres"`), shared by
 //! every host of a site: the submission host that mints tokens and the MX
-//! hosts that take the replies (DESIGN §4b). The program's own tables,
-//! created and versioned at first use. Connections are made lazily and kept
-//! in a small pool; every call is bounded in time, and an outage is logged
-//! once, when it starts and when it ends.
+//! hosts that take the replies (DESIGN §4b). Here the connection pool, which
+//! both layouts use, and `layout = "own"`: the program's own tables, created
+//! and versioned at first use. Connections are made lazily and kept in a
+//! small pool; every call is bounded in time, and an outage is logged once,
+//! when it starts and when it ends.
 
 use super::{StoreError, StoreFuture, TokenRecord, TokenStore};
 use std::{
@@ -39,8 +40,19 @@ INSERT INTO imip_milter_version SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM imip_mi
 
 const COLUMNS: &str = "token, organizer, attendee, uid, created_ms, last_used_ms, attendees, invitations";
 
-pub struct PostgresTokens {
+/// Whose tables hold the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// imip_milter_tokens, created and versioned by this program.
+    Own,
+    /// CalendarServer's IMIP_TOKENS, in its database; never created here.
+    CalendarServer,
+}
+
+/// Lazily opened connections to the token database, bounded in number and time.
+pub(super) struct Pool {
     config: tokio_postgres::Config,
+    layout: Layout,
     /// For messages: the URL as configured (it holds no password).
     url: String,
     idle: Mutex<Vec<Client>>,
@@ -49,9 +61,9 @@ pub struct PostgresTokens {
     down: AtomicBool,
 }
 
-impl PostgresTokens {
+impl Pool {
     /// Reads the settings; connects at first use.
-    pub fn new(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+    pub(super) fn new(url: &str, password: Option<String>, layout: Layout) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
         if let Some(p) = password {
             config.password(p);
@@ -60,6 +72,7 @@ impl PostgresTokens {
         config.application_name("imip-milter");
         Ok(Self {
             config,
+            layout,
             url: url.to_owned(),
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(POOL),
@@ -89,16 +102,18 @@ impl PostgresTokens {
             let _ = connection.await;
         });
         if !self.ready.load(Ordering::Relaxed) {
-            migrate(&client)
-                .await
-                .map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
+            let prepared = match self.layout {
+                Layout::Own => migrate(&client).await,
+                Layout::CalendarServer => super::calendarserver::verify(&client).await,
+            };
+            prepared.map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
             self.ready.store(true, Ordering::Relaxed);
         }
         Ok(client)
     }
 
     /// Runs `f` on a pooled connection, bounded in time; logs an outage once.
-    async fn with<T>(
+    pub(super) async fn with<T>(
         &self,
         what: &str,
         f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
@@ -172,21 +187,40 @@ async fn migrate(client: &Client) -> Result<(), String> {
     }
 }
 
-fn ms(v: u64) -> i64 {
+pub(super) fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn record(row: &Row) -> TokenRecord {
-    let u = |i: usize| u64::try_from(row.get::<_, i64>(i)).unwrap_or(0);
-    TokenRecord {
-        token: row.get(0),
-        organizer: row.get(1),
-        attendee: row.get(2),
-        uid: row.get(3),
-        created_ms: u(4),
-        last_used_ms: u(5),
-        attendees: row.get(6),
-        invitations: row.get(7),
+fn record(row: &Row) -> Result<TokenRecord, StoreError> {
+    let bad = |e: tokio_postgres::Error| StoreError(format!("token database: imip_milter_tokens row: {e}"));
+    let u = |i: usize| {
+        row.try_get::<_, i64>(i)
+            .map(|v| u64::try_from(v).unwrap_or(0))
+            .map_err(bad)
+    };
+    Ok(TokenRecord {
+        token: row.try_get(0).map_err(bad)?,
+        organizer: row.try_get(1).map_err(bad)?,
+        attendee: row.try_get(2).map_err(bad)?,
+        uid: row.try_get(3).map_err(bad)?,
+        created_ms: u(4)?,
+        last_used_ms: u(5)?,
+        attendees: row.try_get(6).map_err(bad)?,
+        invitations: row.try_get(7).map_err(bad)?,
+    })
+}
+
+/// `layout = "own"`.
+pub struct PostgresTokens {
+    pool: Pool,
+}
+
+impl PostgresTokens {
+    /// Reads the settings; connects at first use.
+    pub fn new(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        Ok(Self {
+            pool: Pool::new(url, password, Layout::Own)?,
+        })
     }
 }
 
@@ -195,9 +229,10 @@ impl TokenStore for PostgresTokens {
         Box::pin(async move {
             let sql = format!("SELECT {COLUMNS} FROM imip_milter_tokens WHERE token = $1");
             let row = self
+                .pool
                 .with("lookup", async |c| c.query_opt(&sql, &[&token]).await)
                 .await?;
-            Ok(row.as_ref().map(record))
+            row.as_ref().map(record).transpose()
         })
     }
 
@@ -209,11 +244,12 @@ impl TokenStore for PostgresTokens {
                  ORDER BY created_ms DESC LIMIT 1"
             );
             let row = self
+                .pool
                 .with("lookup", async |c| {
                     c.query_opt(&sql, &[&organizer, &attendee, &uid]).await
                 })
                 .await?;
-            Ok(row.as_ref().map(record))
+            row.as_ref().map(record).transpose()
         })
     }
 
@@ -226,30 +262,32 @@ impl TokenStore for PostgresTokens {
                  attendees = EXCLUDED.attendees, invitations = EXCLUDED.invitations"
             );
             let (created, used) = (ms(rec.created_ms), ms(rec.last_used_ms));
-            self.with("write", async |c| {
-                c.execute(
-                    &sql,
-                    &[
-                        &rec.token,
-                        &rec.organizer,
-                        &rec.attendee,
-                        &rec.uid,
-                        &created,
-                        &used,
-                        &rec.attendees,
-                        &rec.invitations,
-                    ],
-                )
+            self.pool
+                .with("write", async |c| {
+                    c.execute(
+                        &sql,
+                        &[
+                            &rec.token,
+                            &rec.organizer,
+                            &rec.attendee,
+                            &rec.uid,
+                            &created,
+                            &used,
+                            &rec.attendees,
+                            &rec.invitations,
+                        ],
+                    )
+                    .await
+                })
                 .await
-            })
-            .await
-            .map(|_| ())
+                .map(|_| ())
         })
     }
 
     fn revoke<'a>(&'a self, token: &'a str) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let n = self
+                .pool
                 .with("write", async |c| {
                     c.execute("DELETE FROM imip_milter_tokens WHERE token = $1", &[&token])
                         .await
@@ -262,23 +300,24 @@ impl TokenStore for PostgresTokens {
     fn list(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         Box::pin(async move {
             let sql = format!("SELECT {COLUMNS} FROM imip_milter_tokens ORDER BY created_ms");
-            let rows = self.with("list", async |c| c.query(&sql, &[]).await).await?;
-            Ok(rows.iter().map(record).collect())
+            let rows = self.pool.with("list", async |c| c.query(&sql, &[]).await).await?;
+            rows.iter().map(record).collect()
         })
     }
 
     fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let now = ms(now_ms);
-            self.with("write", async |c| {
-                c.execute(
-                    "UPDATE imip_milter_tokens SET last_used_ms = GREATEST(last_used_ms, $2) WHERE token = $1",
-                    &[&token, &now],
-                )
+            self.pool
+                .with("write", async |c| {
+                    c.execute(
+                        "UPDATE imip_milter_tokens SET last_used_ms = GREATEST(last_used_ms, $2) WHERE token = $1",
+                        &[&token, &now],
+                    )
+                    .await
+                })
                 .await
-            })
-            .await
-            .map(|_| ())
+                .map(|_| ())
         })
     }
 }

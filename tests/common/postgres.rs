@@ -122,6 +122,32 @@ impl Postgres {
         });
     }
 
+    /// Runs SQL as the user imip in the database imip; the rows, `|`-separated.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = as_postgres(&self.bin, "psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "imip",
+                "-d",
+                "imip",
+            ])
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// CalendarServer's IMIP_TOKENS table, as its schema creates it.
+    pub fn calendarserver_schema(&self) {
+        let ddl = String::from_utf8(super::fixture("calendarserver-imip-tokens.sql")).expect("utf-8");
+        self.psql(&ddl);
+    }
+
     pub fn url(&self) -> String {
         format!("postgresql://imip@127.0.0.1:{}/imip", self.port)
     }
