@@ -2,7 +2,8 @@
 //! Postfix instances, each with its own imip-milter and spool, one private
 //! PostgreSQL. An invitation leaves tokenized through host 1; its reply is
 //! taken at host 2; a sender that retries at the other host reaches the
-//! target with the same Idempotency-Key.
+//! target with the same Idempotency-Key; while the database is down both
+//! hosts ask senders to retry and nothing leaves untokenized.
 
 mod common;
 
@@ -44,7 +45,7 @@ fn reply(gateway: &str) -> Vec<u8> {
 
 #[test]
 fn a_token_minted_at_one_host_is_known_at_the_other() {
-    let pg = Postgres::start();
+    let mut pg = Postgres::start();
     let hook = Webhook::start();
     let (one, two) = (host(&hook, &pg), host(&hook, &pg));
     let diag = || {
@@ -99,4 +100,41 @@ fn a_token_minted_at_one_host_is_known_at_the_other() {
     let unknown = "calendar+00000000-0000-4000-8000-000000000000@example.org";
     let out = smtp_send(two.postfix.port, "bob@example.com", &[unknown], &reply(unknown));
     assert!(out.rcpt[0].starts_with("550 5.1.1 "), "{out:?}");
+
+    // The database goes down: the reply is deferred at RCPT, the invitation
+    // at the end of DATA; neither is lost or sent untokenized.
+    pg.stop();
+    let declined = String::from_utf8(reply(&gateway))
+        .unwrap()
+        .replace("PARTSTAT=ACCEPTED", "PARTSTAT=DECLINED")
+        .into_bytes();
+    let out = smtp_send(two.postfix.port, "bob@example.com", &[&gateway], &declined);
+    assert!(out.rcpt[0].starts_with("451 4.3.0 "), "{out:?}\n{}", diag());
+    let out = smtp_send(
+        one.postfix.port,
+        "alice@example.org",
+        &["bob@example.com"],
+        &invitation(),
+    );
+    assert!(
+        out.data.as_deref().unwrap_or("").starts_with("451 4.3.0 "),
+        "{out:?}\n{}",
+        diag()
+    );
+    assert_eq!(one.postfix.wait_mailbox("bob-example.com", 1).len(), 1);
+    for m in [&one.milter, &two.milter] {
+        let outages = m.log().matches("recipients get 451 until it answers").count();
+        assert_eq!(outages, 1, "one log line per outage\n{}", diag());
+    }
+    // Back up: the sender's retry goes through.
+    pg.run();
+    let passed = common::wait_until(Duration::from_secs(20), || {
+        let out = smtp_send(two.postfix.port, "bob@example.com", &[&gateway], &declined);
+        out.data.as_deref().unwrap_or("").starts_with("250")
+    });
+    assert!(passed, "{}", diag());
+    let got = hook.wait_for(3, Duration::from_secs(15));
+    assert_eq!(got.len(), 3, "{}", diag());
+    assert_eq!(got[2].body["partstat"], "DECLINED");
+    assert!(two.milter.log().contains("reachable again"), "{}", diag());
 }
