@@ -608,6 +608,7 @@ impl Config {
                             "no password in the URL: put it in tokens.password_file",
                         ));
                     }
+                    crate::tokens::check_url(&url).map_err(|e| ConfigError::new("tokens.url", e))?;
                     let layout = match t.layout.as_deref().unwrap_or("own") {
                         "own" => crate::tokens::Layout::Own,
                         "calendarserver" => crate::tokens::Layout::CalendarServer,
@@ -849,6 +850,45 @@ url = "http://x/"
         assert_eq!(err.key, "delivery.max_age");
         let err = Config::parse(&format!("{MINIMAL}username = \"u\"\n")).unwrap_err();
         assert_eq!(err.key, "target.password_file");
+    }
+
+    #[test]
+    fn token_database_keys() {
+        let tokens = |body: &str| Config::parse(&format!("{MINIMAL}\n[tokens]\nmode = \"local\"\n{body}"));
+        let c = tokens("store = \"postgres\"\nurl = \"postgresql://cs@db/caldav?sslmode=verify-full\"\nlayout = \"calendarserver\"\n")
+            .unwrap();
+        assert!(matches!(
+            c.tokens.store,
+            TokenStoreConfig::Postgres {
+                layout: crate::tokens::Layout::CalendarServer,
+                ..
+            }
+        ));
+        for (body, key, why) in [
+            ("store = \"postgres\"\n", "tokens.url", "needs the database URL"),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u:pw@db/x\"\n",
+                "tokens.url",
+                "no password",
+            ),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x?sslmode=maybe\"\n",
+                "tokens.url",
+                "sslmode",
+            ),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x\"\nlayout = \"x\"\n",
+                "tokens.layout",
+                "not own",
+            ),
+            ("layout = \"calendarserver\"\n", "tokens.layout", "store = \"postgres\""),
+            ("url = \"postgresql://u@db/x\"\n", "tokens.url", "store = \"postgres\""),
+            ("store = \"mysql\"\n", "tokens.store", "not redb or postgres"),
+        ] {
+            let err = tokens(body).unwrap_err();
+            assert_eq!(err.key, key, "{body}: {err}");
+            assert!(err.to_string().contains(why), "{body}: {err}");
+        }
     }
 
     #[test]

@@ -219,3 +219,32 @@ async fn the_milter_on_postgres_answers_451_while_the_database_is_down() {
     );
     m.stop().await;
 }
+
+/// TLS when the URL asks for it, and then only with a certificate that
+/// verifies: the database's own CA in sslrootcert, never a server that
+/// merely offers TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_over_tls_is_verified() {
+    let (pg, ca) = Postgres::start_tls();
+    let url = pg.url();
+    let lookup = |url: String| async move {
+        let s = PostgresTokens::new(&url, None).map_err(|e| e.to_string())?;
+        s.get("probe").await.map(|_| ()).map_err(|e| e.to_string())
+    };
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
+    lookup(verified).await.unwrap();
+    // The server refuses plain TCP: the test above did speak TLS.
+    let plain = lookup(url.clone()).await.unwrap_err();
+    assert!(plain.contains("no encryption"), "{plain}");
+    // `require` verifies too: the built-in roots know nothing of this CA.
+    let unverified = lookup(format!("{url}?sslmode=require")).await.unwrap_err();
+    assert!(unverified.contains("certificate"), "{unverified}");
+    // A name the certificate does not hold.
+    let other_name = format!(
+        "{}?sslmode=require&sslrootcert={}",
+        url.replace("127.0.0.1", "localhost"),
+        ca.display()
+    );
+    let wrong = lookup(other_name).await.unwrap_err();
+    assert!(wrong.contains("certificate"), "{wrong}");
+}

@@ -9,6 +9,7 @@ mod calendarserver;
 mod import;
 mod postgres;
 mod redb;
+mod tls;
 
 pub use self::{
     calendarserver::CalendarServerTokens,
@@ -114,6 +115,16 @@ pub fn open(
         TokenStoreConfig::Redb => Ok(Arc::new(RedbTokens::new(spool)?)),
         TokenStoreConfig::Postgres { .. } => open_shared(&config.store),
     }
+}
+
+/// What is wrong with a `tokens.url`, before anything connects.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let asked = tls::read_url(url)?;
+    asked
+        .url
+        .parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The PostgreSQL store in its configured layout.

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 use tokio::sync::{Mutex, Semaphore};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{tls::MakeTlsConnect, Client, NoTls, Row, Socket};
 
 /// Connections kept open at most.
 const POOL: usize = 4;
@@ -52,6 +52,8 @@ pub enum Layout {
 /// Lazily opened connections to the token database, bounded in number and time.
 pub(super) struct Pool {
     config: tokio_postgres::Config,
+    /// When the URL asks for TLS: the verifying rustls configuration.
+    tls: Option<super::tls::MakeRustls>,
     layout: Layout,
     /// For messages: the URL as configured (it holds no password).
     url: String,
@@ -64,7 +66,16 @@ pub(super) struct Pool {
 impl Pool {
     /// Reads the settings; connects at first use.
     pub(super) fn new(url: &str, password: Option<String>, layout: Layout) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        let asked = super::tls::read_url(url).map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        let mut config: tokio_postgres::Config =
+            asked.url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        let tls = match asked.tls {
+            true => Some(super::tls::MakeRustls(
+                super::tls::client_config(asked.root_cert.as_deref().map(std::path::Path::new))
+                    .map_err(|e| StoreError(format!("tokens.url: {e}")))?,
+            )),
+            false => None,
+        };
         if let Some(p) = password {
             config.password(p);
         }
@@ -72,6 +83,7 @@ impl Pool {
         config.application_name("imip-milter");
         Ok(Self {
             config,
+            tls,
             layout,
             url: url.to_owned(),
             idle: Mutex::new(Vec::new()),
@@ -82,7 +94,30 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, connection) = tokio::time::timeout(TIMEOUT, self.config.connect(NoTls))
+        let client = match &self.tls {
+            Some(tls) => self.open(tls.clone()).await?,
+            None => self.open(NoTls).await?,
+        };
+        if !self.ready.load(Ordering::Relaxed) {
+            let prepared = match self.layout {
+                Layout::Own => migrate(&client).await,
+                Layout::CalendarServer => super::calendarserver::verify(&client).await,
+            };
+            prepared.map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        Ok(client)
+    }
+
+    /// One connection, plain or TLS; its I/O runs on a task of its own.
+    async fn open<T>(&self, tls: T) -> Result<Client, StoreError>
+    where
+        T: MakeTlsConnect<Socket> + Send,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as tokio_postgres::tls::TlsConnect<Socket>>::Future: Send,
+    {
+        let (client, connection) = tokio::time::timeout(TIMEOUT, self.config.connect(tls))
             .await
             .map_err(|_| {
                 StoreError(format!(
@@ -101,14 +136,6 @@ impl Pool {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        if !self.ready.load(Ordering::Relaxed) {
-            let prepared = match self.layout {
-                Layout::Own => migrate(&client).await,
-                Layout::CalendarServer => super::calendarserver::verify(&client).await,
-            };
-            prepared.map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
-            self.ready.store(true, Ordering::Relaxed);
-        }
         Ok(client)
     }
 

@@ -40,6 +40,104 @@ fn as_postgres(bin: &Path, program: &str) -> Command {
 
 impl Postgres {
     pub fn start() -> Self {
+        let mut pg = Self::init();
+        pg.run();
+        pg.create_database();
+        pg
+    }
+
+    /// With TLS (a certificate for 127.0.0.1 from a CA of its own) and plain
+    /// TCP refused; the CA certificate's file.
+    pub fn start_tls() -> (Self, PathBuf) {
+        let mut pg = Self::init();
+        let dir = pg.data.parent().expect("parent").to_path_buf();
+        let ca = dir.join("ca.crt");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(&dir)
+                .args(args)
+                .output()
+                .expect("openssl (.ci/run installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.crt",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=imip test CA",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+            ]
+            .concat(),
+        );
+        fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.crt",
+        ]);
+        for f in ["server.crt", "server.key"] {
+            fs::copy(dir.join(f), pg.data.join(f)).unwrap();
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(pg.data.join(f))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        fs::set_permissions(pg.data.join("server.key"), fs::Permissions::from_mode(0o600)).unwrap();
+        let mut conf = fs::read_to_string(pg.data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        fs::write(pg.data.join("postgresql.conf"), conf).unwrap();
+        let hba = fs::read_to_string(pg.data.join("pg_hba.conf")).unwrap();
+        fs::write(
+            pg.data.join("pg_hba.conf"),
+            format!("hostnossl all all all reject\n{hba}"),
+        )
+        .unwrap();
+        pg.run();
+        pg.create_database();
+        (pg, ca)
+    }
+
+    /// A cluster in a temporary directory, not started.
+    fn init() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let data = dir.path().join("data");
@@ -57,16 +155,18 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Self {
+        Self {
             port: super::free_port(),
             bin,
             data,
             child: None,
             _dir: dir,
-        };
-        pg.run();
-        let out = as_postgres(&pg.bin, "createdb")
-            .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "imip", "imip"])
+        }
+    }
+
+    fn create_database(&self) {
+        let out = as_postgres(&self.bin, "createdb")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "imip", "imip"])
             .output()
             .unwrap();
         assert!(
@@ -74,7 +174,6 @@ impl Postgres {
             "createdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        pg
     }
 
     /// Starts the server (again) and waits until it answers.
