@@ -251,3 +251,113 @@ fn compare() {
     println!("Peak RSS of imip-milter: {:.1} MB after the rounds, {:.1} MB after 500 replies over 50 concurrent SMTP sessions", rss_after_runs as f64 / 1024.0, rss_50 as f64 / 1024.0);
     println!("Milter-only throughput (indymilter-test, {clients} connections, reply per connection): {milter_only:.0} replies/s");
 }
+
+/// RCPT answer time for a gateway recipient, per token store, under load:
+/// `IMIP_BENCH_CLIENTS` milter connections at once, each session a MAIL and
+/// eight gateway RCPTs with valid tokens picked from `IMIP_BENCH_TOKENS`.
+/// Stores: redb in this host's spool, PostgreSQL in the program's tables, and
+/// PostgreSQL in CalendarServer's IMIP_TOKENS. Prints a Markdown table.
+#[test]
+#[ignore]
+fn token_lookup() {
+    let tokens = env_usize("IMIP_BENCH_TOKENS", 10_000);
+    let lookups = env_usize("IMIP_BENCH_LOOKUPS", 8_000);
+    let clients = env_usize("IMIP_BENCH_CLIENTS", 8);
+    let hook = Webhook::start();
+    let pg = common::postgres::Postgres::start();
+    pg.calendarserver_schema();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("tokens.csv");
+    let all: Vec<String> = (0..tokens)
+        .map(|i| {
+            format!(
+                "{:08x}-0000-4000-8000-{i:012x}",
+                i.wrapping_mul(2_654_435_761) % (1 << 32)
+            )
+        })
+        .collect();
+    let rows: String = all
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "{t},mailto:alice@example.org,mailto:guest{i}@example.com,event-{i}@example.org,2026-12-01 00:00:00\n"
+            )
+        })
+        .collect();
+    std::fs::write(&csv, rows).unwrap();
+    let stores = [
+        ("redb (this host)", String::new()),
+        (
+            "PostgreSQL, layout own",
+            format!("store = \"postgres\"\nurl = \"{}\"\n", pg.url()),
+        ),
+        (
+            "PostgreSQL, layout calendarserver",
+            format!(
+                "store = \"postgres\"\nurl = \"{}\"\nlayout = \"calendarserver\"\n",
+                pg.url()
+            ),
+        ),
+    ];
+    println!("| token store | RCPT lookups | p50 ms | p99 ms | max ms | RCPTs/s |");
+    println!("|---|---|---|---|---|---|");
+    for (name, section) in stores {
+        let home = tempfile::tempdir().unwrap();
+        let milter = Daemon::start_edited(home.path(), &hook.url(), None, |c| {
+            format!(
+                "{}\n[tokens]\nmode = \"local\"\n{section}",
+                c.replace("log_level = \"debug\"", "log_level = \"info\"")
+            )
+        });
+        let out = milter.cli(&["tokens", "import", csv.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let port = milter.port;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let run = |n: usize| {
+            let all = all.clone();
+            rt.block_on(async move {
+                let start = Instant::now();
+                let mut tasks = Vec::new();
+                for c in 0..clients {
+                    let all = all.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut times = Vec::new();
+                        let mut i = c;
+                        while times.len() < n / clients {
+                            let mut conn = TestConnection::open(("127.0.0.1", port)).await.unwrap();
+                            conn.connect("bench.example", [127, 0, 0, 1]).await.unwrap();
+                            conn.mail(["<guest@example.com>"]).await.unwrap();
+                            for _ in 0..8 {
+                                i = (i * 7919 + 104_729) % all.len();
+                                let rcpt = format!("<calendar+{}@example.org>", all[i]);
+                                let t = Instant::now();
+                                let st = conn.rcpt([rcpt.as_str()]).await.unwrap();
+                                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                                assert_eq!(st, Status::Continue);
+                            }
+                            conn.close().await.unwrap();
+                        }
+                        times
+                    }));
+                }
+                let mut times = Vec::new();
+                for t in tasks {
+                    times.extend(t.await.unwrap());
+                }
+                (times, start.elapsed().as_secs_f64())
+            })
+        };
+        run(400); // warm-up: connections, caches
+        let (mut times, secs) = run(lookups);
+        times.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            times.len(),
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times.last().copied().unwrap_or(f64::NAN),
+            times.len() as f64 / secs
+        );
+    }
+}
