@@ -600,7 +600,8 @@ impl Config {
                     }
                     if url
                         .split_once("://")
-                        .and_then(|(_, r)| r.split_once('@'))
+                        .map(|(_, r)| r.split('?').next().unwrap_or(r))
+                        .and_then(|r| r.split_once('@'))
                         .is_some_and(|(userinfo, _)| userinfo.contains(':'))
                     {
                         return Err(ConfigError::new(

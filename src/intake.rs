@@ -187,8 +187,11 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord, attendee: &str) -> Result
 async fn touch(store: &dyn TokenStore, tokens: &[TokenRecord]) {
     let now = crate::spool::now_ms();
     for t in tokens {
+        // The reply is stored; a database that fails once is not asked again
+        // for the other tokens of this message.
         if let Err(e) = store.touch(&t.token, now).await {
             warn!("{e}");
+            break;
         }
     }
 }

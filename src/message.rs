@@ -199,6 +199,7 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
     let mut groups: Vec<DeliveryStatus> = Vec::new();
     let mut current = DeliveryStatus::default();
     let mut last_field: Option<String> = None;
+    let mut original_seen = false;
     let flush = |current: &mut DeliveryStatus, groups: &mut Vec<DeliveryStatus>| {
         if !current.action.is_empty() {
             groups.push(std::mem::take(current));
@@ -210,6 +211,7 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
         if line.trim().is_empty() {
             flush(&mut current, &mut groups);
             last_field = None;
+            original_seen = false;
             continue;
         }
         if line.starts_with([' ', '\t']) {
@@ -233,7 +235,19 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
         let name = name.trim().to_ascii_lowercase();
         let value = value.trim();
         let after_type = |v: &str| v.split_once(';').map(|(_, a)| a.trim()).unwrap_or(v).to_owned();
+        // Some reports write their per-recipient groups back to back with no
+        // blank line: a recipient line after the fields of one starts another.
+        let started = current.final_recipient.is_some() || !current.action.is_empty() || current.status.is_some();
         match name.as_str() {
+            "original-recipient" if started || original_seen => flush(&mut current, &mut groups),
+            "final-recipient" if started => {
+                flush(&mut current, &mut groups);
+                original_seen = false;
+            }
+            _ => {}
+        }
+        match name.as_str() {
+            "original-recipient" => original_seen = true,
             "action" => current.action = value.to_ascii_lowercase().chars().take(32).collect(),
             "status" => current.status = Some(value.chars().take(32).collect()),
             "final-recipient" => current.final_recipient = Some(clip(after_type(value))),
@@ -279,6 +293,22 @@ mod tests {
         assert_eq!(
             s.diagnostic.as_deref(),
             Some("550 5.1.1 <bob@example.com>: Recipient address rejected")
+        );
+    }
+
+    #[test]
+    fn groups_without_blank_lines_between_them() {
+        let body = "Reporting-MTA: dns; groupware.example.net\r\n\r\nOriginal-Recipient: rfc822;carol@example.net\r\nFinal-recipient: rfc822;carol@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\nFinal-recipient: rfc822;dave@example.net\r\nAction: delivered\r\nStatus: 2.0.0\r\nOriginal-Recipient: rfc822;erin@example.net\r\nFinal-Recipient: rfc822;erin@example.net\r\nAction: delayed\r\n";
+        let s = parse_delivery_status(body).unwrap();
+        assert_eq!(s.action, "failed");
+        assert_eq!(s.final_recipient.as_deref(), Some("carol@example.net"));
+        assert_eq!(s.status.as_deref(), Some("5.1.1"));
+        // The failed block last: found all the same.
+        let body = "Final-Recipient: rfc822;dave@example.net\nAction: delivered\nFinal-Recipient: rfc822;carol@example.net\nAction: failed\nStatus: 5.2.2\n";
+        let s = parse_delivery_status(body).unwrap();
+        assert_eq!(
+            (s.final_recipient.as_deref(), s.status.as_deref()),
+            (Some("carol@example.net"), Some("5.2.2"))
         );
     }
 

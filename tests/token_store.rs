@@ -89,7 +89,16 @@ async fn exercise(s: &dyn TokenStore, keeps_invitations: bool) {
     };
     s.put(&imported).await.unwrap();
     s.put(&imported).await.unwrap();
-    assert_eq!(s.get(&imported.token).await.unwrap(), Some(imported));
+    assert_eq!(s.get(&imported.token).await.unwrap(), Some(imported.clone()));
+    // Purge removes what was last used before the cutoff, and only that.
+    let fresh = tokens::mint_or_reuse(s, "mailto:alice@example.org", "mailto:jo@example.com", "u7", None, 100)
+        .await
+        .unwrap();
+    assert_eq!(s.purge(50).await.unwrap(), 2);
+    assert_eq!(s.get(&imported.token).await.unwrap(), None);
+    assert_eq!(s.get(&shared.token).await.unwrap(), None);
+    assert!(s.get(&fresh.token).await.unwrap().is_some());
+    assert!(s.revoke(&fresh.token).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,11 +146,39 @@ async fn both_stores_keep_the_same_contract() {
     .await
     .unwrap();
     assert_eq!(again.token, both.token);
+    // An invitation to one of them later keeps the shared token whole.
+    let frank = tokens::mint_or_reuse(
+        &cs,
+        "mailto:alice@example.org",
+        "mailto:frank@example.com",
+        "u4",
+        None,
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(frank.token, both.token);
     let rows = pg.psql(&format!(
         "SELECT string_agg(attendee, ' ' ORDER BY attendee) FROM imip_tokens WHERE token = '{}'",
         both.token
     ));
     assert_eq!(rows, "mailto:frank@example.com mailto:gina@example.com");
+    // A token whose rows name two events is no capability for either.
+    pg.psql(
+        "INSERT INTO imip_tokens (token, organizer, attendee, icaluid) VALUES \
+         ('dup-token-0001', 'mailto:alice@example.org', 'mailto:hana@example.com', 'u5'), \
+         ('dup-token-0001', 'mailto:alice@example.org', 'mailto:ivan@example.com', 'u6')",
+    );
+    assert_eq!(cs.get("dup-token-0001").await.unwrap(), None);
+    // Purge: one statement for what was last used before the cutoff.
+    pg.psql("UPDATE imip_tokens SET accessed = timezone('UTC', now()) - interval '100 days' WHERE icaluid = 'u5'");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // The token of u5 and the shared one, written with 1970's times above.
+    assert_eq!(cs.purge(now - 90 * 86_400_000).await.unwrap(), 2);
+    assert_eq!(pg.psql("SELECT count(*) FROM imip_tokens WHERE icaluid = 'u5'"), "0");
     // A table that is not CalendarServer's is said so.
     let elsewhere =
         CalendarServerTokens::new(&format!("postgresql://imip@127.0.0.1:{}/postgres", pg.port), None).unwrap();
@@ -247,4 +284,32 @@ async fn the_database_over_tls_is_verified() {
     );
     let wrong = lookup(other_name).await.unwrap_err();
     assert!(wrong.contains("certificate"), "{wrong}");
+}
+
+/// A database that takes the connection and never answers: every lookup,
+/// queued ones included, ends within the bound and is an error (451).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_never_answers_costs_at_most_the_bound() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let store =
+        std::sync::Arc::new(PostgresTokens::new(&format!("postgresql://imip@127.0.0.1:{port}/imip"), None).unwrap());
+    let started = std::time::Instant::now();
+    let lookups: Vec<_> = (0..12)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.get("probe").await })
+        })
+        .collect();
+    for l in lookups {
+        let err = l.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("no answer in 3s"), "{err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
 }

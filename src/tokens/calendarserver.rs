@@ -50,14 +50,17 @@ pub(super) async fn verify(client: &Client) -> Result<(), String> {
         .map_err(|e| {
             format!(
                 "CalendarServer's table IMIP_TOKENS is not readable ({}): is tokens.url CalendarServer's database?",
-                crate::target::root_cause(&e)
+                super::postgres::error_text(&e)
             )
         })
 }
 
-/// Rows ordered by token, one record per token.
+/// Rows ordered by token, one record per token. A token whose rows name
+/// more than one organizer or event (written by hand or by other software)
+/// is left out: it would let one event's attendee answer in another.
 fn records(rows: &[Row]) -> Result<Vec<TokenRecord>, StoreError> {
     let mut out: Vec<TokenRecord> = Vec::new();
+    let mut inconsistent: Vec<String> = Vec::new();
     for row in rows {
         let text = |i: usize| {
             row.try_get::<_, String>(i)
@@ -71,6 +74,10 @@ fn records(rows: &[Row]) -> Result<Vec<TokenRecord>, StoreError> {
             .unwrap_or(0);
         match out.last_mut() {
             Some(r) if r.token == token => {
+                if !r.organizer.eq_ignore_ascii_case(&organizer) || r.uid != uid {
+                    inconsistent.push(token);
+                    continue;
+                }
                 if !r.attendee.is_empty() {
                     let first = std::mem::take(&mut r.attendee);
                     r.attendees.push(first);
@@ -91,6 +98,14 @@ fn records(rows: &[Row]) -> Result<Vec<TokenRecord>, StoreError> {
             }),
         }
     }
+    inconsistent.dedup();
+    for t in &inconsistent {
+        tracing::warn!(
+            "token {} has IMIP_TOKENS rows for more than one organizer or event; it is refused until they agree",
+            crate::address::token_prefix(t)
+        );
+    }
+    out.retain(|r| !inconsistent.contains(&r.token));
     Ok(out)
 }
 
@@ -126,13 +141,19 @@ impl TokenStore for CalendarServerTokens {
                     .with("lookup", async |c| c.query(&sql, &[&organizer, &uid, &MAX_ROWS]).await)
                     .await?
             } else {
+                // The whole token the attendee has, shared or not: a put of
+                // it must not lose the others' rows.
                 let sql = format!(
-                    "SELECT {COLUMNS} FROM imip_tokens \
-                     WHERE organizer IN ($1::text, lower($1::text)) AND attendee = lower($2::text) AND icaluid = $3 \
-                     ORDER BY organizer DESC LIMIT 1"
+                    "SELECT {COLUMNS} FROM imip_tokens WHERE token = \
+                     (SELECT token FROM imip_tokens \
+                      WHERE organizer IN ($1::text, lower($1::text)) AND attendee = lower($2::text) AND icaluid = $3 \
+                      ORDER BY organizer DESC LIMIT 1) \
+                     ORDER BY attendee LIMIT $4"
                 );
                 self.pool
-                    .with("lookup", async |c| c.query(&sql, &[&organizer, &attendee, &uid]).await)
+                    .with("lookup", async |c| {
+                        c.query(&sql, &[&organizer, &attendee, &uid, &MAX_ROWS]).await
+                    })
                     .await?
             };
             one(&rows)
@@ -183,6 +204,27 @@ impl TokenStore for CalendarServerTokens {
             let mut all = records(&rows)?;
             all.sort_by_key(|r| r.created_ms);
             Ok(all)
+        })
+    }
+
+    fn purge<'a>(&'a self, cutoff_ms: u64) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let cutoff = ms(cutoff_ms);
+            // Tokens, not rows: a shared token has a row per attendee.
+            let row = self
+                .pool
+                .with("write", async |c| {
+                    c.query_one(
+                        "WITH gone AS (DELETE FROM imip_tokens \
+                         WHERE accessed < timezone('UTC', to_timestamp($1::bigint / 1000.0)) RETURNING token) \
+                         SELECT count(DISTINCT token) FROM gone",
+                        &[&cutoff],
+                    )
+                    .await
+                })
+                .await?;
+            let n = row.try_get::<_, i64>(0).unwrap_or(0);
+            Ok(usize::try_from(n).unwrap_or(0))
         })
     }
 

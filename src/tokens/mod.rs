@@ -99,6 +99,8 @@ pub trait TokenStore: Send + Sync {
     fn put<'a>(&'a self, rec: &'a TokenRecord) -> StoreFuture<'a, ()>;
     fn revoke<'a>(&'a self, token: &'a str) -> StoreFuture<'a, bool>;
     fn list(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
+    /// Removes the tokens last used before `cutoff_ms`; how many.
+    fn purge<'a>(&'a self, cutoff_ms: u64) -> StoreFuture<'a, usize>;
     /// Records a use of a token that still exists (its last use only: a
     /// token revoked meanwhile stays revoked).
     fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()>;

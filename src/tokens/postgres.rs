@@ -81,6 +81,9 @@ impl Pool {
         }
         config.connect_timeout(TIMEOUT);
         config.application_name("imip-milter");
+        // The server gives up too: no statement or lock wait outlives the caller.
+        let ms = TIMEOUT.as_millis();
+        config.options(format!("-c statement_timeout={ms} -c lock_timeout={ms}"));
         Ok(Self {
             config,
             tls,
@@ -117,64 +120,59 @@ impl Pool {
         T::TlsConnect: Send,
         <T::TlsConnect as tokio_postgres::tls::TlsConnect<Socket>>::Future: Send,
     {
-        let (client, connection) = tokio::time::timeout(TIMEOUT, self.config.connect(tls))
+        let (client, connection) = self
+            .config
+            .connect(tls)
             .await
-            .map_err(|_| {
-                StoreError(format!(
-                    "token database {}: no answer in {}s",
-                    self.url,
-                    TIMEOUT.as_secs()
-                ))
-            })?
-            .map_err(|e| {
-                StoreError(format!(
-                    "token database {}: {}",
-                    self.url,
-                    crate::target::root_cause(&e)
-                ))
-            })?;
+            .map_err(|e| StoreError(format!("token database {}: {}", self.url, error_text(&e))))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         Ok(client)
     }
 
-    /// Runs `f` on a pooled connection, bounded in time; logs an outage once.
+    /// Runs `f` on a pooled connection; waiting for a slot, connecting and
+    /// the statement all fit in one `TIMEOUT`. A pooled connection found
+    /// closed is replaced once. An outage is logged once.
     pub(super) async fn with<T>(
         &self,
         what: &str,
-        f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+        f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error> + Clone,
     ) -> Result<T, StoreError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| StoreError("token database: closed".into()))?;
-        let pooled = self.idle.lock().await.pop().filter(|c| !c.is_closed());
-        let result = async {
-            let client = match pooled {
+        let attempt = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| StoreError("token database: closed".into()))?;
+            let pooled = self.idle.lock().await.pop().filter(|c| !c.is_closed());
+            let fresh = pooled.is_none();
+            let mut client = match pooled {
                 Some(c) => c,
                 None => self.connect().await?,
             };
-            let answer = tokio::time::timeout(TIMEOUT, f(&client))
-                .await
-                .map_err(|_| {
-                    StoreError(format!(
-                        "token database {}: {what}: no answer in {}s",
-                        self.url,
-                        TIMEOUT.as_secs()
-                    ))
-                })?
-                .map_err(|e| {
-                    StoreError(format!(
-                        "token database {}: {what}: {}",
-                        self.url,
-                        crate::target::root_cause(&e)
-                    ))
-                })?;
-            Ok::<_, StoreError>((client, answer))
-        }
-        .await;
+            let mut answer = (f.clone())(&client).await;
+            if !fresh && answer.as_ref().is_err_and(|e| e.is_closed()) {
+                client = self.connect().await?;
+                answer = f(&client).await;
+            }
+            match answer {
+                Ok(a) => Ok((client, a)),
+                Err(e) => Err(StoreError(format!(
+                    "token database {}: {what}: {}",
+                    self.url,
+                    error_text(&e)
+                ))),
+            }
+        };
+        let result = match tokio::time::timeout(TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError(format!(
+                "token database {}: {what}: no answer in {}s",
+                self.url,
+                TIMEOUT.as_secs()
+            ))),
+        };
         match result {
             Ok((client, answer)) => {
                 if self.down.swap(false, Ordering::Relaxed) {
@@ -193,9 +191,18 @@ impl Pool {
     }
 }
 
+/// The server's own words for an error, without its DETAIL line (which may
+/// quote a row, and so a token); the root cause for others.
+pub(super) fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => crate::target::root_cause(e),
+    }
+}
+
 /// Creates or checks the schema; several hosts may start at once.
 async fn migrate(client: &Client) -> Result<(), String> {
-    let text = |e: tokio_postgres::Error| crate::target::root_cause(&e);
+    let text = |e: tokio_postgres::Error| error_text(&e);
     client
         .batch_execute(&format!(
             "BEGIN; SELECT pg_advisory_xact_lock(726373); {SCHEMA} COMMIT;"
@@ -206,7 +213,7 @@ async fn migrate(client: &Client) -> Result<(), String> {
         .query_one("SELECT max(version) FROM imip_milter_version", &[])
         .await
         .map_err(text)?;
-    let version: Option<i32> = row.get(0);
+    let version: Option<i32> = row.try_get(0).map_err(|e| format!("imip_milter_version: {e}"))?;
     match version {
         Some(VERSION) => Ok(()),
         Some(v) => Err(format!("schema version {v}; this imip-milter knows {VERSION}")),
@@ -329,6 +336,23 @@ impl TokenStore for PostgresTokens {
             let sql = format!("SELECT {COLUMNS} FROM imip_milter_tokens ORDER BY created_ms");
             let rows = self.pool.with("list", async |c| c.query(&sql, &[]).await).await?;
             rows.iter().map(record).collect()
+        })
+    }
+
+    fn purge<'a>(&'a self, cutoff_ms: u64) -> StoreFuture<'a, usize> {
+        Box::pin(async move {
+            let cutoff = ms(cutoff_ms);
+            let n = self
+                .pool
+                .with("write", async |c| {
+                    c.execute(
+                        "DELETE FROM imip_milter_tokens WHERE GREATEST(last_used_ms, created_ms) < $1",
+                        &[&cutoff],
+                    )
+                    .await
+                })
+                .await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
         })
     }
 

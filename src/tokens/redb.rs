@@ -139,6 +139,19 @@ impl TokenStore for RedbTokens {
         Box::pin(std::future::ready(self.list_now()))
     }
 
+    fn purge<'a>(&'a self, cutoff_ms: u64) -> StoreFuture<'a, usize> {
+        let result = self.list_now().and_then(|all| {
+            let mut n = 0;
+            for t in all.iter().filter(|t| t.last_used_ms.max(t.created_ms) < cutoff_ms) {
+                if self.revoke_now(&t.token)? {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        });
+        Box::pin(std::future::ready(result))
+    }
+
     fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
         let result = self.get_now(token).and_then(|found| match found {
             Some(mut t) => {

@@ -39,27 +39,35 @@ pub fn read_url(url: &str) -> Result<UrlTls, String> {
         });
     };
     let mut kept = Vec::new();
-    let (mut tls, mut root_cert) = (false, None);
+    let (mut mode, mut root_cert, mut system_roots) = (None, None, false);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "sslmode" => match value {
-                "disable" | "allow" | "prefer" => tls = false,
-                "require" | "verify-ca" | "verify-full" => tls = true,
-                other => {
-                    return Err(format!(
-                        "sslmode `{other}` is not disable, prefer, require or verify-full"
-                    ))
-                }
-            },
+        // tokio-postgres decodes keys too: `ssl%6Dode` must not slip past.
+        match percent_decode(key)?.as_str() {
+            "sslmode" => {
+                mode = Some(match percent_decode(value)?.as_str() {
+                    "disable" | "allow" | "prefer" => false,
+                    "require" | "verify-ca" | "verify-full" => true,
+                    other => {
+                        return Err(format!(
+                            "sslmode `{other}` is not disable, prefer, require or verify-full"
+                        ))
+                    }
+                })
+            }
+            // libpq's `system`: the trusted roots, and TLS then required.
+            "sslrootcert" if value == "system" => system_roots = true,
             "sslrootcert" if !value.is_empty() => root_cert = Some(percent_decode(value)?),
             "sslrootcert" => return Err("sslrootcert needs a file".into()),
-            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" => {
-                return Err(format!("{key} is not supported (client certificates)"))
+            "password" | "passfile" => return Err("no password in the URL: put it in tokens.password_file".into()),
+            k @ ("sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "options") => {
+                return Err(format!("{k} is not supported"))
             }
             _ => kept.push(pair),
         }
     }
+    // A CA named (or libpq's `system`) without a mode asks for TLS.
+    let tls = mode.unwrap_or(root_cert.is_some() || system_roots);
     kept.push(if tls { "sslmode=require" } else { "sslmode=disable" });
     Ok(UrlTls {
         url: format!("{base}?{}", kept.join("&")),
@@ -204,5 +212,12 @@ mod tests {
         assert!(read_url("postgresql://db/x?sslmode=bogus").is_err());
         assert!(read_url("postgresql://db/x?sslcert=/c.pem").is_err());
         assert!(read_url("postgresql://db/x?sslrootcert=%zz").is_err());
+        // Encoded keys are keys all the same.
+        let sneaky = read_url("postgresql://db/x?ssl%6Dode=require").unwrap();
+        assert!(sneaky.tls && sneaky.url == "postgresql://db/x?sslmode=require");
+        assert!(read_url("postgresql://db/x?sslmode=disable&pass%77ord=x").is_err());
+        assert!(read_url("postgresql://db/x?password=x").is_err());
+        let system = read_url("postgresql://db/x?sslrootcert=system").unwrap();
+        assert!(system.tls && system.root_cert.is_none());
     }
 }

@@ -243,7 +243,7 @@ impl Postgres {
 
     /// CalendarServer's IMIP_TOKENS table, as its schema creates it.
     pub fn calendarserver_schema(&self) {
-        let ddl = String::from_utf8(super::fixture("calendarserver-imip-tokens.sql")).expect("utf-8");
+        let ddl = String::from_utf8(super::fixture("sql/calendarserver-imip-tokens.sql")).expect("utf-8");
         self.psql(&ddl);
     }
 
