@@ -12,6 +12,9 @@ pub enum Kind {
     Reply,
     /// A delivery report saying an invitation could not be delivered.
     Bounce,
+    /// A delivery report that needs no answer (delayed, relayed, delivered,
+    /// expanded): taken quietly, since refusing it makes a double bounce.
+    Report,
     /// Mail that is no reply: a person's text, a forwarded invitation, TNEF.
     Other,
     /// Calendar data that cannot be read.
@@ -23,6 +26,7 @@ impl Kind {
         match self {
             Self::Reply => "reply",
             Self::Bounce => "bounce",
+            Self::Report => "report",
             Self::Other => "other",
             Self::Malformed => "malformed",
         }
@@ -50,6 +54,26 @@ impl Analysis {
     /// Stands in when the analysis itself could not run.
     pub fn failed() -> Self {
         Self::new(Kind::Malformed, "analysis failed")
+    }
+
+    /// Whom the message answers for, and with what: a reply's ATTENDEE and
+    /// PARTSTAT; for a bounce the failed recipient and no PARTSTAT (a failed
+    /// delivery is nobody's answer).
+    pub fn answer(&self) -> (Option<String>, Option<String>) {
+        match self.kind {
+            Kind::Bounce => (self.failed_recipient(), None),
+            _ => match &self.itip {
+                Some(i) => (i.attendee.clone(), i.partstat.clone()),
+                None => (None, None),
+            },
+        }
+    }
+
+    /// A bounce's failed final recipient, as a `mailto:` URI.
+    pub fn failed_recipient(&self) -> Option<String> {
+        let r = self.bounce.as_ref()?.final_recipient.as_deref()?.trim();
+        let r = r.strip_prefix('<').and_then(|r| r.strip_suffix('>')).unwrap_or(r);
+        (!r.is_empty()).then(|| itip::normalise_mailto(r))
     }
 
     fn new(kind: Kind, reason: impl Into<String>) -> Self {
@@ -101,13 +125,15 @@ pub fn analyse_bounded(raw: &[u8], max_components: usize) -> Analysis {
 fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysis {
     if let Some(report) = &summary.report {
         if report.status.action != "failed" {
-            return Analysis::new(
-                Kind::Other,
+            let mut a = Analysis::new(
+                Kind::Report,
                 format!(
                     "a delivery report with action \"{}\" needs no answer from the calendar",
                     report.status.action
                 ),
             );
+            a.bounce = Some(report.status.clone());
+            return a;
         }
         let mut a = Analysis::new(Kind::Bounce, "delivery of an invitation failed");
         // The returned invitation, when the report carries it whole.
@@ -164,7 +190,7 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
     };
 
     let mut a = match itip.method.as_deref() {
-        Some("REPLY") if itip.components == 0 => {
+        Some("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH") if itip.components == 0 => {
             Analysis::new(Kind::Malformed, "the calendar reply holds no event or task")
         }
         Some(_) if itip.components > max_components => Analysis::new(
@@ -174,11 +200,24 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
                 itip.components
             ),
         ),
-        Some("REPLY") if itip.uid.is_none() => Analysis::new(Kind::Malformed, "the calendar reply has no UID"),
-        Some("REPLY") if itip.attendee.is_none() => {
-            Analysis::new(Kind::Malformed, "the calendar reply names no attendee")
+        Some(m @ ("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH")) if itip.uid.is_none() => {
+            Analysis::new(Kind::Malformed, format!("the calendar message (METHOD:{m}) has no UID"))
         }
+        // Nobody's answer: no PARTSTAT may come of it. With local tokens the
+        // organizer gets the message to read (decide_with_organizer).
+        Some(m @ ("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH")) if itip.attendee.is_none() => Analysis::new(
+            Kind::Other,
+            format!(
+                "the calendar message (METHOD:{m}) names no attendee, so it answers for nobody; \
+                 please answer the invitation with your calendar program or write to the organizer"
+            ),
+        ),
         Some("REPLY") => Analysis::new(Kind::Reply, "calendar reply"),
+        // An attendee's other iTIP messages travel as replies do; the caldav
+        // target, which cannot act on them, has them redirected.
+        Some(m @ ("COUNTER" | "DECLINECOUNTER" | "REFRESH")) => {
+            Analysis::new(Kind::Reply, format!("calendar {}", m.to_ascii_lowercase()))
+        }
         Some(m @ ("REQUEST" | "ADD" | "CANCEL" | "PUBLISH")) => Analysis::new(
             Kind::Other,
             format!(

@@ -209,6 +209,10 @@ pub fn decide_message(analysis: &Analysis, recipients: &[Recipient]) -> Decision
                 ..Decision::new(disposition, analysis.reason.clone())
             }
         }
+        // From the null sender, and nobody needs it: a refusal would only
+        // make a double bounce for the postmaster.
+        Kind::Report if mixed => Decision::new(Disposition::DeleteRecipients, analysis.reason.clone()),
+        Kind::Report => Decision::new(Disposition::Discard, analysis.reason.clone()),
         // Other people receive the message: they keep what the sender wrote,
         // only the gateway copy goes. Rejecting would bounce it for everyone.
         Kind::Other | Kind::Malformed if mixed => Decision::new(Disposition::DeleteRecipients, analysis.reason.clone()),
@@ -273,11 +277,7 @@ pub fn bind(analysis: &Analysis, token: &TokenRecord, envelope_sender: &str) -> 
                     "the delivery report quotes neither the invitation's Message-ID nor its event".into(),
                 );
             }
-            let failed = analysis
-                .bounce
-                .as_ref()
-                .and_then(|b| b.final_recipient.as_deref())
-                .map(|r| format!("mailto:{r}"));
+            let failed = analysis.failed_recipient();
             // One attendee: the token is the authority (the report may name
             // an alias). A shared token: only a listed attendee.
             let who = match token.attendee.is_empty() {

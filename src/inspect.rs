@@ -85,11 +85,10 @@ pub fn inspect(
             Recipient::Gateway { token } => Some(token.clone()),
             _ => None,
         });
+        (v.attendee, v.partstat) = analysis.answer();
         if let Some(i) = analysis.itip {
             v.method = i.method;
             v.uid = i.uid;
-            v.attendee = i.attendee;
-            v.partstat = i.partstat;
         }
         v
     };

@@ -56,6 +56,15 @@ pub async fn take(
             };
         }
     };
+    let mut analysis = analysis;
+    let method = analysis.itip.as_ref().and_then(|i| i.method.clone());
+    if settings.replies_only && analysis.kind == Kind::Reply && method.as_deref() != Some("REPLY") {
+        analysis.kind = Kind::Other;
+        analysis.reason = format!(
+            "the calendar target applies replies only, not METHOD:{}",
+            method.as_deref().unwrap_or("-")
+        );
+    }
     let record_of = |token: &str| tokens.iter().find(|r| r.token == token);
     let organizer = gateway(recipients)
         .find_map(|(_, t)| record_of(t))
@@ -105,6 +114,8 @@ pub async fn take(
                         let mut r = build_record(&local, envelope, raw, token);
                         if let Some(obj) = r.payload.as_object_mut() {
                             obj.insert("organizer".into(), t.organizer.clone().into());
+                            // The token is the authority on whom a bounce is about.
+                            obj.insert("attendee".into(), attendee.clone().into());
                             if !dropped.is_empty() {
                                 obj.insert("dropped".into(), dropped.clone().into());
                             }
@@ -232,6 +243,9 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         line.push_str(&format!(" via={via}"));
     }
     crate::metrics::METRICS.message(intake.decision.disposition);
+    if intake.analysis.kind == Kind::Report {
+        crate::metrics::METRICS.report();
+    }
     match intake.decision.disposition {
         Disposition::Tempfail => warn!("{line}"),
         _ => info!("{line}"),

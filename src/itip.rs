@@ -161,7 +161,8 @@ fn clip(s: &str) -> String {
 /// `attendee` are kept, and in them only that ATTENDEE; components about
 /// anybody else are dropped (never applied as that person's answer). The real
 /// ORGANIZER is put back (this also repairs Outlook replies without one),
-/// STATUS is dropped, METHOD is upper case, a missing PRODID is added.
+/// STATUS is dropped, METHOD is upper case (COUNTER, DECLINECOUNTER and
+/// REFRESH kept, anything else REPLY), a missing PRODID is added.
 pub struct Rewritten {
     pub text: String,
     /// ATTENDEE values of the components dropped, for the log and `queue show`.
@@ -201,8 +202,18 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
     for comp in cal.components.iter_mut() {
         match comp.component_type {
             ICalendarComponentType::VCalendar => {
+                // An attendee's other iTIP messages keep their method; anything
+                // else leaves as the REPLY it was taken for.
                 for e in comp.entries.iter_mut().filter(|e| e.name == ICalendarProperty::Method) {
-                    e.values = vec![ICalendarValue::Method(ICalendarMethod::Reply)];
+                    let attendees_own = matches!(
+                        e.values.first(),
+                        Some(ICalendarValue::Method(
+                            ICalendarMethod::Counter | ICalendarMethod::Declinecounter | ICalendarMethod::Refresh
+                        ))
+                    );
+                    if !attendees_own {
+                        e.values = vec![ICalendarValue::Method(ICalendarMethod::Reply)];
+                    }
                 }
                 if !comp.entries.iter().any(|e| e.name == ICalendarProperty::Prodid) {
                     comp.entries.insert(

@@ -237,14 +237,16 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
         let after_type = |v: &str| v.split_once(';').map(|(_, a)| a.trim()).unwrap_or(v).to_owned();
         // Some reports write their per-recipient groups back to back with no
         // blank line: a recipient line after the fields of one starts another.
-        let started = current.final_recipient.is_some() || !current.action.is_empty() || current.status.is_some();
-        match name.as_str() {
-            "original-recipient" if started || original_seen => flush(&mut current, &mut groups),
-            "final-recipient" if started => {
-                flush(&mut current, &mut groups);
-                original_seen = false;
-            }
-            _ => {}
+        // Either recipient line may come first (Postfix writes Final first).
+        let described = !current.action.is_empty() || current.status.is_some();
+        let new_group = match name.as_str() {
+            "original-recipient" => described || original_seen,
+            "final-recipient" => described || current.final_recipient.is_some(),
+            _ => false,
+        };
+        if new_group {
+            flush(&mut current, &mut groups);
+            original_seen = false;
         }
         match name.as_str() {
             "original-recipient" => original_seen = true,

@@ -31,6 +31,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; 10],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
+    reports: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -39,6 +40,7 @@ pub static METRICS: Metrics = Metrics {
     latency_buckets: [const { AtomicU64::new(0) }; 10],
     latency_count: AtomicU64::new(0),
     latency_sum_us: AtomicU64::new(0),
+    reports: AtomicU64::new(0),
 };
 
 /// Delivery result, as counted.
@@ -54,6 +56,11 @@ impl Metrics {
         if let Some(i) = DISPOSITIONS.iter().position(|x| *x == d) {
             self.messages[i].fetch_add(1, Relaxed);
         }
+    }
+
+    /// A delivery report that needed no answer, taken quietly.
+    pub fn report(&self) {
+        self.reports.fetch_add(1, Relaxed);
     }
 
     pub fn delivery(&self, result: DeliveryResult, latency: Duration) {
@@ -113,6 +120,11 @@ impl Metrics {
             self.latency_sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "imip_milter_delivery_seconds_count {count}");
+        out.push_str(
+            "# HELP imip_milter_delivery_reports_total Delivery reports taken quietly: delayed, relayed, delivered.\n",
+        );
+        out.push_str("# TYPE imip_milter_delivery_reports_total counter\n");
+        let _ = writeln!(out, "imip_milter_delivery_reports_total {}", self.reports.load(Relaxed));
         out
     }
 }

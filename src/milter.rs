@@ -31,6 +31,9 @@ pub struct Settings {
     /// Read once, at start: the budget of all sessions together.
     pub max_buffered_bytes: usize,
     pub policy: SenderPolicy,
+    /// The target applies REPLY only (caldav): COUNTER, DECLINECOUNTER and
+    /// REFRESH go to the organizer instead.
+    pub replies_only: bool,
 }
 
 impl Settings {
@@ -42,6 +45,7 @@ impl Settings {
             max_buffered_bytes: config.max_buffered_bytes,
             max_gateway_recipients: config.max_gateway_recipients,
             policy: config.policy.clone(),
+            replies_only: config.target.kind == crate::config::TargetKind::CalDav,
         }
     }
 }

@@ -98,6 +98,7 @@ pub fn delivery_id(token: &str, message_id: Option<&str>, content: &str) -> Stri
 /// Builds the record for one gateway recipient (`rcpt` as received, `token` from it).
 pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token: &str) -> Record {
     let itip = analysis.itip.as_ref();
+    let answer = analysis.answer();
     let bounce = analysis.bounce.as_ref().map(|b| {
         serde_json::json!({
             "action": b.action,
@@ -134,8 +135,8 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
         "token": token,
         "method": itip.and_then(|i| i.method.clone()),
         "uid": itip.and_then(|i| i.uid.clone()),
-        "attendee": itip.and_then(|i| i.attendee.clone()),
-        "partstat": itip.and_then(|i| i.partstat.clone()),
+        "attendee": answer.0,
+        "partstat": answer.1,
         "authentication_results": analysis.authentication_results,
         "icalendar": analysis.icalendar,
     });

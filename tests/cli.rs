@@ -35,6 +35,13 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
         ("reply-all.eml", "discard", "reply"),
         ("thunderbird.eml", "discard", "reply"),
         ("truncated.eml", "reject", "malformed"),
+        ("dsn-back-to-back.eml", "discard", "bounce"),
+        ("bounce-organizer-first.eml", "discard", "bounce"),
+        ("dsn-delayed.eml", "discard", "report"),
+        ("reply-without-attendee.eml", "reject", "other"),
+        ("counter.eml", "discard", "reply"),
+        ("refresh.eml", "discard", "reply"),
+        ("reply-from-alias.eml", "discard", "reply"),
     ];
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -62,6 +69,16 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
         assert_eq!(v["kind"], *kind, "{name}: {out}");
         for key in ["smtp_reply", "token", "method", "uid", "attendee", "partstat", "reason"] {
             assert!(v.get(key).is_some(), "{name}: {key} missing in {out}");
+        }
+        // A bounce answers for the failed recipient, with no PARTSTAT.
+        let failed = [
+            ("bounce.eml", "mailto:nobody@gone.example"),
+            ("dsn-back-to-back.eml", "mailto:carol@example.net"),
+            ("bounce-organizer-first.eml", "mailto:dave@example.net"),
+        ];
+        if let Some((_, who)) = failed.iter().find(|f| f.0 == name) {
+            assert_eq!(v["attendee"], *who, "{name}: {out}");
+            assert!(v["partstat"].is_null(), "{name}: {out}");
         }
         if *disposition == "reject" {
             assert!(v["smtp_reply"].as_str().unwrap().starts_with("550 5."), "{name}: {out}");

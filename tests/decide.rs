@@ -126,15 +126,62 @@ fn bounce_carries_the_invitation_and_the_status() {
 }
 
 #[test]
-fn delayed_report_is_refused_not_spooled() {
-    let raw = String::from_utf8(fixture("bounce.eml"))
-        .unwrap()
-        .replace("Action: failed", "Action: delayed");
-    let a = analyse(raw.as_bytes());
-    assert_eq!(a.kind, Kind::Other);
+fn reports_that_need_no_answer_are_taken_quietly() {
+    for action in ["delayed", "relayed", "delivered", "expanded"] {
+        let raw = String::from_utf8(fixture("dsn-delayed.eml"))
+            .unwrap()
+            .replace("Action: delayed", &format!("Action: {action}"));
+        let a = analyse(raw.as_bytes());
+        assert_eq!(a.kind, Kind::Report, "{action}: {}", a.reason);
+        let d = decide_message(&a, &gateway_only());
+        assert_eq!(d.disposition, Disposition::Discard, "{action}");
+        assert!(!d.spool && d.smtp_reply.is_none(), "{action}");
+        let d = decide_message(&a, &mixed());
+        assert_eq!(d.disposition, Disposition::DeleteRecipients, "{action}");
+    }
+}
+
+#[test]
+fn back_to_back_report_groups_find_the_failed_recipient() {
+    let a = analyse(&fixture("dsn-back-to-back.eml"));
+    assert_eq!(a.kind, Kind::Bounce, "{}", a.reason);
+    assert_eq!(a.failed_recipient().as_deref(), Some("mailto:carol@example.net"));
+    assert_eq!(a.bounce.as_ref().unwrap().status.as_deref(), Some("5.2.1"));
+    assert_eq!(a.answer(), (Some("mailto:carol@example.net".into()), None));
+}
+
+#[test]
+fn a_bounce_answers_for_the_failed_recipient_not_the_first_attendee() {
+    let a = analyse(&fixture("bounce-organizer-first.eml"));
+    assert_eq!(a.kind, Kind::Bounce, "{}", a.reason);
+    assert_eq!(itip(&a).attendee.as_deref(), Some("mailto:alice@example.org"));
+    assert_eq!(a.answer(), (Some("mailto:dave@example.net".into()), None));
+}
+
+#[test]
+fn a_reply_naming_no_attendee_answers_for_nobody() {
+    let a = analyse(&fixture("reply-without-attendee.eml"));
+    assert_eq!(a.kind, Kind::Other, "{}", a.reason);
     let d = decide_message(&a, &gateway_only());
     assert_eq!(d.disposition, Disposition::Reject);
-    assert!(!d.spool);
+    assert!(d.smtp_reply.unwrap().to_string().starts_with("550 5.7.1 "));
+    let d = imip_milter::decision::decide_with_organizer(&a, &gateway_only(), Some("mailto:alice@example.org"));
+    assert_eq!(d.disposition, Disposition::Redirect);
+    assert_eq!(d.redirect_to.as_deref(), Some("alice@example.org"));
+}
+
+#[test]
+fn counter_refresh_and_declinecounter_travel_as_replies() {
+    for (eml, method) in [("counter.eml", "COUNTER"), ("refresh.eml", "REFRESH")] {
+        let a = analyse(&fixture(eml));
+        assert_eq!(a.kind, Kind::Reply, "{eml}: {}", a.reason);
+        assert_eq!(itip(&a).method.as_deref(), Some(method));
+        assert!(decide_message(&a, &gateway_only()).spool);
+    }
+    let raw = String::from_utf8(fixture("counter.eml"))
+        .unwrap()
+        .replace("COUNTER", "DECLINECOUNTER");
+    assert_eq!(analyse(raw.as_bytes()).kind, Kind::Reply);
 }
 
 fn refused(name: &str, code: &str) -> String {

@@ -349,3 +349,105 @@ async fn a_large_token_file_is_imported_through_the_daemon() {
     assert_eq!(st, vec![Status::Continue]);
     m.stop().await;
 }
+
+/// The event of the fixtures to Carol (counter.eml, refresh.eml, …).
+const BUDGET_UID: &str = "budget-review-2026@example.org";
+
+/// Carol answers from another address of hers. The token was given to her
+/// invited address and stays the authority: an answer for the alias is an
+/// answer for nobody the token knows (refused, readable, nothing applied);
+/// her invited address as ATTENDEE, sent from the alias, is her answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_from_an_alias_keeps_the_token_as_the_authority() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:carol@example.net", BUDGET_UID);
+    let (conn, _) = transaction(&m, [192, 0, 2, 4], &[gateway()]).await;
+    refused_and_not_applied(finish(conn, "reply-from-alias.eml").await.1, "not sent to", &hook).await;
+    let invited = String::from_utf8(fixture("reply-from-alias.eml"))
+        .unwrap()
+        .replace(":mailto:c.smith@home.example", ":mailto:carol@example.net");
+    let (conn, _) = transaction(&m, [192, 0, 2, 4], &[gateway()]).await;
+    assert_eq!(finish_raw(conn, invited).await.1, Status::Discard);
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got[0].body["attendee"], "mailto:carol@example.net");
+    assert_eq!(got[0].body["partstat"], "ACCEPTED");
+    assert_eq!(got[0].body["from"], "c.smith@home.example");
+    m.stop().await;
+}
+
+/// A REPLY that names no attendee answers for nobody: no PARTSTAT comes of
+/// it, and the organizer gets the message to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_without_attendee_goes_to_the_organizer() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:carol@example.net", BUDGET_UID);
+    let (conn, _) = transaction(&m, [192, 0, 2, 5], &[gateway()]).await;
+    let (actions, status) = finish(conn, "reply-without-attendee.eml").await;
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(
+        actions.has_add_recipient("<alice@example.org>", None::<&str>),
+        "{actions:?}"
+    );
+    assert!(actions.has_delete_recipient(gateway().as_str()), "{actions:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(hook.deliveries().is_empty());
+    m.stop().await;
+}
+
+/// COUNTER and REFRESH travel as replies do, bound to the token alike, and
+/// reach a webhook with their method; the caldav target, which cannot act
+/// on them, has them go to the organizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_and_refresh_reach_the_webhook_and_go_to_the_organizer_with_caldav() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:carol@example.net", BUDGET_UID);
+    for (n, (eml, method)) in [("counter.eml", "COUNTER"), ("refresh.eml", "REFRESH")]
+        .into_iter()
+        .enumerate()
+    {
+        let (conn, _) = transaction(&m, [192, 0, 2, 6], &[gateway()]).await;
+        assert_eq!(finish(conn, eml).await.1, Status::Discard, "{eml}");
+        let got = hook.wait_for(n + 1, Duration::from_secs(10));
+        let d = got.iter().find(|d| d.body["method"] == method).unwrap_or_else(|| {
+            panic!(
+                "{method}: {:?} refused {:?}",
+                got.iter().map(|d| d.body["method"].clone()).collect::<Vec<_>>(),
+                hook.refused()
+            )
+        });
+        assert_eq!(d.body["kind"], "reply");
+        assert_eq!(d.body["attendee"], "mailto:carol@example.net");
+        let cal = d.body["icalendar"].as_str().unwrap();
+        assert!(
+            cal.contains(&format!("METHOD:{method}")) && cal.contains("ORGANIZER:mailto:alice@example.org"),
+            "{cal}"
+        );
+    }
+    // Through another attendee's token: refused as a reply would be.
+    let stolen = String::from_utf8(fixture("counter.eml"))
+        .unwrap()
+        .replace("mailto:carol@example.net", "mailto:mallory@example.net");
+    let (conn, _) = transaction(&m, [192, 0, 2, 6], &[gateway()]).await;
+    match finish_raw(conn, stolen).await.1 {
+        Status::Reject { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("550 5.7.1 ")),
+        other => panic!("{other:?}"),
+    }
+    m.stop().await;
+
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        format!("{}{LOCAL}", c.replace("kind = \"webhook\"", "kind = \"caldav\""))
+    })
+    .await;
+    import(&m, &hook.url(), "mailto:carol@example.net", BUDGET_UID);
+    let (conn, _) = transaction(&m, [192, 0, 2, 7], &[gateway()]).await;
+    let (actions, status) = finish(conn, "counter.eml").await;
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(
+        actions.has_add_recipient("<alice@example.org>", None::<&str>),
+        "{actions:?}"
+    );
+    m.stop().await;
+}

@@ -306,8 +306,19 @@ fn check_injection(request_line: &str, headers: &HashMap<String, String>, body: 
         return (400, "Originator and Recipient must be mailto: URIs".into());
     }
     let text = String::from_utf8_lossy(body).replace("\r\n ", "").replace("\r\n\t", "");
-    if !text.lines().any(|l| l.trim_end().eq_ignore_ascii_case("METHOD:REPLY")) {
-        return (400, "METHOD:REPLY required".into());
+    // CalendarServer's gateway injects what the attendee sent, as from the
+    // attendee; its scheduler acts on an attendee's REPLY, REFRESH and COUNTER.
+    let attendee_methods = ["REPLY", "COUNTER", "DECLINECOUNTER", "REFRESH"];
+    if !text.lines().any(|l| {
+        let l = l.trim_end();
+        l.len() > 7
+            && l[..7].eq_ignore_ascii_case("METHOD:")
+            && attendee_methods.iter().any(|m| l[7..].eq_ignore_ascii_case(m))
+    }) {
+        return (
+            400,
+            "METHOD must be one an attendee sends (REPLY, COUNTER, DECLINECOUNTER, REFRESH)".into(),
+        );
     }
     // The value starts after the first colon outside a quoted parameter.
     let value = |l: &str| {
@@ -408,13 +419,22 @@ fn check(request_line: &str, headers: &HashMap<String, String>, body: &[u8], pat
     }
     match doc["kind"].as_str() {
         Some("reply") => {
-            if doc["method"] != "REPLY" || !doc["attendee"].as_str().is_some_and(|a| a.starts_with("mailto:")) {
-                return (400, "a reply needs METHOD REPLY and a mailto: attendee".into());
+            let method = doc["method"].as_str().unwrap_or("");
+            if !["REPLY", "COUNTER", "DECLINECOUNTER", "REFRESH"].contains(&method)
+                || !doc["attendee"].as_str().is_some_and(|a| a.starts_with("mailto:"))
+            {
+                return (400, "a reply needs an attendee's METHOD and a mailto: attendee".into());
             }
         }
         Some("bounce") => {
             if doc["bounce"]["action"] != "failed" {
                 return (400, "a bounce needs bounce.action failed".into());
+            }
+            if !doc["partstat"].is_null() || !doc["attendee"].as_str().is_some_and(|a| a.starts_with("mailto:")) {
+                return (
+                    400,
+                    "a bounce names the failed attendee (mailto:) and no partstat".into(),
+                );
             }
         }
         _ => return (400, "kind must be reply or bounce".into()),
