@@ -113,6 +113,8 @@ pub struct TargetConfig {
     pub party_crashers_record: bool,
     /// The largest HTTP answer body read from the target.
     pub max_response_bytes: usize,
+    /// PEM file of CA certificates trusted beside the built-in roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -283,6 +285,7 @@ struct RawTarget {
     calendar_home: Option<String>,
     party_crashers: Option<String>,
     max_response_bytes: Option<i64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -496,6 +499,7 @@ impl Config {
                 .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
             calendar_home: target.calendar_home.unwrap_or_else(|| "{base}/{user}/".to_owned()),
             max_response_bytes: positive("target.max_response_bytes", target.max_response_bytes, 4 << 20, 1 << 30)?,
+            ca_file: target.ca_file,
             party_crashers_record: match target.party_crashers.as_deref().unwrap_or("refuse") {
                 "refuse" => false,
                 "record" => true,

@@ -24,9 +24,23 @@ pub fn backoff(cfg: &DeliveryConfig, attempts: u32) -> Duration {
     cfg.initial_backoff.saturating_mul(factor).min(cfg.max_backoff)
 }
 
+/// A server fault answered in the same words this many times in a row is
+/// taken as lasting (Xandikos answers 500 for a refusal): the record fails
+/// with those words instead of being retried until delivery.max_age.
+pub const MAX_SAME_SERVER_FAULT: u32 = 5;
+
 /// Applies an outcome to a record.
 pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64) {
     rec.attempts = rec.attempts.saturating_add(1);
+    let error = match outcome {
+        Outcome::Delivered => None,
+        Outcome::Retry(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => Some(e),
+    };
+    rec.repeats = match (error, &rec.last_error) {
+        (Some(e), Some(last)) if e == last => rec.repeats.saturating_add(1),
+        (Some(_), _) => 1,
+        (None, _) => 0,
+    };
     match outcome {
         Outcome::Delivered => {
             rec.state = State::Delivered;
@@ -38,7 +52,12 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
             rec.last_error = Some(e.clone());
             rec.finished_ms = Some(now);
         }
-        Outcome::Retry(e) => {
+        Outcome::ServerFault(e) if rec.repeats >= MAX_SAME_SERVER_FAULT => {
+            rec.state = State::Failed;
+            rec.last_error = Some(e.clone());
+            rec.finished_ms = Some(now);
+        }
+        Outcome::Retry(e) | Outcome::ServerFault(e) => {
             let next = now.saturating_add(backoff(cfg, rec.attempts).as_millis() as u64);
             if next.saturating_sub(rec.created_ms) > cfg.max_age.as_millis() as u64 {
                 rec.state = State::Failed;
@@ -241,6 +260,7 @@ mod tests {
             attempts: 0,
             next_attempt_ms: created_ms,
             last_error: None,
+            repeats: 0,
             finished_ms: None,
             payload: serde_json::Value::Null,
         }
@@ -265,5 +285,24 @@ mod tests {
         apply(&c, &mut r, &Outcome::Retry("timed out".into()), 5 * 86_400_000);
         assert_eq!(r.state, State::Failed);
         assert!(r.last_error.unwrap().contains("max_age"));
+    }
+
+    #[test]
+    fn the_same_server_fault_five_times_fails_the_record() {
+        let c = cfg();
+        let mut r = rec(0);
+        let fault = Outcome::ServerFault("PUT /x: HTTP 500: access denied".into());
+        for n in 1..MAX_SAME_SERVER_FAULT {
+            apply(&c, &mut r, &fault, u64::from(n));
+            assert_eq!((r.state, r.repeats), (State::Pending, n));
+        }
+        // Other words in between start the count again.
+        apply(&c, &mut r, &Outcome::ServerFault("PUT /x: HTTP 500: busy".into()), 10);
+        assert_eq!((r.state, r.repeats), (State::Pending, 1));
+        for _ in 0..MAX_SAME_SERVER_FAULT {
+            apply(&c, &mut r, &fault, 20);
+        }
+        assert_eq!(r.state, State::Failed);
+        assert_eq!(r.last_error.as_deref(), Some("PUT /x: HTTP 500: access denied"));
     }
 }

@@ -65,6 +65,9 @@ pub struct Record {
     pub attempts: u32,
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
+    /// How many attempts in a row ended with `last_error` word for word.
+    #[serde(default)]
+    pub repeats: u32,
     pub finished_ms: Option<u64>,
     /// The document handed to the target (DESIGN §3).
     pub payload: serde_json::Value,
@@ -153,6 +156,7 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
         attempts: 0,
         next_attempt_ms: now,
         last_error: None,
+        repeats: 0,
         finished_ms: None,
         payload,
     }

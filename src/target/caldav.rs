@@ -20,11 +20,19 @@ pub struct CalDav {
     client: Client,
     base: String,
     home_template: String,
-    auth: Option<(String, String)>,
+    auth: Auth,
     crashers: Crashers,
     max_response_bytes: usize,
     /// target.url, parsed: hrefs are followed on its origin only.
     origin: Option<reqwest::Url>,
+}
+
+/// How the service account signs in: target.username + password_file
+/// (Basic), or target.token_file (Bearer).
+enum Auth {
+    None,
+    Basic(String, String),
+    Bearer(String),
 }
 
 /// A calendar object on the server.
@@ -36,9 +44,10 @@ struct Object {
 
 impl CalDav {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
-        let auth = match (&config.username, &config.password_file) {
-            (Some(u), Some(f)) => Some((u.clone(), super::webhook::read_secret(f, "target.password_file")?)),
-            _ => None,
+        let auth = match (&config.token_file, &config.username, &config.password_file) {
+            (Some(f), _, _) => Auth::Bearer(super::webhook::read_secret(f, "target.token_file")?),
+            (None, Some(u), Some(f)) => Auth::Basic(u.clone(), super::webhook::read_secret(f, "target.password_file")?),
+            _ => Auth::None,
         };
         let client = super::http_client(config)?;
         Ok(Self {
@@ -59,8 +68,9 @@ impl CalDav {
     fn req(&self, method: Method, url: &str) -> RequestBuilder {
         let r = self.client.request(method, url);
         match &self.auth {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
-            None => r,
+            Auth::Basic(u, p) => r.basic_auth(u, Some(p)),
+            Auth::Bearer(t) => r.bearer_auth(t),
+            Auth::None => r,
         }
     }
 
@@ -121,7 +131,7 @@ impl CalDav {
             return Err(Outcome::Permanent(format!("no calendar home at {home}")));
         }
         if status.as_u16() != 207 {
-            return Err(http_failure(status, "PROPFIND"));
+            return Err(failure(resp, "PROPFIND", home, self.max_response_bytes).await);
         }
         let xml = self.body(resp).await?;
         Ok(read_multistatus(xml)
@@ -146,9 +156,8 @@ impl CalDav {
             .send()
             .await
             .map_err(transport)?;
-        let status = resp.status();
-        if status.as_u16() != 207 {
-            return Err(http_failure(status, "REPORT"));
+        if resp.status().as_u16() != 207 {
+            return Err(failure(resp, "REPORT", calendar, self.max_response_bytes).await);
         }
         let xml = self.body(resp).await?;
         // Servers that ignore match-type search by substring: take only an
@@ -181,7 +190,7 @@ impl CalDav {
                     data: self.body(resp).await?,
                 }))
             }
-            s => Err(http_failure(s, "GET")),
+            _ => Err(failure(resp, "GET", href, self.max_response_bytes).await),
         }
     }
 
@@ -267,7 +276,7 @@ impl CalDav {
                 StatusCode::NOT_FOUND | StatusCode::GONE => {
                     return Outcome::Permanent(format!("event {uid} was deleted"))
                 }
-                s => return http_failure(s, "PUT"),
+                _ => return failure(resp, "PUT", &object.href, self.max_response_bytes).await,
             }
         }
         Outcome::Retry(format!("event {uid} kept changing while being written"))
@@ -320,18 +329,69 @@ fn transport(e: reqwest::Error) -> Outcome {
     if e.is_timeout() {
         Outcome::Retry("timed out".into())
     } else {
-        Outcome::Retry(format!("cannot reach the CalDAV server: {e}"))
+        // The outer error says only "error sending request"; the cause is
+        // what an admin acts on (a refused connection, an unknown CA).
+        Outcome::Retry(format!("cannot reach the CalDAV server: {}", super::root_cause(&e)))
     }
 }
 
-fn http_failure(status: StatusCode, what: &str) -> Outcome {
-    match status.as_u16() {
-        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("{what}: HTTP {status}")),
-        401 | 403 => Outcome::Permanent(format!(
-            "{what}: HTTP {status}: the service account may not do this (target.username, rights on the server)"
-        )),
-        _ => Outcome::Permanent(format!("{what}: HTTP {status}")),
+/// What an unexpected answer to `what` on `url` means, with the server's
+/// own words where it gave some.
+async fn failure(resp: reqwest::Response, what: &str, url: &str, limit: usize) -> Outcome {
+    let status = resp.status();
+    if status.is_redirection() {
+        let to = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(crate::address::printable)
+            .unwrap_or_else(|| "nowhere".into());
+        return Outcome::Permanent(format!(
+            "{what} {url}: HTTP {status} to {to} (not followed): set target.url or target.calendar_home to where it points"
+        ));
     }
+    let words = super::read_capped(resp, limit.min(64 * 1024))
+        .await
+        .map(|b| server_words(&b))
+        .unwrap_or_default();
+    let said = if words.is_empty() {
+        String::new()
+    } else {
+        format!(": {words}")
+    };
+    match status.as_u16() {
+        500 if !words.is_empty() => Outcome::ServerFault(format!("{what} {url}: HTTP {status}{said}")),
+        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("{what} {url}: HTTP {status}{said}")),
+        401 => Outcome::Permanent(format!(
+            "{what} {url}: HTTP {status}: the server refuses the service account's credentials \
+             (target.username and password_file, or token_file)"
+        )),
+        403 => Outcome::Permanent(format!(
+            "{what} {url}: HTTP {status}{said}: the service account may not do this (its rights on the server)"
+        )),
+        _ => Outcome::Permanent(format!("{what} {url}: HTTP {status}{said}")),
+    }
+}
+
+/// A server's error text made short and printable: tags dropped, space
+/// collapsed, at most 200 characters.
+fn server_words(body: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in body.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                text.push(' ');
+            }
+            _ if in_tag => {}
+            c if c.is_whitespace() || c.is_control() => text.push(' '),
+            c => text.push(c),
+        }
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    crate::address::printable(&words.join(" ").chars().take(200).collect::<String>())
 }
 
 /// Parses a multistatus answer off the async workers.
@@ -374,5 +434,15 @@ mod tests {
             alice
         ));
         assert!(!is_organizers_event("garbage", "weekly@example.org", alice));
+    }
+
+    #[test]
+    fn server_words_are_short_and_printable() {
+        assert_eq!(
+            server_words("<html><body><h1>500</h1>\n<p>Access\tdenied \x1b[31m</p></body></html>"),
+            "500 Access denied [31m"
+        );
+        assert_eq!(server_words(&"x".repeat(1000)).len(), 200);
+        assert_eq!(server_words("  "), "");
     }
 }

@@ -10,16 +10,29 @@ use crate::{
     spool::Record,
 };
 
-/// The HTTP client every target uses: the configured timeout, and no
-/// redirects (one would turn a POST into a GET; the target says so instead).
+/// The HTTP client every target uses: the configured timeout, no redirects
+/// (one would turn a POST into a GET; the target says so instead), and the
+/// CAs of `target.ca_file` beside the built-in roots.
 pub(crate) fn http_client(config: &TargetConfig) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(config.timeout)
         .connect_timeout(config.timeout.min(std::time::Duration::from_secs(10)))
         .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")))
+        .user_agent(concat!("imip-milter/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("target.ca_file {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("target.ca_file {}: {}", path.display(), root_cause(&e)))?;
+        if certs.is_empty() {
+            return Err(format!("target.ca_file {}: no certificate in it", path.display()));
+        }
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    builder
         .build()
-        .map_err(|e| format!("target: cannot build HTTP client: {e}"))
+        .map_err(|e| format!("target: cannot build HTTP client: {}", root_cause(&e)))
 }
 
 /// The innermost cause of an error: what a log line about a failed delivery needs.
@@ -80,6 +93,9 @@ pub enum Outcome {
     Delivered,
     /// Try again later (timeouts, connection errors, 408, 425, 429, 5xx).
     Retry(String),
+    /// HTTP 500 with the server's words: tried again, but the same words
+    /// `forward::MAX_SAME_SERVER_FAULT` times in a row fail the record.
+    ServerFault(String),
     /// The target refused the record for good; kept as failed.
     Permanent(String),
 }

@@ -157,7 +157,7 @@ mod tests {
         ] {
             let got = match classify(StatusCode::from_u16(code).unwrap()) {
                 Outcome::Delivered => 'd',
-                Outcome::Retry(_) => 'r',
+                Outcome::Retry(_) | Outcome::ServerFault(_) => 'r',
                 Outcome::Permanent(_) => 'p',
             };
             assert_eq!(got, want, "HTTP {code}");
