@@ -65,16 +65,37 @@ impl fmt::Display for Finding {
 }
 
 /// Runs every check. `postfix_config`: Postfix's configuration directory
-/// (postconf -c), None for the default one.
-pub async fn run(config: &Config, config_path: &Path, postfix_config: Option<&Path>) -> Vec<Finding> {
+/// (postconf -c), None for the default one. `organizer`: prove the target
+/// works for this organizer (caldav: home, calendars, a search), writing
+/// nothing.
+pub async fn run(
+    config: &Config,
+    config_path: &Path,
+    postfix_config: Option<&Path>,
+    organizer: Option<&str>,
+) -> Vec<Finding> {
     let mut out = vec![Finding::ok("config", format!("{} is valid", config_path.display()))];
     out.extend(state_dir(config));
     out.extend(milter_socket(config));
     out.extend(secret_files(config));
     out.extend(token_database(config).await);
     out.push(target(config).await);
+    if let Some(o) = organizer {
+        out.extend(for_organizer(config, o).await);
+    }
     out.extend(postfix(config, postfix_config));
     out
+}
+
+async fn for_organizer(config: &Config, organizer: &str) -> Vec<Finding> {
+    match Target::new(&config.target) {
+        Ok(Target::CalDav(c)) => c.check_organizer(&crate::itip::normalise_mailto(organizer)).await,
+        Ok(_) => vec![Finding::warn(
+            "organizer",
+            "--organizer is for target kind caldav; the other targets find the organizer themselves",
+        )],
+        Err(e) => vec![Finding::fail("target", e)],
+    }
 }
 
 /// With outbound tokenization whoever reaches the milter socket can claim

@@ -107,8 +107,9 @@ pub struct TargetConfig {
     /// calendarserver: file holding the shared secret sent in `secret_header`.
     pub secret_file: Option<PathBuf>,
     pub secret_header: String,
-    /// caldav: the organizer's calendar home; {base}, {user}, {domain}, {address}.
-    pub calendar_home: String,
+    /// caldav: the organizer's calendar home; {base}, {user}, {domain},
+    /// {address}. None: found on the server (RFC 3744, 4791, 5397, 6638).
+    pub calendar_home: Option<String>,
     /// caldav: add a reply from someone not invited (else refuse it).
     pub party_crashers_record: bool,
     /// The largest HTTP answer body read from the target.
@@ -497,7 +498,7 @@ impl Config {
             secret_header: target
                 .secret_header
                 .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
-            calendar_home: target.calendar_home.unwrap_or_else(|| "{base}/{user}/".to_owned()),
+            calendar_home: target.calendar_home.filter(|h| !h.trim().is_empty()),
             max_response_bytes: positive("target.max_response_bytes", target.max_response_bytes, 4 << 20, 1 << 30)?,
             ca_file: target.ca_file,
             party_crashers_record: match target.party_crashers.as_deref().unwrap_or("refuse") {

@@ -85,6 +85,10 @@ enum Command {
         /// Postfix configuration directory (postconf -c)
         #[arg(long, value_name = "DIR")]
         postfix_config: Option<PathBuf>,
+        /// caldav: prove the target works for this organizer (finds the
+        /// calendar home, lists the calendars, searches them; writes nothing)
+        #[arg(long, value_name = "ADDR")]
+        organizer: Option<String>,
     },
     /// Manage local tokens ([tokens] mode = "local")
     Tokens {
@@ -203,7 +207,11 @@ fn main() -> ExitCode {
             queue_id,
             client_addr,
         } => deliver(&config, &rcpt, &sender, queue_id, client_addr),
-        Command::Check { config, postfix_config } => check(&config, postfix_config.as_deref()),
+        Command::Check {
+            config,
+            postfix_config,
+            organizer,
+        } => check(&config, postfix_config.as_deref(), organizer.as_deref()),
         Command::Tokens { config, action } => tokens(&config, action),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
@@ -495,7 +503,7 @@ fn deliver_without_daemon(
     })
 }
 
-fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode {
+fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>, organizer: Option<&str>) -> ExitCode {
     let path = arg.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -511,7 +519,7 @@ fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>) -> ExitCode 
             return ExitCode::FAILURE;
         }
     };
-    let findings = runtime.block_on(imip_milter::check::run(&config, &path, postfix_config));
+    let findings = runtime.block_on(imip_milter::check::run(&config, &path, postfix_config, organizer));
     for f in &findings {
         println!("{f}");
     }

@@ -23,6 +23,8 @@ use std::{
 };
 
 const UID: &str = "weekly-sync-2026@example.org";
+/// The calendar home as a template, where a test is not about discovery.
+const HOME: &str = "calendar_home = \"{base}/{user}/\"\n";
 const EVENT_PATH: &str = "/alice/calendar/weekly-sync.ics";
 const ATTENDEES: [&str; 4] = [
     "bob@example.com",
@@ -447,8 +449,13 @@ fn assert_one_failed(config: &std::path::Path, why: &str) {
 }
 
 fn standalone(dir: &std::path::Path, url: &str) -> (std::path::PathBuf, String) {
+    standalone_with(dir, url, "")
+}
+
+/// As `standalone`, with `extra` in the [target] section.
+fn standalone_with(dir: &std::path::Path, url: &str, extra: &str) -> (std::path::PathBuf, String) {
     let config = dir.join("imip-milter.toml");
-    let text = common::config_text(&dir.join("state"), "inet:127.0.0.1:1", "http://unused.invalid/", "");
+    let text = common::config_text(&dir.join("state"), "inet:127.0.0.1:1", "http://unused.invalid/", extra);
     std::fs::write(&config, caldav_config(dir, url)(text)).unwrap();
     let token = common::add_token(&config, "alice@example.org", "bob@example.com", UID);
     (config, format!("calendar+{token}@example.org"))
@@ -746,10 +753,35 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
         );
     });
     let dir = tempfile::tempdir().unwrap();
-    let (config, gateway) = standalone(dir.path(), &foreign.url());
+    let (config, gateway) = standalone_with(dir.path(), &foreign.url(), HOME);
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
     assert_one_failed(&config, "not in the calendars");
+    assert_eq!(
+        elsewhere.connections.load(Ordering::SeqCst),
+        0,
+        "a request went to a foreign href"
+    );
+
+    // Discovery: principals and homes that the server places elsewhere.
+    let misleading = HostileServer::start(move |s| {
+        let xml = format!(
+            "<?xml version=\"1.0\"?><D:multistatus xmlns:D=\"DAV:\" xmlns:C=\"urn:ietf:params:xml:ns:caldav\">\
+             <D:response><D:href>/alice/</D:href><D:propstat><D:prop>\
+             <D:principal-collection-set><D:href>//127.0.0.1:{other}/principals/</D:href></D:principal-collection-set>\
+             <C:calendar-home-set><D:href>http://127.0.0.1:{other}/alice/</D:href></C:calendar-home-set>\
+             <C:calendar-user-address-set><D:href>mailto:alice@example.org</D:href></C:calendar-user-address-set>\
+             </D:prop></D:propstat></D:response></D:multistatus>"
+        );
+        let _ = s.write_all(
+            format!("HTTP/1.1 207 Multi-Status\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len()).as_bytes(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &misleading.url());
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    assert_one_failed(&config, "no calendar home found");
     assert_eq!(
         elsewhere.connections.load(Ordering::SeqCst),
         0,
@@ -767,7 +799,7 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let (config, gateway) = standalone(dir.path(), &huge.url());
+    let (config, gateway) = standalone_with(dir.path(), &huge.url(), HOME);
     let started = std::time::Instant::now();
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
@@ -782,7 +814,7 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
         );
     });
     let dir = tempfile::tempdir().unwrap();
-    let (config, gateway) = standalone(dir.path(), &flood.url());
+    let (config, gateway) = standalone_with(dir.path(), &flood.url(), HOME);
     let started = std::time::Instant::now();
     let (code, err) = deliver(&config, &gateway, &apple(&gateway));
     assert_eq!(code, 0, "taken and spooled: {err}");
@@ -790,4 +822,45 @@ fn a_hostile_caldav_server_gets_no_memory_and_no_credentials() {
     let list = cli(&config, &["queue", "list"]);
     assert!(list.contains("1 pending") && list.contains("XML"), "{list}");
     assert!(took < Duration::from_secs(20), "the flood took {took:?}");
+}
+
+/// `check --organizer` proves the target for one organizer, as the service
+/// account: the home found on the server, the calendars, a search, the
+/// right to write; and writes nothing.
+#[test]
+fn check_organizer_proves_the_target_and_writes_nothing() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let before = stored(&radicale);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = standalone(dir.path(), &radicale.url());
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    let organizer: Vec<&str> = out.lines().filter(|l| l.contains("organizer:")).collect();
+    assert!(
+        organizer.iter().all(|l| l.starts_with("OK")) && organizer.len() >= 3,
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("calendar home {}/alice/", radicale.url())),
+        "{out}"
+    );
+    assert!(out.contains("1 calendar(s)"), "{out}");
+    assert_eq!(stored(&radicale), before, "check wrote to the calendar");
+    let out = cli(&config, &["check", "--organizer", "nobody-here@example.org"]);
+    assert!(out.lines().any(|l| l.starts_with("FAIL organizer:")), "{out}");
+
+    // A service account that may only read.
+    let read_only = Radicale::start_with_rights(
+        &Radicale::RIGHTS.replace("collection: .*\npermissions: RrWw", "collection: .*\npermissions: Rr"),
+    );
+    put_event(&read_only);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = standalone(dir.path(), &read_only.url());
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    // Radicale says what the account may do (RFC 3744): read only.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL organizer:") && l.contains("may not change") && l.contains("read")),
+        "{out}"
+    );
 }

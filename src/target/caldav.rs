@@ -1,8 +1,10 @@
 //! Target `caldav`: applies each reply to the organizer's event on any
 //! CalDAV server (RFC 4791), for servers that send invitations by mail but
-//! never process the answers. Finds the event by UID in the organizer's
-//! calendars, applies the REPLY (see `schedule`), and writes it back with
-//! If-Match, fetching again when someone else changed it meanwhile.
+//! never process the answers. Finds the organizer's calendar home (the
+//! `calendar_home` template, or the server's principals), the event by UID in
+//! the organizer's calendars, applies the REPLY (see `schedule`), and writes
+//! it back with If-Match, fetching again when someone else changed it
+//! meanwhile.
 
 use super::Outcome;
 use crate::{
@@ -12,14 +14,27 @@ use crate::{
     spool::Record,
 };
 use reqwest::{header, Client, Method, RequestBuilder, StatusCode};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 /// Writes tried when the event keeps changing under us.
 const MAX_WRITES: usize = 5;
+/// A discovered calendar home is asked for again after this long.
+const HOME_TTL: Duration = Duration::from_secs(3600);
+/// Organizers whose home is remembered at most.
+const MAX_HOMES: usize = 10_000;
+/// Principal collections searched at most.
+const MAX_COLLECTIONS: usize = 4;
 
 pub struct CalDav {
     client: Client,
     base: String,
-    home_template: String,
+    /// target.calendar_home; None: discovered per organizer.
+    home_template: Option<String>,
+    homes: Mutex<HashMap<String, (String, Instant)>>,
     auth: Auth,
     crashers: Crashers,
     max_response_bytes: usize,
@@ -54,6 +69,7 @@ impl CalDav {
             client,
             base: config.url.trim_end_matches('/').to_owned(),
             home_template: config.calendar_home.clone(),
+            homes: Mutex::new(HashMap::new()),
             auth,
             crashers: if config.party_crashers_record {
                 Crashers::Record
@@ -74,26 +90,223 @@ impl CalDav {
         }
     }
 
-    /// The organizer's calendar home, from the template.
-    pub fn home(&self, organizer: &str) -> Option<String> {
+    /// The organizer's address when it is one that may be spliced into a
+    /// URL path or searched for: a plain `mailto:` address.
+    fn address(organizer: &str) -> Option<&str> {
         let address = organizer
             .get(7..)
-            .filter(|_| organizer[..7].eq_ignore_ascii_case("mailto:"))?;
+            .filter(|_| organizer.get(..7).is_some_and(|m| m.eq_ignore_ascii_case("mailto:")))?;
+        address.rsplit_once('@')?;
+        // Nothing that leaves the organizer's home or breaks the XML.
+        let clean = !address.contains(['/', '\\', '?', '#', '%', '<', '>', '&', '"', '\''])
+            && !address.contains("..")
+            && !address.chars().any(|c| c.is_control() || c.is_whitespace());
+        clean.then_some(address)
+    }
+
+    /// The organizer's calendar home from `template` ({base}, {user},
+    /// {domain}, {address}).
+    fn home_by_template(&self, template: &str, organizer: &str) -> Option<String> {
+        let address = Self::address(organizer)?;
         let (user, domain) = address.rsplit_once('@')?;
-        // Spliced into a URL path: nothing that leaves the organizer's home.
-        if address.contains(['/', '\\', '?', '#', '%'])
-            || address.contains("..")
-            || address.chars().any(char::is_control)
-        {
-            return None;
-        }
         Some(
-            self.home_template
+            template
                 .replace("{base}", &self.base)
                 .replace("{user}", user)
                 .replace("{domain}", domain)
                 .replace("{address}", address),
         )
+    }
+
+    /// The organizer's calendar home: the template when one is configured,
+    /// else found on the server and remembered for an hour.
+    pub async fn home(&self, organizer: &str) -> Result<(String, &'static str), Outcome> {
+        if let Some(t) = &self.home_template {
+            return self
+                .home_by_template(t, organizer)
+                .map(|h| (h, "target.calendar_home"))
+                .ok_or_else(|| Outcome::Permanent(format!("organizer {organizer} is no plain mailto: address")));
+        }
+        let Some(address) = Self::address(organizer) else {
+            return Err(Outcome::Permanent(format!(
+                "organizer {organizer} is no plain mailto: address"
+            )));
+        };
+        let key = address.to_ascii_lowercase();
+        if let Ok(homes) = self.homes.lock() {
+            if let Some((home, when)) = homes.get(&key) {
+                if when.elapsed() < HOME_TTL {
+                    return Ok((home.clone(), "remembered"));
+                }
+            }
+        }
+        let (home, how) = self.discover(address).await?;
+        if let Ok(mut homes) = self.homes.lock() {
+            if homes.len() >= MAX_HOMES {
+                homes.clear();
+            }
+            homes.insert(key, (home.clone(), Instant::now()));
+        }
+        Ok((home, how))
+    }
+
+    /// Finds `address`'s calendar home: the principal whose RFC 6638
+    /// calendar-user-address-set holds it (RFC 3744 principal-property-search
+    /// in the server's principal collections), else the principal named as
+    /// the address's user part (Radicale's `/user/`), asked for its RFC 4791
+    /// calendar-home-set. A principal that lists addresses but not this one
+    /// is somebody else's.
+    async fn discover(&self, address: &str) -> Result<(String, &'static str), Outcome> {
+        let root = format!("{}/", self.base);
+        let mut tried: Vec<String> = Vec::new();
+        // A server that cannot be reached now is tried again later.
+        let mut passing = false;
+        let mut note = |o: Outcome, tried: &mut Vec<String>| {
+            passing |= !matches!(o, Outcome::Permanent(_));
+            tried.push(describe(&o));
+        };
+        let mut collections: Vec<String> = match self
+            .propfind(&root, "0", "<D:current-user-principal/><D:principal-collection-set/>")
+            .await
+        {
+            Ok(rs) => rs
+                .iter()
+                .flat_map(|r| r.principal_collection_set.iter())
+                .filter_map(|h| self.on_origin(h))
+                .take(MAX_COLLECTIONS)
+                .collect(),
+            Err(o @ (Outcome::Retry(_) | Outcome::ServerFault(_))) => return Err(o),
+            Err(o) => {
+                note(o, &mut tried);
+                Vec::new()
+            }
+        };
+        if collections.is_empty() {
+            collections.push(root.clone());
+        }
+        for c in &collections {
+            match self.search_principal(c, address).await {
+                Ok(Some(home)) => return Ok((home, "principal-property-search")),
+                Ok(None) => tried.push(format!("no principal in {c} has mailto:{address}")),
+                Err(o) => note(o, &mut tried),
+            }
+        }
+        let user = address.rsplit_once('@').map(|(u, _)| u).unwrap_or(address);
+        let principal = format!("{}/{user}/", self.base);
+        match self.home_set_of(&principal, address).await {
+            Ok(Some(home)) => return Ok((home, "the principal named as the user")),
+            Ok(None) => tried.push(format!("{principal} is not the principal of {address}")),
+            Err(o) => note(o, &mut tried),
+        }
+        let text = format!(
+            "no calendar home found for {address} ({}): set target.calendar_home",
+            tried.join("; ")
+        );
+        Err(if passing {
+            Outcome::Retry(text)
+        } else {
+            Outcome::Permanent(text)
+        })
+    }
+
+    /// PROPFIND of the named properties (XML elements with prefixes D:, C:).
+    async fn propfind(&self, url: &str, depth: &str, props: &str) -> Result<Vec<super::dav_xml::DavResponse>, Outcome> {
+        let body = format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop>{props}</D:prop></D:propfind>"#
+        );
+        let resp = self
+            .req(Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET), url)
+            .header("Depth", depth)
+            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status().as_u16() != 207 {
+            return Err(failure(resp, "PROPFIND", url, self.max_response_bytes).await);
+        }
+        let xml = self.body(resp).await?;
+        read_multistatus(xml).await
+    }
+
+    /// RFC 3744 principal-property-search on calendar-user-address-set.
+    /// Servers match by substring: only a principal that lists exactly the
+    /// address counts, and two that do are refused as ambiguous.
+    async fn search_principal(&self, collection: &str, address: &str) -> Result<Option<String>, Outcome> {
+        let wanted = format!("mailto:{address}");
+        let body = format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:property-search><D:prop><C:calendar-user-address-set/></D:prop><D:match>{wanted}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
+        );
+        let resp = self
+            .req(Method::from_bytes(b"REPORT").unwrap_or(Method::GET), collection)
+            .header("Depth", "0")
+            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status().as_u16() != 207 {
+            // Servers without RFC 3744 answer 4xx or 501: not a fault here.
+            let o = failure(
+                resp,
+                "principal-property-search in",
+                collection,
+                self.max_response_bytes,
+            )
+            .await;
+            return Err(match o {
+                Outcome::Retry(e) | Outcome::ServerFault(e) if e.contains("HTTP 501") => Outcome::Permanent(e),
+                o => o,
+            });
+        }
+        let xml = self.body(resp).await?;
+        let responses = read_multistatus(xml).await?;
+        let matching: Vec<_> = responses
+            .iter()
+            .filter(|r| r.calendar_user_address_set.iter().any(|a| same_address(a, &wanted)))
+            .collect();
+        match matching.as_slice() {
+            [] => Ok(None),
+            [one] => {
+                if let Some(home) = one.calendar_home_set.iter().find_map(|h| self.on_origin(h)) {
+                    return Ok(Some(home));
+                }
+                match one.href.as_deref().and_then(|h| self.on_origin(h)) {
+                    Some(principal) => self.home_set_of(&principal, address).await,
+                    None => Ok(None),
+                }
+            }
+            _ => Err(Outcome::Permanent(format!(
+                "{} principals in {collection} claim {address}",
+                matching.len()
+            ))),
+        }
+    }
+
+    /// A principal's calendar-home-set; None when the principal lists
+    /// calendar user addresses and `address` is not among them.
+    async fn home_set_of(&self, principal: &str, address: &str) -> Result<Option<String>, Outcome> {
+        let responses = self
+            .propfind(principal, "0", "<C:calendar-home-set/><C:calendar-user-address-set/>")
+            .await?;
+        let wanted = format!("mailto:{address}");
+        let Some(r) = responses.first() else { return Ok(None) };
+        let mailto: Vec<&String> = r
+            .calendar_user_address_set
+            .iter()
+            .filter(|a| a.get(..7).is_some_and(|m| m.eq_ignore_ascii_case("mailto:")))
+            .collect();
+        if !mailto.is_empty() && !mailto.iter().any(|a| same_address(a, &wanted)) {
+            return Ok(None);
+        }
+        Ok(r.calendar_home_set.iter().find_map(|h| self.on_origin(h)))
+    }
+
+    /// An href as a URL on target.url's origin; None for anything elsewhere.
+    fn on_origin(&self, href: &str) -> Option<String> {
+        let base = self.origin.as_ref()?;
+        let url = base.join(href).ok()?;
+        super::same_origin(base, &url).then(|| url.to_string())
     }
 
     /// An href from the server as a URL on target.url's origin; None for
@@ -206,8 +419,9 @@ impl CalDav {
                 "record lacks organizer, UID, attendee or calendar data (caldav needs tokens.mode = local)".into(),
             );
         };
-        let Some(home) = self.home(organizer) else {
-            return Outcome::Permanent(format!("organizer {organizer} is no mailto: address"));
+        let home = match self.home(organizer).await {
+            Ok((home, _)) => home,
+            Err(o) => return o,
         };
         let calendars = match self.calendars(&home).await {
             Ok(c) => c,
@@ -282,6 +496,93 @@ impl CalDav {
         Outcome::Retry(format!("event {uid} kept changing while being written"))
     }
 
+    /// `check --organizer`: the home, the calendars, a search in each (for
+    /// a UID that exists nowhere); nothing is written.
+    pub async fn check_organizer(&self, organizer: &str) -> Vec<Finding> {
+        let mut out = Vec::new();
+        let (home, how) = match self.home(organizer).await {
+            Ok(h) => h,
+            Err(o) => return vec![Finding::fail("organizer", describe(&o))],
+        };
+        out.push(Finding::ok(
+            "organizer",
+            format!("{organizer}: calendar home {home} ({how})"),
+        ));
+        let calendars = match self.calendars(&home).await {
+            Ok(c) if c.is_empty() => {
+                out.push(Finding::fail(
+                    "organizer",
+                    format!("{home} holds no calendar the service account can see (its rights on the server)"),
+                ));
+                return out;
+            }
+            Ok(c) => c,
+            Err(o) => {
+                out.push(Finding::fail("organizer", describe(&o)));
+                return out;
+            }
+        };
+        let shown: Vec<&str> = calendars.iter().take(5).map(String::as_str).collect();
+        out.push(Finding::ok(
+            "organizer",
+            format!(
+                "{} calendar(s): {}{}",
+                calendars.len(),
+                shown.join(", "),
+                if calendars.len() > 5 { ", …" } else { "" }
+            ),
+        ));
+        let probe = "imip-milter-check-probe-no-such-event";
+        for cal in &calendars {
+            if let Err(o) = self.find(cal, probe, organizer).await {
+                out.push(Finding::fail("organizer", format!("searching {cal}: {}", describe(&o))));
+                return out;
+            }
+        }
+        out.push(Finding::ok(
+            "organizer",
+            "every calendar answers a search by UID (calendar-query REPORT)",
+        ));
+        // RFC 3744: may the service account change the organizer's events?
+        let mut unsaid = Vec::new();
+        for cal in &calendars {
+            match self.propfind(cal, "0", "<D:current-user-privilege-set/>").await {
+                Ok(rs) => match rs.first().and_then(|r| r.privileges.as_ref()) {
+                    Some(p)
+                        if p.iter()
+                            .any(|p| matches!(p.as_str(), "write" | "write-content" | "all")) => {}
+                    Some(p) => {
+                        out.push(Finding::fail(
+                            "organizer",
+                            format!(
+                                "the service account may not change events in {cal} (it has: {}): grant it write-content there",
+                                p.join(", ")
+                            ),
+                        ));
+                        return out;
+                    }
+                    None => unsaid.push(cal.as_str()),
+                },
+                Err(_) => unsaid.push(cal.as_str()),
+            }
+        }
+        out.push(if unsaid.is_empty() {
+            Finding::ok(
+                "organizer",
+                "the service account may change events in every calendar; nothing was written",
+            )
+        } else {
+            Finding::warn(
+                "organizer",
+                format!(
+                    "{} does not say what the service account may do (RFC 3744); the first reply will tell",
+                    unsaid.join(", ")
+                ),
+            )
+        });
+        out
+    }
+
     pub async fn check(&self) -> Finding {
         let resp = self
             .req(
@@ -306,6 +607,20 @@ impl CalDav {
             Ok(r) => Finding::warn("target", format!("{} answers {}", self.base, r.status())),
             Err(e) => Finding::fail("target", format!("{}: {e}", self.base)),
         }
+    }
+}
+
+/// Two `mailto:` URIs for the same address (the scheme and the address
+/// compared without case, as servers write them either way).
+fn same_address(a: &str, b: &str) -> bool {
+    crate::itip::normalise_mailto(a).eq_ignore_ascii_case(&crate::itip::normalise_mailto(b))
+}
+
+/// An outcome as one line of text.
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Delivered => "done".into(),
+        Outcome::Retry(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => e.clone(),
     }
 }
 

@@ -26,6 +26,47 @@ pub struct DavResponse {
     pub etag: Option<String>,
     /// `CALDAV:calendar-data`, entities and CDATA resolved.
     pub calendar_data: Option<String>,
+    /// Discovery (RFC 5397, 3744, 4791, 6638): the hrefs of these properties.
+    pub current_user_principal: Vec<String>,
+    pub principal_collection_set: Vec<String>,
+    pub calendar_home_set: Vec<String>,
+    pub calendar_user_address_set: Vec<String>,
+    /// RFC 3744 DAV:current-user-privilege-set, when the server gave it:
+    /// the names of the privileges (`read`, `write`, `write-content`, `all`…).
+    pub privileges: Option<Vec<String>>,
+}
+
+/// Hrefs kept per property at most.
+const MAX_HREFS: usize = 100;
+
+/// The properties whose hrefs discovery reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HrefProperty {
+    CurrentUserPrincipal,
+    PrincipalCollectionSet,
+    CalendarHomeSet,
+    CalendarUserAddressSet,
+}
+
+impl HrefProperty {
+    fn of(space: Space, name: &str) -> Option<Self> {
+        match (space, name) {
+            (Space::Dav, "current-user-principal") => Some(Self::CurrentUserPrincipal),
+            (Space::Dav, "principal-collection-set") => Some(Self::PrincipalCollectionSet),
+            (Space::CalDav, "calendar-home-set") => Some(Self::CalendarHomeSet),
+            (Space::CalDav, "calendar-user-address-set") => Some(Self::CalendarUserAddressSet),
+            _ => None,
+        }
+    }
+
+    fn list(self, r: &mut DavResponse) -> &mut Vec<String> {
+        match self {
+            Self::CurrentUserPrincipal => &mut r.current_user_principal,
+            Self::PrincipalCollectionSet => &mut r.principal_collection_set,
+            Self::CalendarHomeSet => &mut r.calendar_home_set,
+            Self::CalendarUserAddressSet => &mut r.calendar_user_address_set,
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -40,6 +81,7 @@ enum Field {
     Href,
     Etag,
     Data,
+    PropertyHref(HrefProperty),
 }
 
 fn space(ns: &ResolveResult<'_>) -> Space {
@@ -57,6 +99,8 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
     let mut current: Option<DavResponse> = None;
     let mut capture: Option<(Field, String)> = None;
     let mut in_resourcetype = false;
+    let mut in_property: Option<HrefProperty> = None;
+    let (mut in_privileges, mut in_privilege) = (false, false);
     loop {
         let (ns, event) = reader
             .read_resolved_event()
@@ -70,10 +114,32 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     }
                     continue;
                 };
+                if let Some(p) = HrefProperty::of(space, e.local_name().as_ref()) {
+                    in_property = Some(p);
+                    continue;
+                }
                 match (space, e.local_name().as_ref()) {
-                    (Space::Dav, "href") if r.href.is_none() && capture.is_none() => {
-                        capture = Some((Field::Href, String::new()))
+                    (Space::Dav, "current-user-privilege-set") => {
+                        in_privileges = true;
+                        r.privileges.get_or_insert_with(Vec::new);
+                        continue;
                     }
+                    (Space::Dav, "privilege") if in_privileges => {
+                        in_privilege = true;
+                        continue;
+                    }
+                    (Space::Dav, name) if in_privilege => {
+                        push_privilege(r, name);
+                        continue;
+                    }
+                    _ => {}
+                }
+                match (space, e.local_name().as_ref()) {
+                    (Space::Dav, "href") if capture.is_none() => match in_property {
+                        Some(p) => capture = Some((Field::PropertyHref(p), String::new())),
+                        None if r.href.is_none() => capture = Some((Field::Href, String::new())),
+                        None => {}
+                    },
                     (Space::Dav, "getetag") if capture.is_none() => capture = Some((Field::Etag, String::new())),
                     (Space::CalDav, "calendar-data") if capture.is_none() => {
                         capture = Some((Field::Data, String::new()))
@@ -85,12 +151,24 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
             }
             Event::Empty(e) => {
                 if let Some(r) = current.as_mut() {
+                    if in_privilege && space == Space::Dav {
+                        push_privilege(r, e.local_name().as_ref());
+                    }
                     if in_resourcetype && (space, e.local_name().as_ref()) == (Space::CalDav, "calendar") {
                         r.calendar = true;
                     }
                 }
             }
             Event::End(e) => {
+                if HrefProperty::of(space, e.local_name().as_ref()).is_some() {
+                    in_property = None;
+                    continue;
+                }
+                match (space, e.local_name().as_ref()) {
+                    (Space::Dav, "current-user-privilege-set") => in_privileges = false,
+                    (Space::Dav, "privilege") => in_privilege = false,
+                    _ => {}
+                }
                 let name = (space, e.local_name().as_ref().to_owned());
                 match (name.0, name.1.as_str()) {
                     (Space::Dav, "response") => {
@@ -108,6 +186,12 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                                 Field::Href => r.href = Some(text.trim().to_owned()),
                                 Field::Etag => r.etag = Some(text.trim().to_owned()),
                                 Field::Data => r.calendar_data = Some(text),
+                                Field::PropertyHref(p) => {
+                                    let list = p.list(r);
+                                    if list.len() < MAX_HREFS {
+                                        list.push(text.trim().to_owned());
+                                    }
+                                }
                             }
                         }
                     }
@@ -141,6 +225,13 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
         }
     }
     Ok(out)
+}
+
+fn push_privilege(r: &mut DavResponse, name: &str) {
+    let list = r.privileges.get_or_insert_with(Vec::new);
+    if list.len() < MAX_HREFS {
+        list.push(name.to_owned());
+    }
 }
 
 /// The first `CALDAV:request-status` of a schedule-response (RFC 6638,
@@ -210,6 +301,31 @@ END:VCALENDAR]]></cal:calendar-data></d:prop></d:propstat></d:response></d:multi
         let rs = multistatus(xml).unwrap();
         assert!(!rs[0].calendar);
         assert!(rs[1].calendar_data.as_deref().unwrap().contains("X:<&>"));
+    }
+
+    #[test]
+    fn discovery_properties() {
+        // As DAViCal answers a principal-property-search: the principal's
+        // own href, then hrefs inside properties.
+        let xml = r#"<multistatus xmlns="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><response><href>/caldav.php/alice/</href><propstat><prop><C:calendar-home-set><href>/caldav.php/alice/</href></C:calendar-home-set><C:calendar-user-address-set><href>mailto:alice@example.org</href><href>/caldav.php/alice/</href></C:calendar-user-address-set><current-user-principal><href>/caldav.php/imip/</href></current-user-principal><principal-collection-set><href>/caldav.php/</href></principal-collection-set></prop><status>HTTP/1.1 200 OK</status></propstat></response></multistatus>"#;
+        let rs = multistatus(xml).unwrap();
+        assert_eq!(rs.len(), 1);
+        let r = &rs[0];
+        assert_eq!(r.href.as_deref(), Some("/caldav.php/alice/"));
+        assert_eq!(r.calendar_home_set, ["/caldav.php/alice/"]);
+        assert_eq!(
+            r.calendar_user_address_set,
+            ["mailto:alice@example.org", "/caldav.php/alice/"]
+        );
+        assert_eq!(r.current_user_principal, ["/caldav.php/imip/"]);
+        assert_eq!(r.principal_collection_set, ["/caldav.php/"]);
+        assert_eq!(r.privileges, None);
+        let xml = r#"<d:multistatus xmlns:d="DAV:"><d:response><d:href>/c/</d:href><d:propstat><d:prop><d:current-user-privilege-set><d:privilege><d:read/></d:privilege><d:privilege><d:write-content/></d:privilege></d:current-user-privilege-set></d:prop></d:propstat></d:response></d:multistatus>"#;
+        let rs = multistatus(xml).unwrap();
+        assert_eq!(
+            rs[0].privileges.as_deref(),
+            Some(&["read".to_owned(), "write-content".to_owned()][..])
+        );
     }
 
     #[test]

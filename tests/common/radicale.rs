@@ -21,7 +21,15 @@ pub struct Radicale {
 pub const USERS: &[(&str, &str)] = &[("alice", "alice-pw"), ("imip", "imip-pw")];
 
 impl Radicale {
+    /// The service account may read and write every calendar; users their own.
+    pub const RIGHTS: &'static str = "[imip]\nuser: imip\ncollection: .*\npermissions: RrWw\n\n[owner]\nuser: .+\ncollection: {user}(/.*)?\npermissions: RrWw\n\n[root]\nuser: .+\ncollection:\npermissions: R\n";
+
     pub fn start() -> Self {
+        Self::start_with_rights(Self::RIGHTS)
+    }
+
+    /// With this rights file (Radicale's `from_file` format).
+    pub fn start_with_rights(rights: &str) -> Self {
         assert!(
             Path::new("/usr/bin/radicale").exists(),
             "Radicale is not installed: .ci/run installs it (apt-get install radicale)"
@@ -31,12 +39,7 @@ impl Radicale {
         let d = dir.path();
         let users: String = USERS.iter().map(|(u, p)| format!("{u}:{p}\n")).collect();
         std::fs::write(d.join("users"), users).unwrap();
-        // The service account may read and write every calendar; users their own.
-        std::fs::write(
-            d.join("rights"),
-            "[imip]\nuser: imip\ncollection: .*\npermissions: RrWw\n\n[owner]\nuser: .+\ncollection: {user}(/.*)?\npermissions: RrWw\n\n[root]\nuser: .+\ncollection:\npermissions: R\n",
-        )
-        .unwrap();
+        std::fs::write(d.join("rights"), rights).unwrap();
         std::fs::write(
             d.join("config"),
             format!(
