@@ -864,3 +864,23 @@ fn check_organizer_proves_the_target_and_writes_nothing() {
         "{out}"
     );
 }
+
+/// A CalDAV server with a certificate of an internal CA: refused with the
+/// root cause until target.ca_file names the CA, then trusted.
+#[test]
+fn an_internal_ca_is_trusted_through_ca_file() {
+    let (radicale, ca) = Radicale::start_tls();
+    let url = format!("https://127.0.0.1:{}", radicale.port);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = standalone(dir.path(), &url);
+    let target = |out: &str| out.lines().find(|l| l.contains(" target: ")).unwrap_or("").to_owned();
+    let refused = target(&cli(&config, &["check"]));
+    assert!(
+        refused.starts_with("FAIL") && refused.contains("UnknownIssuer"),
+        "{refused}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = standalone_with(dir.path(), &url, &format!("ca_file = \"{}\"\n", ca.display()));
+    let trusted = target(&cli(&config, &["check"]));
+    assert!(trusted.starts_with("OK") && trusted.contains("207"), "{trusted}");
+}

@@ -605,7 +605,7 @@ impl CalDav {
                 Finding::ok("target", format!("{} answers {}", self.base, r.status()))
             }
             Ok(r) => Finding::warn("target", format!("{} answers {}", self.base, r.status())),
-            Err(e) => Finding::fail("target", format!("{}: {e}", self.base)),
+            Err(e) => Finding::fail("target", format!("{}: {}", self.base, super::root_cause(&e))),
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod postfix;
 pub mod postgres;
 pub mod radicale;
+pub mod tls;
 
 use std::{
     collections::HashMap,

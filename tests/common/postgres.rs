@@ -51,69 +51,9 @@ impl Postgres {
     pub fn start_tls() -> (Self, PathBuf) {
         let mut pg = Self::init();
         let dir = pg.data.parent().expect("parent").to_path_buf();
-        let ca = dir.join("ca.crt");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .current_dir(&dir)
-                .args(args)
-                .output()
-                .expect("openssl (.ci/run installs it)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        openssl(
-            &[
-                &["req", "-x509"][..],
-                &ec,
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.crt",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=imip test CA",
-                ],
-            ]
-            .concat(),
-        );
-        openssl(
-            &[
-                &["req"][..],
-                &ec,
-                &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
-            ]
-            .concat(),
-        );
-        fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.crt",
-        ]);
+        let ca = super::tls::TestCa::new(&dir);
         for f in ["server.crt", "server.key"] {
-            fs::copy(dir.join(f), pg.data.join(f)).unwrap();
+            fs::copy(ca.dir.join(f), pg.data.join(f)).unwrap();
             let ok = Command::new("chown")
                 .arg("postgres:postgres")
                 .arg(pg.data.join(f))
@@ -133,7 +73,7 @@ impl Postgres {
         .unwrap();
         pg.run();
         pg.create_database();
-        (pg, ca)
+        (pg, ca.ca)
     }
 
     /// A cluster in a temporary directory, not started.

@@ -30,6 +30,22 @@ impl Radicale {
 
     /// With this rights file (Radicale's `from_file` format).
     pub fn start_with_rights(rights: &str) -> Self {
+        Self::start_as(rights, None)
+    }
+
+    /// Over TLS with a certificate of the tests' CA; the CA's file.
+    pub fn start_tls() -> (Self, std::path::PathBuf) {
+        let certs = tempfile::tempdir().unwrap().keep();
+        let ca = super::tls::TestCa::new(&certs);
+        let server = format!(
+            "ssl = True\ncertificate = {}\nkey = {}\n",
+            ca.cert.display(),
+            ca.key.display()
+        );
+        (Self::start_as(Self::RIGHTS, Some(&server)), ca.ca)
+    }
+
+    fn start_as(rights: &str, tls: Option<&str>) -> Self {
         assert!(
             Path::new("/usr/bin/radicale").exists(),
             "Radicale is not installed: .ci/run installs it (apt-get install radicale)"
@@ -43,8 +59,9 @@ impl Radicale {
         std::fs::write(
             d.join("config"),
             format!(
-                "[server]\nhosts = 127.0.0.1:{port}\n[auth]\ntype = htpasswd\nhtpasswd_filename = {0}/users\nhtpasswd_encryption = plain\n[rights]\ntype = from_file\nfile = {0}/rights\n[storage]\nfilesystem_folder = {0}/collections\n[logging]\nlevel = warning\n",
-                d.display()
+                "[server]\nhosts = 127.0.0.1:{port}\n{tls}[auth]\ntype = htpasswd\nhtpasswd_filename = {0}/users\nhtpasswd_encryption = plain\n[rights]\ntype = from_file\nfile = {0}/rights\n[storage]\nfilesystem_folder = {0}/collections\n[logging]\nlevel = warning\n",
+                d.display(),
+                tls = tls.unwrap_or("")
             ),
         )
         .unwrap();
