@@ -690,6 +690,8 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
 struct HostileServer {
     port: u16,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The request heads received, in order.
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl HostileServer {
@@ -699,19 +701,25 @@ impl HostileServer {
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = connections.clone();
         let answer = Arc::new(answer);
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
         std::thread::spawn(move || {
             for mut stream in listener.incoming().flatten() {
                 count.fetch_add(1, Ordering::SeqCst);
                 let answer = answer.clone();
+                let seen = seen.clone();
                 std::thread::spawn(move || {
                     // Read the request head and body, then answer.
                     let mut r = BufReader::new(stream.try_clone().unwrap());
                     let mut len = 0;
+                    let mut head = String::new();
                     loop {
                         let mut l = String::new();
                         if r.read_line(&mut l).unwrap_or(0) == 0 || l.trim().is_empty() {
+                            seen.lock().unwrap().push(head);
                             break;
                         }
+                        head.push_str(&l);
                         if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap_or(0);
                         }
@@ -722,7 +730,11 @@ impl HostileServer {
                 });
             }
         });
-        Self { port, connections }
+        Self {
+            port,
+            connections,
+            heads,
+        }
     }
 
     fn url(&self) -> String {
@@ -883,4 +895,62 @@ fn an_internal_ca_is_trusted_through_ca_file() {
     let (config, _) = standalone_with(dir.path(), &url, &format!("ca_file = \"{}\"\n", ca.display()));
     let trusted = target(&cli(&config, &["check"]));
     assert!(trusted.starts_with("OK") && trusted.contains("207"), "{trusted}");
+}
+
+/// A bearer token in target.token_file signs the service account in.
+#[test]
+fn caldav_signs_in_with_a_bearer_token() {
+    let server = HostileServer::start(|s| {
+        let _ = s.write_all(b"HTTP/1.1 207 Multi-Status\r\nContent-Type: application/xml\r\nContent-Length: 41\r\nConnection: close\r\n\r\n<multistatus xmlns=\"DAV:\"></multistatus>");
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("caldav.token");
+    std::fs::write(&token_file, "s3cr3t-bearer\n").unwrap();
+    let config = dir.path().join("imip-milter.toml");
+    let text = common::config_text(&dir.path().join("state"), "inet:127.0.0.1:1", &server.url(), "").replace(
+        "kind = \"webhook\"",
+        &format!("kind = \"caldav\"\ntoken_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&config, format!("{text}\n[tokens]\nmode = \"local\"\n")).unwrap();
+    let out = cli(&config, &["check"]);
+    assert!(out.contains("OK   target:"), "{out}");
+    let heads = server.heads.lock().unwrap().clone();
+    assert!(
+        heads.iter().any(|h| h
+            .to_ascii_lowercase()
+            .contains("authorization: bearer s3cr3t-bearer\r\n")),
+        "{heads:?}"
+    );
+}
+
+/// Xandikos answers 500 where it refuses: the same words five times in a
+/// row fail the record with them, instead of retrying for days.
+#[test]
+fn the_same_server_error_five_times_fails_the_record_with_its_words() {
+    let refusing = HostileServer::start(|s| {
+        let body = "<html><body><h1>500</h1><p>Access denied to /alice/calendar/</p></body></html>";
+        let _ = s.write_all(
+            format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let url = refusing.url();
+    let edit = caldav_config(dir.path(), &url);
+    let daemon = common::Daemon::start_edited(dir.path(), "http://unused.invalid/", None, move |c| {
+        edit(c).replace("kind = \"caldav\"", &format!("kind = \"caldav\"\n{HOME}"))
+    });
+    let config = dir.path().join("imip-milter.toml");
+    let token = common::add_token(&config, "alice@example.org", "bob@example.com", UID);
+    let gateway = format!("calendar+{token}@example.org");
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}\n{}", daemon.log());
+    // Backoff 200 ms doubling to 1 s: five attempts within seconds.
+    common::wait_until(Duration::from_secs(20), || {
+        cli(&config, &["queue", "list"]).contains("1 failed")
+    });
+    let list = cli(&config, &["queue", "list"]);
+    assert!(
+        list.contains("1 failed") && list.contains("HTTP 500") && list.contains("Access denied to /alice/calendar/"),
+        "{list}"
+    );
 }
