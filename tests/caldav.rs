@@ -954,3 +954,31 @@ fn the_same_server_error_five_times_fails_the_record_with_its_words() {
         "{list}"
     );
 }
+
+/// A calendar shared with the service account shows in its own home (as
+/// Cyrus shows `alice.calendar`): searched after the organizer's home, and
+/// only the organizer's own event there is written.
+#[test]
+fn a_calendar_shared_into_the_service_accounts_home_is_searched() {
+    let radicale = Radicale::start();
+    // Alice's home exists, without the event.
+    let resp = radicale.request("alice", "MKCALENDAR", "/alice/calendar/", &[], "");
+    assert!(matches!(resp.status, 201 | 405), "{}", resp.status);
+    let shared = "/imip/alice.calendar/";
+    let resp = radicale.request("imip", "MKCALENDAR", shared, &[], "");
+    assert!(matches!(resp.status, 201 | 405), "{}", resp.status);
+    let path = format!("{shared}weekly-sync.ics");
+    let resp = radicale.request("imip", "PUT", &path, &[("Content-Type", "text/calendar")], &event());
+    assert!(matches!(resp.status, 201 | 204), "{}", resp.status);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone(dir.path(), &radicale.url());
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "{err}");
+    let resp = radicale.request("imip", "GET", &path, &[], "");
+    assert_eq!(
+        partstat(&resp.body, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{}",
+        resp.body
+    );
+}

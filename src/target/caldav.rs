@@ -35,6 +35,8 @@ pub struct CalDav {
     /// target.calendar_home; None: discovered per organizer.
     home_template: Option<String>,
     homes: Mutex<HashMap<String, (String, Instant)>>,
+    /// The service account's own home, and when it was asked for.
+    own: Mutex<Option<(Option<String>, Instant)>>,
     auth: Auth,
     crashers: Crashers,
     max_response_bytes: usize,
@@ -70,6 +72,7 @@ impl CalDav {
             base: config.url.trim_end_matches('/').to_owned(),
             home_template: config.calendar_home.clone(),
             homes: Mutex::new(HashMap::new()),
+            own: Mutex::new(None),
             auth,
             crashers: if config.party_crashers_record {
                 Crashers::Record
@@ -302,6 +305,48 @@ impl CalDav {
         Ok(r.calendar_home_set.iter().find_map(|h| self.on_origin(h)))
     }
 
+    /// The service account's own calendar home (RFC 5397 current-user-principal,
+    /// then its calendar-home-set), asked once an hour; None when the server
+    /// does not say.
+    async fn own_home(&self) -> Option<String> {
+        if self.home_template.is_some() {
+            return None;
+        }
+        if let Ok(own) = self.own.lock() {
+            if let Some((home, when)) = own.as_ref() {
+                if when.elapsed() < HOME_TTL {
+                    return home.clone();
+                }
+            }
+        }
+        let root = format!("{}/", self.base);
+        let principal = self
+            .propfind(&root, "0", "<D:current-user-principal/>")
+            .await
+            .ok()
+            .and_then(|rs| {
+                rs.into_iter()
+                    .flat_map(|r| r.current_user_principal)
+                    .find_map(|h| self.on_origin(&h))
+            });
+        let home = match principal {
+            Some(p) => self
+                .propfind(&p, "0", "<C:calendar-home-set/>")
+                .await
+                .ok()
+                .and_then(|rs| {
+                    rs.into_iter()
+                        .flat_map(|r| r.calendar_home_set)
+                        .find_map(|h| self.on_origin(&h))
+                }),
+            None => None,
+        };
+        if let Ok(mut own) = self.own.lock() {
+            *own = Some((home.clone(), Instant::now()));
+        }
+        home
+    }
+
     /// An href as a URL on target.url's origin; None for anything elsewhere.
     fn on_origin(&self, href: &str) -> Option<String> {
         let base = self.origin.as_ref()?;
@@ -423,10 +468,22 @@ impl CalDav {
             Ok((home, _)) => home,
             Err(o) => return o,
         };
-        let calendars = match self.calendars(&home).await {
+        let mut calendars = match self.calendars(&home).await {
             Ok(c) => c,
             Err(o) => return o,
         };
+        // Calendars shared with the service account show in its own home
+        // (Cyrus: `alice.calendar`); searched after the organizer's, and an
+        // object there counts only with the organizer's ORGANIZER (find).
+        if let Some(own) = self.own_home().await.filter(|h| *h != home) {
+            if let Ok(shared) = self.calendars(&own).await {
+                for c in shared {
+                    if !calendars.contains(&c) {
+                        calendars.push(c);
+                    }
+                }
+            }
+        }
         let mut object = None;
         for cal in &calendars {
             match self.find(cal, uid, organizer).await {
