@@ -104,7 +104,7 @@ pub enum Outcome {
 pub enum Target {
     Webhook(webhook::Webhook),
     CalendarServer(calendarserver::CalendarServer),
-    CalDav(caldav::CalDav),
+    CalDav(Box<caldav::CalDav>),
 }
 
 impl Target {
@@ -113,7 +113,7 @@ impl Target {
         match config.kind {
             TargetKind::Webhook => webhook::Webhook::new(config).map(Self::Webhook),
             TargetKind::CalendarServer => calendarserver::CalendarServer::new(config).map(Self::CalendarServer),
-            TargetKind::CalDav => caldav::CalDav::new(config).map(Self::CalDav),
+            TargetKind::CalDav => caldav::CalDav::new(config).map(|c| Self::CalDav(Box::new(c))),
         }
     }
 
