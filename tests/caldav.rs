@@ -982,3 +982,51 @@ fn a_calendar_shared_into_the_service_accounts_home_is_searched() {
         resp.body
     );
 }
+
+/// Xandikos: the calendar home found by discovery (no principal search
+/// there: the principal named as the user, its calendar-home-set), a plain
+/// reply and one declining a single instance of the weekly event.
+#[test]
+fn replies_land_in_xandikos_found_by_discovery() {
+    use common::xandikos::{Xandikos, CALENDAR};
+    let x = Xandikos::start();
+    let path = format!("{CALENDAR}weekly-sync.ics");
+    let resp = x.request("PUT", &path, &[("Content-Type", "text/calendar")], &event());
+    assert!(matches!(resp.status, 201 | 204), "PUT: {} {}", resp.status, resp.body);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bob) = standalone(dir.path(), &x.url());
+    let dana = format!(
+        "calendar+{}@example.org",
+        common::add_token(&config, "alice@example.org", "dana@example.com", UID)
+    );
+    for (gateway, msg) in [(&bob, apple(&bob)), (&dana, google(&dana))] {
+        let (code, err) = deliver(&config, gateway, &msg);
+        assert_eq!(code, 0, "{err}\n{}", x.log());
+    }
+    let ics = x.request("GET", &path, &[], "").body;
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}"
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}"
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", Some("20261214T090000Z")).as_deref(),
+        Some("DECLINED"),
+        "{ics}"
+    );
+    let list = cli(&config, &["queue", "list", "--all"]);
+    assert!(!list.contains("failed   "), "{list}");
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(
+        out.contains(&format!("calendar home {}/alice/calendars/", x.url()))
+            && !out.lines().any(|l| l.starts_with("FAIL organizer")),
+        "{out}"
+    );
+    let out = cli(&config, &["check", "--organizer", "carol@example.org"]);
+    assert!(out.lines().any(|l| l.starts_with("FAIL organizer")), "{out}");
+}

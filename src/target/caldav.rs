@@ -294,9 +294,10 @@ impl CalDav {
             .await?;
         let wanted = format!("mailto:{address}");
         let Some(r) = responses.first() else { return Ok(None) };
-        let mailto: Vec<&String> = r
+        let mailto: Vec<String> = r
             .calendar_user_address_set
             .iter()
+            .map(|a| percent_decoded(a))
             .filter(|a| a.get(..7).is_some_and(|m| m.eq_ignore_ascii_case("mailto:")))
             .collect();
         if !mailto.is_empty() && !mailto.iter().any(|a| same_address(a, &wanted)) {
@@ -668,9 +669,35 @@ impl CalDav {
 }
 
 /// Two `mailto:` URIs for the same address (the scheme and the address
-/// compared without case, as servers write them either way).
+/// compared without case, as servers write them either way; Xandikos
+/// percent-encodes the href: `mailto%3Aalice%40example.org`).
 fn same_address(a: &str, b: &str) -> bool {
-    crate::itip::normalise_mailto(a).eq_ignore_ascii_case(&crate::itip::normalise_mailto(b))
+    let (a, b) = (percent_decoded(a), percent_decoded(b));
+    crate::itip::normalise_mailto(&a).eq_ignore_ascii_case(&crate::itip::normalise_mailto(&b))
+}
+
+/// `%XX` sequences decoded where they make UTF-8; anything else kept.
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = (c == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
 }
 
 /// An outcome as one line of text.
@@ -806,6 +833,18 @@ mod tests {
             alice
         ));
         assert!(!is_organizers_event("garbage", "weekly@example.org", alice));
+    }
+
+    #[test]
+    fn addresses_as_servers_write_them() {
+        assert!(same_address("mailto%3Aalice%40example.org", "mailto:alice@example.org"));
+        assert!(same_address("MAILTO:Alice@Example.org", "mailto:alice@example.org"));
+        assert!(!same_address(
+            "mailto:alice@example.org.evil",
+            "mailto:alice@example.org"
+        ));
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%41"), "%zzA");
     }
 
     #[test]

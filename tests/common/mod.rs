@@ -7,6 +7,7 @@ pub mod postfix;
 pub mod postgres;
 pub mod radicale;
 pub mod tls;
+pub mod xandikos;
 
 use std::{
     collections::HashMap,
