@@ -1030,3 +1030,109 @@ fn replies_land_in_xandikos_found_by_discovery() {
     let out = cli(&config, &["check", "--organizer", "carol@example.org"]);
     assert!(out.lines().any(|l| l.starts_with("FAIL organizer")), "{out}");
 }
+
+/// DAViCal names principals by login: the organizer's home is found by a
+/// principal-property-search on her address. Without rights reading the
+/// home is refused and the record fails saying so; with a principal grant a
+/// plain reply and a declined instance are applied. An organizer DAViCal does
+/// not know is told apart from missing rights. DAViCal schedules on the
+/// writer's behalf (README): a local attendee's inbox copy is written again.
+#[test]
+fn replies_land_in_davical_found_by_principal_search() {
+    use common::davical::Davical;
+    let dav = Davical::start();
+    let path = "/alice/calendar/weekly-sync.ics";
+    let resp = dav.request("alice", "PUT", path, &[("Content-Type", "text/calendar")], &event());
+    assert!(
+        matches!(resp.status, 201 | 204),
+        "PUT: {} {}\n{}",
+        resp.status,
+        resp.body,
+        dav.log()
+    );
+
+    // No rights yet: the home is found (principal search needs none), and
+    // reading it is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bob) = standalone(dir.path(), &dav.url());
+    let (code, err) = deliver(&config, &bob, &apple(&bob));
+    assert_eq!(code, 0, "{err}");
+    assert_one_failed(&config, "may not read this calendar home");
+    let out = cli(&config, &["check", "--organizer", "nobody@example.org"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL organizer") && l.contains("no principal")),
+        "{out}"
+    );
+
+    dav.grant("alice", "imip");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bob) = standalone(dir.path(), &dav.url());
+    let dana = format!(
+        "calendar+{}@example.org",
+        common::add_token(&config, "alice@example.org", "dana@example.com", UID)
+    );
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(
+        out.contains("principal-property-search") && !out.lines().any(|l| l.starts_with("FAIL organizer")),
+        "{out}"
+    );
+    for (gateway, msg) in [(&bob, apple(&bob)), (&dana, google(&dana))] {
+        let (code, err) = deliver(&config, gateway, &msg);
+        assert_eq!(code, 0, "{err}\n{}", dav.log());
+    }
+    let ics = dav.request("alice", "GET", path, &[], "").body;
+    let queue = cli(&config, &["queue", "list", "--all"]);
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}\n{queue}"
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}\n{queue}"
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", Some("20261214T090000Z")).as_deref(),
+        Some("DECLINED"),
+        "{ics}"
+    );
+
+    // An event with a local attendee: DAViCal sends her the organizer's copy
+    // again after the reply is written (RFC 6638 implicit scheduling).
+    let local_uid = "local-sync-2026@example.org";
+    let local = event().replace(UID, local_uid).replace(
+        "ORGANIZER;",
+        "ATTENDEE;PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:bob@example.org\r\nORGANIZER;",
+    );
+    let local_path = "/alice/calendar/local-sync.ics";
+    let resp = dav.request("alice", "PUT", local_path, &[("Content-Type", "text/calendar")], &local);
+    assert!(matches!(resp.status, 201 | 204), "PUT: {} {}", resp.status, resp.body);
+    let inbox = || {
+        dav.pg.psql_as(
+            "davical_dba",
+            "davical",
+            "SELECT coalesce(max(modified)::text, '-') FROM caldav_data WHERE dav_name LIKE '/bob/.in/%'",
+        )
+    };
+    let before = inbox();
+    let erik = format!(
+        "calendar+{}@example.org",
+        common::add_token(&config, "alice@example.org", "erik@example.com", local_uid)
+    );
+    let reply = reply_through(
+        &erik,
+        "erik@example.com",
+        &answer(local_uid, "erik@example.com", "DECLINED", ""),
+    );
+    let (code, err) = deliver(&config, &erik, &reply);
+    assert_eq!(code, 0, "{err}");
+    let ics = dav.request("alice", "GET", local_path, &[], "").body;
+    assert_eq!(
+        partstat(&ics, "erik@example.com", None).as_deref(),
+        Some("DECLINED"),
+        "{ics}"
+    );
+    assert_ne!(inbox(), before, "DAViCal wrote the local attendee's inbox copy again");
+}

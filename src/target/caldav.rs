@@ -389,6 +389,19 @@ impl CalDav {
         if status == StatusCode::NOT_FOUND {
             return Err(Outcome::Permanent(format!("no calendar home at {home}")));
         }
+        if status == StatusCode::FORBIDDEN {
+            // DAViCal answers alike for a principal that does not exist: a
+            // discovered home exists, so this is a missing right.
+            return Err(Outcome::Permanent(format!(
+                "PROPFIND {home}: HTTP 403: the service account may not read this calendar home \
+                 (grant it read and write there{})",
+                if self.home_template.is_some() {
+                    "; or target.calendar_home names a principal the server does not know"
+                } else {
+                    ""
+                }
+            )));
+        }
         if status.as_u16() != 207 {
             return Err(failure(resp, "PROPFIND", home, self.max_response_bytes).await);
         }
@@ -396,7 +409,7 @@ impl CalDav {
         Ok(read_multistatus(xml)
             .await?
             .into_iter()
-            .filter(|r| r.calendar)
+            .filter(|r| r.calendar && !r.scheduling_box)
             .filter_map(|r| r.href)
             .filter_map(|h| self.under(&h, home))
             .collect())
@@ -422,15 +435,29 @@ impl CalDav {
         // Servers that ignore match-type search by substring: take only an
         // object whose UID is exactly this one and whose ORGANIZER is the
         // organizer (an attendee's copy of the same UID is not the event).
-        Ok(read_multistatus(xml).await?.into_iter().find_map(|r| {
-            let data = r.calendar_data?;
-            let href = self.under(&r.href?, calendar)?;
-            is_organizers_event(&data, uid, organizer).then_some(Object {
+        let responses = read_multistatus(xml).await?;
+        let found = responses.iter().find_map(|r| {
+            let data = r.calendar_data.as_ref()?;
+            let href = self.under(r.href.as_deref()?, calendar)?;
+            is_organizers_event(data, uid, organizer).then(|| Object {
                 href,
-                etag: r.etag,
-                data,
+                etag: r.etag.clone(),
+                data: data.clone(),
             })
-        }))
+        });
+        if found.is_none()
+            && responses
+                .iter()
+                .filter_map(|r| r.calendar_data.as_deref())
+                .any(|d| is_free_busy_stub(d, uid))
+        {
+            // DAViCal without read rights: "Busy", no ORGANIZER, no ATTENDEE.
+            return Err(Outcome::Permanent(format!(
+                "{calendar} shows the service account only free/busy of event {uid}: \
+                 grant it read and write on the organizer's calendars"
+            )));
+        }
+        Ok(found)
     }
 
     async fn get(&self, href: &str) -> Result<Option<Object>, Outcome> {
@@ -706,6 +733,18 @@ fn describe(o: &Outcome) -> String {
         Outcome::Delivered => "done".into(),
         Outcome::Retry(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => e.clone(),
     }
+}
+
+/// A component with this UID but neither ORGANIZER nor ATTENDEE: what a
+/// server shows of an event to someone who may see only free/busy.
+fn is_free_busy_stub(data: &str, uid: &str) -> bool {
+    let Ok(cal) = calcard::icalendar::ICalendar::parse(data) else {
+        return false;
+    };
+    use calcard::icalendar::ICalendarProperty as P;
+    cal.components
+        .iter()
+        .any(|c| c.uid() == Some(uid) && c.property(&P::Organizer).is_none() && c.property(&P::Attendee).is_none())
 }
 
 /// Whether calendar object `data` is `organizer`'s event `uid`: some

@@ -21,8 +21,11 @@ const MAX_RESPONSES: usize = 10_000;
 pub struct DavResponse {
     /// The first `DAV:href`, as written (percent-encoded).
     pub href: Option<String>,
-    /// `DAV:resourcetype` holds `CALDAV:calendar`.
+    /// `DAV:resourcetype` holds `CALDAV:calendar`, and it is no scheduling
+    /// inbox or outbox (RFC 6638; DAViCal marks those calendars too).
     pub calendar: bool,
+    /// `DAV:resourcetype` holds `CALDAV:schedule-inbox` or `schedule-outbox`.
+    pub scheduling_box: bool,
     pub etag: Option<String>,
     /// `CALDAV:calendar-data`, entities and CDATA resolved.
     pub calendar_data: Option<String>,
@@ -146,6 +149,7 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     }
                     (Space::Dav, "resourcetype") => in_resourcetype = true,
                     (Space::CalDav, "calendar") if in_resourcetype => r.calendar = true,
+                    (Space::CalDav, "schedule-inbox" | "schedule-outbox") if in_resourcetype => r.scheduling_box = true,
                     _ => {}
                 }
             }
@@ -154,8 +158,12 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     if in_privilege && space == Space::Dav {
                         push_privilege(r, e.local_name().as_ref());
                     }
-                    if in_resourcetype && (space, e.local_name().as_ref()) == (Space::CalDav, "calendar") {
-                        r.calendar = true;
+                    match (space, e.local_name().as_ref()) {
+                        (Space::CalDav, "calendar") if in_resourcetype => r.calendar = true,
+                        (Space::CalDav, "schedule-inbox" | "schedule-outbox") if in_resourcetype => {
+                            r.scheduling_box = true
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -40,16 +40,24 @@ fn as_postgres(bin: &Path, program: &str) -> Command {
 
 impl Postgres {
     pub fn start() -> Self {
-        let mut pg = Self::init();
+        let mut pg = Self::init("imip");
         pg.run();
         pg.create_database();
+        pg
+    }
+
+    /// A cluster whose superuser is `postgres`, with no database of ours:
+    /// for software that sets up its own (DAViCal's create-database.sh).
+    pub fn start_bare() -> Self {
+        let mut pg = Self::init("postgres");
+        pg.run();
         pg
     }
 
     /// With TLS (a certificate for 127.0.0.1 from a CA of its own) and plain
     /// TCP refused; the CA certificate's file.
     pub fn start_tls() -> (Self, PathBuf) {
-        let mut pg = Self::init();
+        let mut pg = Self::init("imip");
         let dir = pg.data.parent().expect("parent").to_path_buf();
         let ca = super::tls::TestCa::new(&dir);
         for f in ["server.crt", "server.key"] {
@@ -77,7 +85,7 @@ impl Postgres {
     }
 
     /// A cluster in a temporary directory, not started.
-    fn init() -> Self {
+    fn init(superuser: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let data = dir.path().join("data");
@@ -90,7 +98,7 @@ impl Postgres {
         assert!(chown.success());
         let bin = bin_dir();
         let out = as_postgres(&bin, "initdb")
-            .args(["-A", "trust", "-U", "imip", "--no-sync", "-E", "UTF8", "-D"])
+            .args(["-A", "trust", "-U", superuser, "--no-sync", "-E", "UTF8", "-D"])
             .arg(&data)
             .output()
             .unwrap();
@@ -163,17 +171,14 @@ impl Postgres {
 
     /// Runs SQL as the user imip in the database imip; the rows, `|`-separated.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_as("imip", "imip", sql)
+    }
+
+    /// Runs SQL as `user` in `database`.
+    pub fn psql_as(&self, user: &str, database: &str, sql: &str) -> String {
+        let port = self.port.to_string();
         let out = as_postgres(&self.bin, "psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "imip",
-                "-d",
-                "imip",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", user, "-d", database])
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .expect("psql");
