@@ -1136,3 +1136,30 @@ fn replies_land_in_davical_found_by_principal_search() {
     );
     assert_ne!(inbox(), before, "DAViCal wrote the local attendee's inbox copy again");
 }
+
+/// A calendar home that redirects: the record fails saying where it points;
+/// the redirect is not followed (credentials stay with target.url).
+#[test]
+fn a_redirecting_home_is_named_not_followed() {
+    let elsewhere = HostileServer::start(|s| {
+        let _ = s.write_all(b"HTTP/1.1 207 Multi-Status\r\nContent-Length: 0\r\n\r\n");
+    });
+    let target = format!("http://127.0.0.1:{}/dav/alice/", elsewhere.port);
+    let moved = HostileServer::start(move |s| {
+        let _ = s.write_all(
+            format!("HTTP/1.1 301 Moved Permanently\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone_with(dir.path(), &moved.url(), HOME);
+    let (code, err) = deliver(&config, &gateway, &apple(&gateway));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    assert_one_failed(
+        &config,
+        &format!(
+            "301 Moved Permanently to http://127.0.0.1:{}/dav/alice/ (not followed)",
+            elsewhere.port
+        ),
+    );
+    assert_eq!(elsewhere.connections.load(Ordering::SeqCst), 0);
+}
