@@ -212,19 +212,29 @@ impl CalDav {
         })
     }
 
-    /// PROPFIND of the named properties (XML elements with prefixes D:, C:).
-    async fn propfind(&self, url: &str, depth: &str, props: &str) -> Result<Vec<super::dav_xml::DavResponse>, Outcome> {
-        let body = format!(
-            r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop>{props}</D:prop></D:propfind>"#
-        );
-        let resp = self
-            .req(Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET), url)
+    /// A WebDAV request with an XML body (PROPFIND, REPORT).
+    async fn send_xml(
+        &self,
+        method: &[u8],
+        url: &str,
+        depth: &str,
+        body: String,
+    ) -> Result<reqwest::Response, Outcome> {
+        self.req(Method::from_bytes(method).unwrap_or(Method::GET), url)
             .header("Depth", depth)
             .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
             .body(body)
             .send()
             .await
-            .map_err(transport)?;
+            .map_err(transport)
+    }
+
+    /// PROPFIND of the named properties (XML elements with prefixes D:, C:).
+    async fn propfind(&self, url: &str, depth: &str, props: &str) -> Result<Vec<super::dav_xml::DavResponse>, Outcome> {
+        let body = format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop>{props}</D:prop></D:propfind>"#
+        );
+        let resp = self.send_xml(b"PROPFIND", url, depth, body).await?;
         if resp.status().as_u16() != 207 {
             return Err(failure(resp, "PROPFIND", url, self.max_response_bytes).await);
         }
@@ -240,14 +250,7 @@ impl CalDav {
         let body = format!(
             r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:property-search><D:prop><C:calendar-user-address-set/></D:prop><D:match>{wanted}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
         );
-        let resp = self
-            .req(Method::from_bytes(b"REPORT").unwrap_or(Method::GET), collection)
-            .header("Depth", "0")
-            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
-            .body(body)
-            .send()
-            .await
-            .map_err(transport)?;
+        let resp = self.send_xml(b"REPORT", collection, "0", body).await?;
         if resp.status().as_u16() != 207 {
             // Servers without RFC 3744 answer 4xx or 501: not a fault here.
             let o = failure(
@@ -377,14 +380,7 @@ impl CalDav {
 
     async fn calendars(&self, home: &str) -> Result<Vec<String>, Outcome> {
         let body = r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/></D:prop></D:propfind>"#;
-        let resp = self
-            .req(Method::from_bytes(b"PROPFIND").unwrap_or(Method::GET), home)
-            .header("Depth", "1")
-            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
-            .body(body)
-            .send()
-            .await
-            .map_err(transport)?;
+        let resp = self.send_xml(b"PROPFIND", home, "1", body.to_owned()).await?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             return Err(Outcome::Permanent(format!("no calendar home at {home}")));
@@ -420,14 +416,7 @@ impl CalDav {
         let body = format!(
             r#"<?xml version="1.0" encoding="utf-8"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><D:getetag/><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"><C:prop-filter name="UID"><C:text-match collation="i;octet" match-type="equals">{uid_xml}</C:text-match></C:prop-filter></C:comp-filter></C:comp-filter></C:filter></C:calendar-query>"#
         );
-        let resp = self
-            .req(Method::from_bytes(b"REPORT").unwrap_or(Method::GET), calendar)
-            .header("Depth", "1")
-            .header(header::CONTENT_TYPE, "application/xml; charset=utf-8")
-            .body(body)
-            .send()
-            .await
-            .map_err(transport)?;
+        let resp = self.send_xml(b"REPORT", calendar, "1", body).await?;
         if resp.status().as_u16() != 207 {
             return Err(failure(resp, "REPORT", calendar, self.max_response_bytes).await);
         }
