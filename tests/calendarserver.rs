@@ -217,3 +217,48 @@ async fn calendarserver_s_own_token_table_is_the_store() {
     );
     m.stop().await;
 }
+
+/// An attendee's COUNTER goes to CalendarServer's /inbox/ as a REPLY does,
+/// with its method, from the token's attendee to the real organizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_is_injected_like_a_reply() {
+    let server = Webhook::start();
+    server.calendarserver(SECRET);
+    let m = start_with_tokens(&server, "\n[tokens]\nmode = \"local\"\n").await;
+    let csv = m.state_dir.path().join("tokens.csv");
+    std::fs::write(
+        &csv,
+        format!("{TOKEN},mailto:alice@example.org,mailto:carol@example.net,budget-review-2026@example.org,2099-01-01 00:00:00\n"),
+    )
+    .unwrap();
+    let out = cli(&m, &server, &["tokens", "import", csv.to_str().unwrap()]);
+    assert!(out.0, "{}", out.1);
+    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    conn.connect("client.example.net", [192, 0, 2, 45]).await.unwrap();
+    conn.mail(["<carol@example.net>"]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let raw = String::from_utf8(fixture("counter.eml")).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    for line in head.split("\r\n") {
+        let (k, v) = line.split_once(':').unwrap();
+        conn.header(k, v.trim_start()).await.unwrap();
+    }
+    conn.eoh().await.unwrap();
+    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    conn.macros(MacroStage::Eom, [("i", "CS2")]).await.unwrap();
+    assert_eq!(conn.eom().await.unwrap().1, Status::Discard);
+    conn.close().await.unwrap();
+    let got = server.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "refused: {:?}", server.refused());
+    assert_eq!(got[0].headers["originator"], "mailto:carol@example.net");
+    assert_eq!(got[0].headers["recipient"], "mailto:alice@example.org");
+    assert!(
+        got[0].text.contains("METHOD:COUNTER") && got[0].text.contains("DTSTART:20261210T150000Z"),
+        "{}",
+        got[0].text
+    );
+    m.stop().await;
+}

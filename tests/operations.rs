@@ -19,14 +19,19 @@ async fn rcpt_status(port: u16, rcpt: &str) -> Status {
 }
 
 async fn send_reply(port: u16) -> Status {
+    send(port, "<bob@example.com>", "reply-all.eml").await
+}
+
+/// A fixture to the gateway, from `sender`, as Postfix hands it over.
+async fn send(port: u16, sender: &str, eml: &str) -> Status {
     let mut conn = TestConnection::configure().open_tcp(("127.0.0.1", port)).await.unwrap();
     conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
-    conn.mail(["<bob@example.com>"]).await.unwrap();
+    conn.mail([sender]).await.unwrap();
     conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
         .await
         .unwrap();
     conn.data().await.unwrap();
-    let raw = String::from_utf8(fixture("reply-all.eml")).unwrap();
+    let raw = String::from_utf8(fixture(eml)).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     for line in head.split("\r\n") {
         let (k, v) = line.split_once(':').unwrap();
@@ -120,6 +125,8 @@ async fn metrics_and_json_logs() {
         rcpt_status(d.port, "<calendar@example.org>").await,
         Status::Reject { .. }
     ));
+    // A delay warning from the null sender: taken quietly, counted, no delivery.
+    assert_eq!(send(d.port, "<>", "dsn-delayed.eml").await, Status::Discard);
     hook.wait_for(1, Duration::from_secs(10));
     assert!(
         wait_until(Duration::from_secs(5), || scrape(mport)
@@ -130,8 +137,9 @@ async fn metrics_and_json_logs() {
     let m = scrape(mport);
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     for want in [
-        "imip_milter_messages_total{disposition=\"discard\"} 1",
+        "imip_milter_messages_total{disposition=\"discard\"} 2",
         "imip_milter_messages_total{disposition=\"reject\"} 1",
+        "imip_milter_delivery_reports_total 1",
         "imip_milter_spool_pending 0",
         "imip_milter_spool_oldest_pending_seconds 0.000",
         "imip_milter_delivery_seconds_count 1",
@@ -154,6 +162,13 @@ async fn metrics_and_json_logs() {
             .any(|l| l.contains("OPS1: from=<bob@example.com>") && l.contains("disposition=discard")),
         "{log}"
     );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kind=report") && l.contains("disposition=discard")),
+        "{log}"
+    );
+    assert_eq!(hook.deliveries().len(), 1, "the report is handed to nobody");
     assert!(!log.contains('\u{1b}'), "no colour codes when not on a terminal");
 }
 
