@@ -190,7 +190,7 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
     };
 
     let mut a = match itip.method.as_deref() {
-        Some("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH") if itip.components == 0 => {
+        Some("REPLY" | "COUNTER" | "REFRESH") if itip.components == 0 => {
             Analysis::new(Kind::Malformed, "the calendar reply holds no event or task")
         }
         Some(_) if itip.components > max_components => Analysis::new(
@@ -200,12 +200,12 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
                 itip.components
             ),
         ),
-        Some(m @ ("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH")) if itip.uid.is_none() => {
+        Some(m @ ("REPLY" | "COUNTER" | "REFRESH")) if itip.uid.is_none() => {
             Analysis::new(Kind::Malformed, format!("the calendar message (METHOD:{m}) has no UID"))
         }
         // Nobody's answer: no PARTSTAT may come of it. With local tokens the
         // organizer gets the message to read (decide_with_organizer).
-        Some(m @ ("REPLY" | "COUNTER" | "DECLINECOUNTER" | "REFRESH")) if itip.attendee.is_none() => Analysis::new(
+        Some(m @ ("REPLY" | "COUNTER" | "REFRESH")) if itip.attendee.is_none() => Analysis::new(
             Kind::Other,
             format!(
                 "the calendar message (METHOD:{m}) names no attendee, so it answers for nobody; \
@@ -214,10 +214,9 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
         ),
         Some("REPLY") => Analysis::new(Kind::Reply, "calendar reply"),
         // An attendee's other iTIP messages travel as replies do; the caldav
-        // target, which cannot act on them, has them redirected.
-        Some(m @ ("COUNTER" | "DECLINECOUNTER" | "REFRESH")) => {
-            Analysis::new(Kind::Reply, format!("calendar {}", m.to_ascii_lowercase()))
-        }
+        // target, which cannot act on them, has them redirected. (DECLINECOUNTER
+        // is the organizer's, sent to an attendee: never an answer here.)
+        Some(m @ ("COUNTER" | "REFRESH")) => Analysis::new(Kind::Reply, format!("calendar {}", m.to_ascii_lowercase())),
         Some(m @ ("REQUEST" | "ADD" | "CANCEL" | "PUBLISH")) => Analysis::new(
             Kind::Other,
             format!(

@@ -24,10 +24,13 @@ pub fn backoff(cfg: &DeliveryConfig, attempts: u32) -> Duration {
     cfg.initial_backoff.saturating_mul(factor).min(cfg.max_backoff)
 }
 
-/// A server fault answered in the same words this many times in a row is
+/// A server fault answered in the same words this many times in a row, over
+/// at least `SAME_FAULT_SPAN` × delivery.max_backoff (an hour by default), is
 /// taken as lasting (Xandikos answers 500 for a refusal): the record fails
-/// with those words instead of being retried until delivery.max_age.
+/// with those words instead of being retried until delivery.max_age. A
+/// generic error page during a short outage stays a retry.
 pub const MAX_SAME_SERVER_FAULT: u32 = 5;
+pub const SAME_FAULT_SPAN: u32 = 12;
 
 /// Applies an outcome to a record.
 pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64) {
@@ -41,6 +44,11 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
         (Some(_), _) => 1,
         (None, _) => 0,
     };
+    if rec.repeats <= 1 {
+        rec.repeats_since_ms = now;
+    }
+    let span = cfg.max_backoff.saturating_mul(SAME_FAULT_SPAN).as_millis() as u64;
+    let lasting = rec.repeats >= MAX_SAME_SERVER_FAULT && now.saturating_sub(rec.repeats_since_ms) >= span;
     match outcome {
         Outcome::Delivered => {
             rec.state = State::Delivered;
@@ -52,7 +60,7 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
             rec.last_error = Some(e.clone());
             rec.finished_ms = Some(now);
         }
-        Outcome::ServerFault(e) if rec.repeats >= MAX_SAME_SERVER_FAULT => {
+        Outcome::ServerFault(e) if lasting => {
             rec.state = State::Failed;
             rec.last_error = Some(e.clone());
             rec.finished_ms = Some(now);
@@ -261,6 +269,7 @@ mod tests {
             next_attempt_ms: created_ms,
             last_error: None,
             repeats: 0,
+            repeats_since_ms: 0,
             finished_ms: None,
             payload: serde_json::Value::Null,
         }
@@ -288,19 +297,24 @@ mod tests {
     }
 
     #[test]
-    fn the_same_server_fault_five_times_fails_the_record() {
+    fn the_same_server_fault_for_long_fails_the_record() {
         let c = cfg();
+        let span = c.max_backoff.as_millis() as u64 * u64::from(SAME_FAULT_SPAN);
         let mut r = rec(0);
         let fault = Outcome::ServerFault("PUT /x: HTTP 500: access denied".into());
-        for n in 1..MAX_SAME_SERVER_FAULT {
+        for n in 1..=MAX_SAME_SERVER_FAULT {
             apply(&c, &mut r, &fault, u64::from(n));
-            assert_eq!((r.state, r.repeats), (State::Pending, n));
+            assert_eq!(
+                (r.state, r.repeats),
+                (State::Pending, n),
+                "five quick ones are an outage"
+            );
         }
         // Other words in between start the count again.
         apply(&c, &mut r, &Outcome::ServerFault("PUT /x: HTTP 500: busy".into()), 10);
         assert_eq!((r.state, r.repeats), (State::Pending, 1));
-        for _ in 0..MAX_SAME_SERVER_FAULT {
-            apply(&c, &mut r, &fault, 20);
+        for n in 0..MAX_SAME_SERVER_FAULT {
+            apply(&c, &mut r, &fault, 20 + u64::from(n) * span / 4);
         }
         assert_eq!(r.state, State::Failed);
         assert_eq!(r.last_error.as_deref(), Some("PUT /x: HTTP 500: access denied"));

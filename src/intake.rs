@@ -57,13 +57,13 @@ pub async fn take(
         }
     };
     let mut analysis = analysis;
-    let method = analysis.itip.as_ref().and_then(|i| i.method.clone());
-    if settings.replies_only && analysis.kind == Kind::Reply && method.as_deref() != Some("REPLY") {
+    if analysis.kind == Kind::Report && !envelope.mail_from.is_empty() {
+        // Reports come from the null sender (RFC 3464); anything else that
+        // looks like one is a person's message and gets an answer.
         analysis.kind = Kind::Other;
-        analysis.reason = format!(
-            "the calendar target applies replies only, not METHOD:{}",
-            method.as_deref().unwrap_or("-")
-        );
+        analysis.reason = "a delivery report from a sender other than the null sender; \
+                           please write to the organizer directly"
+            .into();
     }
     let record_of = |token: &str| tokens.iter().find(|r| r.token == token);
     let organizer = gateway(recipients)
@@ -100,6 +100,18 @@ pub async fn take(
                 break;
             }
         }
+    }
+    // The caldav target applies REPLY only: another method, bound to its
+    // token like a reply above, goes to the organizer to read.
+    let method = analysis.itip.as_ref().and_then(|i| i.method.clone());
+    if decision.spool && settings.replies_only && analysis.kind == Kind::Reply && method.as_deref() != Some("REPLY") {
+        let mut other = analysis.clone();
+        other.kind = Kind::Other;
+        other.reason = format!(
+            "the calendar target applies replies only, not METHOD:{}",
+            method.as_deref().unwrap_or("-")
+        );
+        decision = decision::decide_with_organizer(&other, &classes, organizer);
     }
     let mut ids = Vec::new();
     let mut duplicates = 0;

@@ -161,8 +161,8 @@ fn clip(s: &str) -> String {
 /// `attendee` are kept, and in them only that ATTENDEE; components about
 /// anybody else are dropped (never applied as that person's answer). The real
 /// ORGANIZER is put back (this also repairs Outlook replies without one),
-/// STATUS is dropped, METHOD is upper case (COUNTER, DECLINECOUNTER and
-/// REFRESH kept, anything else REPLY), a missing PRODID is added.
+/// STATUS is dropped, METHOD is upper case (COUNTER and REFRESH kept,
+/// anything else REPLY), a missing PRODID is added.
 pub struct Rewritten {
     pub text: String,
     /// ATTENDEE values of the components dropped, for the log and `queue show`.
@@ -208,7 +208,7 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
                     let attendees_own = matches!(
                         e.values.first(),
                         Some(ICalendarValue::Method(
-                            ICalendarMethod::Counter | ICalendarMethod::Declinecounter | ICalendarMethod::Refresh
+                            ICalendarMethod::Counter | ICalendarMethod::Refresh
                         ))
                     );
                     if !attendees_own {

@@ -129,7 +129,8 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
                 let headers = MessageParser::default().parse_headers(part.contents());
                 returned_ids.extend(headers.and_then(|h| h.message_id().map(|id| format!("<{id}>"))));
             }
-            ("message", "delivery-status" | "global-delivery-status") if status.is_none() => {
+            // Only a report is a report: the root part multipart/report.
+            ("message", "delivery-status" | "global-delivery-status") if status.is_none() && is_report && !nested => {
                 status = parse_delivery_status(&String::from_utf8_lossy(part.contents()));
             }
             ("text", "calendar" | "x-vcalendar") | ("application", "ics" | "calendar") => {

@@ -31,8 +31,8 @@ pub struct Settings {
     /// Read once, at start: the budget of all sessions together.
     pub max_buffered_bytes: usize,
     pub policy: SenderPolicy,
-    /// The target applies REPLY only (caldav): COUNTER, DECLINECOUNTER and
-    /// REFRESH go to the organizer instead.
+    /// The target applies REPLY only (caldav): COUNTER and REFRESH go to
+    /// the organizer instead.
     pub replies_only: bool,
 }
 

@@ -65,9 +65,12 @@ pub struct Record {
     pub attempts: u32,
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
-    /// How many attempts in a row ended with `last_error` word for word.
+    /// How many attempts in a row ended with `last_error` word for word,
+    /// and when the first of them was.
     #[serde(default)]
     pub repeats: u32,
+    #[serde(default)]
+    pub repeats_since_ms: u64,
     pub finished_ms: Option<u64>,
     /// The document handed to the target (DESIGN §3).
     pub payload: serde_json::Value,
@@ -157,6 +160,7 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
         next_attempt_ms: now,
         last_error: None,
         repeats: 0,
+        repeats_since_ms: 0,
         finished_ms: None,
         payload,
     }

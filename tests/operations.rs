@@ -127,6 +127,11 @@ async fn metrics_and_json_logs() {
     ));
     // A delay warning from the null sender: taken quietly, counted, no delivery.
     assert_eq!(send(d.port, "<>", "dsn-delayed.eml").await, Status::Discard);
+    // The same from a person is no report: answered, not swallowed.
+    assert!(matches!(
+        send(d.port, "<mallory@example.net>", "dsn-delayed.eml").await,
+        Status::Reject { .. }
+    ));
     hook.wait_for(1, Duration::from_secs(10));
     assert!(
         wait_until(Duration::from_secs(5), || scrape(mport)
@@ -138,7 +143,7 @@ async fn metrics_and_json_logs() {
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
     for want in [
         "imip_milter_messages_total{disposition=\"discard\"} 2",
-        "imip_milter_messages_total{disposition=\"reject\"} 1",
+        "imip_milter_messages_total{disposition=\"reject\"} 2",
         "imip_milter_delivery_reports_total 1",
         "imip_milter_spool_pending 0",
         "imip_milter_spool_oldest_pending_seconds 0.000",

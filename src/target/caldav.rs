@@ -34,7 +34,7 @@ pub struct CalDav {
     base: String,
     /// target.calendar_home; None: discovered per organizer.
     home_template: Option<String>,
-    homes: Mutex<HashMap<String, (String, Instant)>>,
+    homes: Mutex<HashMap<String, (Home, Instant)>>,
     /// The service account's own home, and when it was asked for.
     own: Mutex<Option<(Option<String>, Instant)>>,
     auth: Auth,
@@ -42,6 +42,17 @@ pub struct CalDav {
     max_response_bytes: usize,
     /// target.url, parsed: hrefs are followed on its origin only.
     origin: Option<reqwest::Url>,
+}
+
+/// Where an organizer's events live.
+#[derive(Debug, Clone)]
+pub struct Home {
+    pub url: String,
+    /// Her principal, when known: calendars shared with the service account
+    /// count only when she owns them.
+    pub principal: Option<String>,
+    /// How it was found, for `check --organizer`.
+    pub how: &'static str,
 }
 
 /// How the service account signs in: target.username + password_file
@@ -123,11 +134,15 @@ impl CalDav {
 
     /// The organizer's calendar home: the template when one is configured,
     /// else found on the server and remembered for an hour.
-    pub async fn home(&self, organizer: &str) -> Result<(String, &'static str), Outcome> {
+    pub async fn home(&self, organizer: &str) -> Result<Home, Outcome> {
         if let Some(t) = &self.home_template {
             return self
                 .home_by_template(t, organizer)
-                .map(|h| (h, "target.calendar_home"))
+                .map(|url| Home {
+                    url,
+                    principal: None,
+                    how: "target.calendar_home",
+                })
                 .ok_or_else(|| Outcome::Permanent(format!("organizer {organizer} is no plain mailto: address")));
         }
         let Some(address) = Self::address(organizer) else {
@@ -139,27 +154,37 @@ impl CalDav {
         if let Ok(homes) = self.homes.lock() {
             if let Some((home, when)) = homes.get(&key) {
                 if when.elapsed() < HOME_TTL {
-                    return Ok((home.clone(), "remembered"));
+                    return Ok(Home {
+                        how: "remembered",
+                        ..home.clone()
+                    });
                 }
             }
         }
-        let (home, how) = self.discover(address).await?;
+        let home = self.discover(address).await?;
         if let Ok(mut homes) = self.homes.lock() {
             if homes.len() >= MAX_HOMES {
                 homes.clear();
             }
             homes.insert(key, (home.clone(), Instant::now()));
         }
-        Ok((home, how))
+        Ok(home)
     }
 
-    /// Finds `address`'s calendar home: the principal whose RFC 6638
-    /// calendar-user-address-set holds it (RFC 3744 principal-property-search
-    /// in the server's principal collections), else the principal named as
-    /// the address's user part (Radicale's `/user/`), asked for its RFC 4791
-    /// calendar-home-set. A principal that lists addresses but not this one
-    /// is somebody else's.
-    async fn discover(&self, address: &str) -> Result<(String, &'static str), Outcome> {
+    /// Asks the server again next time (the remembered home answered 403 or 404).
+    fn forget_home(&self, organizer: &str) {
+        if let (Some(address), Ok(mut homes)) = (Self::address(organizer), self.homes.lock()) {
+            homes.remove(&address.to_ascii_lowercase());
+        }
+    }
+
+    /// Finds `address`'s calendar home: the one principal whose RFC 6638
+    /// calendar-user-address-set holds exactly that address (RFC 3744
+    /// principal-property-search in every principal collection of the
+    /// server), else the principal named as the address's user part
+    /// (Radicale's `/user/`) unless it lists other addresses only; then its
+    /// RFC 4791 calendar-home-set.
+    async fn discover(&self, address: &str) -> Result<Home, Outcome> {
         let root = format!("{}/", self.base);
         let mut tried: Vec<String> = Vec::new();
         // A server that cannot be reached now is tried again later.
@@ -187,17 +212,56 @@ impl CalDav {
         if collections.is_empty() {
             collections.push(root.clone());
         }
+        let mut found: Vec<(String, Option<String>)> = Vec::new();
         for c in &collections {
             match self.search_principal(c, address).await {
-                Ok(Some(home)) => return Ok((home, "principal-property-search")),
-                Ok(None) => tried.push(format!("no principal in {c} has mailto:{address}")),
+                Ok(list) if list.is_empty() => tried.push(format!("no principal in {c} has mailto:{address}")),
+                Ok(list) => {
+                    for f in list {
+                        if !found.iter().any(|(p, _)| same_url(p, &f.0)) {
+                            found.push(f);
+                        }
+                    }
+                }
+                Err(o @ Outcome::Permanent(_)) if !o_is_unsupported(&o) => return Err(o),
                 Err(o) => note(o, &mut tried),
+            }
+        }
+        match found.as_slice() {
+            [(principal, home)] => {
+                let url = match home {
+                    Some(h) => Some(h.clone()),
+                    None => self.home_set_of(principal, address).await?,
+                };
+                return match url {
+                    Some(url) => Ok(Home {
+                        url,
+                        principal: Some(principal.clone()),
+                        how: "principal-property-search",
+                    }),
+                    None => Err(Outcome::Permanent(format!(
+                        "principal {principal} has mailto:{address} but names no calendar home on target.url's origin"
+                    ))),
+                };
+            }
+            [] => {}
+            many => {
+                return Err(Outcome::Permanent(format!(
+                    "{} principals claim mailto:{address}: set target.calendar_home",
+                    many.len()
+                )))
             }
         }
         let user = address.rsplit_once('@').map(|(u, _)| u).unwrap_or(address);
         let principal = format!("{}/{user}/", self.base);
         match self.home_set_of(&principal, address).await {
-            Ok(Some(home)) => return Ok((home, "the principal named as the user")),
+            Ok(Some(url)) => {
+                return Ok(Home {
+                    url,
+                    principal: Some(principal),
+                    how: "the principal named as the user",
+                })
+            }
             Ok(None) => tried.push(format!("{principal} is not the principal of {address}")),
             Err(o) => note(o, &mut tried),
         }
@@ -242,10 +306,15 @@ impl CalDav {
         read_multistatus(xml).await
     }
 
-    /// RFC 3744 principal-property-search on calendar-user-address-set.
-    /// Servers match by substring: only a principal that lists exactly the
-    /// address counts, and two that do are refused as ambiguous.
-    async fn search_principal(&self, collection: &str, address: &str) -> Result<Option<String>, Outcome> {
+    /// RFC 3744 principal-property-search on calendar-user-address-set: the
+    /// principals (and their homes, when given) that list exactly `address`
+    /// (servers match by substring). A matching principal elsewhere than on
+    /// target.url's origin is an error, not a miss.
+    async fn search_principal(
+        &self,
+        collection: &str,
+        address: &str,
+    ) -> Result<Vec<(String, Option<String>)>, Outcome> {
         let wanted = format!("mailto:{address}");
         let body = format!(
             r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:property-search><D:prop><C:calendar-user-address-set/></D:prop><D:match>{wanted}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
@@ -266,27 +335,20 @@ impl CalDav {
             });
         }
         let xml = self.body(resp).await?;
-        let responses = read_multistatus(xml).await?;
-        let matching: Vec<_> = responses
-            .iter()
-            .filter(|r| r.calendar_user_address_set.iter().any(|a| same_address(a, &wanted)))
-            .collect();
-        match matching.as_slice() {
-            [] => Ok(None),
-            [one] => {
-                if let Some(home) = one.calendar_home_set.iter().find_map(|h| self.on_origin(h)) {
-                    return Ok(Some(home));
-                }
-                match one.href.as_deref().and_then(|h| self.on_origin(h)) {
-                    Some(principal) => self.home_set_of(&principal, address).await,
-                    None => Ok(None),
-                }
+        let mut out = Vec::new();
+        for r in read_multistatus(xml).await? {
+            if !r.calendar_user_address_set.iter().any(|a| same_address(a, &wanted)) {
+                continue;
             }
-            _ => Err(Outcome::Permanent(format!(
-                "{} principals in {collection} claim {address}",
-                matching.len()
-            ))),
+            let Some(principal) = r.href.as_deref().and_then(|h| self.on_origin(h)) else {
+                return Err(Outcome::Permanent(format!(
+                    "the principal that has {wanted} is not on target.url's origin"
+                )));
+            };
+            let home = r.calendar_home_set.iter().find_map(|h| self.on_origin(h));
+            out.push((principal, home));
         }
+        Ok(out)
     }
 
     /// A principal's calendar-home-set; None when the principal lists
@@ -297,58 +359,78 @@ impl CalDav {
             .await?;
         let wanted = format!("mailto:{address}");
         let Some(r) = responses.first() else { return Ok(None) };
-        let mailto: Vec<String> = r
+        // Addresses as servers write them: `mailto:` or not, percent-encoded.
+        let addresses: Vec<String> = r
             .calendar_user_address_set
             .iter()
             .map(|a| percent_decoded(a))
-            .filter(|a| a.get(..7).is_some_and(|m| m.eq_ignore_ascii_case("mailto:")))
+            .filter(|a| a.contains('@'))
             .collect();
-        if !mailto.is_empty() && !mailto.iter().any(|a| same_address(a, &wanted)) {
+        if !addresses.is_empty() && !addresses.iter().any(|a| same_address(a, &wanted)) {
             return Ok(None);
         }
         Ok(r.calendar_home_set.iter().find_map(|h| self.on_origin(h)))
     }
 
     /// The service account's own calendar home (RFC 5397 current-user-principal,
-    /// then its calendar-home-set), asked once an hour; None when the server
-    /// does not say.
-    async fn own_home(&self) -> Option<String> {
+    /// then its calendar-home-set), remembered an hour; None when the server
+    /// does not say. Not remembered after an error.
+    async fn own_home(&self) -> Result<Option<String>, Outcome> {
         if self.home_template.is_some() {
-            return None;
+            return Ok(None);
         }
         if let Ok(own) = self.own.lock() {
             if let Some((home, when)) = own.as_ref() {
                 if when.elapsed() < HOME_TTL {
-                    return home.clone();
+                    return Ok(home.clone());
                 }
             }
         }
         let root = format!("{}/", self.base);
         let principal = self
             .propfind(&root, "0", "<D:current-user-principal/>")
-            .await
-            .ok()
-            .and_then(|rs| {
-                rs.into_iter()
-                    .flat_map(|r| r.current_user_principal)
-                    .find_map(|h| self.on_origin(&h))
-            });
+            .await?
+            .into_iter()
+            .flat_map(|r| r.current_user_principal)
+            .find_map(|h| self.on_origin(&h));
         let home = match principal {
             Some(p) => self
                 .propfind(&p, "0", "<C:calendar-home-set/>")
-                .await
-                .ok()
-                .and_then(|rs| {
-                    rs.into_iter()
-                        .flat_map(|r| r.calendar_home_set)
-                        .find_map(|h| self.on_origin(&h))
-                }),
+                .await?
+                .into_iter()
+                .flat_map(|r| r.calendar_home_set)
+                .find_map(|h| self.on_origin(&h)),
             None => None,
         };
         if let Ok(mut own) = self.own.lock() {
             *own = Some((home.clone(), Instant::now()));
         }
-        home
+        Ok(home)
+    }
+
+    /// Calendars in the service account's own home that `principal` owns
+    /// (DAV:owner): calendars the organizer shared with it (Cyrus shows
+    /// them as `alice.calendar`). A calendar that names no owner, or
+    /// another, is not searched: anyone can share a calendar.
+    async fn shared_by(&self, principal: &str, skip: &str) -> Result<Vec<String>, Outcome> {
+        let Some(own) = self.own_home().await? else {
+            return Ok(Vec::new());
+        };
+        if same_url(&own, skip) {
+            return Ok(Vec::new());
+        }
+        let listed = self.propfind(&own, "1", "<D:resourcetype/><D:owner/>").await?;
+        Ok(listed
+            .into_iter()
+            .filter(|r| r.calendar && !r.scheduling_box)
+            .filter(|r| {
+                r.owner
+                    .iter()
+                    .filter_map(|o| self.on_origin(o))
+                    .any(|o| same_url(&o, principal))
+            })
+            .filter_map(|r| r.href.and_then(|h| self.under(&h, &own)))
+            .collect())
     }
 
     /// An href as a URL on target.url's origin; None for anything elsewhere.
@@ -482,23 +564,30 @@ impl CalDav {
             );
         };
         let home = match self.home(organizer).await {
-            Ok((home, _)) => home,
+            Ok(home) => home,
             Err(o) => return o,
         };
-        let mut calendars = match self.calendars(&home).await {
+        let mut calendars = match self.calendars(&home.url).await {
             Ok(c) => c,
-            Err(o) => return o,
+            Err(o) => {
+                self.forget_home(organizer);
+                return o;
+            }
         };
-        // Calendars shared with the service account show in its own home
-        // (Cyrus: `alice.calendar`); searched after the organizer's, and an
-        // object there counts only with the organizer's ORGANIZER (find).
-        if let Some(own) = self.own_home().await.filter(|h| *h != home) {
-            if let Ok(shared) = self.calendars(&own).await {
-                for c in shared {
-                    if !calendars.contains(&c) {
-                        calendars.push(c);
+        // Calendars the organizer shared with the service account, shown in
+        // its own home; searched after hers. Not searched now: try later.
+        let mut unsearched = None;
+        if let Some(principal) = &home.principal {
+            match self.shared_by(principal, &home.url).await {
+                Ok(shared) => {
+                    for c in shared {
+                        if !calendars.contains(&c) {
+                            calendars.push(c);
+                        }
                     }
                 }
+                Err(o @ Outcome::Permanent(_)) => tracing::debug!("shared calendars not searched: {}", describe(&o)),
+                Err(o) => unsearched = Some(describe(&o)),
             }
         }
         let mut object = None;
@@ -513,6 +602,11 @@ impl CalDav {
             }
         }
         let Some(mut object) = object else {
+            if let Some(why) = unsearched {
+                return Outcome::Retry(format!(
+                    "event {uid} is not in {organizer}'s calendar home; the calendars shared with the service account could not be searched: {why}"
+                ));
+            }
             return Outcome::Permanent(format!("event {uid} is not in the calendars of {organizer} (deleted?)"));
         };
         for _ in 0..MAX_WRITES {
@@ -575,7 +669,7 @@ impl CalDav {
     pub async fn check_organizer(&self, organizer: &str) -> Vec<Finding> {
         let mut out = Vec::new();
         let (home, how) = match self.home(organizer).await {
-            Ok(h) => h,
+            Ok(h) => (h.url, h.how),
             Err(o) => return vec![Finding::fail("organizer", describe(&o))],
         };
         out.push(Finding::ok(
@@ -670,7 +764,7 @@ impl CalDav {
             Ok(r) if matches!(r.status().as_u16(), 401 | 403) => Finding::fail(
                 "target",
                 format!(
-                    "{} refuses the credentials ({}): check target.password_file",
+                    "{} refuses the credentials ({}): check target.username and password_file, or token_file",
                     self.base,
                     r.status()
                 ),
@@ -682,6 +776,19 @@ impl CalDav {
             Err(e) => Finding::fail("target", format!("{}: {}", self.base, super::root_cause(&e))),
         }
     }
+}
+
+/// Two URLs of one resource (a trailing slash aside).
+fn same_url(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// A server that does not know the principal search (it answered 4xx or 501).
+fn o_is_unsupported(o: &Outcome) -> bool {
+    let text = describe(o);
+    ["HTTP 400", "HTTP 403", "HTTP 404", "HTTP 405", "HTTP 415", "HTTP 501"]
+        .iter()
+        .any(|c| text.contains(c))
 }
 
 /// Two `mailto:` URIs for the same address (the scheme and the address
@@ -771,7 +878,7 @@ async fn failure(resp: reqwest::Response, what: &str, url: &str, limit: usize) -
             .headers()
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(crate::address::printable)
+            .map(|l| crate::address::printable(&l.chars().take(200).collect::<String>()))
             .unwrap_or_else(|| "nowhere".into());
         return Outcome::Permanent(format!(
             "{what} {url}: HTTP {status} to {to} (not followed): set target.url or target.calendar_home to where it points"

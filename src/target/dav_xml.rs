@@ -34,13 +34,16 @@ pub struct DavResponse {
     pub principal_collection_set: Vec<String>,
     pub calendar_home_set: Vec<String>,
     pub calendar_user_address_set: Vec<String>,
+    /// RFC 3744 DAV:owner.
+    pub owner: Vec<String>,
     /// RFC 3744 DAV:current-user-privilege-set, when the server gave it:
     /// the names of the privileges (`read`, `write`, `write-content`, `all`…).
     pub privileges: Option<Vec<String>>,
 }
 
-/// Hrefs kept per property at most.
+/// Hrefs kept per property at most, and their length: longer ones are dropped.
 const MAX_HREFS: usize = 100;
+const MAX_HREF_LEN: usize = 2048;
 
 /// The properties whose hrefs discovery reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,7 @@ enum HrefProperty {
     PrincipalCollectionSet,
     CalendarHomeSet,
     CalendarUserAddressSet,
+    Owner,
 }
 
 impl HrefProperty {
@@ -58,6 +62,7 @@ impl HrefProperty {
             (Space::Dav, "principal-collection-set") => Some(Self::PrincipalCollectionSet),
             (Space::CalDav, "calendar-home-set") => Some(Self::CalendarHomeSet),
             (Space::CalDav, "calendar-user-address-set") => Some(Self::CalendarUserAddressSet),
+            (Space::Dav, "owner") => Some(Self::Owner),
             _ => None,
         }
     }
@@ -68,6 +73,7 @@ impl HrefProperty {
             Self::PrincipalCollectionSet => &mut r.principal_collection_set,
             Self::CalendarHomeSet => &mut r.calendar_home_set,
             Self::CalendarUserAddressSet => &mut r.calendar_user_address_set,
+            Self::Owner => &mut r.owner,
         }
     }
 }
@@ -191,12 +197,15 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     (Space::Dav, "href") | (Space::Dav, "getetag") | (Space::CalDav, "calendar-data") => {
                         if let (Some(r), Some((field, text))) = (current.as_mut(), capture.take()) {
                             match field {
-                                Field::Href => r.href = Some(text.trim().to_owned()),
+                                Field::Href if text.trim().len() <= MAX_HREF_LEN => {
+                                    r.href = Some(text.trim().to_owned())
+                                }
+                                Field::Href => {}
                                 Field::Etag => r.etag = Some(text.trim().to_owned()),
                                 Field::Data => r.calendar_data = Some(text),
                                 Field::PropertyHref(p) => {
                                     let list = p.list(r);
-                                    if list.len() < MAX_HREFS {
+                                    if list.len() < MAX_HREFS && text.trim().len() <= MAX_HREF_LEN {
                                         list.push(text.trim().to_owned());
                                     }
                                 }

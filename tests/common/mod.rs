@@ -311,7 +311,7 @@ fn check_injection(request_line: &str, headers: &HashMap<String, String>, body: 
     let text = String::from_utf8_lossy(body).replace("\r\n ", "").replace("\r\n\t", "");
     // CalendarServer's gateway injects what the attendee sent, as from the
     // attendee; its scheduler acts on an attendee's REPLY, REFRESH and COUNTER.
-    let attendee_methods = ["REPLY", "COUNTER", "DECLINECOUNTER", "REFRESH"];
+    let attendee_methods = ["REPLY", "COUNTER", "REFRESH"];
     if !text.lines().any(|l| {
         let l = l.trim_end();
         l.len() > 7
@@ -320,7 +320,7 @@ fn check_injection(request_line: &str, headers: &HashMap<String, String>, body: 
     }) {
         return (
             400,
-            "METHOD must be one an attendee sends (REPLY, COUNTER, DECLINECOUNTER, REFRESH)".into(),
+            "METHOD must be one an attendee sends (REPLY, COUNTER, REFRESH)".into(),
         );
     }
     // The value starts after the first colon outside a quoted parameter.
@@ -423,7 +423,7 @@ fn check(request_line: &str, headers: &HashMap<String, String>, body: &[u8], pat
     match doc["kind"].as_str() {
         Some("reply") => {
             let method = doc["method"].as_str().unwrap_or("");
-            if !["REPLY", "COUNTER", "DECLINECOUNTER", "REFRESH"].contains(&method)
+            if !["REPLY", "COUNTER", "REFRESH"].contains(&method)
                 || !doc["attendee"].as_str().is_some_and(|a| a.starts_with("mailto:"))
             {
                 return (400, "a reply needs an attendee's METHOD and a mailto: attendee".into());
