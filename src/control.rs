@@ -115,9 +115,11 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
     };
     let result = match req {
         Request::List { all } => spool.list(*all).map(|r| ok(Some(r), None)),
-        Request::Show { id } => spool.get(id).map(|r| match r {
-            Some(r) => ok(Some(vec![r]), None),
-            None => Response::error(format!("no record {id}")),
+        Request::Show { id } => spool.find(id).map(|found| match found.is_empty() {
+            false => ok(Some(found), None),
+            true => Response::error(format!(
+                "no record {id} (an id, a prefix of one, a queue id or a Message-ID)"
+            )),
         }),
         Request::Retry { id } => spool.retry(id).map(|found| match found {
             true => ok(None, Some(1)),
@@ -421,9 +423,19 @@ pub fn format_list(records: &[Record]) -> String {
             shown(r.last_error.as_deref().unwrap_or(""))
         ));
     }
-    let pending = records.iter().filter(|r| r.state == State::Pending).count();
-    let failed = records.iter().filter(|r| r.state == State::Failed).count();
-    out.push_str(&format!("-- {pending} pending, {failed} failed\n"));
+    // The footer counts what is listed above it.
+    let count = |s: State| records.iter().filter(|r| r.state == s).count();
+    let delivered = count(State::Delivered);
+    out.push_str(&format!(
+        "-- {} pending, {} failed{}\n",
+        count(State::Pending),
+        count(State::Failed),
+        if delivered > 0 {
+            format!(", {delivered} delivered")
+        } else {
+            String::new()
+        }
+    ));
     out
 }
 

@@ -132,9 +132,9 @@ enum QueueAction {
         #[arg(long)]
         all: bool,
     },
-    /// One record, whole, as JSON
+    /// Records, whole, as JSON: by id, a prefix of one, a Postfix queue id or a Message-ID
     Show { id: String },
-    /// Deliver a failed or waiting record now (--all: every failed record)
+    /// Deliver a failed or waiting record now (--all: every waiting and failed one)
     Retry {
         id: Option<String>,
         #[arg(long, conflicts_with = "id")]

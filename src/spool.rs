@@ -486,18 +486,54 @@ impl Spool {
         Ok(true)
     }
 
-    /// Retries every failed record; returns how many.
+    /// Makes every waiting and every failed record due now, as `postqueue
+    /// -f` does for Postfix's queue; returns how many.
     pub fn retry_all(&self) -> Result<usize, SpoolError> {
-        let failed: Vec<String> = self
+        let due: Vec<String> = self
             .list(false)?
             .into_iter()
-            .filter(|r| r.state == State::Failed)
+            .filter(|r| matches!(r.state, State::Failed | State::Pending))
             .map(|r| r.id)
             .collect();
-        for id in &failed {
+        for id in &due {
             self.retry(id)?;
         }
-        Ok(failed.len())
+        Ok(due.len())
+    }
+
+    /// The records `what` names: a record id or a prefix of one (4
+    /// characters at least, and only one record), a Postfix queue id, or a
+    /// Message-ID (with or without its angle brackets).
+    pub fn find(&self, what: &str) -> Result<Vec<Record>, SpoolError> {
+        if let Some(r) = self.get(what)? {
+            return Ok(vec![r]);
+        }
+        let bare = what.trim().trim_start_matches('<').trim_end_matches('>');
+        let all = self.list(true)?;
+        let by_mail: Vec<Record> = all
+            .iter()
+            .filter(|r| {
+                r.queue_id.as_deref() == Some(what)
+                    || r.payload["message_id"]
+                        .as_str()
+                        .is_some_and(|m| m.trim_start_matches('<').trim_end_matches('>') == bare)
+            })
+            .cloned()
+            .collect();
+        if !by_mail.is_empty() {
+            return Ok(by_mail);
+        }
+        let by_prefix: Vec<Record> = all
+            .into_iter()
+            .filter(|r| what.len() >= 4 && r.id.starts_with(what))
+            .collect();
+        if by_prefix.len() > 1 {
+            return Err(SpoolError(format!(
+                "{what} begins {} record ids: give more of it",
+                by_prefix.len()
+            )));
+        }
+        Ok(by_prefix)
     }
 
     /// Removes a record. Ok(false): no such record.
@@ -758,7 +794,8 @@ mod tests {
         r.state = State::Failed;
         spool.update(&r).unwrap();
         assert_eq!(spool.due(now_ms() + 1, 10, &|_| false).unwrap().0.len(), 1);
-        assert_eq!(spool.retry_all().unwrap(), 1);
+        // The failed one and the waiting one: both due now.
+        assert_eq!(spool.retry_all().unwrap(), 2);
         assert_eq!(spool.due(now_ms() + 1, 10, &|_| false).unwrap().0.len(), 2);
         assert!(spool.delete(&r.id).unwrap());
         assert!(!spool.delete(&r.id).unwrap());

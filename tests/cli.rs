@@ -186,6 +186,16 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
     let rec: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(rec["state"], "failed");
     assert_eq!(rec["payload"]["token"], TOKEN);
+    // The same record by a prefix of its id, its queue id, its Message-ID.
+    let queue_id = rec["queue_id"].as_str().unwrap().to_owned();
+    let message_id = rec["payload"]["message_id"].as_str().unwrap().to_owned();
+    for key in [&ids[0][..8], queue_id.as_str(), message_id.as_str()] {
+        let (ok, show, err) = imip(&["queue", "show", key, "--config", &cfg]);
+        assert!(ok, "{key}: {err}");
+        assert!(show.contains(&format!("\"id\": \"{}\"", ids[0])), "{key}: {show}");
+    }
+    let (ok, _, err) = imip(&["queue", "show", "nope-nothing", "--config", &cfg]);
+    assert!(!ok && err.contains("no record"), "{err}");
 
     let (ok, _, _) = imip(&["queue", "delete", &ids[1], "--config", &cfg]);
     assert!(ok);
@@ -202,9 +212,44 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
         "{}",
         list()
     );
-    assert!(imip(&["queue", "list", "--all", "--config", &cfg])
-        .1
-        .contains("delivered"));
+    let all = imip(&["queue", "list", "--all", "--config", &cfg]).1;
+    assert!(
+        all.contains("delivered") && all.contains("-- 0 pending, 0 failed, 1 delivered"),
+        "the footer counts what is listed: {all}"
+    );
+    m.stop().await;
+}
+
+/// `queue retry --all` acts as `postqueue -f`: a reply still waiting in
+/// backoff is tried now, not only the failed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_retry_all_tries_waiting_records_now() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        c.replace("initial_backoff = \"200ms\"", "initial_backoff = \"1h\"")
+            .replace("max_backoff = \"1s\"", "max_backoff = \"2h\"")
+    })
+    .await;
+    hook.fail_next(&[503]);
+    let config = m.state_dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", &hook.url(), ""),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    assert_eq!(send(&m, "apple.eml", "WAIT1").await, Status::Discard);
+    let list = || imip(&["queue", "list", "--config", &cfg]).1;
+    assert!(
+        wait_until(Duration::from_secs(10), || list().contains("HTTP 503")),
+        "{}",
+        list()
+    );
+    assert!(list().contains("-- 1 pending, 0 failed"), "{}", list());
+    let (ok, out, err) = imip(&["queue", "retry", "--all", "--config", &cfg]);
+    assert!(ok && out.contains("1 record(s)"), "{out}{err}");
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "tried now, not in an hour");
     m.stop().await;
 }
 
