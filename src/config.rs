@@ -128,6 +128,15 @@ pub struct DeliveryConfig {
     pub keep_delivered: Duration,
     /// Failed records are kept this long for `queue list`, then forgotten.
     pub keep_failed: Duration,
+    /// `[journal]`: purged with the spool.
+    pub journal: JournalConfig,
+}
+
+/// `[journal]`: how much of what happened `imip-milter journal` can show.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    pub keep: Duration,
+    pub max_events: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +231,7 @@ struct RawConfig {
     gateway: Option<RawGateway>,
     target: Option<RawTarget>,
     delivery: Option<RawDelivery>,
+    journal: Option<RawJournal>,
     metrics: Option<RawMetrics>,
     tokens: Option<RawTokens>,
     policy: Option<RawPolicy>,
@@ -287,6 +297,13 @@ struct RawTarget {
     party_crashers: Option<String>,
     max_response_bytes: Option<i64>,
     ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    keep: Option<RawDuration>,
+    max_events: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -547,6 +564,16 @@ impl Config {
                 Duration::from_secs(7 * 86_400),
             )?,
             keep_failed: duration("delivery.keep_failed", d.keep_failed, Duration::from_secs(30 * 86_400))?,
+            journal: {
+                let j = raw.journal.unwrap_or(RawJournal {
+                    keep: None,
+                    max_events: None,
+                });
+                JournalConfig {
+                    keep: duration("journal.keep", j.keep, Duration::from_secs(30 * 86_400))?,
+                    max_events: positive("journal.max_events", j.max_events, 1_000_000, 100_000_000)?,
+                }
+            },
         };
         if delivery.initial_backoff.is_zero() {
             return Err(ConfigError::new("delivery.initial_backoff", "must be longer than zero"));

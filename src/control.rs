@@ -66,6 +66,10 @@ pub enum Request {
         #[serde(default)]
         bytes: u64,
     },
+    /// What the journal holds that matches.
+    Journal {
+        filter: crate::journal::Filter,
+    },
     /// Followed by `bytes` bytes of message.
     Deliver {
         rcpt: String,
@@ -93,6 +97,8 @@ pub struct Response {
     /// Lines an import could not read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<crate::journal::Event>>,
 }
 
 impl Response {
@@ -129,6 +135,11 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         Request::Delete { id } => spool.delete(id).map(|found| match found {
             true => ok(None, Some(1)),
             false => Response::error(format!("no record {id}")),
+        }),
+        Request::Journal { filter } => spool.journal(filter).map(|events| Response {
+            ok: true,
+            events: Some(events),
+            ..Default::default()
         }),
         Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
         _ => return Response::error("not a spool request"),

@@ -106,6 +106,13 @@ pub async fn run(
             let delivered = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
             let failed = now.saturating_sub(cfg.keep_failed.as_millis() as u64);
             let s = spool.clone();
+            let (keep, max_events) = (cfg.journal.keep.as_millis() as u64, cfg.journal.max_events);
+            let j = spool.clone();
+            match tokio::task::spawn_blocking(move || j.journal_purge(now.saturating_sub(keep), max_events)).await {
+                Ok(Ok(n)) if n > 0 => info!("forgot {n} journal events past journal.keep or journal.max_events"),
+                Ok(Err(e)) => warn!("journal purge failed: {e}"),
+                _ => {}
+            }
             match tokio::task::spawn_blocking(move || s.purge_finished(delivered, failed)).await {
                 Ok(Ok(n)) if n > 0 => {
                     info!("forgot {n} records past delivery.keep_delivered or delivery.keep_failed")
@@ -227,10 +234,39 @@ pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut r
     }
     let s = spool.clone();
     let id = rec.id.clone();
-    match tokio::task::spawn_blocking(move || s.record_outcome(&rec)).await {
+    let event = delivery_event(&rec, &outcome);
+    match tokio::task::spawn_blocking(move || {
+        if let Err(e) = s.journal_append(&[event]) {
+            warn!("journal: {e}");
+        }
+        s.record_outcome(&rec)
+    })
+    .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(e)) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
         Err(e) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
+    }
+}
+
+/// The journal's line for one delivery attempt.
+fn delivery_event(rec: &Record, outcome: &Outcome) -> crate::journal::Event {
+    let disposition = match (outcome, rec.state) {
+        (Outcome::Delivered, _) => "delivered",
+        (_, State::Failed) => "failed",
+        _ => "retry",
+    };
+    let text = |k: &str| rec.payload[k].as_str().map(str::to_owned);
+    crate::journal::Event {
+        queue_id: rec.queue_id.clone(),
+        message_id: text("message_id"),
+        sender: rec.payload["envelope"]["mail_from"].as_str().map(str::to_owned),
+        from: text("from"),
+        attendee: text("attendee"),
+        organizer: text("organizer"),
+        token: Some(crate::journal::token8(&rec.token_prefix)),
+        record_id: Some(rec.id.clone()),
+        ..crate::journal::Event::now("delivery", disposition, rec.last_error.as_deref().unwrap_or(""))
     }
 }
 
@@ -246,6 +282,10 @@ mod tests {
             max_backoff: Duration::from_secs(300),
             keep_delivered: Duration::from_secs(86_400),
             keep_failed: Duration::from_secs(86_400),
+            journal: crate::config::JournalConfig {
+                keep: Duration::from_secs(86_400),
+                max_events: 1000,
+            },
         }
     }
 

@@ -23,6 +23,8 @@ pub struct Intake {
     /// Record ids spooled (or found spooled already).
     pub ids: Vec<String>,
     pub duplicates: usize,
+    /// The organizer, as the token names her (local tokens).
+    pub organizer: Option<String>,
 }
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
@@ -53,6 +55,7 @@ pub async fn take(
                 analysis: Analysis::failed(),
                 ids: Vec::new(),
                 duplicates: 0,
+                organizer: None,
             };
         }
     };
@@ -174,10 +177,32 @@ pub async fn take(
         decision.reason = format!("{}; {}", decision.reason, notes.join("; "));
     }
     Intake {
+        organizer: organizer.map(str::to_owned),
         decision,
         analysis,
         ids,
         duplicates,
+    }
+}
+
+/// The journal's line for one message.
+pub fn journal_event(
+    envelope: &Envelope,
+    recipients: &[(String, Recipient)],
+    intake: &Intake,
+) -> crate::journal::Event {
+    let d = &intake.decision;
+    crate::journal::Event {
+        queue_id: envelope.queue_id.clone(),
+        message_id: intake.analysis.message_id.clone(),
+        sender: Some(envelope.mail_from.clone()),
+        from: intake.analysis.from.clone(),
+        attendee: intake.analysis.answer().0,
+        organizer: intake.organizer.clone(),
+        token: gateway(recipients).next().map(|(_, t)| crate::journal::token8(t)),
+        smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
+        record_id: (!intake.ids.is_empty()).then(|| intake.ids.join(",")),
+        ..crate::journal::Event::now("message", d.disposition.as_str(), &d.reason)
     }
 }
 
@@ -228,6 +253,24 @@ pub fn gateway(recipients: &[(String, Recipient)]) -> impl Iterator<Item = (&str
 }
 
 /// The one log line per message.
+/// The log line and the journal's event for one message.
+pub async fn record(
+    spool: &Spool,
+    envelope: &Envelope,
+    recipients: &[(String, Recipient)],
+    intake: &Intake,
+    via: &str,
+) {
+    log(envelope, recipients, intake, via);
+    let event = journal_event(envelope, recipients, intake);
+    let s = spool.clone();
+    match tokio::task::spawn_blocking(move || s.journal_append(&[event])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("journal: {e}"),
+        Err(e) => warn!("journal: {e}"),
+    }
+}
+
 pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Intake, via: &str) {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let tokens: Vec<String> = gateway(recipients).map(|(_, t)| token_prefix(t)).collect();

@@ -15,6 +15,7 @@ pub mod forward;
 pub mod inspect;
 pub mod intake;
 pub mod itip;
+pub mod journal;
 pub mod message;
 pub mod metrics;
 pub mod milter;
@@ -169,6 +170,7 @@ pub async fn run_with_reload(
     prepare_state_dir(&config)?;
     // `imip-milter deliver` may hold the spool for a moment while no daemon runs.
     let spool = spool::Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(30))?;
+    spool.set_journal_limit(config.delivery.journal.max_events);
     let target = Arc::new(target::Target::new(&config.target)?);
     let control = control::bind(&config.control_path())
         .map_err(|e| format!("control socket {}: {e}", config.control_path().display()))?;

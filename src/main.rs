@@ -90,6 +90,25 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         organizer: Option<String>,
     },
+    /// What became of messages and deliveries, oldest first
+    Journal {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+        /// Envelope sender, header From, attendee or organizer
+        #[arg(long, value_name = "ADDR")]
+        address: Option<String>,
+        #[arg(long, value_name = "ID")]
+        message_id: Option<String>,
+        /// Postfix queue id
+        #[arg(long, value_name = "ID")]
+        queue_id: Option<String>,
+        /// Only this recent, e.g. 2h or 3d
+        #[arg(long, value_name = "DURATION")]
+        since: Option<String>,
+    },
     /// Manage local tokens ([tokens] mode = "local")
     Tokens {
         #[command(flatten)]
@@ -213,6 +232,14 @@ fn main() -> ExitCode {
             organizer,
         } => check(&config, postfix_config.as_deref(), organizer.as_deref()),
         Command::Tokens { config, action } => tokens(&config, action),
+        Command::Journal {
+            config,
+            json,
+            address,
+            message_id,
+            queue_id,
+            since,
+        } => journal(&config, json, address, message_id, queue_id, since.as_deref()),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             ExitCode::SUCCESS
@@ -358,6 +385,64 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         print!("{}", verdict.to_text());
     }
     ExitCode::SUCCESS
+}
+
+fn journal(
+    arg: &ConfigArg,
+    json: bool,
+    address: Option<String>,
+    message_id: Option<String>,
+    queue_id: Option<String>,
+    since: Option<&str>,
+) -> ExitCode {
+    let config = match load_config(arg, false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let since_ms = match since.map(imip_milter::config::parse_duration) {
+        None => 0,
+        Some(Some(d)) => imip_milter::spool::now_ms().saturating_sub(d.as_millis() as u64),
+        Some(None) => {
+            eprintln!(
+                "imip-milter: --since {}: not a duration (30s, 10m, 2h, 3d)",
+                since.unwrap_or("")
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if let Err(e) = imip_milter::privileges::drop_to_owner(&config) {
+        eprintln!("imip-milter: {e}");
+        return ExitCode::from(EX_CONFIG);
+    }
+    let filter = imip_milter::journal::Filter {
+        address,
+        message_id,
+        queue_id,
+        since_ms,
+    };
+    match control::request_or_open(&config, &Request::Journal { filter }) {
+        Ok(resp) if resp.ok => {
+            for e in resp.events.unwrap_or_default() {
+                if json {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                } else {
+                    println!("{}", e.to_line());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("imip-milter: {}", resp.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("imip-milter: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {

@@ -287,6 +287,24 @@ fn queue_id(macros: &indymilter::Macros) -> String {
         .unwrap_or_else(|| "NOQUEUE".into())
 }
 
+/// The journal's line for a recipient refused at RCPT. The prober's 450s
+/// are not written: the log line says enough, and they come in floods.
+async fn journal_recipient(shared: &Shared, queue_id: String, sender: &str, token: Option<&str>, d: &Decision) {
+    let event = crate::journal::Event {
+        queue_id: (queue_id != "NOQUEUE").then_some(queue_id),
+        sender: Some(sender.to_owned()),
+        token: token.map(crate::journal::token8),
+        smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
+        ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
+    };
+    let s = shared.spool.clone();
+    match tokio::task::spawn_blocking(move || s.journal_append(&[event])).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!("journal: {e}"),
+        Err(e) => warn!("journal: {e}"),
+    }
+}
+
 fn set_reply(reply: &mut impl SetErrorReply, d: &Decision) {
     if let Some(r) = &d.smtp_reply {
         if let Err(e) = reply.set_error_reply(r.code, Some(r.enhanced), [r.text.as_str()]) {
@@ -412,6 +430,8 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
             d.reason
         );
         set_reply(&mut cx.reply, &d);
+        let sender = cx.data.as_ref().map(|s| s.mail_from.clone()).unwrap_or_default();
+        journal_recipient(shared, queue_id(&cx.macros), &sender, None, &d).await;
         return Status::Reject;
     }
     let session = cx.data.get_or_insert_with(Session::default);
@@ -452,6 +472,11 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
                     d.reason
                 );
                 set_reply(&mut cx.reply, &d);
+                let prober = d.smtp_reply.as_ref().is_some_and(|r| r.enhanced == "4.7.1");
+                if !prober {
+                    let sender = session.mail_from.clone();
+                    journal_recipient(shared, queue_id(&cx.macros), &sender, Some(token), &d).await;
+                }
                 return match d.disposition {
                     Disposition::Tempfail => Status::Tempfail,
                     _ => Status::Reject,
@@ -675,7 +700,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
             Status::Tempfail
         }
     };
-    intake::log(&envelope, &recipients, &intake, "");
+    intake::record(&shared.spool, &envelope, &recipients, &intake, "").await;
     status
 }
 

@@ -260,6 +260,8 @@ pub struct Spool {
     pub notify: Arc<Notify>,
     /// Append transactions committed (each one fsync), for metrics and tests.
     commits: Arc<AtomicU64>,
+    /// journal.max_events: the journal is trimmed to it as it grows.
+    journal_max: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Spool {
@@ -337,6 +339,7 @@ impl Spool {
             appends: tx,
             notify,
             commits,
+            journal_max: Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000)),
         })
     }
 
@@ -552,6 +555,87 @@ impl Spool {
         Ok(existed)
     }
 
+    /// journal.max_events, enforced as the journal grows.
+    pub fn set_journal_limit(&self, max_events: usize) {
+        self.journal_max.store(max_events.max(1), Ordering::Relaxed);
+    }
+
+    /// Adds events to the journal, without an fsync of their own: the next
+    /// durable commit of the spool takes them along. Beyond
+    /// journal.max_events the oldest go at once, whatever the rate.
+    pub fn journal_append(&self, events: &[crate::journal::Event]) -> Result<(), SpoolError> {
+        let mut txn = redb_try!(self.db.get()?.begin_write(), "journal write");
+        let _ = txn.set_durability(Durability::None);
+        {
+            let mut table = redb_try!(txn.open_table(JOURNAL), "journal write");
+            for e in events {
+                let seq = JOURNAL_SEQ.fetch_add(1, Ordering::Relaxed) % 1000;
+                let key = e.time_ms.saturating_mul(1000).saturating_add(seq);
+                let bytes = serde_json::to_vec(e).map_err(|x| SpoolError(format!("journal encode: {x}")))?;
+                redb_try!(table.insert(key, bytes.as_slice()), "journal write");
+            }
+            let max = self.journal_max.load(Ordering::Relaxed) as u64;
+            let over = redb_try!(table.len(), "journal read").saturating_sub(max);
+            for _ in 0..over {
+                redb_try!(table.pop_first(), "journal write");
+            }
+        }
+        redb_try!(txn.commit(), "journal commit");
+        Ok(())
+    }
+
+    /// The events that match, oldest first, at most `journal::MAX_LISTED`.
+    pub fn journal(&self, filter: &crate::journal::Filter) -> Result<Vec<crate::journal::Event>, SpoolError> {
+        let txn = redb_try!(self.db.get()?.begin_read(), "journal read");
+        let table = match txn.open_table(JOURNAL) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(SpoolError(format!("journal read: {e}"))),
+        };
+        let mut out = Vec::new();
+        for entry in redb_try!(table.range(filter.since_ms.saturating_mul(1000)..), "journal read") {
+            let (key, value) = redb_try!(entry, "journal read");
+            let Ok(mut e) = serde_json::from_slice::<crate::journal::Event>(value.value()) else {
+                continue;
+            };
+            e.time_ms = key.value() / 1000;
+            if e.matches(filter) {
+                out.push(e);
+                if out.len() >= crate::journal::MAX_LISTED {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets journal events before `before_ms`, and the oldest beyond
+    /// `max_events`; returns how many.
+    pub fn journal_purge(&self, before_ms: u64, max_events: usize) -> Result<usize, SpoolError> {
+        let txn = redb_try!(self.db.get()?.begin_write(), "journal write");
+        let removed;
+        {
+            let mut table = redb_try!(txn.open_table(JOURNAL), "journal write");
+            let total = redb_try!(table.len(), "journal read") as usize;
+            let mut old: Vec<u64> = Vec::new();
+            for entry in redb_try!(table.iter(), "journal read") {
+                let (key, _) = redb_try!(entry, "journal read");
+                let k = key.value();
+                if k / 1000 < before_ms || total.saturating_sub(old.len()) > max_events {
+                    old.push(k);
+                } else {
+                    break;
+                }
+            }
+            for k in &old {
+                redb_try!(table.remove(*k), "journal write");
+            }
+            removed = old.len();
+        }
+        redb_try!(txn.commit(), "journal commit");
+        Ok(removed)
+    }
+
     /// Forgets delivered records finished before `delivered_before` and
     /// failed ones before `failed_before` (ms); returns how many.
     pub fn purge_finished(&self, delivered_before: u64, failed_before: u64) -> Result<usize, SpoolError> {
@@ -615,6 +699,9 @@ impl Spool {
 /// Calendar text, stored once under its hash however many records (one
 /// per gateway recipient) carry it.
 const CONTENT: TableDefinition<&str, &[u8]> = TableDefinition::new("content");
+/// The journal (see `journal`): time in ms × 1000 + a sequence number → event.
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+static JOURNAL_SEQ: AtomicU64 = AtomicU64::new(0);
 /// Shorter calendar text stays inside its record.
 const SHARE_FROM: usize = 2048;
 
