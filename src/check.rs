@@ -385,6 +385,8 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         ));
     }
 
+    out.extend(greylisting(config, dir));
+
     let services = postconf(dir, &["-M"]).unwrap_or_default();
     if services
         .lines()
@@ -411,6 +413,54 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// Greylisting (a policy service, postgrey) holds replies back for minutes:
+/// a `check_recipient_access` table that answers OK for every gateway
+/// address must come before it in smtpd_recipient_restrictions.
+fn greylisting(config: &Config, dir: Option<&Path>) -> Option<Finding> {
+    let list = postconf(dir, &["-h", "smtpd_recipient_restrictions"])?;
+    let items: Vec<&str> = list.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()).collect();
+    let greylist = |i: &&str| i.contains("check_policy_service") || i.contains("postgrey") || i.contains("greylist");
+    let at = items.iter().position(greylist)?;
+    let policy = items[at..].iter().take(2).copied().collect::<Vec<_>>().join(" ");
+    let addresses: Vec<String> = config
+        .gateway
+        .bases()
+        .iter()
+        .map(|b| format!("{}@{}", b.local, b.domain))
+        .collect();
+    let exempts = |table: &str| {
+        addresses.iter().all(|a| {
+            let mut cmd = Command::new("postmap");
+            if let Some(d) = dir {
+                cmd.arg("-c").arg(d);
+            }
+            cmd.args(["-q", a, table])
+                .output()
+                .ok()
+                .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim().eq_ignore_ascii_case("OK"))
+        })
+    };
+    let exempt = items[..at]
+        .windows(2)
+        .find(|w| w[0] == "check_recipient_access" && exempts(w[1]))
+        .map(|w| w[1].to_owned());
+    Some(match exempt {
+        Some(table) => Finding::ok(
+            "postfix",
+            format!("gateway addresses exempt from greylisting: {table} answers OK before {policy}"),
+        ),
+        None => Finding::warn(
+            "postfix",
+            format!(
+                "smtpd_recipient_restrictions runs {policy} before any exemption for {}: replies wait for greylisting; \
+                 put check_recipient_access texthash:/etc/postfix/imip-milter-access before it \
+                 (/usr/share/doc/imip-milter/postfix/imip-milter-access, main.cf)",
+                addresses.join(", ")
+            ),
+        ),
+    })
 }
 
 /// Where smtpd listens, from `postconf -M`: `127.0.0.1:2525 inet ... smtpd` or `smtp inet ...`.

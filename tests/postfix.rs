@@ -655,3 +655,65 @@ fn dmarc_policy_believes_no_authentication_results_a_sender_wrote() {
     assert!(log.contains("no DMARC pass"), "{log}");
     assert!(check.contains("header_checks removes"), "{check}");
 }
+
+/// Greylisting would hold replies back: `check` warns, naming the setting,
+/// when a policy service runs before an exemption for the gateway
+/// addresses, and is quiet with the shipped table in front of it.
+#[test]
+fn check_warns_when_greylisting_comes_before_the_exemption() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let table = tempfile::tempdir().unwrap();
+    let access = table.path().join("imip-milter-access");
+    let shipped =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("postfix/imip-milter-access"))
+            .unwrap();
+    // As an admin edits it: every gateway address of the configuration.
+    std::fs::write(&access, format!("{shipped}replies@example.net\tOK\n")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    let milter = Daemon::start(dir.path(), &hook.url());
+    // No policy service listens: fail fast, not after retries.
+    let postfix = Postfix::start_with(
+        &format!("{{ inet:127.0.0.1:{}, default_action=tempfail }}", milter.port),
+        "smtpd_policy_service_try_limit = 1\nsmtpd_policy_service_timeout = 2s\n",
+    );
+    let etc = postfix.etc();
+    // check reads main.cf through postconf: one instance, its list rewritten.
+    let check = |restrictions: &str| {
+        let set = std::process::Command::new("postconf")
+            .arg("-c")
+            .arg(&etc)
+            .arg("-e")
+            .arg(format!("smtpd_recipient_restrictions = {restrictions}"))
+            .status()
+            .unwrap();
+        assert!(set.success());
+        let out = milter.cli(&["check", "--postfix-config", etc.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("greylisting"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let policy = "check_policy_service inet:127.0.0.1:10023";
+    let warned = check(policy);
+    assert!(
+        warned.starts_with("WARN") && warned.contains("check_policy_service") && warned.contains("imip-milter-access"),
+        "{warned}"
+    );
+    let quiet = check(&format!(
+        "check_recipient_access texthash:{}, {policy}",
+        access.display()
+    ));
+    assert!(quiet.starts_with("OK") && quiet.contains("exempt"), "{quiet}");
+    let after = check(&format!(
+        "{policy}, check_recipient_access texthash:{}",
+        access.display()
+    ));
+    assert!(after.starts_with("WARN"), "the exemption must come first: {after}");
+    assert_eq!(
+        check("permit_mynetworks, reject_unauth_destination"),
+        "",
+        "no greylisting, no word"
+    );
+}
