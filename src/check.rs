@@ -386,6 +386,8 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     }
 
     out.extend(greylisting(config, dir));
+    out.extend(service_overrides(config, dir));
+    out.extend(safety_net_route(config, dir));
 
     let services = postconf(dir, &["-M"]).unwrap_or_default();
     if services
@@ -413,6 +415,83 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// master.cf can give one smtpd service its own smtpd_milters
+/// (`-o smtpd_milters=`): main.cf then says nothing about that service.
+fn service_overrides(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
+    let Some(params) = postconf(dir, &["-P"]) else {
+        return Vec::new();
+    };
+    let names = milter_names(&config.listen);
+    let master = dir
+        .map(|d| d.join("master.cf"))
+        .unwrap_or_else(|| Path::new("/etc/postfix/master.cf").to_path_buf());
+    params
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter_map(|(k, v)| {
+            let k = k.trim();
+            let service = k.strip_suffix("/smtpd_milters")?;
+            let v = v.trim();
+            Some(match milter_entry(v, &names) {
+                Some(_) => Finding::ok("postfix", format!("master.cf service {service} lists the milter")),
+                None => Finding::fail(
+                    "postfix",
+                    format!(
+                        "master.cf service {service} sets smtpd_milters = \"{v}\": the milter never sees its mail; \
+                         remove that -o line (or add {}) in {}",
+                        names[0],
+                        master.display()
+                    ),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// The safety net needs transport_maps to send the gateway addresses to the
+/// imip-milter transport; without it, mail the milter did not take goes to
+/// ordinary delivery.
+fn safety_net_route(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
+    let Some(maps) = postconf(dir, &["-h", "transport_maps"]) else {
+        return Vec::new();
+    };
+    let tables: Vec<&str> = maps.split([',', ' ', '\t']).filter(|s| !s.is_empty()).collect();
+    config
+        .gateway
+        .bases()
+        .iter()
+        .map(|b| format!("{}@{}", b.local, b.domain))
+        .map(|address| {
+            let route = tables.iter().find_map(|t| {
+                let mut cmd = Command::new("postmap");
+                if let Some(d) = dir {
+                    cmd.arg("-c").arg(d);
+                }
+                let out = cmd.args(["-q", &address, t]).output().ok()?;
+                let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                (!v.is_empty()).then_some(v)
+            });
+            match route {
+                Some(r) if r.starts_with("imip-milter:") => {
+                    Finding::ok("postfix", format!("transport_maps sends {address} to {r}"))
+                }
+                Some(r) => Finding::warn(
+                    "postfix",
+                    format!("transport_maps sends {address} to {r}, not imip-milter: (the safety net)"),
+                ),
+                None => Finding::warn(
+                    "postfix",
+                    format!(
+                        "transport_maps does not route {address} to imip-milter: (transport_maps = \"{maps}\"); \
+                         during a milter outage replies go to ordinary delivery; see \
+                         /usr/share/doc/imip-milter/postfix/imip-milter-transport"
+                    ),
+                ),
+            }
+        })
+        .collect()
 }
 
 /// Greylisting (a policy service, postgrey) holds replies back for minutes:
@@ -506,9 +585,18 @@ fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
                 }
             }
         };
-        reply(&mut w, None)?;
-        reply(&mut w, Some("EHLO imip-milter.check"))?;
-        reply(&mut w, Some("MAIL FROM:<>"))?;
+        // Each step must pass; the one that does not is named with Postfix's answer.
+        for (step, cmd) in [
+            ("greeting", None),
+            ("EHLO", Some("EHLO imip-milter.check")),
+            ("MAIL FROM:<>", Some("MAIL FROM:<>")),
+        ] {
+            let a = reply(&mut w, cmd)?;
+            if !a.starts_with('2') {
+                let _ = reply(&mut w, Some("QUIT"));
+                return Ok(format!("{step} answered: {a}"));
+            }
+        }
         let answer = reply(&mut w, Some(&format!("RCPT TO:<{rcpt}>")))?;
         let _ = reply(&mut w, Some("RSET"));
         let _ = reply(&mut w, Some("QUIT"));
@@ -521,6 +609,10 @@ fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
         Ok(a) if a.starts_with("550") && a.contains("unknown or has expired") => Finding::ok(
             "postfix",
             format!("{addr} passes RCPT <{rcpt}> to the milter, which refuses the unknown token"),
+        ),
+        Ok(a) if a.contains(" answered: ") => Finding::fail(
+            "postfix",
+            format!("{addr} did not get to RCPT: {a} (another milter or a restriction refuses it)"),
         ),
         Ok(a) => Finding::fail("postfix", format!("{addr} refuses RCPT <{rcpt}>: {a}")),
         Err(e) => Finding::warn("postfix", format!("cannot ask smtpd at {addr}: {e}")),

@@ -717,3 +717,88 @@ fn check_warns_when_greylisting_comes_before_the_exemption() {
         "no greylisting, no word"
     );
 }
+
+/// `check` says what Postfix will actually do: an smtpd service in
+/// master.cf that overrides smtpd_milters, transport_maps that do not send
+/// the gateway address to the safety net, and another milter that refuses
+/// MAIL FROM before the RCPT probe gets anywhere, each named with what to
+/// change; quiet once each is right.
+#[test]
+fn check_names_what_postfix_will_actually_do() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    let milter = Daemon::start(dir.path(), &hook.url());
+    let ours = format!("{{ inet:127.0.0.1:{}, default_action=tempfail }}", milter.port);
+    let postfix = Postfix::start(&ours);
+    let etc = postfix.etc();
+    let postconf = |args: &[&str]| {
+        let ok = std::process::Command::new("postconf")
+            .arg("-c")
+            .arg(&etc)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "postconf {args:?}");
+    };
+    let reload = || {
+        let ok = std::process::Command::new("postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("reload")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let check = || {
+        let out = milter.cli(&["check", "--postfix-config", etc.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let line = |text: &str, words: &str| text.lines().find(|l| l.contains(words)).unwrap_or("").to_owned();
+
+    // No transport_maps: the safety net is not reached.
+    let text = check();
+    assert!(line(&text, "transport_maps").starts_with("WARN"), "{text}");
+    let table = dir.path().join("transport");
+    std::fs::write(
+        &table,
+        "calendar@example.org\timip-milter:\nreplies@example.net\timip-milter:\n",
+    )
+    .unwrap();
+    postconf(&["-e", &format!("transport_maps = texthash:{}", table.display())]);
+    let text = check();
+    assert!(
+        line(&text, "transport_maps sends calendar@example.org").starts_with("OK"),
+        "{text}"
+    );
+
+    // The smtpd service of master.cf switches the milter off.
+    let service = format!("127.0.0.1:{}", postfix.port);
+    postconf(&["-P", &format!("{service}/inet/smtpd_milters=")]);
+    let text = check();
+    let over = line(&text, "master.cf service");
+    assert!(
+        over.starts_with("FAIL") && over.contains("remove that -o line"),
+        "{text}"
+    );
+    postconf(&["-X", "-P", &format!("{service}/inet/smtpd_milters")]);
+    let text = check();
+    assert!(!text.contains("master.cf service"), "{text}");
+
+    // A dead milter before ours refuses MAIL FROM: named as such.
+    postconf(&[
+        "-e",
+        &format!(
+            "smtpd_milters = {{ inet:127.0.0.1:{}, default_action=tempfail }}, {ours}",
+            common::free_port()
+        ),
+    ]);
+    reload();
+    let text = check();
+    let probe = line(&text, "did not get to RCPT");
+    assert!(
+        probe.starts_with("FAIL") && probe.contains("MAIL FROM:<> answered: 451"),
+        "{text}"
+    );
+}

@@ -70,6 +70,7 @@ impl Postfix {
         let maps = [
             ("imip-milter-recipients", read("imip-milter-recipients")),
             ("imip-milter-transport", read("imip-milter-transport")),
+            ("imip-milter-access", read("imip-milter-access")),
         ];
         // No mailbox for the gateway address: the shipped map must make it valid.
         Self::build(&main_cf, &master_cf, &["alice", "grace"], &maps)
