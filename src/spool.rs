@@ -287,6 +287,19 @@ impl Spool {
                         path.display()
                     )))
                 }
+                Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    let owner = std::fs::metadata(path)
+                        .map(|m| format!("it belongs to uid {} gid {} (mode {:o})", m.uid(), m.gid(), m.mode() & 0o7777))
+                        .unwrap_or_else(|_| "its directory may not be written".into());
+                    return Err(SpoolError(format!(
+                        "cannot open spool {}: permission denied: {owner}; run as the state_dir's owner, \
+                         or chown the file to the service user (imip-milter)",
+                        path.display()
+                    )));
+                }
                 Err(e) => {
                     return Err(SpoolError(format!(
                         "cannot open spool {}: {e} (a file that is not an imip-milter spool is never overwritten; move it away)",

@@ -246,3 +246,38 @@ fn root_works_in_state_dir_as_its_owner() {
     assert!(milter.log().contains(&format!("uid {uid}")), "{}", milter.log());
     assert!(milter.terminate().success());
 }
+
+/// A spool the service user may not open is said to be a permission
+/// problem (chown), not a foreign file.
+#[test]
+fn an_unreadable_spool_is_a_permission_problem() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // As root, as the README's first command run as root once did.
+    drop(imip_milter::spool::Spool::open(&state.join("spool.redb")).unwrap());
+    let config = dir.path().join("imip-milter.toml");
+    std::fs::write(
+        &config,
+        common::config_text(&state, "inet:127.0.0.1:1", "http://127.0.0.1:1/", ""),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (uid, gid) = common::nobody();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(["queue", "list", "--config"])
+        .arg(&config)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("chown") && !err.contains("never overwritten"),
+        "{err}"
+    );
+}
