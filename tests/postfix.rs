@@ -802,3 +802,47 @@ fn check_names_what_postfix_will_actually_do() {
         "{text}"
     );
 }
+
+/// The shipped postconf script applied twice over a main.cf that has its
+/// own milter, delimiter and policy service: one entry each, theirs kept,
+/// the exemption before the policy service.
+#[test]
+fn the_shipped_postconf_script_can_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("main.cf"),
+        "compatibility_level = 3.6\nrecipient_delimiter = +\nsmtpd_milters = inet:127.0.0.1:8891\nsmtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:10023\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("master.cf"), "").unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("postfix/imip-milter-postconf");
+    for _ in 0..2 {
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .arg("-c")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let main_cf = std::fs::read_to_string(dir.path().join("main.cf")).unwrap();
+    for key in [
+        "recipient_delimiter =",
+        "smtpd_milters =",
+        "virtual_alias_maps =",
+        "transport_maps =",
+        "imip-milter_destination_recipient_limit =",
+        "smtpd_recipient_restrictions =",
+    ] {
+        assert_eq!(main_cf.matches(key).count(), 1, "{key}\n{main_cf}");
+    }
+    assert_eq!(main_cf.matches("inet:127.0.0.1:8895").count(), 1, "{main_cf}");
+    assert!(
+        main_cf.contains("smtpd_milters = inet:127.0.0.1:8891, { inet:127.0.0.1:8895"),
+        "{main_cf}"
+    );
+    assert!(
+        main_cf.contains("smtpd_recipient_restrictions = check_recipient_access texthash:/etc/postfix/imip-milter-access, check_policy_service"),
+        "{main_cf}"
+    );
+}
