@@ -78,6 +78,7 @@ pub async fn run(
     out.extend(state_dir(config));
     out.extend(milter_socket(config));
     out.extend(secret_files(config));
+    out.extend(service_user_access(config));
     out.extend(token_database(config).await);
     out.push(target(config).await);
     if let Some(o) = organizer {
@@ -170,6 +171,95 @@ fn secret_files(config: &Config) -> Vec<Finding> {
         Err(e) => Finding::fail("secrets", format!("{key} {}: {e}", path.display())),
     })
     .collect()
+}
+
+/// Run as root, `check` could open what the service cannot: the files the
+/// daemon opens are judged for the service user (`user`, or state_dir's
+/// owner), with the primary group it runs with.
+fn service_user_access(config: &Config) -> Vec<Finding> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Vec::new();
+    }
+    let Ok(id) = crate::privileges::target(config) else {
+        return Vec::new();
+    };
+    if id.uid == 0 {
+        return Vec::new();
+    }
+    let t = &config.target;
+    let mut files: Vec<(&str, &Path, u32)> = [
+        ("target.token_file", &t.token_file),
+        ("target.password_file", &t.password_file),
+        ("target.secret_file", &t.secret_file),
+        ("target.ca_file", &t.ca_file),
+    ]
+    .into_iter()
+    .filter_map(|(key, path)| Some((key, path.as_deref()?, 0o4)))
+    .collect();
+    if let crate::config::TokenStoreConfig::Postgres {
+        password_file: Some(p), ..
+    } = &config.tokens.store
+    {
+        files.push(("tokens.password_file", p.as_path(), 0o4));
+    }
+    let spool = config.spool_path();
+    if spool.exists() {
+        files.push(("spool", spool.as_path(), 0o6));
+    }
+    files
+        .into_iter()
+        .filter_map(|(key, path, want)| {
+            let why = denied(path, id, want)?;
+            Some(Finding::fail(
+                "access",
+                format!(
+                    "{key} {}: the service user (uid {} gid {}) cannot {}: {why}",
+                    path.display(),
+                    id.uid,
+                    id.gid,
+                    if want == 0o6 { "read and write it" } else { "read it" }
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Why `id` may not open `path` with these permission bits (4 read, 2
+/// write), judged by owner, group and mode along the whole path; None when
+/// it may.
+fn denied(path: &Path, id: crate::privileges::Identity, want: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let bits = |m: &std::fs::Metadata| {
+        let mode = m.mode();
+        if m.uid() == id.uid {
+            (mode >> 6) & 7
+        } else if m.gid() == id.gid {
+            (mode >> 3) & 7
+        } else {
+            mode & 7
+        }
+    };
+    for dir in path.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()) {
+        let m = std::fs::metadata(dir).ok()?;
+        if bits(&m) & 1 == 0 {
+            return Some(format!(
+                "directory {} is closed to it (owner uid {}, mode {:o})",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    let m = std::fs::metadata(path).ok()?;
+    (bits(&m) & want != want).then(|| {
+        format!(
+            "owner uid {} gid {}, mode {:o}: chown it to the service user",
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o7777
+        )
+    })
 }
 
 fn state_dir(config: &Config) -> Vec<Finding> {

@@ -281,3 +281,45 @@ fn an_unreadable_spool_is_a_permission_problem() {
         "{err}"
     );
 }
+
+/// `check` run as root judges the files the service opens as the service
+/// user would: a secret only root can read is a FAIL, however root sees it.
+#[test]
+fn check_as_root_judges_files_as_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let (uid, gid) = common::nobody();
+    std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+    let secret = dir.path().join("webhook.password");
+    std::fs::write(&secret, "pw\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("imip-milter.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            &state,
+            "inet:127.0.0.1:1",
+            "http://127.0.0.1:1/",
+            &format!("username = \"u\"\npassword_file = \"{}\"\n", secret.display()),
+        ),
+    )
+    .unwrap();
+    let access = || {
+        let out = common::cli(&config, &["check"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("access:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let refused = access();
+    assert!(
+        refused.starts_with("FAIL access: target.password_file") && refused.contains("cannot read it"),
+        "{refused}"
+    );
+    std::os::unix::fs::chown(&secret, Some(uid), Some(gid)).unwrap();
+    assert_eq!(access(), "", "readable by the service user now");
+}
