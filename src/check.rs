@@ -488,7 +488,7 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     } else {
         out.push(Finding::warn(
             "postfix",
-            "no imip-milter transport in master.cf: during a milter outage replies wait in the queue (see postfix/master.cf)",
+            "no imip-milter transport in master.cf: during a milter outage replies wait in the queue (see /usr/share/doc/imip-milter/postfix/master.cf)",
         ));
     }
     if let Some(addr) = smtpd_address(&services) {
@@ -703,6 +703,13 @@ fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
         Ok(a) if a.contains(" answered: ") => Finding::fail(
             "postfix",
             format!("{addr} did not get to RCPT: {a} (another milter or a restriction refuses it)"),
+        ),
+        Ok(a) if a.contains("User unknown") => Finding::fail(
+            "postfix",
+            format!(
+                "{addr} refuses RCPT <{rcpt}>: {a}: make the gateway address a valid recipient with \
+                 virtual_alias_maps (/usr/share/doc/imip-milter/postfix/imip-milter-recipients)"
+            ),
         ),
         Ok(a) => Finding::fail("postfix", format!("{addr} refuses RCPT <{rcpt}>: {a}")),
         Err(e) => Finding::warn("postfix", format!("cannot ask smtpd at {addr}: {e}")),
