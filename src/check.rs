@@ -316,6 +316,32 @@ async fn target(config: &Config) -> Finding {
     }
 }
 
+/// `postmap -q KEY TABLE`: the table's answer, None for none.
+fn postmap_query(dir: Option<&Path>, key: &str, table: &str) -> Option<String> {
+    let mut cmd = Command::new("postmap");
+    if let Some(d) = dir {
+        cmd.arg("-c").arg(d);
+    }
+    let out = cmd.args(["-q", key, table]).output().ok()?;
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!answer.is_empty()).then_some(answer)
+}
+
+/// The entries of a list-valued Postfix parameter.
+fn list_items(value: &str) -> Vec<&str> {
+    value.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()).collect()
+}
+
+/// The gateway base addresses, `local@domain`.
+fn gateway_addresses(config: &Config) -> Vec<String> {
+    config
+        .gateway
+        .bases()
+        .iter()
+        .map(|b| format!("{}@{}", b.local, b.domain))
+        .collect()
+}
+
 fn postconf(dir: Option<&Path>, args: &[&str]) -> Option<String> {
     let mut cmd = Command::new("postconf");
     if let Some(d) = dir {
@@ -376,15 +402,9 @@ fn milter_entry(smtpd_milters: &str, names: &[String]) -> Option<String> {
 fn header_checks(authserv_id: &str, dir: Option<&Path>) -> Finding {
     let tables = postconf(dir, &["-h", "header_checks"]).unwrap_or_default();
     let forged = format!("Authentication-Results: {authserv_id}; dmarc=pass header.from=example.com");
-    let removes = tables.split([',', ' ', '\t']).filter(|t| !t.is_empty()).any(|table| {
-        let mut cmd = Command::new("postmap");
-        if let Some(d) = dir {
-            cmd.arg("-c").arg(d);
-        }
-        cmd.args(["-q", &forged, table])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim_start().starts_with("IGNORE"))
-    });
+    let removes = list_items(&tables)
+        .into_iter()
+        .any(|table| postmap_query(dir, &forged, table).is_some_and(|a| a.starts_with("IGNORE")));
     match removes {
         true => Finding::ok(
             "postfix",
@@ -547,22 +567,11 @@ fn safety_net_route(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     let Some(maps) = postconf(dir, &["-h", "transport_maps"]) else {
         return Vec::new();
     };
-    let tables: Vec<&str> = maps.split([',', ' ', '\t']).filter(|s| !s.is_empty()).collect();
-    config
-        .gateway
-        .bases()
-        .iter()
-        .map(|b| format!("{}@{}", b.local, b.domain))
+    let tables = list_items(&maps);
+    gateway_addresses(config)
+        .into_iter()
         .map(|address| {
-            let route = tables.iter().find_map(|t| {
-                let mut cmd = Command::new("postmap");
-                if let Some(d) = dir {
-                    cmd.arg("-c").arg(d);
-                }
-                let out = cmd.args(["-q", &address, t]).output().ok()?;
-                let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                (!v.is_empty()).then_some(v)
-            });
+            let route = tables.iter().find_map(|t| postmap_query(dir, &address, t));
             match route {
                 Some(r) if r.starts_with("imip-milter:") => {
                     Finding::ok("postfix", format!("transport_maps sends {address} to {r}"))
@@ -589,27 +598,15 @@ fn safety_net_route(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
 /// address must come before it in smtpd_recipient_restrictions.
 fn greylisting(config: &Config, dir: Option<&Path>) -> Option<Finding> {
     let list = postconf(dir, &["-h", "smtpd_recipient_restrictions"])?;
-    let items: Vec<&str> = list.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()).collect();
+    let items = list_items(&list);
     let greylist = |i: &&str| i.contains("check_policy_service") || i.contains("postgrey") || i.contains("greylist");
     let at = items.iter().position(greylist)?;
     let policy = items[at..].iter().take(2).copied().collect::<Vec<_>>().join(" ");
-    let addresses: Vec<String> = config
-        .gateway
-        .bases()
-        .iter()
-        .map(|b| format!("{}@{}", b.local, b.domain))
-        .collect();
+    let addresses = gateway_addresses(config);
     let exempts = |table: &str| {
-        addresses.iter().all(|a| {
-            let mut cmd = Command::new("postmap");
-            if let Some(d) = dir {
-                cmd.arg("-c").arg(d);
-            }
-            cmd.args(["-q", a, table])
-                .output()
-                .ok()
-                .is_some_and(|o| String::from_utf8_lossy(&o.stdout).trim().eq_ignore_ascii_case("OK"))
-        })
+        addresses
+            .iter()
+            .all(|a| postmap_query(dir, a, table).is_some_and(|r| r.eq_ignore_ascii_case("OK")))
     };
     let exempt = items[..at]
         .windows(2)

@@ -193,10 +193,7 @@ impl CalDav {
             passing |= !matches!(o, Outcome::Permanent(_));
             tried.push(describe(&o));
         };
-        let mut collections: Vec<String> = match self
-            .propfind(&root, "0", "<D:current-user-principal/><D:principal-collection-set/>")
-            .await
-        {
+        let mut collections: Vec<String> = match self.propfind(&root, "0", "<D:principal-collection-set/>").await {
             Ok(rs) => rs
                 .iter()
                 .flat_map(|r| r.principal_collection_set.iter())
@@ -215,15 +212,18 @@ impl CalDav {
         let mut found: Vec<(String, Option<String>)> = Vec::new();
         for c in &collections {
             match self.search_principal(c, address).await {
-                Ok(list) if list.is_empty() => tried.push(format!("no principal in {c} has mailto:{address}")),
-                Ok(list) => {
+                Ok(Search::Principals(list)) if list.is_empty() => {
+                    tried.push(format!("no principal in {c} has mailto:{address}"))
+                }
+                Ok(Search::Principals(list)) => {
                     for f in list {
                         if !found.iter().any(|(p, _)| same_url(p, &f.0)) {
                             found.push(f);
                         }
                     }
                 }
-                Err(o @ Outcome::Permanent(_)) if !o_is_unsupported(&o) => return Err(o),
+                Ok(Search::Unsupported(why)) => tried.push(why),
+                Err(o @ Outcome::Permanent(_)) => return Err(o),
                 Err(o) => note(o, &mut tried),
             }
         }
@@ -310,18 +310,14 @@ impl CalDav {
     /// principals (and their homes, when given) that list exactly `address`
     /// (servers match by substring). A matching principal elsewhere than on
     /// target.url's origin is an error, not a miss.
-    async fn search_principal(
-        &self,
-        collection: &str,
-        address: &str,
-    ) -> Result<Vec<(String, Option<String>)>, Outcome> {
+    async fn search_principal(&self, collection: &str, address: &str) -> Result<Search, Outcome> {
         let wanted = format!("mailto:{address}");
         let body = format!(
             r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:property-search><D:prop><C:calendar-user-address-set/></D:prop><D:match>{wanted}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
         );
         let resp = self.send_xml(b"REPORT", collection, "0", body).await?;
-        if resp.status().as_u16() != 207 {
-            // Servers without RFC 3744 answer 4xx or 501: not a fault here.
+        let status = resp.status().as_u16();
+        if status != 207 {
             let o = failure(
                 resp,
                 "principal-property-search in",
@@ -329,10 +325,11 @@ impl CalDav {
                 self.max_response_bytes,
             )
             .await;
-            return Err(match o {
-                Outcome::Retry(e) | Outcome::ServerFault(e) if e.contains("HTTP 501") => Outcome::Permanent(e),
-                o => o,
-            });
+            // Servers without RFC 3744 answer these: not a fault here.
+            return match status {
+                400 | 403 | 404 | 405 | 415 | 501 => Ok(Search::Unsupported(describe(&o))),
+                _ => Err(o),
+            };
         }
         let xml = self.body(resp).await?;
         let mut out = Vec::new();
@@ -348,7 +345,7 @@ impl CalDav {
             let home = r.calendar_home_set.iter().find_map(|h| self.on_origin(h));
             out.push((principal, home));
         }
-        Ok(out)
+        Ok(Search::Principals(out))
     }
 
     /// A principal's calendar-home-set; None when the principal lists
@@ -783,12 +780,12 @@ fn same_url(a: &str, b: &str) -> bool {
     a.trim_end_matches('/') == b.trim_end_matches('/')
 }
 
-/// A server that does not know the principal search (it answered 4xx or 501).
-fn o_is_unsupported(o: &Outcome) -> bool {
-    let text = describe(o);
-    ["HTTP 400", "HTTP 403", "HTTP 404", "HTTP 405", "HTTP 415", "HTTP 501"]
-        .iter()
-        .any(|c| text.contains(c))
+/// What a principal-property-search came to.
+enum Search {
+    /// The principals (and their homes, when given) that list the address.
+    Principals(Vec<(String, Option<String>)>),
+    /// The server does not do the search (4xx or 501): why, for the record.
+    Unsupported(String),
 }
 
 /// Two `mailto:` URIs for the same address (the scheme and the address
