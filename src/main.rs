@@ -423,24 +423,31 @@ fn journal(
         queue_id,
         since_ms,
     };
-    match control::request_or_open(&config, &Request::Journal { filter }) {
-        Ok(resp) if resp.ok => {
-            for e in resp.events.unwrap_or_default() {
-                if json {
-                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
-                } else {
-                    println!("{}", e.to_line());
-                }
-            }
-            ExitCode::SUCCESS
+    let resp = match answered(control::request_or_open(&config, &Request::Journal { filter })) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    for e in resp.events.unwrap_or_default() {
+        if json {
+            println!("{}", serde_json::to_string(&e).unwrap_or_default());
+        } else {
+            println!("{}", e.to_line());
         }
-        Ok(resp) => {
-            eprintln!("imip-milter: {}", resp.error.unwrap_or_default());
-            ExitCode::FAILURE
+    }
+    ExitCode::SUCCESS
+}
+
+/// A control answer that says ok; else the error printed, and the exit code.
+fn answered(answer: Result<control::Response, String>) -> Result<control::Response, ExitCode> {
+    match answer {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => {
+            eprintln!("imip-milter: {}", r.error.unwrap_or_default());
+            Err(ExitCode::FAILURE)
         }
         Err(e) => {
             eprintln!("imip-milter: {e}");
-            ExitCode::FAILURE
+            Err(ExitCode::FAILURE)
         }
     }
 }
@@ -468,29 +475,21 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
         }
         QueueAction::Delete { id } => (Request::Delete { id }, false),
     };
-    match control::request_or_open(&config, &req) {
-        Ok(resp) if resp.ok => {
-            match (list, resp.records, resp.count) {
-                (true, Some(records), _) => print!("{}", control::format_list(&records)),
-                (false, Some(records), _) => {
-                    for r in records {
-                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-                    }
-                }
-                (_, None, Some(n)) => println!("{n} record(s)"),
-                _ => {}
+    let resp = match answered(control::request_or_open(&config, &req)) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match (list, resp.records, resp.count) {
+        (true, Some(records), _) => print!("{}", control::format_list(&records)),
+        (false, Some(records), _) => {
+            for r in records {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             }
-            ExitCode::SUCCESS
         }
-        Ok(resp) => {
-            eprintln!("imip-milter: {}", resp.error.unwrap_or_default());
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("imip-milter: {e}");
-            ExitCode::FAILURE
-        }
+        (_, None, Some(n)) => println!("{n} record(s)"),
+        _ => {}
     }
+    ExitCode::SUCCESS
 }
 
 fn deliver(
@@ -683,16 +682,9 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
         Some(a) => a,
         None => control::request_or_open(&config, &req),
     };
-    let resp = match answer {
-        Ok(r) if r.ok => r,
-        Ok(r) => {
-            eprintln!("imip-milter: {}", r.error.unwrap_or_default());
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("imip-milter: {e}");
-            return ExitCode::FAILURE;
-        }
+    let resp = match answered(answer) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
     let tokens = resp.tokens.unwrap_or_default();
     match action {
