@@ -68,9 +68,14 @@ fn cli(m: &InProcess, server: &Webhook, args: &[&str]) -> (bool, String) {
 }
 
 async fn send(m: &InProcess, eml: &str) -> Status {
+    send_from(m, "<erik.jansen@contoso.example>", eml).await
+}
+
+/// A fixture to the token's gateway address from `sender`.
+async fn send_from(m: &InProcess, sender: &str, eml: &str) -> Status {
     let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
     conn.connect("client.example.com", [192, 0, 2, 44]).await.unwrap();
-    conn.mail(["<erik.jansen@contoso.example>"]).await.unwrap();
+    conn.mail([sender]).await.unwrap();
     assert_eq!(
         conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
             .await
@@ -233,24 +238,10 @@ async fn a_counter_is_injected_like_a_reply() {
     .unwrap();
     let out = cli(&m, &server, &["tokens", "import", csv.to_str().unwrap()]);
     assert!(out.0, "{}", out.1);
-    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
-    conn.connect("client.example.net", [192, 0, 2, 45]).await.unwrap();
-    conn.mail(["<carol@example.net>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
-    let raw = String::from_utf8(fixture("counter.eml")).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    for line in head.split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", "CS2")]).await.unwrap();
-    assert_eq!(conn.eom().await.unwrap().1, Status::Discard);
-    conn.close().await.unwrap();
+    assert_eq!(
+        send_from(&m, "<carol@example.net>", "counter.eml").await,
+        Status::Discard
+    );
     let got = server.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1, "refused: {:?}", server.refused());
     assert_eq!(got[0].headers["originator"], "mailto:carol@example.net");
