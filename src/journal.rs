@@ -63,6 +63,28 @@ impl Event {
         }
     }
 
+    /// As stored: every field from outside one line of at most 500
+    /// characters (a Message-ID or From may be as long as the message).
+    pub fn bounded(&self) -> Self {
+        let c = |v: &Option<String>| v.as_deref().map(clip);
+        Self {
+            time: self.time.clone(),
+            time_ms: self.time_ms,
+            event: clip(&self.event),
+            queue_id: c(&self.queue_id),
+            message_id: c(&self.message_id),
+            sender: c(&self.sender),
+            from: c(&self.from),
+            attendee: c(&self.attendee),
+            organizer: c(&self.organizer),
+            token: self.token.as_deref().map(token8),
+            disposition: clip(&self.disposition),
+            smtp_reply: c(&self.smtp_reply),
+            reason: clip(&self.reason),
+            record_id: c(&self.record_id),
+        }
+    }
+
     pub fn matches(&self, f: &Filter) -> bool {
         let same = |a: &Option<String>, b: &str| a.as_deref().is_some_and(|a| bare(a).eq_ignore_ascii_case(bare(b)));
         self.time_ms >= f.since_ms
@@ -156,6 +178,12 @@ mod tests {
             since_ms: e.time_ms + 1,
             ..Filter::default()
         }));
+        let mut long = e.clone();
+        long.message_id = Some(format!("<{}@x>", "a".repeat(100_000)));
+        long.token = Some("8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81".into());
+        let b = long.bounded();
+        assert_eq!(b.message_id.unwrap().chars().count(), 500);
+        assert_eq!(b.token.as_deref(), Some("8e3c0d1a"));
         let mut shady = e.clone();
         shady.reason = "x\u{1b}[31my".into();
         assert!(!shady.to_line().contains('\u{1b}'));

@@ -584,7 +584,7 @@ impl Spool {
             for e in events {
                 let seq = JOURNAL_SEQ.fetch_add(1, Ordering::Relaxed) % 1000;
                 let key = e.time_ms.saturating_mul(1000).saturating_add(seq);
-                let bytes = serde_json::to_vec(e).map_err(|x| SpoolError(format!("journal encode: {x}")))?;
+                let bytes = serde_json::to_vec(&e.bounded()).map_err(|x| SpoolError(format!("journal encode: {x}")))?;
                 redb_try!(table.insert(key, bytes.as_slice()), "journal write");
             }
             let max = self.journal_max.load(Ordering::Relaxed) as u64;
