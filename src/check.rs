@@ -291,14 +291,14 @@ fn state_dir(config: &Config) -> Vec<Finding> {
                 .filter(|r| r.state == crate::spool::State::Failed)
                 .count();
             let line = format!(
-                "daemon answers on {}; {} pending, {failed} failed",
+                "answers on {}; {} pending, {failed} failed",
                 config.control_path().display(),
                 records.len() - failed
             );
             out.push(if failed > 0 {
-                Finding::warn("spool", format!("{line} (see imip-milter queue list)"))
+                Finding::warn("daemon", format!("{line} (see imip-milter queue list)"))
             } else {
-                Finding::ok("spool", line)
+                Finding::ok("daemon", line)
             });
         }
         Err(control::ClientError::NoDaemon) => {
@@ -428,6 +428,38 @@ fn setting(entry: &str, key: &str) -> Option<String> {
     })
 }
 
+/// The three milter timeouts of the README's snippet, from the smtpd_milters entry or else
+/// main.cf's milter_*_timeout. Each bounds how long an SMTP client waits on a hung milter.
+fn milter_timeouts(entry: &str, dir: Option<&Path>) -> Vec<Finding> {
+    // (name, the largest value that keeps a client's wait short, what it bounds)
+    const TIMEOUTS: [(&str, u64, &str); 3] = [
+        ("connect_timeout", 30, "each new SMTP session"),
+        ("command_timeout", 60, "every SMTP command"),
+        ("content_timeout", 300, "the end of every message"),
+    ];
+    TIMEOUTS
+        .iter()
+        .filter_map(|(name, max, bounds)| {
+            let value = setting(entry, name)
+                .or_else(|| postconf(dir, &["-h", &format!("milter_{name}")]))?;
+            let Some(t) = crate::config::parse_duration(&value) else {
+                return Some(Finding::warn("postfix", format!("{name}={value} is not a duration")));
+            };
+            Some(if t.as_secs() > *max {
+                Finding::warn(
+                    "postfix",
+                    format!(
+                        "{name}={}s: a hung milter holds {bounds} that long; set {name}= at most {max}s in the smtpd_milters entry",
+                        t.as_secs()
+                    ),
+                )
+            } else {
+                Finding::ok("postfix", format!("{name}={}s", t.as_secs()))
+            })
+        })
+        .collect()
+}
+
 fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     let mut out = Vec::new();
     let Some(milters) = postconf(dir, &["-h", "smtpd_milters"]) else {
@@ -459,20 +491,7 @@ fn postfix(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
                     format!("default_action={other}: during a milter outage mail is refused; use accept with the safety net, or tempfail"),
                 ),
             });
-            let timeout = setting(&entry, "command_timeout")
-                .or_else(|| postconf(dir, &["-h", "milter_command_timeout"]))
-                .and_then(|t| crate::config::parse_duration(&t));
-            match timeout {
-                Some(t) if t > Duration::from_secs(60) => out.push(Finding::warn(
-                    "postfix",
-                    format!(
-                        "command_timeout={}s keeps SMTP clients waiting long when the milter hangs",
-                        t.as_secs()
-                    ),
-                )),
-                Some(t) => out.push(Finding::ok("postfix", format!("command_timeout={}s", t.as_secs()))),
-                None => {}
-            }
+            out.extend(milter_timeouts(&entry, dir));
         }
     }
 

@@ -388,7 +388,10 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
         "OK   postfix: recipient_delimiter = +",
         "OK   postfix: safety-net transport",
         "accepts RCPT <calendar+imipcheck0@example.org>",
-        "OK   spool: daemon answers",
+        "OK   postfix: connect_timeout=10s",
+        "OK   postfix: command_timeout=10s",
+        "OK   postfix: content_timeout=30s",
+        "OK   daemon: answers on",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
@@ -785,6 +788,16 @@ fn check_names_what_postfix_will_actually_do() {
     postconf(&["-X", "-P", &format!("{service}/inet/smtpd_milters")]);
     let text = check();
     assert!(!text.contains("master.cf service"), "{text}");
+
+    // A milter timeout that holds SMTP clients long on a hung milter, named with where to set it.
+    postconf(&["-e", "milter_content_timeout = 15m"]);
+    let text = check();
+    let timeout = line(&text, "content_timeout=");
+    assert!(
+        timeout.starts_with("WARN") && timeout.contains("content_timeout=900s") && timeout.contains("at most 300s"),
+        "{text}"
+    );
+    assert!(line(&text, "command_timeout=").starts_with("OK"), "{text}");
 
     // A dead milter before ours refuses MAIL FROM: named as such.
     postconf(&[
