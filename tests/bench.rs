@@ -1,16 +1,23 @@
 //! The benchmark behind bench/run (ignored in the test suite): throughput of
 //! a private Postfix without a milter (A), with imip-milter on plain mail (B),
 //! with imip-milter on replies (C), and with OpenDKIM verifying (D),
-//! alternating in rounds; reply latency to the target; peak RSS; milter-only
-//! throughput over the milter protocol. Prints a Markdown report.
+//! alternating in rounds; the milter's CPU per message and its milter-socket
+//! round trips; reply latency to the target one at a time and under load;
+//! peak RSS; milter-only throughput over the milter protocol. Prints a
+//! Markdown report.
 
 mod common;
 
 use common::{fixture, postfix::Postfix, reply_message, smtp_try, wait_until, Daemon, Webhook, TOKEN};
 use indymilter_test::{MacroStage, Status, TestConnection};
 use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -60,12 +67,14 @@ impl Drop for OpenDkim {
     }
 }
 
-/// Sends `n` messages over `clients` connections; messages per second and
-/// the time each DATA ended.
-fn burst(
+/// Sends `n` messages over `clients` connections, as fast as they go or, with
+/// `rate`, message i not before i/rate seconds; messages per second and when
+/// each DATA ended (the final dot sent).
+fn send(
     port: u16,
     n: usize,
     clients: usize,
+    rate: Option<f64>,
     message: &(dyn Fn(usize) -> (String, Vec<u8>) + Sync),
 ) -> (f64, Vec<(usize, Instant)>) {
     let next = AtomicUsize::new(0);
@@ -78,6 +87,10 @@ fn burst(
                 if i >= n {
                     return;
                 }
+                if let Some(rate) = rate {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
                 let (rcpt, data) = message(i);
                 let out = smtp_try(port, "sender@example.net", &[&rcpt], &data).expect("smtp");
                 assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
@@ -88,6 +101,122 @@ fn burst(
         }
     });
     (n as f64 / start.elapsed().as_secs_f64(), ends.into_inner().unwrap())
+}
+
+fn burst(
+    port: u16,
+    n: usize,
+    clients: usize,
+    message: &(dyn Fn(usize) -> (String, Vec<u8>) + Sync),
+) -> (f64, Vec<(usize, Instant)>) {
+    send(port, n, clients, None, message)
+}
+
+/// CPU time the process has used, user and system, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    fields.iter().sum::<u64>() as f64 / hz
+}
+
+/// A TCP relay between Postfix and the milter that counts milter protocol
+/// packets: commands from Postfix (macro definitions aside) and the
+/// milter's answers, each answer one round trip Postfix waited for.
+struct CountingRelay {
+    port: u16,
+    commands: Arc<AtomicUsize>,
+    answers: Arc<AtomicUsize>,
+}
+
+impl CountingRelay {
+    fn start(milter_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let commands = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(AtomicUsize::new(0));
+        let (c, a) = (commands.clone(), answers.clone());
+        std::thread::spawn(move || {
+            for mta in listener.incoming().flatten() {
+                let milter = TcpStream::connect(("127.0.0.1", milter_port)).unwrap();
+                let _ = mta.set_nodelay(true);
+                let _ = milter.set_nodelay(true);
+                let (mta2, milter2) = (mta.try_clone().unwrap(), milter.try_clone().unwrap());
+                let (c, a) = (c.clone(), a.clone());
+                // 'D' defines macros; every other packet from Postfix is a command.
+                std::thread::spawn(move || Self::pump(mta, milter, c, |k| k != b'D'));
+                // Accept, continue, discard, reject, tempfail, reply code, skip,
+                // options: answers. Modification actions ride with the end-of-message answer.
+                std::thread::spawn(move || Self::pump(milter2, mta2, a, |k| b"acdrtysO".contains(&k)));
+            }
+        });
+        Self {
+            port,
+            commands,
+            answers,
+        }
+    }
+
+    fn pump(mut from: TcpStream, mut to: TcpStream, counter: Arc<AtomicUsize>, counts: fn(u8) -> bool) {
+        let mut buf = vec![0u8; 65536];
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            while pending.len() >= 5 {
+                let len = u32::from_be_bytes([pending[0], pending[1], pending[2], pending[3]]) as usize;
+                if pending.len() < 4 + len {
+                    break;
+                }
+                if counts(pending[4]) {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                pending.drain(..4 + len);
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+
+    fn take(&self) -> (usize, usize) {
+        (
+            self.commands.swap(0, Ordering::SeqCst),
+            self.answers.swap(0, Ordering::SeqCst),
+        )
+    }
+}
+
+/// Milliseconds from the end of DATA to the webhook holding each reply,
+/// sorted. Postfix answers 250 after the end of DATA, so this bounds the
+/// time from its 250 from above.
+fn latencies(hook: &Webhook, ends: &[(usize, Instant)], uid: impl Fn(usize) -> String) -> Vec<f64> {
+    let got = hook.deliveries();
+    let at: std::collections::HashMap<String, Instant> = got
+        .iter()
+        .filter_map(|d| Some((d.body["uid"].as_str()?.to_owned(), d.at)))
+        .collect();
+    let mut ms: Vec<f64> = ends
+        .iter()
+        .filter_map(|(i, answered)| {
+            at.get(&uid(*i))
+                .map(|t| t.saturating_duration_since(*answered).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    ms
 }
 
 fn vm_hwm_kb(pid: u32) -> u64 {
@@ -120,17 +249,17 @@ fn compare() {
     let extra = "in_flow_delay = 0";
 
     let hook = Webhook::start();
+    // A production web server keeps connections open; so does this one here.
+    hook.keep_alive();
     let dir = tempfile::tempdir().unwrap();
     let milter = Daemon::start(dir.path(), &hook.url());
+    let pid = milter.pid().expect("daemon pid");
     let dkim = OpenDkim::start();
+    let relay = CountingRelay::start(milter.port);
+    let milter_entry = |port: u16| format!("{{ inet:127.0.0.1:{port}, default_action=tempfail, command_timeout=10s }}");
     let a = Postfix::start_with("", extra);
-    let b = Postfix::start_with(
-        &format!(
-            "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
-            milter.port
-        ),
-        extra,
-    );
+    let b = Postfix::start_with(&milter_entry(milter.port), extra);
+    let counted = Postfix::start_with(&milter_entry(relay.port), extra);
     let d = Postfix::start_with(
         &format!("{{ inet:127.0.0.1:{}, default_action=accept }}", dkim.port),
         extra,
@@ -143,35 +272,58 @@ fn compare() {
         let n = reply_base.load(Ordering::SeqCst) + i;
         (format!("calendar+{TOKEN}@example.org"), reply_message(n, TOKEN))
     };
+    let uid_of = |base: usize| move |i: usize| format!("event-{}@example.org", base + i);
 
     let (mut ra, mut rb, mut rc, mut rd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut latencies = Vec::new();
+    let (mut cpu_plain, mut cpu_replies) = (0.0, 0.0);
+    let mut burst_latencies = Vec::new();
     for round in 0..rounds {
         ra.push(burst(a.port, per_round, clients, &plain_msg).0);
+        let cpu = cpu_seconds(pid);
         rb.push(burst(b.port, per_round, clients, &plain_msg).0);
+        cpu_plain += cpu_seconds(pid) - cpu;
         let before = hook.deliveries().len();
-        reply_base.store(100_000 + round * per_round, Ordering::SeqCst);
-        let (rate, ends) = burst(b.port, per_round, clients, &reply_msg);
+        let base = 100_000 + round * per_round;
+        reply_base.store(base, Ordering::SeqCst);
+        let cpu = cpu_seconds(pid);
+        let (rate, answers) = burst(b.port, per_round, clients, &reply_msg);
         rc.push(rate);
         assert!(wait_until(Duration::from_secs(60), || hook.deliveries().len()
             >= before + per_round));
-        let got = hook.deliveries();
-        for (i, end) in ends {
-            let uid = format!("event-{}@example.org", 100_000 + round * per_round + i);
-            if let Some(dlv) = got.iter().find(|d| d.body["uid"] == uid.as_str()) {
-                latencies.push(dlv.at.saturating_duration_since(end).as_secs_f64() * 1000.0);
-            }
-        }
+        cpu_replies += cpu_seconds(pid) - cpu;
+        burst_latencies.extend(latencies(&hook, &answers, uid_of(base)));
         rd.push(burst(d.port, per_round, clients, &plain_msg).0);
     }
-    let rss_after_runs = milter.pid().map(vm_hwm_kb).unwrap_or(0);
+    let rss_after_runs = vm_hwm_kb(pid);
+    let (ma, mb, mc, md) = (median(&mut ra), median(&mut rb), median(&mut rc), median(&mut rd));
+
+    // Reply latency one at a time, and at 80% of the highest reply rate measured above.
+    let latency_run = |base: usize, n: usize, clients: usize, rate: Option<f64>| {
+        reply_base.store(base, Ordering::SeqCst);
+        let before = hook.deliveries().len();
+        let (_, answers) = send(b.port, n, clients, rate, &reply_msg);
+        assert!(wait_until(Duration::from_secs(60), || hook.deliveries().len() >= before + n));
+        latencies(&hook, &answers, uid_of(base))
+    };
+    let one_at_a_time = latency_run(300_000, per_round, 1, None);
+    let max_rate = rc.iter().copied().fold(0.0, f64::max);
+    let paced_rate = 0.8 * max_rate;
+    let paced = latency_run(400_000, per_round * 2, clients * 2, Some(paced_rate));
+
+    // Milter-socket packets per message, through the counting relay.
+    let counted_n = 50;
+    burst(counted.port, counted_n, 1, &plain_msg);
+    let (plain_commands, plain_answers) = relay.take();
+    reply_base.store(450_000, Ordering::SeqCst);
+    burst(counted.port, counted_n, 1, &reply_msg);
+    let (reply_commands, reply_answers) = relay.take();
 
     // 50 concurrent SMTP sessions of replies, for the memory ceiling.
     reply_base.store(500_000, Ordering::SeqCst);
     let before = hook.deliveries().len();
     burst(b.port, 500, 50, &reply_msg);
     wait_until(Duration::from_secs(60), || hook.deliveries().len() >= before + 500);
-    let rss_50 = milter.pid().map(vm_hwm_kb).unwrap_or(0);
+    let rss_50 = vm_hwm_kb(pid);
 
     // The milter alone, over the milter protocol.
     let milter_only = {
@@ -217,8 +369,6 @@ fn compare() {
         })
     };
 
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let (ma, mb, mc, md) = (median(&mut ra), median(&mut rb), median(&mut rc), median(&mut rd));
     let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
     println!(
         "| run | messages/s (median of {rounds} rounds of {per_round}, {clients} SMTP clients) | rounds | ratio to A |"
@@ -241,12 +391,38 @@ fn compare() {
         md / ma
     );
     println!();
+    let total = (rounds * per_round) as f64;
     println!(
-        "Reply latency, end of DATA to the webhook receiving it ({} replies): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or(f64::NAN)
+        "Milter CPU (user+system, /proc/PID/stat) per message: {:.0} µs per reply (spooled, delivered, journaled), {:.0} µs per plain message",
+        cpu_replies / total * 1e6,
+        cpu_plain / total * 1e6
+    );
+    let per = |x: usize| x as f64 / counted_n as f64;
+    println!(
+        "Milter-socket round trips per message (counting relay, {counted_n} of each, one SMTP session each): {:.1} per reply ({:.1} commands from Postfix), {:.1} per plain message ({:.1} commands)",
+        per(reply_answers),
+        per(reply_commands),
+        per(plain_answers),
+        per(plain_commands)
+    );
+    let line = |name: &str, v: &[f64]| {
+        println!(
+            "Reply latency, end of DATA to the webhook holding the reply, {name} ({} replies): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            v.last().copied().unwrap_or(f64::NAN)
+        )
+    };
+    line("one at a time", &one_at_a_time);
+    line(
+        &format!("at {paced_rate:.0}/s (80% of the highest C round, {max_rate:.0}/s)"),
+        &paced,
+    );
+    burst_latencies.sort_by(|a, b| a.total_cmp(b));
+    line(
+        &format!("in the C bursts ({clients} clients, unpaced)"),
+        &burst_latencies,
     );
     println!("Peak RSS of imip-milter: {:.1} MB after the rounds, {:.1} MB after 500 replies over 50 concurrent SMTP sessions", rss_after_runs as f64 / 1024.0, rss_50 as f64 / 1024.0);
     println!("Milter-only throughput (indymilter-test, {clients} connections, reply per connection): {milter_only:.0} replies/s");

@@ -74,6 +74,9 @@ struct WebhookState {
     calendarserver_secret: Option<String>,
     /// request-status of the next schedule-responses, instead of 2.0.
     status_next: Vec<&'static str>,
+    /// Serve further requests on a connection (HTTP/1.1 keep-alive), as a
+    /// production web server does; otherwise close it after each answer.
+    keep_alive: bool,
 }
 
 /// A real HTTP/1.1 server on loopback playing the calendar server's webhook.
@@ -120,7 +123,12 @@ impl Webhook {
                 Ok((stream, _)) => {
                     let st = st.clone();
                     let p = p.clone();
-                    thread::spawn(move || serve(stream, &st, &p));
+                    let sp = sp.clone();
+                    thread::spawn(move || {
+                        // Keep-alive: requests on one connection until the
+                        // client closes it, an idle minute passes or the server stops.
+                        while serve(&stream, &st, &p) && !*sp.lock().unwrap() {}
+                    });
                 }
                 Err(_) => thread::sleep(Duration::from_millis(10)),
             }
@@ -168,6 +176,11 @@ impl Webhook {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Keep connections open between requests, as a production server does.
+    pub fn keep_alive(&self) {
+        self.state.lock().unwrap().keep_alive = true;
+    }
+
     /// Refuse (401) requests without this Authorization header.
     pub fn require_auth(&self, value: &str) {
         self.state.lock().unwrap().expected_auth = Some(value.to_owned());
@@ -197,21 +210,25 @@ impl Drop for Webhook {
     }
 }
 
-fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    });
+/// Answers one request; true when the connection stays open for the next.
+fn serve(mut stream: &TcpStream, state: &Mutex<WebhookState>, path: &str) -> bool {
+    let keep_alive = state.lock().unwrap().keep_alive;
+    // Idle longer than the daemon's HTTP pool (90 s) keeps its connections:
+    // the client, not the server, closes them.
+    let idle = if keep_alive { 100 } else { 10 };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(idle)));
+    // HTTP/1.1 clients send the next request only after this answer, so
+    // the buffer holds nothing beyond this request when it is dropped.
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return false;
     }
     let mut headers = HashMap::new();
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).is_err() {
-            return;
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
         }
         let line = line.trim_end();
         if line.is_empty() {
@@ -224,7 +241,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
     let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
     let mut body = vec![0; len];
     if reader.read_exact(&mut body).is_err() {
-        return;
+        return false;
     }
     let (expected, secret) = {
         let st = state.lock().unwrap();
@@ -268,11 +285,14 @@ fn serve(mut stream: TcpStream, state: &Mutex<WebhookState>, path: &str) {
         }
         _ => why,
     };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{why}",
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    // One write: in pieces, Nagle holds the second until the client's
+    // delayed ACK (40 ms per request on a kept-alive connection).
+    let answer = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{why}",
         why.len()
     );
+    stream.write_all(answer.as_bytes()).is_ok() && keep_alive
 }
 
 /// CalDAV's schedule-response, as CalendarServer answers an injection.
