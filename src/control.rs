@@ -136,11 +136,15 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
             true => ok(None, Some(1)),
             false => Response::error(format!("no record {id}")),
         }),
-        Request::Journal { filter } => spool.journal(filter).map(|events| Response {
-            ok: true,
-            events: Some(events),
-            ..Default::default()
-        }),
+        // Events the writer holds (it lets them wait for company) first.
+        Request::Journal { filter } => spool
+            .settle()
+            .and_then(|()| spool.journal(filter))
+            .map(|events| Response {
+                ok: true,
+                events: Some(events),
+                ..Default::default()
+            }),
         Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
         _ => return Response::error("not a spool request"),
     };

@@ -122,7 +122,7 @@ pub async fn take(
     };
     let store = shared.tokens.as_ref().map(|l| l.store.as_ref());
     let intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
-    intake::record(&shared.spool, &envelope, &recipients, &intake, "deliver").await;
+    intake::record(&shared.spool, &envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);
     if let Some(to) = &intake.decision.redirect_to {
         // pipe(8) cannot add a recipient: the bounce tells the sender where to write.

@@ -232,20 +232,9 @@ pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut r
             rec.last_error.as_deref().unwrap_or("")
         ),
     }
-    let s = spool.clone();
-    let id = rec.id.clone();
     let event = delivery_event(&rec, &outcome);
-    match tokio::task::spawn_blocking(move || {
-        if let Err(e) = s.journal_append(&[event]) {
-            warn!("journal: {e}");
-        }
-        s.record_outcome(&rec)
-    })
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
-        Err(e) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
+    if let Err(e) = spool.record_outcome(&rec, event).await {
+        error!("{queue_id}: cannot record the delivery outcome of {}: {e}", rec.id);
     }
 }
 

@@ -254,21 +254,9 @@ pub fn gateway(recipients: &[(String, Recipient)]) -> impl Iterator<Item = (&str
 
 /// The one log line per message.
 /// The log line and the journal's event for one message.
-pub async fn record(
-    spool: &Spool,
-    envelope: &Envelope,
-    recipients: &[(String, Recipient)],
-    intake: &Intake,
-    via: &str,
-) {
+pub fn record(spool: &Spool, envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Intake, via: &str) {
     log(envelope, recipients, intake, via);
-    let event = journal_event(envelope, recipients, intake);
-    let s = spool.clone();
-    match tokio::task::spawn_blocking(move || s.journal_append(&[event])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("journal: {e}"),
-        Err(e) => warn!("journal: {e}"),
-    }
+    spool.journal_later(journal_event(envelope, recipients, intake));
 }
 
 pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Intake, via: &str) {

@@ -205,12 +205,7 @@ pub async fn run_with_reload(
     let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), reloads));
     let milter_config = indymilter::Config {
         max_connections: config.max_sessions,
-        actions: indymilter::Actions::DELETE_RCPT
-            | indymilter::Actions::ADD_RCPT
-            | indymilter::Actions::CHANGE_SENDER
-            | indymilter::Actions::CHANGE_HEADER
-            | indymilter::Actions::ADD_HEADER
-            | indymilter::Actions::REPLACE_BODY,
+        actions: milter::ACTIONS,
         ..Default::default()
     };
     let (pending, oldest) = spool.pending_stats().unwrap_or((0, None));

@@ -579,9 +579,10 @@ fn deliver_without_daemon(
                 }
                 Err(e) => eprintln!("imip-milter deliver: spooled; the daemon delivers it ({e})"),
             }
-            if let Err(e) = spool.flush() {
-                eprintln!("imip-milter deliver: {e}");
-            }
+        }
+        // Outcomes and the journal's events, on disk before the process ends.
+        if let Err(e) = spool.flush() {
+            eprintln!("imip-milter deliver: {e}");
         }
         Ok(verdict)
     })

@@ -13,7 +13,10 @@ use crate::{
 };
 use bytes::Bytes;
 use futures_util::FutureExt;
-use indymilter::{Callbacks, Context, ContextActions, EomContext, SetErrorReply, SocketInfo, Status};
+use indymilter::{
+    Actions, Callbacks, Context, ContextActions, EomContext, MacroStage, NegotiateContext, ProtoOpts, SetErrorReply,
+    SocketInfo, Status,
+};
 use std::{
     collections::{HashMap, VecDeque},
     ffi::{CStr, CString},
@@ -237,6 +240,13 @@ pub struct Session {
     token_records: Vec<TokenRecord>,
     message: Vec<u8>,
     too_large: bool,
+    /// The host's buffer budget ran out while this message was read.
+    budget_spent: bool,
+    /// The steps Postfix does not wait for an answer to (negotiated).
+    no_reply: ProtoOpts,
+    /// A header or body step failed (a bug) where no answer could be
+    /// given: end of message answers 451 for it.
+    broken_at: Option<&'static str>,
     /// The shared budget and this session's part of it.
     budget: Option<Arc<Budget>>,
     reserved: usize,
@@ -249,6 +259,8 @@ impl Session {
         self.token_records.clear();
         self.message = Vec::new();
         self.too_large = false;
+        self.budget_spent = false;
+        self.broken_at = None;
         self.release();
     }
 
@@ -289,7 +301,7 @@ fn queue_id(macros: &indymilter::Macros) -> String {
 
 /// The journal's line for a recipient refused at RCPT. The prober's 450s
 /// are not written: the log line says enough, and they come in floods.
-async fn journal_recipient(shared: &Shared, queue_id: String, sender: &str, token: Option<&str>, d: &Decision) {
+fn journal_recipient(shared: &Shared, queue_id: String, sender: &str, token: Option<&str>, d: &Decision) {
     let event = crate::journal::Event {
         queue_id: (queue_id != "NOQUEUE").then_some(queue_id),
         sender: Some(sender.to_owned()),
@@ -297,11 +309,45 @@ async fn journal_recipient(shared: &Shared, queue_id: String, sender: &str, toke
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
         ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
     };
-    let s = shared.spool.clone();
-    match tokio::task::spawn_blocking(move || s.journal_append(&[event])).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("journal: {e}"),
-        Err(e) => warn!("journal: {e}"),
+    shared.spool.journal_later(event);
+}
+
+/// A message refused at end of message before it was read (too large, the
+/// host's buffer budget spent): the answer, one log line and its journal event.
+fn refuse_message(
+    shared: &Shared,
+    reply: &mut impl SetErrorReply,
+    queue_id: &str,
+    sender: &str,
+    recipients: &[(String, Recipient)],
+    d: &Decision,
+) -> Status {
+    METRICS.message(d.disposition);
+    let line = format!(
+        "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
+        crate::address::printable(sender),
+        d.disposition.as_str(),
+        d.reason
+    );
+    if d.disposition == Disposition::Tempfail {
+        warn!("{line}");
+    } else {
+        info!("{line}");
+    }
+    let event = crate::journal::Event {
+        queue_id: Some(queue_id.to_owned()),
+        sender: Some(sender.to_owned()),
+        token: intake::gateway(recipients)
+            .next()
+            .map(|(_, t)| crate::journal::token8(t)),
+        smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
+        ..crate::journal::Event::now("message", d.disposition.as_str(), &d.reason)
+    };
+    shared.spool.journal_later(event);
+    set_reply(reply, d);
+    match d.disposition {
+        Disposition::Tempfail => Status::Tempfail,
+        _ => Status::Reject,
     }
 }
 
@@ -337,18 +383,23 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 }
             })
         })
+        .on_negotiate(|cx, _, offered| Box::pin(negotiate(cx, offered)))
         .on_data(move |cx| {
             let s = on_data.clone();
-            Box::pin(async move { guarded(cx, "DATA", |cx| data(&s, cx)) })
+            Box::pin(async move { guarded(cx, "DATA", ProtoOpts::empty(), |cx| data(&s, cx)) })
         })
         .on_header(move |cx, name, value| {
             let s = on_header.clone();
-            Box::pin(async move { guarded(cx, "header", |cx| header(&s, cx, name, value)) })
+            Box::pin(async move {
+                guarded(cx, "header", ProtoOpts::NOREPLY_HEADER, |cx| {
+                    header(&s, cx, name, value)
+                })
+            })
         })
-        .on_eoh(|cx| Box::pin(eoh(cx)))
+        .on_eoh(|cx| Box::pin(async move { guarded(cx, "end of headers", ProtoOpts::NOREPLY_EOH, eoh) }))
         .on_body(move |cx, chunk| {
             let s = on_body.clone();
-            Box::pin(async move { guarded(cx, "body", |cx| body(&s, cx, chunk)) })
+            Box::pin(async move { guarded(cx, "body", ProtoOpts::NOREPLY_BODY, |cx| body(&s, cx, chunk)) })
         })
         .on_eom(move |cx| {
             let s = on_eom.clone();
@@ -363,13 +414,24 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
 }
 
 /// Runs one per-message step; a panic in it (a bug) costs this message a
-/// 451, never the session, the daemon, or an untokenized invitation.
-fn guarded(cx: &mut Context<Session>, stage: &str, step: impl FnOnce(&mut Context<Session>) -> Status) -> Status {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut *cx))) {
+/// 451, never the session, the daemon, or an untokenized invitation. Where
+/// Postfix waits for no answer (`step` negotiated away), end of message gives it.
+fn guarded(
+    cx: &mut Context<Session>,
+    stage: &'static str,
+    step: ProtoOpts,
+    run: impl FnOnce(&mut Context<Session>) -> Status,
+) -> Status {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut *cx))) {
         Ok(status) => status,
         Err(_) => {
-            // A 451 after RCPT ends the message.
             if let Some(s) = cx.data.as_mut() {
+                if !step.is_empty() && s.no_reply.contains(step) {
+                    s.reset_message();
+                    s.broken_at = Some(stage);
+                    return Status::Noreply;
+                }
+                // A 451 after RCPT ends the message.
                 s.reset_message();
             }
             panicked(&cx.macros, &mut cx.reply, stage)
@@ -385,15 +447,69 @@ fn panicked(macros: &indymilter::Macros, reply: &mut impl SetErrorReply, stage: 
     Status::Tempfail
 }
 
-async fn connect(shared: &Shared, cx: &mut Context<Session>, info: SocketInfo) -> Status {
+/// What the milter may do at end of message.
+pub const ACTIONS: Actions = Actions::DELETE_RCPT
+    .union(Actions::ADD_RCPT)
+    .union(Actions::CHANGE_SENDER)
+    .union(Actions::CHANGE_HEADER)
+    .union(Actions::ADD_HEADER)
+    .union(Actions::REPLACE_BODY);
+
+/// Steps whose answer Postfix need not wait for: the milter never refuses
+/// there (size and budget are answered at end of message), so each saves a
+/// round trip per message, per header line for headers.
+const NO_REPLY: ProtoOpts = ProtoOpts::NOREPLY_CONNECT
+    .union(ProtoOpts::NOREPLY_MAIL)
+    .union(ProtoOpts::NOREPLY_HEADER)
+    .union(ProtoOpts::NOREPLY_EOH)
+    .union(ProtoOpts::NOREPLY_BODY);
+
+/// Asks Postfix for no answer where none is needed, and for only the
+/// macros the milter reads: the queue id and the SASL login.
+async fn negotiate(cx: &mut NegotiateContext<Session>, offered: ProtoOpts) -> Status {
+    // What the MTA does not offer is not asked for (a milter client without
+    // them still works, with a round trip per step).
+    let no_reply = offered & NO_REPLY;
+    cx.requested_actions = ACTIONS;
+    cx.requested_opts |= no_reply;
+    for (stage, macros) in [
+        (MacroStage::Connect, c""),
+        (MacroStage::Helo, c""),
+        // The queue id exists from the first accepted recipient on; at MAIL
+        // only with smtpd_delay_open_until_valid_rcpt = no.
+        (MacroStage::Mail, c"i {auth_authen}"),
+        (MacroStage::Rcpt, c"i"),
+        (MacroStage::Data, c"i"),
+        (MacroStage::Eoh, c""),
+        (MacroStage::Eom, c"i"),
+    ] {
+        cx.requested_macros.insert(stage, macros.to_owned());
+    }
     let mut session = Session::default();
+    session.no_reply = no_reply;
+    cx.data = Some(session);
+    Status::Continue
+}
+
+async fn connect(shared: &Shared, cx: &mut Context<Session>, info: SocketInfo) -> Status {
+    let mut session = cx.data.take().unwrap_or_default();
     session.client_addr = match info {
         SocketInfo::Inet(addr) => Some(addr.ip().to_string()),
         _ => None,
     };
     session.budget = Some(shared.budget.clone());
+    let status = go_on(&session, ProtoOpts::NOREPLY_CONNECT);
     cx.data = Some(session);
-    Status::Continue
+    status
+}
+
+/// "Go on" at a step: no answer at all when Postfix does not wait for one.
+fn go_on(session: &Session, step: ProtoOpts) -> Status {
+    if session.no_reply.contains(step) {
+        Status::Noreply
+    } else {
+        Status::Continue
+    }
 }
 
 async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
@@ -411,7 +527,7 @@ async fn mail(cx: &mut Context<Session>, args: Vec<CString>) -> Status {
         .get(c"{auth_authen}")
         .map(text)
         .filter(|a| !a.is_empty() && a.len() <= 320);
-    Status::Continue
+    go_on(session, ProtoOpts::NOREPLY_MAIL)
 }
 
 async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) -> Status {
@@ -431,7 +547,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         );
         set_reply(&mut cx.reply, &d);
         let sender = cx.data.as_ref().map(|s| s.mail_from.clone()).unwrap_or_default();
-        journal_recipient(shared, queue_id(&cx.macros), &sender, None, &d).await;
+        journal_recipient(shared, queue_id(&cx.macros), &sender, None, &d);
         return Status::Reject;
     }
     let session = cx.data.get_or_insert_with(Session::default);
@@ -475,7 +591,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
                 let prober = d.smtp_reply.as_ref().is_some_and(|r| r.enhanced == "4.7.1");
                 if !prober {
                     let sender = session.mail_from.clone();
-                    journal_recipient(shared, queue_id(&cx.macros), &sender, Some(token), &d).await;
+                    journal_recipient(shared, queue_id(&cx.macros), &sender, Some(token), &d);
                 }
                 return match d.disposition {
                     Disposition::Tempfail => Status::Tempfail,
@@ -508,12 +624,15 @@ fn data(shared: &Shared, cx: &mut Context<Session>) -> Status {
     }
 }
 
-fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
+/// Buffers part of the message. Never refuses: past max_message_bytes or
+/// the host's budget it stops buffering, and end of message answers.
+fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]], step: ProtoOpts) -> Status {
     let Some(session) = cx.data.as_mut() else {
         return Status::Continue;
     };
-    if session.too_large {
-        return Status::Continue; // mixed recipients: no longer buffered
+    let go_on = go_on(session, step);
+    if session.too_large || session.budget_spent || session.broken_at.is_some() {
+        return go_on;
     }
     let add: usize = bytes.iter().map(|b| b.len()).sum();
     let limit = shared.settings().max_message_bytes;
@@ -530,53 +649,45 @@ fn grow(shared: &Shared, cx: &mut Context<Session>, bytes: &[&[u8]]) -> Status {
             warn!(
                 "{}: from=<{}> outbound message larger than max_message_bytes; not inspected",
                 queue_id(&cx.macros),
-                session.mail_from
+                crate::address::printable(&session.mail_from)
             );
-            return Status::Accept;
         }
-        if session.recipients.iter().any(|(_, c)| *c == Recipient::Other) {
-            // Decided at end of message, where recipients can be removed.
-            return Status::Continue;
-        }
-        METRICS.message(Disposition::Reject);
-        let d = decision::decide_too_large(limit, false);
-        info!(
-            "{}: reject from=<{}>: {}",
-            queue_id(&cx.macros),
-            crate::address::printable(&session.mail_from),
-            d.reason
-        );
-        set_reply(&mut cx.reply, &d);
-        return Status::Reject;
+        return go_on;
     }
     if session.budget.as_ref().is_some_and(|b| !b.take(add)) {
-        session.reset_message();
-        let d = decision::decide_budget_spent();
-        METRICS.message(d.disposition);
-        warn!("{}: tempfail: {}", queue_id(&cx.macros), d.reason);
-        set_reply(&mut cx.reply, &d);
-        return Status::Tempfail;
+        session.message = Vec::new();
+        session.release();
+        session.budget_spent = true;
+        return go_on;
     }
     session.reserved += add;
     for b in bytes {
         session.message.extend_from_slice(b);
     }
-    Status::Continue
+    go_on
 }
 
 fn header(shared: &Shared, cx: &mut Context<Session>, name: CString, value: CString) -> Status {
-    grow(shared, cx, &[name.as_bytes(), b": ", value.as_bytes(), b"\r\n"])
+    grow(
+        shared,
+        cx,
+        &[name.as_bytes(), b": ", value.as_bytes(), b"\r\n"],
+        ProtoOpts::NOREPLY_HEADER,
+    )
 }
 
-async fn eoh(cx: &mut Context<Session>) -> Status {
-    if let Some(s) = cx.data.as_mut() {
+fn eoh(cx: &mut Context<Session>) -> Status {
+    let Some(s) = cx.data.as_mut() else {
+        return Status::Continue;
+    };
+    if !(s.too_large || s.budget_spent || s.broken_at.is_some()) {
         s.message.extend_from_slice(b"\r\n");
     }
-    Status::Continue
+    go_on(s, ProtoOpts::NOREPLY_EOH)
 }
 
 fn body(shared: &Shared, cx: &mut Context<Session>, chunk: Bytes) -> Status {
-    grow(shared, cx, &[&chunk])
+    grow(shared, cx, &[&chunk], ProtoOpts::NOREPLY_BODY)
 }
 
 async fn abort(cx: &mut Context<Session>) -> Status {
@@ -603,6 +714,27 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     let Some(session) = cx.data.as_mut() else {
         return Status::Accept;
     };
+    // What headers and body found, answered here where Postfix waits.
+    if let Some(stage) = session.broken_at {
+        session.reset_message();
+        return panicked(&cx.macros, &mut cx.reply, stage);
+    }
+    let only_gateway = !session.recipients.iter().any(|(_, c)| *c == Recipient::Other);
+    let refusal = if session.budget_spent {
+        Some(decision::decide_budget_spent())
+    } else if session.too_large && only_gateway && !session.recipients.is_empty() {
+        Some(decision::decide_too_large(shared.settings().max_message_bytes, false))
+    } else {
+        None
+    };
+    if let Some(d) = refusal {
+        let (sender, recipients) = (
+            std::mem::take(&mut session.mail_from),
+            std::mem::take(&mut session.recipients),
+        );
+        session.reset_message();
+        return refuse_message(shared, &mut cx.reply, &queue_id, &sender, &recipients, &d);
+    }
     if !session
         .recipients
         .iter()
@@ -700,7 +832,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
             Status::Tempfail
         }
     };
-    intake::record(&shared.spool, &envelope, &recipients, &intake, "").await;
+    intake::record(&shared.spool, &envelope, &recipients, &intake, "");
     status
 }
 

@@ -3,8 +3,10 @@
 //! Appends from concurrent SMTP sessions go through one writer thread that
 //! puts every request waiting at that moment into one transaction (group
 //! commit): one fsync covers many replies, so durability does not cap
-//! throughput. A record's id is a hash of its content, so a reply that
-//! arrives twice is stored, and delivered, once.
+//! throughput. Delivery outcomes and journal events go the same way and
+//! ride along (without an fsync of their own when nothing else waits). A
+//! record's id is a hash of its content, so a reply that arrives twice is
+//! stored, and delivered, once.
 
 use crate::{
     address::token_prefix,
@@ -227,12 +229,32 @@ pub enum Appended {
     Duplicate,
 }
 
-type AppendReply = oneshot::Sender<Result<Vec<Appended>, String>>;
-
-struct AppendRequest {
-    records: Vec<Record>,
-    reply: AppendReply,
+/// Work for the writer thread.
+enum Work {
+    /// New records, durable before the reply.
+    Append {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Vec<Appended>, String>>,
+    },
+    /// A delivery outcome and its journal event; committed, not necessarily
+    /// fsynced, before the reply (lost in a crash, an outcome costs one more
+    /// delivery with the same Idempotency-Key).
+    Outcome {
+        record: Box<Record>,
+        event: Box<crate::journal::Event>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// A journal event: nobody waits for it.
+    Journal(Box<crate::journal::Event>),
+    /// Everything before it committed; `durable`: and fsynced.
+    Flush {
+        durable: bool,
+        reply: mpsc::SyncSender<Result<(), String>>,
+    },
 }
+
+/// How long journal events alone wait for other work to share a commit.
+const JOURNAL_LINGER: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub struct SpoolError(pub String);
@@ -255,10 +277,10 @@ macro_rules! redb_try {
 #[derive(Clone)]
 pub struct Spool {
     db: Arc<DbCell>,
-    appends: mpsc::Sender<AppendRequest>,
+    work: mpsc::Sender<Work>,
     /// Woken whenever a new record is pending.
     pub notify: Arc<Notify>,
-    /// Append transactions committed (each one fsync), for metrics and tests.
+    /// Durable commits of the writer (each one fsync), for metrics and tests.
     commits: Arc<AtomicU64>,
     /// journal.max_events: the journal is trimmed to it as it grows.
     journal_max: Arc<std::sync::atomic::AtomicUsize>,
@@ -337,22 +359,26 @@ impl Spool {
             path: path.to_owned(),
             db: std::sync::RwLock::new(Some(db)),
         });
-        let (tx, rx) = mpsc::channel::<AppendRequest>();
+        let (tx, rx) = mpsc::channel::<Work>();
         let notify = Arc::new(Notify::new());
-        let writer_db = db.clone();
-        let writer_notify = notify.clone();
         let commits = Arc::new(AtomicU64::new(0));
-        let writer_commits = commits.clone();
+        let journal_max = Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000));
+        let writer = Writer {
+            db: db.clone(),
+            notify: notify.clone(),
+            commits: commits.clone(),
+            journal_max: journal_max.clone(),
+        };
         thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer(writer_db, rx, writer_notify, writer_commits))
+            .spawn(move || writer.run(rx))
             .map_err(|e| SpoolError(format!("cannot start the spool writer: {e}")))?;
         Ok(Self {
             db,
-            appends: tx,
+            work: tx,
             notify,
             commits,
-            journal_max: Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000)),
+            journal_max,
         })
     }
 
@@ -370,12 +396,38 @@ impl Spool {
     /// Stores records durably; returns once they are on disk.
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<Appended>, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.appends
-            .send(AppendRequest { records, reply })
-            .map_err(|_| SpoolError("spool writer has stopped".into()))?;
+        self.send(Work::Append { records, reply })?;
         rx.await
             .map_err(|_| SpoolError("spool writer has stopped".into()))?
             .map_err(SpoolError)
+    }
+
+    /// Records a delivery outcome and its journal event; returns once
+    /// committed (made durable by the next append, or `flush`).
+    pub async fn record_outcome(&self, rec: &Record, event: crate::journal::Event) -> Result<(), SpoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Work::Outcome {
+            record: Box::new(rec.clone()),
+            event: Box::new(event),
+            reply,
+        })?;
+        rx.await
+            .map_err(|_| SpoolError("spool writer has stopped".into()))?
+            .map_err(SpoolError)
+    }
+
+    /// Adds an event to the journal with the writer's next commit; nobody
+    /// waits for it. `flush` makes it durable.
+    pub fn journal_later(&self, event: crate::journal::Event) {
+        if self.send(Work::Journal(Box::new(event))).is_err() {
+            tracing::warn!("journal: spool writer has stopped; event not recorded");
+        }
+    }
+
+    fn send(&self, work: Work) -> Result<(), SpoolError> {
+        self.work
+            .send(work)
+            .map_err(|_| SpoolError("spool writer has stopped".into()))
     }
 
     /// Pending records due at `now`, at most `limit`, and the earliest time a
@@ -443,19 +495,24 @@ impl Spool {
         self.write_record(rec, Durability::Immediate)
     }
 
-    /// Records a delivery outcome without an fsync of its own: the next
-    /// append's commit (or `flush`) makes it durable. Lost in a crash, the
-    /// outcome only means one more delivery with the same Idempotency-Key;
-    /// an fsync per delivery would compete with the appends for the disk.
-    pub fn record_outcome(&self, rec: &Record) -> Result<(), SpoolError> {
-        self.write_record(rec, Durability::None)
+    /// Makes everything written before durable: the writer's queued work
+    /// (journal events, outcomes) and every earlier commit.
+    pub fn flush(&self) -> Result<(), SpoolError> {
+        self.wait_for_writer(true)
     }
 
-    /// Makes every earlier commit durable.
-    pub fn flush(&self) -> Result<(), SpoolError> {
-        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
-        redb_try!(txn.commit(), "spool commit");
-        Ok(())
+    /// Waits until everything handed to the writer before is committed
+    /// (readers then see it), without an fsync of its own.
+    pub fn settle(&self) -> Result<(), SpoolError> {
+        self.wait_for_writer(false)
+    }
+
+    fn wait_for_writer(&self, durable: bool) -> Result<(), SpoolError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Work::Flush { durable, reply })?;
+        rx.recv()
+            .map_err(|_| SpoolError("spool writer has stopped".into()))?
+            .map_err(SpoolError)
     }
 
     fn write_record(&self, rec: &Record, durability: Durability) -> Result<(), SpoolError> {
@@ -463,21 +520,7 @@ impl Spool {
         if !matches!(durability, Durability::Immediate) {
             let _ = txn.set_durability(durability);
         }
-        {
-            let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
-            let bytes = encode(rec, &mut content)?;
-            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
-            let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
-            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
-            redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
-            if rec.state == State::Pending {
-                redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
-                redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
-            } else {
-                redb_try!(pending.remove(rec.id.as_str()), "spool write");
-                redb_try!(since.remove(rec.id.as_str()), "spool write");
-            }
-        }
+        put_record(&txn, rec)?;
         redb_try!(txn.commit(), "spool commit");
         if rec.state == State::Pending {
             self.notify.notify_one();
@@ -573,26 +616,13 @@ impl Spool {
         self.journal_max.store(max_events.max(1), Ordering::Relaxed);
     }
 
-    /// Adds events to the journal, without an fsync of their own: the next
-    /// durable commit of the spool takes them along. Beyond
-    /// journal.max_events the oldest go at once, whatever the rate.
+    /// Adds events to the journal at once, without an fsync of their own:
+    /// the next durable commit takes them along. (The milter hands its
+    /// events to the writer instead: `journal_later`.)
     pub fn journal_append(&self, events: &[crate::journal::Event]) -> Result<(), SpoolError> {
         let mut txn = redb_try!(self.db.get()?.begin_write(), "journal write");
         let _ = txn.set_durability(Durability::None);
-        {
-            let mut table = redb_try!(txn.open_table(JOURNAL), "journal write");
-            for e in events {
-                let seq = JOURNAL_SEQ.fetch_add(1, Ordering::Relaxed) % 1000;
-                let key = e.time_ms.saturating_mul(1000).saturating_add(seq);
-                let bytes = serde_json::to_vec(&e.bounded()).map_err(|x| SpoolError(format!("journal encode: {x}")))?;
-                redb_try!(table.insert(key, bytes.as_slice()), "journal write");
-            }
-            let max = self.journal_max.load(Ordering::Relaxed) as u64;
-            let over = redb_try!(table.len(), "journal read").saturating_sub(max);
-            for _ in 0..over {
-                redb_try!(table.pop_first(), "journal write");
-            }
-        }
+        put_events(&txn, events.iter(), self.journal_max.load(Ordering::Relaxed))?;
         redb_try!(txn.commit(), "journal commit");
         Ok(())
     }
@@ -762,84 +792,206 @@ fn hydrate(mut rec: Record, content: &impl ReadableTable<&'static str, &'static 
     rec
 }
 
-fn writer(db: Arc<DbCell>, rx: mpsc::Receiver<AppendRequest>, notify: Arc<Notify>, commits: Arc<AtomicU64>) {
-    // Ends when every Spool handle (and so every sender) is gone.
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
+/// A record and its pending index entries, as one transaction writes them.
+fn put_record(txn: &redb::WriteTransaction, rec: &Record) -> Result<(), SpoolError> {
+    let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
+    let bytes = encode(rec, &mut content)?;
+    let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+    let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+    let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
+    redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+    if rec.state == State::Pending {
+        redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+        redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
+    } else {
+        redb_try!(pending.remove(rec.id.as_str()), "spool write");
+        redb_try!(since.remove(rec.id.as_str()), "spool write");
+    }
+    Ok(())
+}
+
+/// Journal events, the oldest beyond `max` dropped at once, whatever the rate.
+fn put_events<'a>(
+    txn: &redb::WriteTransaction,
+    events: impl Iterator<Item = &'a crate::journal::Event>,
+    max: usize,
+) -> Result<(), SpoolError> {
+    let mut table = redb_try!(txn.open_table(JOURNAL), "journal write");
+    for e in events {
+        let seq = JOURNAL_SEQ.fetch_add(1, Ordering::Relaxed) % 1000;
+        let key = e.time_ms.saturating_mul(1000).saturating_add(seq);
+        let bytes = serde_json::to_vec(&e.bounded()).map_err(|x| SpoolError(format!("journal encode: {x}")))?;
+        redb_try!(table.insert(key, bytes.as_slice()), "journal write");
+    }
+    let over = redb_try!(table.len(), "journal read").saturating_sub(max as u64);
+    for _ in 0..over {
+        redb_try!(table.pop_first(), "journal write");
+    }
+    Ok(())
+}
+
+struct Writer {
+    db: Arc<DbCell>,
+    notify: Arc<Notify>,
+    commits: Arc<AtomicU64>,
+    journal_max: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Work>) {
+        // Ends when every Spool handle (and so every sender) is gone.
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            Self::take_waiting(&rx, &mut group);
+            // Journal events alone wait a moment for work to share a commit with.
+            let deadline = std::time::Instant::now() + JOURNAL_LINGER;
+            while group.len() < MAX_GROUP && group.iter().all(|w| matches!(w, Work::Journal(_))) {
+                match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(w) => {
+                        group.push(w);
+                        Self::take_waiting(&rx, &mut group);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+        }
+    }
+
+    fn take_waiting(rx: &mpsc::Receiver<Work>, group: &mut Vec<Work>) {
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(r) => group.push(r),
+                Ok(w) => group.push(w),
                 Err(_) => break,
             }
         }
-        let result = match db.get() {
+    }
+
+    fn commit(&self, group: Vec<Work>) {
+        let durable = group
+            .iter()
+            .any(|w| matches!(w, Work::Append { .. } | Work::Flush { durable: true, .. }));
+        let nothing = group.iter().all(|w| matches!(w, Work::Flush { durable: false, .. }));
+        let result = match self.db.get() {
+            Ok(_) if nothing => Ok(Vec::new()),
             Ok(handle) => {
-                let r = commit_group(&handle, &group);
+                let r = self.write(&handle, &group, durable);
                 drop(handle);
                 if let Err(e) = &r {
                     if e.contains("Previous I/O error") || e.contains("No space left") || e.contains("I/O error") {
                         // redb refuses all work after an I/O error until reopened;
                         // this group is refused (451), later ones find it working.
-                        db.reopen();
+                        self.db.reopen();
                     }
                 }
                 r
             }
             Err(e) => {
-                db.reopen();
+                self.db.reopen();
                 Err(e.0)
             }
         };
-        commits.fetch_add(1, Ordering::Relaxed);
-        let any_new = matches!(&result, Ok(v) if v.iter().flatten().any(|a| *a == Appended::New));
+        if durable {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut any_new = false;
+        let mut lost_events = 0;
         match result {
-            Ok(outcomes) => {
-                for (req, out) in group.into_iter().zip(outcomes) {
-                    let _ = req.reply.send(Ok(out));
+            Ok(mut appended) => {
+                for work in group {
+                    match work {
+                        Work::Append { reply, .. } => {
+                            let out = appended.remove(0);
+                            any_new |= out.contains(&Appended::New);
+                            let _ = reply.send(Ok(out));
+                        }
+                        Work::Outcome { record, reply, .. } => {
+                            any_new |= record.state == State::Pending;
+                            let _ = reply.send(Ok(()));
+                        }
+                        Work::Journal(_) => {}
+                        Work::Flush { reply, .. } => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
                 }
             }
             Err(e) => {
-                for req in group {
-                    let _ = req.reply.send(Err(e.clone()));
+                for work in group {
+                    match work {
+                        Work::Append { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Work::Outcome { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Work::Journal(_) => lost_events += 1,
+                        Work::Flush { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+                if lost_events > 0 {
+                    tracing::warn!("journal: {lost_events} events not recorded: {e}");
                 }
             }
         }
         if any_new {
-            notify.notify_one();
+            self.notify.notify_one();
         }
     }
-}
 
-fn commit_group(db: &Database, group: &[AppendRequest]) -> Result<Vec<Vec<Appended>>, String> {
-    let run = || -> Result<Vec<Vec<Appended>>, SpoolError> {
-        let txn = redb_try!(db.begin_write(), "spool write");
-        let mut outcomes = Vec::with_capacity(group.len());
-        {
-            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
-            let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
-            let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
-            let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
-            for req in group {
-                let mut out = Vec::with_capacity(req.records.len());
-                for rec in &req.records {
-                    if redb_try!(records.get(rec.id.as_str()), "spool read").is_some() {
-                        out.push(Appended::Duplicate);
-                        continue;
-                    }
-                    let bytes = encode(rec, &mut content)?;
-                    redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
-                    redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
-                    redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
-                    out.push(Appended::New);
-                }
-                outcomes.push(out);
+    /// One transaction for the group: appends (skipping ids stored
+    /// already), outcomes, journal events. Returns what each append found.
+    fn write(&self, db: &Database, group: &[Work], durable: bool) -> Result<Vec<Vec<Appended>>, String> {
+        let run = || -> Result<Vec<Vec<Appended>>, SpoolError> {
+            let mut txn = redb_try!(db.begin_write(), "spool write");
+            if !durable {
+                let _ = txn.set_durability(Durability::None);
             }
-        }
-        // Durability::Immediate (the default): fsync before anyone hears "stored".
-        redb_try!(txn.commit(), "spool commit");
-        Ok(outcomes)
-    };
-    run().map_err(|e| e.0)
+            let mut appended = Vec::new();
+            {
+                let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+                let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
+                let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
+                let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
+                for work in group {
+                    let Work::Append { records: new, .. } = work else {
+                        continue;
+                    };
+                    let mut out = Vec::with_capacity(new.len());
+                    for rec in new {
+                        if redb_try!(records.get(rec.id.as_str()), "spool read").is_some() {
+                            out.push(Appended::Duplicate);
+                            continue;
+                        }
+                        let bytes = encode(rec, &mut content)?;
+                        redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+                        redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+                        redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
+                        out.push(Appended::New);
+                    }
+                    appended.push(out);
+                }
+            }
+            for work in group {
+                if let Work::Outcome { record, .. } = work {
+                    put_record(&txn, record)?;
+                }
+            }
+            let events = group.iter().filter_map(|w| match w {
+                Work::Outcome { event, .. } => Some(event.as_ref()),
+                Work::Journal(e) => Some(e.as_ref()),
+                _ => None,
+            });
+            put_events(&txn, events, self.journal_max.load(Ordering::Relaxed))?;
+            // Durable (the default) when an append or a flush waits: fsync
+            // before anyone hears "stored".
+            redb_try!(txn.commit(), "spool commit");
+            Ok(appended)
+        };
+        run().map_err(|e| e.0)
+    }
 }
 
 #[cfg(test)]

@@ -15,14 +15,15 @@ async fn open(m: &InProcess) -> TestConnection {
         .await
         .expect("connect to milter");
     let st = conn.connect("client.example.com", [192, 0, 2, 7]).await.unwrap();
-    assert_eq!(st, Status::Continue);
+    // Negotiated: Postfix does not wait at connect, MAIL, headers or body.
+    assert_eq!(st, Status::Noreply);
     conn
 }
 
 /// A transaction from `from` to the gateway, up to DATA.
 async fn to_gateway(m: &InProcess, from: &str) -> TestConnection {
     let mut conn = open(m).await;
-    assert_eq!(conn.mail([from]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.mail([from]).await.unwrap(), Status::Noreply);
     let rcpt = format!("<calendar+{TOKEN}@example.org>");
     assert_eq!(conn.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
@@ -53,12 +54,12 @@ async fn send_message(conn: &mut TestConnection, raw: &[u8], queue_id: &str) -> 
         }
     }
     for (k, v) in &headers {
-        assert_eq!(conn.header(k.as_str(), v.as_str()).await.unwrap(), Status::Continue);
+        assert_eq!(conn.header(k.as_str(), v.as_str()).await.unwrap(), Status::Noreply);
     }
-    assert_eq!(conn.eoh().await.unwrap(), Status::Continue);
+    assert_eq!(conn.eoh().await.unwrap(), Status::Noreply);
     let body = body.replace('\n', "\r\n");
     let st = conn.body(body.into_bytes()).await.unwrap();
-    assert_eq!(st, Status::Continue);
+    assert_eq!(st, Status::Noreply);
     conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
     conn.eom().await.unwrap()
 }
@@ -68,7 +69,7 @@ async fn reply_is_spooled_discarded_and_delivered() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await;
     let mut conn = open(&m).await;
-    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Noreply);
     let rcpt = format!("<calendar+{TOKEN}@example.org>");
     assert_eq!(conn.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
@@ -168,15 +169,16 @@ async fn oversized_message_gets_552() {
     let mut conn = to_gateway(&m, "<bob@example.com>").await;
     conn.header("Subject", "big").await.unwrap();
     conn.eoh().await.unwrap();
-    let mut status = Status::Continue;
+    // Postfix waits for no answer to body chunks: past the limit the milter
+    // stops buffering and answers at end of message.
     for _ in 0..20 {
-        status = conn.body(vec![b'x'; 60_000]).await.unwrap();
-        if status != Status::Continue {
-            break;
-        }
+        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
     }
+    conn.macros(MacroStage::Eom, [("i", "BIG0")]).await.unwrap();
+    let (actions, status) = conn.eom().await.unwrap();
     let msg = rejection(status);
     assert!(msg.starts_with("552 5.3.4 "), "{msg}");
+    assert!(actions.actions.is_empty(), "{actions:?}");
     m.stop().await;
 }
 
@@ -185,7 +187,7 @@ async fn oversized_mixed_message_loses_only_its_gateway_recipient() {
     let hook = Webhook::start();
     let m = InProcess::start(&hook.url()).await; // max_message_bytes = 1000000
     let mut conn = open(&m).await;
-    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Noreply);
     let gateway = format!("<Calendar+{TOKEN}@example.org>");
     for r in [gateway.as_str(), "<alice@example.org>"] {
         assert_eq!(conn.rcpt([r]).await.unwrap(), Status::Continue);
@@ -194,7 +196,7 @@ async fn oversized_mixed_message_loses_only_its_gateway_recipient() {
     conn.header("Subject", "big, to Alice and the calendar").await.unwrap();
     conn.eoh().await.unwrap();
     for _ in 0..20 {
-        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
     }
     conn.macros(MacroStage::Eom, [("i", "BIG1")]).await.unwrap();
     let (actions, status) = conn.eom().await.unwrap();
@@ -305,7 +307,7 @@ async fn a_reply_with_60000_components_is_refused_and_stalls_nobody() {
     for _ in 0..5 {
         let t = Instant::now();
         let mut conn = open(&m).await;
-        assert_eq!(conn.mail(["<carol@example.com>"]).await.unwrap(), Status::Continue);
+        assert_eq!(conn.mail(["<carol@example.com>"]).await.unwrap(), Status::Noreply);
         slowest = slowest.max(t.elapsed());
         let _ = conn.close().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -330,7 +332,7 @@ async fn gateway_recipients_past_the_cap_get_452() {
     let hook = Webhook::start();
     let m = InProcess::start_edited(&hook.url(), |c| format!("max_gateway_recipients = 3\n{c}")).await;
     let mut conn = open(&m).await;
-    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.mail(["<bob@example.com>"]).await.unwrap(), Status::Noreply);
     let mut statuses = Vec::new();
     for i in 0..5 {
         let r = format!("<calendar+invented-{i:04}@example.org>");
@@ -359,20 +361,18 @@ async fn the_buffered_bytes_budget_answers_451_instead_of_growing() {
     first.header("Subject", "first").await.unwrap();
     first.eoh().await.unwrap();
     for _ in 0..15 {
-        assert_eq!(first.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+        assert_eq!(first.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
     }
-    // 900 kB held by the first; the second may not add 900 kB more.
+    // 900 kB held by the first; the second may not add 900 kB more: it stops
+    // buffering and end of message answers.
     let mut second = to_gateway(&m, "<carol@example.com>").await;
     second.header("Subject", "second").await.unwrap();
     second.eoh().await.unwrap();
-    let mut status = Status::Continue;
     for _ in 0..15 {
-        status = second.body(vec![b'x'; 60_000]).await.unwrap();
-        if status != Status::Continue {
-            break;
-        }
+        assert_eq!(second.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
     }
-    match status {
+    second.macros(MacroStage::Eom, [("i", "BUDGET2")]).await.unwrap();
+    match second.eom().await.unwrap().1 {
         Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("451 4.3.2 "), "{m:?}"),
         other => panic!("{other:?}"),
     }
@@ -383,7 +383,66 @@ async fn the_buffered_bytes_budget_answers_451_instead_of_growing() {
     third.header("Subject", "third").await.unwrap();
     third.eoh().await.unwrap();
     for _ in 0..15 {
-        assert_eq!(third.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+        assert_eq!(third.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
     }
+    third.macros(MacroStage::Eom, [("i", "BUDGET3")]).await.unwrap();
+    // Read whole: no calendar data in it, refused for that, not for the budget.
+    let msg = rejection(third.eom().await.unwrap().1);
+    assert!(msg.starts_with("550 5.7.1 "), "{msg}");
+    m.stop().await;
+}
+
+/// Postfix waits for an answer only where the milter may refuse (RCPT, DATA,
+/// end of message) and sends only the macros it reads. A milter client that
+/// offers no such options (an older MTA) gets every answer, and the same
+/// decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_waits_only_where_the_milter_may_refuse() {
+    use indymilter_test::ProtoOpts;
+    let hook = Webhook::start();
+    let m = InProcess::start(&hook.url()).await;
+    let conn = open(&m).await;
+    let opts = conn.negotiated_opts();
+    for quiet in [
+        ProtoOpts::NOREPLY_CONNECT,
+        ProtoOpts::NOREPLY_MAIL,
+        ProtoOpts::NOREPLY_HEADER,
+        ProtoOpts::NOREPLY_EOH,
+        ProtoOpts::NOREPLY_BODY,
+        ProtoOpts::NO_HELO,
+        ProtoOpts::NO_UNKNOWN,
+    ] {
+        assert!(opts.contains(quiet), "{quiet:?} not negotiated: {opts:?}");
+    }
+    for answered in [ProtoOpts::NOREPLY_RCPT, ProtoOpts::NOREPLY_DATA] {
+        assert!(!opts.contains(answered), "{answered:?} negotiated: {opts:?}");
+    }
+    let macros = conn.requested_macros();
+    assert_eq!(macros[&MacroStage::Connect].to_str().unwrap(), "");
+    assert_eq!(macros[&MacroStage::Mail].to_str().unwrap(), "i {auth_authen}");
+    assert_eq!(macros[&MacroStage::Eom].to_str().unwrap(), "i");
+
+    // An MTA without the no-reply options: every step answered.
+    let mut old = TestConnection::configure()
+        .available_opts(ProtoOpts::NO_HELO | ProtoOpts::NO_UNKNOWN | ProtoOpts::SKIP)
+        .open_tcp(m.addr)
+        .await
+        .unwrap();
+    assert_eq!(
+        old.connect("old.example.com", [192, 0, 2, 8]).await.unwrap(),
+        Status::Continue
+    );
+    assert_eq!(old.mail(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    let rcpt = format!("<calendar+{TOKEN}@example.org>");
+    assert_eq!(old.rcpt([rcpt.as_str()]).await.unwrap(), Status::Continue);
+    assert_eq!(old.data().await.unwrap(), Status::Continue);
+    assert_eq!(old.header("Subject", "big").await.unwrap(), Status::Continue);
+    assert_eq!(old.eoh().await.unwrap(), Status::Continue);
+    for _ in 0..20 {
+        assert_eq!(old.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
+    }
+    old.macros(MacroStage::Eom, [("i", "OLD1")]).await.unwrap();
+    let msg = rejection(old.eom().await.unwrap().1);
+    assert!(msg.starts_with("552 5.3.4 "), "{msg}");
     m.stop().await;
 }
