@@ -156,14 +156,17 @@ pub async fn run(
             let (spool, target, cfg, in_flight) = (spool.clone(), target.clone(), cfg.clone(), in_flight.clone());
             tasks.spawn(async move {
                 let id = rec.id.clone();
-                attempt(&spool, &target, &cfg, rec).await;
-                // Leaves the in-flight set only once its new state is committed.
-                if let Ok(mut set) = in_flight.lock() {
-                    set.remove(&id);
-                }
+                let notify = spool.notify.clone();
+                attempt(&spool, &target, &cfg, rec, move || {
+                    // Leaves the in-flight set only once its new state is committed.
+                    if let Ok(mut set) = in_flight.lock() {
+                        set.remove(&id);
+                    }
+                    // Rescan now the id is free: a scan while it was in flight skipped it.
+                    notify.notify_one();
+                })
+                .await;
                 drop(permit);
-                // Rescan now the id is free: a scan while it was in flight skipped it.
-                spool.notify.notify_one();
             });
         }
         // Reap finished tasks and release their ids.
@@ -194,8 +197,15 @@ async fn drain(mut tasks: JoinSet<()>) {
     }
 }
 
-/// One delivery attempt of `rec`; the outcome is written to the spool.
-pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut rec: Record) {
+/// One delivery attempt of `rec`; the outcome goes to the spool with its
+/// writer's next commit, after which `committed` runs.
+pub async fn attempt(
+    spool: &Spool,
+    target: &Target,
+    cfg: &DeliveryConfig,
+    mut rec: Record,
+    committed: impl FnOnce() + Send + 'static,
+) {
     let started = std::time::Instant::now();
     let outcome = target.deliver(&rec).await;
     let now = now_ms();
@@ -233,9 +243,13 @@ pub async fn attempt(spool: &Spool, target: &Target, cfg: &DeliveryConfig, mut r
         ),
     }
     let event = delivery_event(&rec, &outcome);
-    if let Err(e) = spool.record_outcome(&rec, event).await {
-        error!("{queue_id}: cannot record the delivery outcome of {}: {e}", rec.id);
-    }
+    let id = rec.id.clone();
+    spool.record_outcome(rec, event, move |result| {
+        if let Err(e) = result {
+            error!("{queue_id}: cannot record the delivery outcome of {id}: {e}");
+        }
+        committed();
+    });
 }
 
 /// The journal's line for one delivery attempt.

@@ -279,7 +279,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
         identity.uid,
         identity.gid
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the runtime: {e}");
@@ -573,7 +573,7 @@ fn deliver_without_daemon(
                 Ok(target) => {
                     for id in &verdict.new_ids {
                         if let Ok(Some(rec)) = spool.get(id) {
-                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec).await;
+                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec, || {}).await;
                         }
                     }
                 }

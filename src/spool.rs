@@ -236,16 +236,18 @@ enum Work {
         records: Vec<Record>,
         reply: oneshot::Sender<Result<Vec<Appended>, String>>,
     },
-    /// A delivery outcome and its journal event; committed, not necessarily
-    /// fsynced, before the reply (lost in a crash, an outcome costs one more
-    /// delivery with the same Idempotency-Key).
+    /// A delivery outcome and its journal event, and what to do once they
+    /// are committed (not necessarily fsynced: lost in a crash, an outcome
+    /// costs one more delivery with the same Idempotency-Key).
     Outcome {
         record: Box<Record>,
         event: Box<crate::journal::Event>,
-        reply: oneshot::Sender<Result<(), String>>,
+        done: Box<dyn FnOnce(Result<(), String>) + Send>,
     },
     /// A journal event: nobody waits for it.
     Journal(Box<crate::journal::Event>),
+    /// Outcomes or journal events wait in `later`.
+    Wake,
     /// Everything before it committed; `durable`: and fsynced.
     Flush {
         durable: bool,
@@ -253,8 +255,13 @@ enum Work {
     },
 }
 
-/// How long journal events alone wait for other work to share a commit.
-const JOURNAL_LINGER: Duration = Duration::from_millis(50);
+/// How long outcomes and journal events wait for an append to share a
+/// commit with, before they are committed alone.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// Outcomes and journal events for the writer's next commit. They are put
+/// here, not into the channel, so that only the first of a batch wakes it.
+type Later = Arc<std::sync::Mutex<Vec<Work>>>;
 
 #[derive(Debug)]
 pub struct SpoolError(pub String);
@@ -278,6 +285,7 @@ macro_rules! redb_try {
 pub struct Spool {
     db: Arc<DbCell>,
     work: mpsc::Sender<Work>,
+    later: Later,
     /// Woken whenever a new record is pending.
     pub notify: Arc<Notify>,
     /// Durable commits of the writer (each one fsync), for metrics and tests.
@@ -363,11 +371,13 @@ impl Spool {
         let notify = Arc::new(Notify::new());
         let commits = Arc::new(AtomicU64::new(0));
         let journal_max = Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000));
+        let later = Later::default();
         let writer = Writer {
             db: db.clone(),
             notify: notify.clone(),
             commits: commits.clone(),
             journal_max: journal_max.clone(),
+            later: later.clone(),
         };
         thread::Builder::new()
             .name("spool-writer".into())
@@ -376,6 +386,7 @@ impl Spool {
         Ok(Self {
             db,
             work: tx,
+            later,
             notify,
             commits,
             journal_max,
@@ -402,25 +413,37 @@ impl Spool {
             .map_err(SpoolError)
     }
 
-    /// Records a delivery outcome and its journal event; returns once
-    /// committed (made durable by the next append, or `flush`).
-    pub async fn record_outcome(&self, rec: &Record, event: crate::journal::Event) -> Result<(), SpoolError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Work::Outcome {
-            record: Box::new(rec.clone()),
+    /// Records a delivery outcome and its journal event with the writer's
+    /// next commit; `done` runs once it is committed (made durable by the
+    /// next append, or `flush`).
+    pub fn record_outcome(
+        &self,
+        rec: Record,
+        event: crate::journal::Event,
+        done: impl FnOnce(Result<(), String>) + Send + 'static,
+    ) {
+        self.later(Work::Outcome {
+            record: Box::new(rec),
             event: Box::new(event),
-            reply,
-        })?;
-        rx.await
-            .map_err(|_| SpoolError("spool writer has stopped".into()))?
-            .map_err(SpoolError)
+            done: Box::new(done),
+        });
     }
 
     /// Adds an event to the journal with the writer's next commit; nobody
     /// waits for it. `flush` makes it durable.
     pub fn journal_later(&self, event: crate::journal::Event) {
-        if self.send(Work::Journal(Box::new(event))).is_err() {
-            tracing::warn!("journal: spool writer has stopped; event not recorded");
+        self.later(Work::Journal(Box::new(event)));
+    }
+
+    fn later(&self, work: Work) {
+        let first = {
+            let mut later = self.later.lock().unwrap_or_else(|p| p.into_inner());
+            later.push(work);
+            later.len() == 1
+        };
+        if first && self.send(Work::Wake).is_err() {
+            // The writer is gone (shutting down): what waits is lost with it.
+            tracing::warn!("spool writer has stopped; outcome or journal event not recorded");
         }
     }
 
@@ -835,6 +858,7 @@ struct Writer {
     notify: Arc<Notify>,
     commits: Arc<AtomicU64>,
     journal_max: Arc<std::sync::atomic::AtomicUsize>,
+    later: Later,
 }
 
 impl Writer {
@@ -843,18 +867,21 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             Self::take_waiting(&rx, &mut group);
-            // Journal events alone wait a moment for work to share a commit with.
-            let deadline = std::time::Instant::now() + JOURNAL_LINGER;
-            while group.len() < MAX_GROUP && group.iter().all(|w| matches!(w, Work::Journal(_))) {
-                match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
-                    Ok(w) => {
-                        group.push(w);
-                        Self::take_waiting(&rx, &mut group);
-                    }
-                    Err(_) => break,
+            if group.iter().all(|w| matches!(w, Work::Wake)) {
+                // Only outcomes and journal events: wait a moment for an
+                // append to share the commit with.
+                if let Ok(w) = rx.recv_timeout(LINGER) {
+                    group.push(w);
+                    Self::take_waiting(&rx, &mut group);
                 }
             }
+            group.extend(self.later.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
             self.commit(group);
+        }
+        // Whatever still waits, before the thread ends.
+        let rest: Vec<Work> = self.later.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        if !rest.is_empty() {
+            self.commit(rest);
         }
     }
 
@@ -871,7 +898,9 @@ impl Writer {
         let durable = group
             .iter()
             .any(|w| matches!(w, Work::Append { .. } | Work::Flush { durable: true, .. }));
-        let nothing = group.iter().all(|w| matches!(w, Work::Flush { durable: false, .. }));
+        let nothing = group
+            .iter()
+            .all(|w| matches!(w, Work::Flush { durable: false, .. } | Work::Wake));
         let result = match self.db.get() {
             Ok(_) if nothing => Ok(Vec::new()),
             Ok(handle) => {
@@ -905,11 +934,11 @@ impl Writer {
                             any_new |= out.contains(&Appended::New);
                             let _ = reply.send(Ok(out));
                         }
-                        Work::Outcome { record, reply, .. } => {
+                        Work::Outcome { record, done, .. } => {
                             any_new |= record.state == State::Pending;
-                            let _ = reply.send(Ok(()));
+                            done(Ok(()));
                         }
-                        Work::Journal(_) => {}
+                        Work::Journal(_) | Work::Wake => {}
                         Work::Flush { reply, .. } => {
                             let _ = reply.send(Ok(()));
                         }
@@ -922,10 +951,9 @@ impl Writer {
                         Work::Append { reply, .. } => {
                             let _ = reply.send(Err(e.clone()));
                         }
-                        Work::Outcome { reply, .. } => {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+                        Work::Outcome { done, .. } => done(Err(e.clone())),
                         Work::Journal(_) => lost_events += 1,
+                        Work::Wake => {}
                         Work::Flush { reply, .. } => {
                             let _ = reply.send(Err(e.clone()));
                         }

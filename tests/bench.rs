@@ -252,7 +252,10 @@ fn compare() {
     // A production web server keeps connections open; so does this one here.
     hook.keep_alive();
     let dir = tempfile::tempdir().unwrap();
-    let milter = Daemon::start(dir.path(), &hook.url());
+    // Logging as shipped (info: a line or two per message), not the tests' debug.
+    let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        c.replace("log_level = \"debug\"", "log_level = \"info\"")
+    });
     let pid = milter.pid().expect("daemon pid");
     let dkim = OpenDkim::start();
     let relay = CountingRelay::start(milter.port);
@@ -273,6 +276,27 @@ fn compare() {
         (format!("calendar+{TOKEN}@example.org"), reply_message(n, TOKEN))
     };
     let uid_of = |base: usize| move |i: usize| format!("event-{}@example.org", base + i);
+
+    // For perf/strace: only plain mail or only replies through the milter,
+    // IMIP_BENCH_MESSAGES per round, and the milter's pid to attach to.
+    if let Ok(what) = std::env::var("IMIP_BENCH_PROFILE") {
+        eprintln!("profile {what}: milter pid {pid}");
+        std::thread::sleep(Duration::from_secs(5));
+        for round in 0..rounds {
+            let base = 600_000 + round * per_round;
+            reply_base.store(base, Ordering::SeqCst);
+            let cpu = cpu_seconds(pid);
+            let (rate, _) = match what.as_str() {
+                "plain" => burst(b.port, per_round, clients, &plain_msg),
+                _ => burst(b.port, per_round, clients, &reply_msg),
+            };
+            eprintln!(
+                "{what}: {rate:.0}/s, {:.0} µs CPU per message",
+                (cpu_seconds(pid) - cpu) / per_round as f64 * 1e6
+            );
+        }
+        return;
+    }
 
     let (mut ra, mut rb, mut rc, mut rd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut cpu_plain, mut cpu_replies) = (0.0, 0.0);
