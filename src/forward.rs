@@ -83,6 +83,9 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
 }
 
 /// Runs until `shutdown` resolves, then lets deliveries in flight finish.
+/// New records arrive straight from the spool's writer; the spool is
+/// scanned when told (`notify`: a retry, a record that did not fit) and
+/// when the next retry is due.
 pub async fn run(
     spool: Spool,
     target: Arc<Target>,
@@ -90,10 +93,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let limit = Arc::new(Semaphore::new(cfg.concurrency));
-    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let worker = Worker {
+        limit: Arc::new(Semaphore::new(cfg.concurrency)),
+        in_flight: Arc::default(),
+        spool: spool.clone(),
+        target,
+        cfg: cfg.clone(),
+    };
+    let mut fresh = spool.take_fresh();
     let mut tasks = JoinSet::new();
     let mut last_purge = 0u64;
+    let mut scan = true;
+    let mut wake_at = 0u64;
 
     loop {
         let notified = spool.notify.notified();
@@ -103,36 +114,145 @@ pub async fn run(
         let now = now_ms();
         if now.saturating_sub(last_purge) > 3_600_000 {
             last_purge = now;
-            let delivered = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
-            let failed = now.saturating_sub(cfg.keep_failed.as_millis() as u64);
-            let s = spool.clone();
-            let (keep, max_events) = (cfg.journal.keep.as_millis() as u64, cfg.journal.max_events);
-            let j = spool.clone();
-            match tokio::task::spawn_blocking(move || j.journal_purge(now.saturating_sub(keep), max_events)).await {
-                Ok(Ok(n)) if n > 0 => info!("forgot {n} journal events past journal.keep or journal.max_events"),
-                Ok(Err(e)) => warn!("journal purge failed: {e}"),
-                _ => {}
-            }
-            match tokio::task::spawn_blocking(move || s.purge_finished(delivered, failed)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    info!("forgot {n} records past delivery.keep_delivered or delivery.keep_failed")
-                }
-                Ok(Err(e)) => warn!("spool purge failed: {e}"),
-                _ => {}
-            }
+            purge(&spool, &cfg, now).await;
         }
 
-        let scan = {
-            let s = spool.clone();
-            let busy = in_flight.clone();
-            let room = limit.available_permits().max(1) * 4;
-            tokio::task::spawn_blocking(move || {
-                let busy = busy.lock().map(|b| b.clone()).unwrap_or_default();
-                s.due(now, room, &|id| busy.contains(id))
-            })
-            .await
-        };
-        let (due, next) = match scan {
+        if scan {
+            let (due, next) = worker.scan(now).await;
+            wake_at = next.unwrap_or(u64::MAX);
+            for rec in due {
+                let permit = tokio::select! {
+                    p = worker.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    _ = &mut shutdown => { return drain(tasks).await; }
+                };
+                worker.start(&mut tasks, rec, permit);
+            }
+        }
+        // Reap finished tasks.
+        while let Some(res) = tasks.try_join_next() {
+            if let Err(e) = res {
+                error!("delivery task failed: {e}");
+            }
+        }
+        let mut sleep_ms = wake_at.saturating_sub(now);
+        if !tasks.is_empty() {
+            // Wake when a delivery ends: its record may be due again soon, and
+            // a permit is free.
+            sleep_ms = sleep_ms.min(200);
+        }
+
+        scan = true;
+        tokio::select! {
+            _ = &mut shutdown => return drain(tasks).await,
+            _ = notified => {}
+            _ = time::sleep(Duration::from_millis(sleep_ms).min(MAX_IDLE)) => {}
+            Some(rec) = next_fresh(&mut fresh) => {
+                // The common case: a reply just spooled, started without a scan.
+                match worker.limit.clone().try_acquire_owned() {
+                    Ok(permit) if !worker.seen(&rec.id) => {
+                        worker.start(&mut tasks, rec, permit);
+                        scan = false;
+                    }
+                    // Seen before (found by a scan), or every permit taken:
+                    // the scan tells what is still to do.
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The next record from the spool's writer; never, without a channel.
+async fn next_fresh(fresh: &mut Option<tokio::sync::mpsc::Receiver<Record>>) -> Option<Record> {
+    match fresh {
+        Some(rx) => match rx.recv().await {
+            Some(rec) => Some(rec),
+            None => {
+                *fresh = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn purge(spool: &Spool, cfg: &DeliveryConfig, now: u64) {
+    let delivered = now.saturating_sub(cfg.keep_delivered.as_millis() as u64);
+    let failed = now.saturating_sub(cfg.keep_failed.as_millis() as u64);
+    let (keep, max_events) = (cfg.journal.keep.as_millis() as u64, cfg.journal.max_events);
+    let j = spool.clone();
+    match tokio::task::spawn_blocking(move || j.journal_purge(now.saturating_sub(keep), max_events)).await {
+        Ok(Ok(n)) if n > 0 => info!("forgot {n} journal events past journal.keep or journal.max_events"),
+        Ok(Err(e)) => warn!("journal purge failed: {e}"),
+        _ => {}
+    }
+    let s = spool.clone();
+    match tokio::task::spawn_blocking(move || s.purge_finished(delivered, failed)).await {
+        Ok(Ok(n)) if n > 0 => {
+            info!("forgot {n} records past delivery.keep_delivered or delivery.keep_failed")
+        }
+        Ok(Err(e)) => warn!("spool purge failed: {e}"),
+        _ => {}
+    }
+}
+
+/// Ids being delivered (a scan skips them) and the last ones finished (a
+/// record handed over by the writer may have been found by a scan and
+/// delivered already).
+#[derive(Default)]
+struct InFlight {
+    busy: HashSet<String>,
+    finished: HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Finished ids remembered; more than the writer's hand-over channel holds.
+const FINISHED_KEPT: usize = 1024;
+
+impl InFlight {
+    fn finish(&mut self, id: String) {
+        self.busy.remove(&id);
+        if self.finished.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > FINISHED_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.finished.remove(&old);
+            }
+        }
+    }
+}
+
+/// What the delivery tasks share.
+struct Worker {
+    limit: Arc<Semaphore>,
+    in_flight: Arc<Mutex<InFlight>>,
+    spool: Spool,
+    target: Arc<Target>,
+    cfg: DeliveryConfig,
+}
+
+impl Worker {
+    /// Whether a record handed over by the writer is being, or was, delivered.
+    fn seen(&self, id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .map(|f| f.busy.contains(id) || f.finished.contains(id))
+            .unwrap_or(true)
+    }
+
+    /// Due records, not in flight, as many as may start soon; and when the
+    /// next one falls due.
+    async fn scan(&self, now: u64) -> (Vec<Record>, Option<u64>) {
+        let s = self.spool.clone();
+        let busy = self.in_flight.clone();
+        let room = self.limit.available_permits().max(1) * 4;
+        // The pending table can be long after an outage: read it off the I/O thread.
+        let scan = tokio::task::spawn_blocking(move || {
+            let busy = busy.lock().map(|f| f.busy.clone()).unwrap_or_default();
+            s.due(now, room, &|id| busy.contains(id))
+        });
+        match scan.await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 error!("cannot read the spool: {e}");
@@ -142,50 +262,31 @@ pub async fn run(
                 error!("spool scan failed: {e}");
                 (Vec::new(), Some(now + 5_000))
             }
-        };
+        }
+    }
 
-        let mut next_wake = next.map(|n| n.saturating_sub(now)).unwrap_or(u64::MAX);
-        for rec in due {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = &mut shutdown => { return drain(tasks).await; }
-            };
-            if let Ok(mut set) = in_flight.lock() {
-                set.insert(rec.id.clone());
-            }
-            let (spool, target, cfg, in_flight) = (spool.clone(), target.clone(), cfg.clone(), in_flight.clone());
-            tasks.spawn(async move {
-                let id = rec.id.clone();
-                let notify = spool.notify.clone();
-                attempt(&spool, &target, &cfg, rec, move || {
-                    // Leaves the in-flight set only once its new state is committed.
-                    if let Ok(mut set) = in_flight.lock() {
-                        set.remove(&id);
-                    }
-                    // Rescan now the id is free: a scan while it was in flight skipped it.
-                    notify.notify_one();
-                })
-                .await;
-                drop(permit);
-            });
+    fn start(&self, tasks: &mut JoinSet<()>, rec: Record, permit: tokio::sync::OwnedSemaphorePermit) {
+        if let Ok(mut f) = self.in_flight.lock() {
+            f.busy.insert(rec.id.clone());
         }
-        // Reap finished tasks and release their ids.
-        while let Some(res) = tasks.try_join_next() {
-            if let Err(e) = res {
-                error!("delivery task failed: {e}");
-            }
-        }
-        if !tasks.is_empty() {
-            // Wake when a delivery ends: its record may be due again soon, and
-            // a permit is free.
-            next_wake = next_wake.min(200);
-        }
-
-        tokio::select! {
-            _ = &mut shutdown => return drain(tasks).await,
-            _ = notified => {}
-            _ = time::sleep(Duration::from_millis(next_wake).min(MAX_IDLE)) => {}
-        }
+        let (spool, target, cfg, in_flight) = (
+            self.spool.clone(),
+            self.target.clone(),
+            self.cfg.clone(),
+            self.in_flight.clone(),
+        );
+        tasks.spawn(async move {
+            let id = rec.id.clone();
+            attempt(&spool, &target, &cfg, rec, move || {
+                // Leaves the in-flight set only once its new state is committed
+                // (a record still pending makes the writer ask for a scan).
+                if let Ok(mut f) = in_flight.lock() {
+                    f.finish(id);
+                }
+            })
+            .await;
+            drop(permit);
+        });
     }
 }
 

@@ -259,6 +259,10 @@ enum Work {
 /// commit with, before they are committed alone.
 const LINGER: Duration = Duration::from_millis(50);
 
+/// New records handed straight to the delivery worker at most; beyond, it
+/// finds them by scanning the spool.
+const FRESH: usize = 256;
+
 /// Outcomes and journal events for the writer's next commit. They are put
 /// here, not into the channel, so that only the first of a batch wakes it.
 type Later = Arc<std::sync::Mutex<Vec<Work>>>;
@@ -286,6 +290,8 @@ pub struct Spool {
     db: Arc<DbCell>,
     work: mpsc::Sender<Work>,
     later: Later,
+    /// New records as they are committed, for the delivery worker (taken once).
+    fresh: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Record>>>>,
     /// Woken whenever a new record is pending.
     pub notify: Arc<Notify>,
     /// Durable commits of the writer (each one fsync), for metrics and tests.
@@ -372,12 +378,14 @@ impl Spool {
         let commits = Arc::new(AtomicU64::new(0));
         let journal_max = Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000));
         let later = Later::default();
+        let (fresh_tx, fresh_rx) = tokio::sync::mpsc::channel(FRESH);
         let writer = Writer {
             db: db.clone(),
             notify: notify.clone(),
             commits: commits.clone(),
             journal_max: journal_max.clone(),
             later: later.clone(),
+            fresh: fresh_tx,
         };
         thread::Builder::new()
             .name("spool-writer".into())
@@ -387,6 +395,7 @@ impl Spool {
             db,
             work: tx,
             later,
+            fresh: Arc::new(std::sync::Mutex::new(Some(fresh_rx))),
             notify,
             commits,
             journal_max,
@@ -397,6 +406,13 @@ impl Spool {
     /// it only for one operation: after an I/O error it is replaced.
     pub fn database(&self) -> Result<Arc<Database>, SpoolError> {
         self.db.get()
+    }
+
+    /// The records each append stores, as they are committed: the delivery
+    /// worker starts on them without reading the spool. Only one taker;
+    /// whatever does not fit waits in the spool for a scan (`notify`).
+    pub fn take_fresh(&self) -> Option<tokio::sync::mpsc::Receiver<Record>> {
+        self.fresh.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Append transactions committed so far.
@@ -859,6 +875,7 @@ struct Writer {
     commits: Arc<AtomicU64>,
     journal_max: Arc<std::sync::atomic::AtomicUsize>,
     later: Later,
+    fresh: tokio::sync::mpsc::Sender<Record>,
 }
 
 impl Writer {
@@ -923,19 +940,25 @@ impl Writer {
         if durable {
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
-        let mut any_new = false;
+        // Whether the delivery worker must look into the spool for work.
+        let mut scan = false;
         let mut lost_events = 0;
         match result {
             Ok(mut appended) => {
                 for work in group {
                     match work {
-                        Work::Append { reply, .. } => {
+                        Work::Append { records, reply } => {
                             let out = appended.remove(0);
-                            any_new |= out.contains(&Appended::New);
+                            for (rec, how) in records.into_iter().zip(&out) {
+                                if *how == Appended::New {
+                                    // Handed over when the worker can take it; else found by a scan.
+                                    scan |= self.fresh.try_send(rec).is_err();
+                                }
+                            }
                             let _ = reply.send(Ok(out));
                         }
                         Work::Outcome { record, done, .. } => {
-                            any_new |= record.state == State::Pending;
+                            scan |= record.state == State::Pending;
                             done(Ok(()));
                         }
                         Work::Journal(_) | Work::Wake => {}
@@ -964,7 +987,7 @@ impl Writer {
                 }
             }
         }
-        if any_new {
+        if scan {
             self.notify.notify_one();
         }
     }
