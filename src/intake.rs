@@ -44,6 +44,8 @@ pub async fn take(
     settings: &Settings,
     envelope: &Envelope,
 ) -> Intake {
+    // The spool's writer may hold its commit a moment for this append.
+    let coming = spool.append_coming();
     let (sender_policy, max_components) = (&settings.policy, settings.max_components);
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
@@ -170,6 +172,7 @@ pub async fn take(
         }
         ids = records.iter().map(|r| r.id.clone()).collect();
         if !records.is_empty() {
+            drop(coming);
             match spool.append(records).await {
                 Ok(outcomes) => {
                     duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();

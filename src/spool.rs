@@ -259,6 +259,19 @@ enum Work {
 /// commit with, before they are committed alone.
 const LINGER: Duration = Duration::from_millis(50);
 
+/// A session's append may come soon; see `Spool::append_coming`.
+pub struct AppendComing(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for AppendComing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long a commit waits for appends that other sessions are about to
+/// send: under load one fsync then serves more replies; alone, none waits.
+const COMMIT_DELAY: Duration = Duration::from_millis(1);
+
 /// New records handed straight to the delivery worker at most; beyond, it
 /// finds them by scanning the spool.
 const FRESH: usize = 256;
@@ -290,6 +303,8 @@ pub struct Spool {
     db: Arc<DbCell>,
     work: mpsc::Sender<Work>,
     later: Later,
+    /// Sessions whose append may come soon (see `append_coming`).
+    coming: Arc<std::sync::atomic::AtomicUsize>,
     /// New records as they are committed, for the delivery worker (taken once).
     fresh: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Record>>>>,
     /// Woken whenever a new record is pending.
@@ -379,7 +394,9 @@ impl Spool {
         let journal_max = Arc::new(std::sync::atomic::AtomicUsize::new(1_000_000));
         let later = Later::default();
         let (fresh_tx, fresh_rx) = tokio::sync::mpsc::channel(FRESH);
+        let coming = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writer = Writer {
+            coming: coming.clone(),
             db: db.clone(),
             notify: notify.clone(),
             commits: commits.clone(),
@@ -396,6 +413,7 @@ impl Spool {
             work: tx,
             later,
             fresh: Arc::new(std::sync::Mutex::new(Some(fresh_rx))),
+            coming,
             notify,
             commits,
             journal_max,
@@ -413,6 +431,14 @@ impl Spool {
     /// whatever does not fit waits in the spool for a scan (`notify`).
     pub fn take_fresh(&self) -> Option<tokio::sync::mpsc::Receiver<Record>> {
         self.fresh.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Says that this session is reading a message whose append may follow
+    /// at once; until the guard is dropped, a commit of other sessions' appends
+    /// waits up to `COMMIT_DELAY` for it, so one fsync serves both.
+    pub fn append_coming(&self) -> AppendComing {
+        self.coming.fetch_add(1, Ordering::Relaxed);
+        AppendComing(self.coming.clone())
     }
 
     /// Append transactions committed so far.
@@ -876,6 +902,7 @@ struct Writer {
     journal_max: Arc<std::sync::atomic::AtomicUsize>,
     later: Later,
     fresh: tokio::sync::mpsc::Sender<Record>,
+    coming: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Writer {
@@ -884,7 +911,19 @@ impl Writer {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             Self::take_waiting(&rx, &mut group);
-            if group.iter().all(|w| matches!(w, Work::Wake)) {
+            if group.iter().any(|w| matches!(w, Work::Append { .. })) {
+                // Group commit: appends other sessions are about to send share this fsync.
+                let deadline = std::time::Instant::now() + COMMIT_DELAY;
+                while self.coming.load(Ordering::Relaxed) > 0 && group.len() < MAX_GROUP {
+                    match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                        Ok(w) => {
+                            group.push(w);
+                            Self::take_waiting(&rx, &mut group);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            } else if group.iter().all(|w| matches!(w, Work::Wake)) {
                 // Only outcomes and journal events: wait a moment for an
                 // append to share the commit with.
                 if let Ok(w) = rx.recv_timeout(LINGER) {
