@@ -119,6 +119,11 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         count,
         ..Default::default()
     };
+    // What the writer still holds (outcomes and journal events wait there
+    // for company) is committed first, so answers are current.
+    if let Err(e) = spool.settle() {
+        return Response::error(e.0);
+    }
     let result = match req {
         Request::List { all } => spool.list(*all).map(|r| ok(Some(r), None)),
         Request::Show { id } => spool.find(id).map(|found| match found.is_empty() {

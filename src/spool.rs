@@ -259,6 +259,11 @@ enum Work {
 /// commit with, before they are committed alone.
 const LINGER: Duration = Duration::from_millis(50);
 
+/// Outcomes and journal events waiting for the writer at most.
+const MAX_LATER: usize = 100_000;
+/// Whether events were dropped for MAX_LATER (logged once until it empties).
+static LATER_FULL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A session's append may come soon; see `Spool::append_coming`.
 pub struct AppendComing(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -480,6 +485,15 @@ impl Spool {
     fn later(&self, work: Work) {
         let first = {
             let mut later = self.later.lock().unwrap_or_else(|p| p.into_inner());
+            // The writer takes these every LINGER; many more means it hangs
+            // (a disk that does not answer): journal events then go, not memory.
+            if later.len() >= MAX_LATER && matches!(work, Work::Journal(_)) {
+                drop(later);
+                if !LATER_FULL.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("journal: the spool writer is behind by {MAX_LATER} items; events are dropped until it catches up");
+                }
+                return;
+            }
             later.push(work);
             later.len() == 1
         };
@@ -932,6 +946,7 @@ impl Writer {
                 }
             }
             group.extend(self.later.lock().unwrap_or_else(|p| p.into_inner()).drain(..));
+            LATER_FULL.store(false, Ordering::Relaxed);
             self.commit(group);
         }
         // Whatever still waits, before the thread ends.
@@ -1160,6 +1175,47 @@ mod tests {
         assert_eq!(spool.list(false).unwrap().len(), 200);
         // Requests waiting while a commit runs share the next one.
         assert!(spool.commits() < 100, "{} commits for 200 appends", spool.commits());
+    }
+
+    /// Outcomes and journal events ride along with an append's commit; on
+    /// their own they are committed after a short wait; the record a new
+    /// append stores is handed to the delivery worker.
+    #[tokio::test]
+    async fn outcomes_and_journal_events_share_the_appends_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let mut fresh = spool.take_fresh().unwrap();
+        assert!(spool.take_fresh().is_none(), "one taker");
+        let r = record("o1");
+        spool.append(vec![r.clone()]).await.unwrap();
+        assert_eq!(fresh.recv().await.unwrap().id, r.id, "handed over once committed");
+        let before = spool.commits();
+
+        let mut delivered = r.clone();
+        delivered.state = State::Delivered;
+        let (tx, rx) = oneshot::channel();
+        spool.record_outcome(
+            delivered,
+            crate::journal::Event::now("delivery", "delivered", ""),
+            move |result| {
+                let _ = tx.send(result);
+            },
+        );
+        spool.journal_later(crate::journal::Event::now("message", "discard", "calendar reply"));
+        // The next append takes them along: one durable commit for all three.
+        spool.append(vec![record("o2")]).await.unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(spool.commits(), before + 1);
+        assert_eq!(spool.get(&r.id).unwrap().unwrap().state, State::Delivered);
+        assert_eq!(spool.journal(&crate::journal::Filter::default()).unwrap().len(), 2);
+
+        // Alone, an event is committed within LINGER, without an fsync.
+        spool.journal_later(crate::journal::Event::now("recipient", "reject", "unknown token"));
+        std::thread::sleep(LINGER * 4);
+        assert_eq!(spool.journal(&crate::journal::Filter::default()).unwrap().len(), 3);
+        assert_eq!(spool.commits(), before + 1);
+        spool.flush().unwrap();
+        assert_eq!(spool.commits(), before + 2);
     }
 
     #[tokio::test]
