@@ -118,6 +118,11 @@ pub async fn run(
         }
 
         if scan {
+            // Whatever the writer handed over is committed, so the scan sees
+            // it: dropped here, it is not started twice.
+            if let Some(rx) = fresh.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
             let (due, next) = worker.scan(now).await;
             wake_at = next.unwrap_or(u64::MAX);
             for rec in due {
