@@ -294,24 +294,31 @@ fn run(arg: &ConfigArg) -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => info!("SIGTERM: finishing open sessions"),
-                        _ = int.recv() => info!("SIGINT: finishing open sessions"),
-                    }
-                }
-                _ => std::future::pending::<()>().await,
+        use tokio::signal::unix::{signal, SignalKind};
+        // Handlers in place before the spool opens: a signal that arrives
+        // early is handled, not the default action (which ends the process).
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        let (term, int, hup) = match signals {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            _ => {
+                error!("cannot install signal handlers");
+                return ExitCode::from(EX_SOFTWARE);
+            }
+        };
+        let shutdown = async move {
+            let (mut term, mut int) = (term, int);
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: finishing open sessions"),
+                _ = int.recv() => info!("SIGINT: finishing open sessions"),
             }
         };
         let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
+            let mut hup = hup;
             while hup.recv().await.is_some() {
                 let Some(path) = &reload_path else {
                     info!("SIGHUP: running on the built-in default; no file to reload");

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, postgres::Postgres, InProcess, Webhook, TOKEN};
-use indymilter_test::{MacroStage, Status, TestConnection};
+use indymilter_test::Status;
 use std::{process::Command, time::Duration};
 
 const SECRET: &str = "s3cret-shared";
@@ -73,28 +73,7 @@ async fn send(m: &InProcess, eml: &str) -> Status {
 
 /// A fixture to the token's gateway address from `sender`.
 async fn send_from(m: &InProcess, sender: &str, eml: &str) -> Status {
-    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
-    conn.connect("client.example.com", [192, 0, 2, 44]).await.unwrap();
-    conn.mail([sender]).await.unwrap();
-    assert_eq!(
-        conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-            .await
-            .unwrap(),
-        Status::Continue
-    );
-    conn.data().await.unwrap();
-    let raw = String::from_utf8(fixture(eml)).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    for line in head.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", "CS1")]).await.unwrap();
-    let (_, st) = conn.eom().await.unwrap();
-    conn.close().await.unwrap();
-    st
+    common::milter_send(m.addr, sender, &fixture(eml), "CS1").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, wait_until, InProcess, Webhook, TOKEN};
-use indymilter_test::{MacroStage, Status, TestConnection};
+use indymilter_test::Status;
 use std::{process::Command, time::Duration};
 
 fn imip(args: &[&str]) -> (bool, String, String) {
@@ -124,26 +124,7 @@ fn config_errors_name_the_key() {
 }
 
 async fn send(m: &InProcess, eml: &str, queue_id: &str) -> Status {
-    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
-    conn.connect("c.example.com", [192, 0, 2, 1]).await.unwrap();
-    conn.mail(["<bob@example.com>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
-    let raw = String::from_utf8(fixture(eml)).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    for line in unfolded.split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
-    let (_, status) = conn.eom().await.unwrap();
-    conn.close().await.unwrap();
-    status
+    common::milter_send(m.addr, "<bob@example.com>", &fixture(eml), queue_id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{postfix::Postfix, reply_message, wait_until, Daemon, InProcess, Webhook, TOKEN};
-use indymilter_test::{MacroStage, Status, TestConnection};
+use indymilter_test::Status;
 use std::{
     collections::HashMap,
     io::Write,
@@ -18,29 +18,7 @@ use std::{
 };
 
 async fn send(addr: std::net::SocketAddr, raw: &[u8], queue_id: &str) -> Status {
-    let mut conn = TestConnection::configure()
-        .read_timeout(Duration::from_secs(30))
-        .open_tcp(addr)
-        .await
-        .unwrap();
-    conn.connect("client.example.com", [192, 0, 2, 60]).await.unwrap();
-    conn.mail(["<bob@example.com>"]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    for line in head.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
-    let (_, st) = conn.eom().await.unwrap();
-    let _ = conn.close().await;
-    st
+    common::milter_send(addr, "<bob@example.com>", raw, queue_id).await
 }
 
 /// A small tmpfs for the state directory, unmounted on drop.

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, InProcess, Webhook, TOKEN};
-use indymilter_test::{EomActions, MacroStage, Status, TestConnection};
+use indymilter_test::{EomActions, Status, TestConnection};
 use std::{process::Command, time::Duration};
 
 const LOCAL: &str = "\n[tokens]\nmode = \"local\"\nmax_unknown = 3\nunknown_window = \"10m\"\n";
@@ -63,16 +63,7 @@ async fn finish(conn: TestConnection, eml: &str) -> (EomActions, Status) {
 
 async fn finish_raw(mut conn: TestConnection, raw: String) -> (EomActions, Status) {
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    for line in unfolded.split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", "LOCAL1")]).await.unwrap();
-    let r = conn.eom().await.unwrap();
+    let r = common::milter_message(&mut conn, raw.as_bytes(), "LOCAL1").await;
     conn.close().await.unwrap();
     r
 }

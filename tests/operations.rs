@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{fixture, free_port, wait_until, Daemon, Webhook, TOKEN};
-use indymilter_test::{MacroStage, Status, TestConnection};
+use common::{fixture, free_port, wait_until, Daemon, Webhook};
+use indymilter_test::{Status, TestConnection};
 use std::{
     io::{Read, Write},
     time::Duration,
@@ -24,25 +24,7 @@ async fn send_reply(port: u16) -> Status {
 
 /// A fixture to the gateway, from `sender`, as Postfix hands it over.
 async fn send(port: u16, sender: &str, eml: &str) -> Status {
-    let mut conn = TestConnection::configure().open_tcp(("127.0.0.1", port)).await.unwrap();
-    conn.connect("c.example.com", [192, 0, 2, 9]).await.unwrap();
-    conn.mail([sender]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
-    conn.data().await.unwrap();
-    let raw = String::from_utf8(fixture(eml)).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    for line in head.split("\r\n") {
-        let (k, v) = line.split_once(':').unwrap();
-        conn.header(k, v.trim_start()).await.unwrap();
-    }
-    conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
-    conn.macros(MacroStage::Eom, [("i", "OPS1")]).await.unwrap();
-    let (_, st) = conn.eom().await.unwrap();
-    conn.close().await.unwrap();
-    st
+    common::milter_send(("127.0.0.1", port), sender, &fixture(eml), "OPS1").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -799,6 +799,53 @@ pub fn smtp_try(port: u16, from: &str, rcpts: &[&str], data: &[u8]) -> Result<Sm
     Ok(out)
 }
 
+/// After DATA: the headers of `raw` (unfolded), end of headers, the body and
+/// end of message with queue id `queue_id`, as Postfix hands a message to
+/// the milter; the end-of-message answer.
+pub async fn milter_message(
+    conn: &mut indymilter_test::TestConnection,
+    raw: &[u8],
+    queue_id: &str,
+) -> (indymilter_test::EomActions, indymilter_test::Status) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    for line in head.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n") {
+        let (k, v) = line.split_once(':').expect("header line");
+        conn.header(k, v.trim_start()).await.unwrap();
+    }
+    conn.eoh().await.unwrap();
+    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    conn.macros(indymilter_test::MacroStage::Eom, [("i", queue_id)])
+        .await
+        .unwrap();
+    conn.eom().await.unwrap()
+}
+
+/// One transaction over the milter protocol, as Postfix runs it: `sender`
+/// to the gateway address with TOKEN, the message `raw`; the answer at end
+/// of message.
+pub async fn milter_send(
+    addr: impl tokio::net::ToSocketAddrs,
+    sender: &str,
+    raw: &[u8],
+    queue_id: &str,
+) -> indymilter_test::Status {
+    let mut conn = indymilter_test::TestConnection::configure()
+        .read_timeout(Duration::from_secs(30))
+        .open_tcp(addr)
+        .await
+        .unwrap();
+    conn.connect("client.example.com", [192, 0, 2, 9]).await.unwrap();
+    conn.mail([sender]).await.unwrap();
+    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
+        .await
+        .unwrap();
+    conn.data().await.unwrap();
+    let (_, status) = milter_message(&mut conn, raw, queue_id).await;
+    let _ = conn.close().await;
+    status
+}
+
 /// A reply from an attendee, unique per `n`.
 pub fn reply_message(n: usize, token: &str) -> Vec<u8> {
     format!(
