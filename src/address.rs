@@ -179,6 +179,33 @@ pub fn valid_token_syntax(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
 }
 
+/// `%XX` escapes decoded. A `%` without two hex digits after it is an error
+/// when `strict` (a URL's key or value), else kept as written (an address a
+/// server wrote); a result that is no UTF-8 is an error.
+pub fn percent_decode(s: &str, strict: bool) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = (c == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None if c == b'%' && strict => return Err(format!("bad %-escape in `{s}`")),
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` is not UTF-8"))
+}
+
 /// A token shortened for logs: tokens are capabilities and never logged in full.
 /// Text from outside made fit for a log line or a terminal: control
 /// characters (escape sequences, line breaks) shown as `\u{..}`, at most

@@ -798,26 +798,7 @@ fn same_address(a: &str, b: &str) -> bool {
 
 /// `%XX` sequences decoded where they make UTF-8; anything else kept.
 fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let hex = (c == b'%')
-            .then(|| s.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match hex {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap_or_else(|_| s.to_owned())
+    crate::address::percent_decode(s, false).unwrap_or_else(|_| s.to_owned())
 }
 
 /// An outcome as one line of text.

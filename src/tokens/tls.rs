@@ -77,23 +77,7 @@ pub fn read_url(url: &str) -> Result<UrlTls, String> {
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad %-escape in `{s}`"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(c);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("`{s}` is not UTF-8"))
+    crate::address::percent_decode(s, true)
 }
 
 /// The verifying client configuration: the CAs of `root_cert` (PEM), or the
