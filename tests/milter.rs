@@ -255,8 +255,8 @@ async fn escape_sequences_from_outside_are_shown_not_obeyed_in_queue_list() {
 
 /// A hostile reply with 60,000 components (a daily event's "overrides"):
 /// refused with a sentence, and a new connection meanwhile is answered
-/// within a second.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// within a second, on one thread as the daemon runs.
+#[tokio::test(flavor = "current_thread")]
 async fn a_reply_with_60000_components_is_refused_and_stalls_nobody() {
     let hook = Webhook::start();
     let m = InProcess::start_edited(&hook.url(), |c| {

@@ -117,8 +117,30 @@ impl RedbTokens {
     }
 }
 
+impl RedbTokens {
+    /// A write: it commits with an fsync, and waits while the spool's writer
+    /// commits (one write transaction at a time in the file). Off the
+    /// session thread, which answers every SMTP session meanwhile.
+    fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RedbTokens) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'static, T> {
+        let store = RedbTokens {
+            spool: self.spool.clone(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => Box::pin(async move {
+                rt.spawn_blocking(move || f(&store))
+                    .await
+                    .map_err(|x| StoreError(format!("token store: {x}")))?
+            }),
+            Err(_) => Box::pin(std::future::ready(f(&store))),
+        }
+    }
+}
+
 impl TokenStore for RedbTokens {
-    // redb answers at once from a local file: no thread hop.
+    // Reads answer at once from a local file: no thread hop.
     fn get<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
         Box::pin(std::future::ready(self.get_now(token)))
     }
@@ -128,11 +150,13 @@ impl TokenStore for RedbTokens {
     }
 
     fn put<'a>(&'a self, rec: &'a TokenRecord) -> StoreFuture<'a, ()> {
-        Box::pin(std::future::ready(self.put_now(rec)))
+        let rec = rec.clone();
+        self.write(move |s| s.put_now(&rec))
     }
 
     fn revoke<'a>(&'a self, token: &'a str) -> StoreFuture<'a, bool> {
-        Box::pin(std::future::ready(self.revoke_now(token)))
+        let token = token.to_owned();
+        self.write(move |s| s.revoke_now(&token))
     }
 
     fn list(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
@@ -140,26 +164,29 @@ impl TokenStore for RedbTokens {
     }
 
     fn purge<'a>(&'a self, cutoff_ms: u64) -> StoreFuture<'a, usize> {
-        let result = self.list_now().and_then(|all| {
+        self.write(move |s| {
             let mut n = 0;
-            for t in all.iter().filter(|t| t.last_used_ms.max(t.created_ms) < cutoff_ms) {
-                if self.revoke_now(&t.token)? {
+            for t in s
+                .list_now()?
+                .iter()
+                .filter(|t| t.last_used_ms.max(t.created_ms) < cutoff_ms)
+            {
+                if s.revoke_now(&t.token)? {
                     n += 1;
                 }
             }
             Ok(n)
-        });
-        Box::pin(std::future::ready(result))
+        })
     }
 
     fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> StoreFuture<'a, ()> {
-        let result = self.get_now(token).and_then(|found| match found {
+        let token = token.to_owned();
+        self.write(move |s| match s.get_now(&token)? {
             Some(mut t) => {
                 t.last_used_ms = now_ms;
-                self.put_now(&t)
+                s.put_now(&t)
             }
             None => Ok(()),
-        });
-        Box::pin(std::future::ready(result))
+        })
     }
 }
