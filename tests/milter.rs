@@ -446,3 +446,23 @@ async fn postfix_waits_only_where_the_milter_may_refuse() {
     assert!(msg.starts_with("552 5.3.4 "), "{msg}");
     m.stop().await;
 }
+
+/// Deliveries reuse the target's HTTP connection (keep-alive): one TCP
+/// connection for a run of replies delivered one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_keep_the_http_connection_open() {
+    let hook = Webhook::start();
+    hook.keep_alive();
+    let m = InProcess::start(&hook.url()).await;
+    for i in 0..5 {
+        let raw = common::reply_message(700 + i, TOKEN);
+        assert_eq!(
+            common::milter_send(m.addr, "<bob@example.com>", &raw, "KEEP1").await,
+            Status::Discard
+        );
+        let got = hook.wait_for(i + 1, Duration::from_secs(10));
+        assert_eq!(got.len(), i + 1);
+    }
+    assert_eq!(hook.connections(), 1, "one connection for five deliveries");
+    m.stop().await;
+}

@@ -77,6 +77,8 @@ struct WebhookState {
     /// Serve further requests on a connection (HTTP/1.1 keep-alive), as a
     /// production web server does; otherwise close it after each answer.
     keep_alive: bool,
+    /// TCP connections accepted.
+    connections: usize,
 }
 
 /// A real HTTP/1.1 server on loopback playing the calendar server's webhook.
@@ -121,6 +123,7 @@ impl Webhook {
             }
             match listener.accept() {
                 Ok((stream, _)) => {
+                    st.lock().unwrap().connections += 1;
                     let st = st.clone();
                     let p = p.clone();
                     let sp = sp.clone();
@@ -179,6 +182,11 @@ impl Webhook {
     /// Keep connections open between requests, as a production server does.
     pub fn keep_alive(&self) {
         self.state.lock().unwrap().keep_alive = true;
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
     }
 
     /// Refuse (401) requests without this Authorization header.
