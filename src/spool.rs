@@ -571,7 +571,13 @@ impl Spool {
 
     /// Writes a changed record (and its pending index entry) durably.
     pub fn update(&self, rec: &Record) -> Result<(), SpoolError> {
-        self.write_record(rec, Durability::Immediate)
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
+        RecordTables::open(&txn)?.put(rec)?;
+        redb_try!(txn.commit(), "spool commit");
+        if rec.state == State::Pending {
+            self.notify.notify_one();
+        }
+        Ok(())
     }
 
     /// Makes everything written before durable: the writer's queued work
@@ -592,19 +598,6 @@ impl Spool {
         rx.recv()
             .map_err(|_| SpoolError("spool writer has stopped".into()))?
             .map_err(SpoolError)
-    }
-
-    fn write_record(&self, rec: &Record, durability: Durability) -> Result<(), SpoolError> {
-        let mut txn = redb_try!(self.db.get()?.begin_write(), "spool write");
-        if !matches!(durability, Durability::Immediate) {
-            let _ = txn.set_durability(durability);
-        }
-        put_record(&txn, rec)?;
-        redb_try!(txn.commit(), "spool commit");
-        if rec.state == State::Pending {
-            self.notify.notify_one();
-        }
-        Ok(())
     }
 
     /// Makes a failed (or waiting) record due now. Ok(false): no such record.
@@ -693,17 +686,6 @@ impl Spool {
     /// journal.max_events, enforced as the journal grows.
     pub fn set_journal_limit(&self, max_events: usize) {
         self.journal_max.store(max_events.max(1), Ordering::Relaxed);
-    }
-
-    /// Adds events to the journal at once, without an fsync of their own:
-    /// the next durable commit takes them along. (The milter hands its
-    /// events to the writer instead: `journal_later`.)
-    pub fn journal_append(&self, events: &[crate::journal::Event]) -> Result<(), SpoolError> {
-        let mut txn = redb_try!(self.db.get()?.begin_write(), "journal write");
-        let _ = txn.set_durability(Durability::None);
-        put_events(&txn, events.iter(), self.journal_max.load(Ordering::Relaxed))?;
-        redb_try!(txn.commit(), "journal commit");
-        Ok(())
     }
 
     /// The events that match, oldest first, at most `journal::MAX_LISTED`.
@@ -871,22 +853,46 @@ fn hydrate(mut rec: Record, content: &impl ReadableTable<&'static str, &'static 
     rec
 }
 
-/// A record and its pending index entries, as one transaction writes them.
-fn put_record(txn: &redb::WriteTransaction, rec: &Record) -> Result<(), SpoolError> {
-    let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
-    let bytes = encode(rec, &mut content)?;
-    let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
-    let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
-    let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
-    redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
-    if rec.state == State::Pending {
-        redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
-        redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
-    } else {
-        redb_try!(pending.remove(rec.id.as_str()), "spool write");
-        redb_try!(since.remove(rec.id.as_str()), "spool write");
+/// The tables a record lives in, open in one write transaction.
+struct RecordTables<'t> {
+    records: redb::Table<'t, &'static str, &'static [u8]>,
+    pending: redb::Table<'t, &'static str, u64>,
+    since: redb::Table<'t, &'static str, u64>,
+    content: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> RecordTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self, SpoolError> {
+        Ok(Self {
+            records: redb_try!(txn.open_table(RECORDS), "spool write"),
+            pending: redb_try!(txn.open_table(PENDING), "spool write"),
+            since: redb_try!(txn.open_table(PENDING_SINCE), "spool write"),
+            content: redb_try!(txn.open_table(CONTENT), "spool write"),
+        })
     }
-    Ok(())
+
+    /// A record and its pending index entries.
+    fn put(&mut self, rec: &Record) -> Result<(), SpoolError> {
+        let bytes = encode(rec, &mut self.content)?;
+        redb_try!(self.records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+        if rec.state == State::Pending {
+            redb_try!(self.pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
+            redb_try!(self.since.insert(rec.id.as_str(), rec.created_ms), "spool write");
+        } else {
+            redb_try!(self.pending.remove(rec.id.as_str()), "spool write");
+            redb_try!(self.since.remove(rec.id.as_str()), "spool write");
+        }
+        Ok(())
+    }
+
+    /// A new record, unless one with its id is stored already.
+    fn add(&mut self, rec: &Record) -> Result<Appended, SpoolError> {
+        if redb_try!(self.records.get(rec.id.as_str()), "spool read").is_some() {
+            return Ok(Appended::Duplicate);
+        }
+        self.put(rec)?;
+        Ok(Appended::New)
+    }
 }
 
 /// Journal events, the oldest beyond `max` dropped at once, whatever the rate.
@@ -998,11 +1004,12 @@ impl Writer {
         let mut scan = false;
         let mut lost_events = 0;
         match result {
-            Ok(mut appended) => {
+            Ok(appended) => {
+                let mut appended = appended.into_iter();
                 for work in group {
                     match work {
                         Work::Append { records, reply } => {
-                            let out = appended.remove(0);
+                            let out = appended.next().unwrap_or_default();
                             for (rec, how) in records.into_iter().zip(&out) {
                                 if *how == Appended::New {
                                     // Handed over when the worker can take it; else found by a scan.
@@ -1056,32 +1063,15 @@ impl Writer {
             }
             let mut appended = Vec::new();
             {
-                let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
-                let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
-                let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
-                let mut content = redb_try!(txn.open_table(CONTENT), "spool write");
+                let mut tables = RecordTables::open(&txn)?;
                 for work in group {
-                    let Work::Append { records: new, .. } = work else {
-                        continue;
-                    };
-                    let mut out = Vec::with_capacity(new.len());
-                    for rec in new {
-                        if redb_try!(records.get(rec.id.as_str()), "spool read").is_some() {
-                            out.push(Appended::Duplicate);
-                            continue;
+                    match work {
+                        Work::Append { records, .. } => {
+                            appended.push(records.iter().map(|r| tables.add(r)).collect::<Result<Vec<_>, _>>()?);
                         }
-                        let bytes = encode(rec, &mut content)?;
-                        redb_try!(records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
-                        redb_try!(pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
-                        redb_try!(since.insert(rec.id.as_str(), rec.created_ms), "spool write");
-                        out.push(Appended::New);
+                        Work::Outcome { record, .. } => tables.put(record)?,
+                        _ => {}
                     }
-                    appended.push(out);
-                }
-            }
-            for work in group {
-                if let Work::Outcome { record, .. } = work {
-                    put_record(&txn, record)?;
                 }
             }
             let events = group.iter().filter_map(|w| match w {

@@ -154,8 +154,9 @@ fn the_journal_is_bounded() {
     for i in 0..120 {
         let mut e = imip_milter::journal::Event::now("message", "discard", &format!("n{i}"));
         e.sender = Some("bob@example.com".into());
-        spool.journal_append(&[e]).unwrap();
+        spool.journal_later(e);
     }
+    spool.settle().unwrap();
     let all = spool.journal(&imip_milter::journal::Filter::default()).unwrap();
     assert_eq!(all.len(), 50);
     assert_eq!(all.last().unwrap().reason, "n119");
