@@ -38,6 +38,19 @@ fn rejection(status: Status) -> String {
     }
 }
 
+/// `chunks` body chunks of 60 kB, each answered `each`.
+async fn big_body(conn: &mut TestConnection, chunks: usize, each: Status) {
+    for _ in 0..chunks {
+        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), each);
+    }
+}
+
+/// End of message, with `queue_id` as Postfix sends it.
+async fn end(conn: &mut TestConnection, queue_id: &str) -> (indymilter_test::EomActions, Status) {
+    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
+    conn.eom().await.unwrap()
+}
+
 /// Sends headers and body of a raw message; returns the EOM result.
 async fn send_message(conn: &mut TestConnection, raw: &[u8], queue_id: &str) -> (indymilter_test::EomActions, Status) {
     let text = String::from_utf8_lossy(raw).replace("\r\n", "\n");
@@ -60,8 +73,7 @@ async fn send_message(conn: &mut TestConnection, raw: &[u8], queue_id: &str) -> 
     let body = body.replace('\n', "\r\n");
     let st = conn.body(body.into_bytes()).await.unwrap();
     assert_eq!(st, Status::Noreply);
-    conn.macros(MacroStage::Eom, [("i", queue_id)]).await.unwrap();
-    conn.eom().await.unwrap()
+    end(conn, queue_id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,11 +183,8 @@ async fn oversized_message_gets_552() {
     conn.eoh().await.unwrap();
     // Postfix waits for no answer to body chunks: past the limit the milter
     // stops buffering and answers at end of message.
-    for _ in 0..20 {
-        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
-    }
-    conn.macros(MacroStage::Eom, [("i", "BIG0")]).await.unwrap();
-    let (actions, status) = conn.eom().await.unwrap();
+    big_body(&mut conn, 20, Status::Noreply).await;
+    let (actions, status) = end(&mut conn, "BIG0").await;
     let msg = rejection(status);
     assert!(msg.starts_with("552 5.3.4 "), "{msg}");
     assert!(actions.actions.is_empty(), "{actions:?}");
@@ -195,11 +204,8 @@ async fn oversized_mixed_message_loses_only_its_gateway_recipient() {
     assert_eq!(conn.data().await.unwrap(), Status::Continue);
     conn.header("Subject", "big, to Alice and the calendar").await.unwrap();
     conn.eoh().await.unwrap();
-    for _ in 0..20 {
-        assert_eq!(conn.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
-    }
-    conn.macros(MacroStage::Eom, [("i", "BIG1")]).await.unwrap();
-    let (actions, status) = conn.eom().await.unwrap();
+    big_body(&mut conn, 20, Status::Noreply).await;
+    let (actions, status) = end(&mut conn, "BIG1").await;
     assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
     assert!(actions.has_delete_recipient(gateway.as_str()), "{actions:?}");
     assert!(!actions.has_delete_recipient("<alice@example.org>"), "{actions:?}");
@@ -360,19 +366,14 @@ async fn the_buffered_bytes_budget_answers_451_instead_of_growing() {
     let mut first = to_gateway(&m, "<bob@example.com>").await;
     first.header("Subject", "first").await.unwrap();
     first.eoh().await.unwrap();
-    for _ in 0..15 {
-        assert_eq!(first.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
-    }
+    big_body(&mut first, 15, Status::Noreply).await;
     // 900 kB held by the first; the second may not add 900 kB more: it stops
     // buffering and end of message answers.
     let mut second = to_gateway(&m, "<carol@example.com>").await;
     second.header("Subject", "second").await.unwrap();
     second.eoh().await.unwrap();
-    for _ in 0..15 {
-        assert_eq!(second.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
-    }
-    second.macros(MacroStage::Eom, [("i", "BUDGET2")]).await.unwrap();
-    match second.eom().await.unwrap().1 {
+    big_body(&mut second, 15, Status::Noreply).await;
+    match end(&mut second, "BUDGET2").await.1 {
         Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("451 4.3.2 "), "{m:?}"),
         other => panic!("{other:?}"),
     }
@@ -382,12 +383,9 @@ async fn the_buffered_bytes_budget_answers_451_instead_of_growing() {
     let mut third = to_gateway(&m, "<dana@example.com>").await;
     third.header("Subject", "third").await.unwrap();
     third.eoh().await.unwrap();
-    for _ in 0..15 {
-        assert_eq!(third.body(vec![b'x'; 60_000]).await.unwrap(), Status::Noreply);
-    }
-    third.macros(MacroStage::Eom, [("i", "BUDGET3")]).await.unwrap();
+    big_body(&mut third, 15, Status::Noreply).await;
     // Read whole: no calendar data in it, refused for that, not for the budget.
-    let msg = rejection(third.eom().await.unwrap().1);
+    let msg = rejection(end(&mut third, "BUDGET3").await.1);
     assert!(msg.starts_with("550 5.7.1 "), "{msg}");
     m.stop().await;
 }
@@ -438,11 +436,8 @@ async fn postfix_waits_only_where_the_milter_may_refuse() {
     assert_eq!(old.data().await.unwrap(), Status::Continue);
     assert_eq!(old.header("Subject", "big").await.unwrap(), Status::Continue);
     assert_eq!(old.eoh().await.unwrap(), Status::Continue);
-    for _ in 0..20 {
-        assert_eq!(old.body(vec![b'x'; 60_000]).await.unwrap(), Status::Continue);
-    }
-    old.macros(MacroStage::Eom, [("i", "OLD1")]).await.unwrap();
-    let msg = rejection(old.eom().await.unwrap().1);
+    big_body(&mut old, 20, Status::Continue).await;
+    let msg = rejection(end(&mut old, "OLD1").await.1);
     assert!(msg.starts_with("552 5.3.4 "), "{msg}");
     m.stop().await;
 }
