@@ -96,14 +96,36 @@ impl Analysis {
 /// (`max_components`): a master and its overrides, with room to spare.
 pub const DEFAULT_MAX_COMPONENTS: usize = 1000;
 
-/// Analyses one message as it arrived (headers and body).
-pub fn analyse(raw: &[u8]) -> Analysis {
-    analyse_bounded(raw, DEFAULT_MAX_COMPONENTS)
+/// ATTENDEEs one component of a reply may list by default (`max_attendees`):
+/// a reply names its sender; a meeting's whole list is room to spare.
+pub const DEFAULT_MAX_ATTENDEES: usize = 1000;
+
+/// What a calendar reply may hold; more is refused as unreadable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Scheduling components (VEVENT, VTODO, VJOURNAL).
+    pub components: usize,
+    /// ATTENDEE properties in any one component.
+    pub attendees: usize,
 }
 
-/// As `analyse`; a reply with more than `max_components` scheduling
-/// components is refused (applying it would cost CPU without bound).
-pub fn analyse_bounded(raw: &[u8], max_components: usize) -> Analysis {
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            components: DEFAULT_MAX_COMPONENTS,
+            attendees: DEFAULT_MAX_ATTENDEES,
+        }
+    }
+}
+
+/// Analyses one message as it arrived (headers and body).
+pub fn analyse(raw: &[u8]) -> Analysis {
+    analyse_bounded(raw, Limits::default())
+}
+
+/// As `analyse`; a reply with more components or attendees than `limits`
+/// is refused (applying it would cost CPU and space without bound).
+pub fn analyse_bounded(raw: &[u8], limits: Limits) -> Analysis {
     // A panic in a parser must not become a lost reply or a dead session:
     // whatever cannot be parsed is refused as unreadable.
     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| message::read(raw)));
@@ -112,7 +134,7 @@ pub fn analyse_bounded(raw: &[u8], max_components: usize) -> Analysis {
         Ok(Err(reason)) => return Analysis::new(Kind::Malformed, reason),
         Err(_) => return Analysis::new(Kind::Malformed, "the message structure cannot be read"),
     };
-    let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classify(&summary, max_components)));
+    let classified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| classify(&summary, limits)));
     let mut analysis =
         classified.unwrap_or_else(|_| Analysis::new(Kind::Malformed, "the calendar data cannot be read"));
     analysis.message_id = summary.message_id;
@@ -122,7 +144,7 @@ pub fn analyse_bounded(raw: &[u8], max_components: usize) -> Analysis {
     analysis
 }
 
-fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysis {
+fn classify(summary: &message::MessageSummary, limits: Limits) -> Analysis {
     if let Some(report) = &summary.report {
         if report.status.action != "failed" {
             let mut a = Analysis::new(
@@ -193,11 +215,18 @@ fn classify(summary: &message::MessageSummary, max_components: usize) -> Analysi
         Some("REPLY" | "COUNTER" | "REFRESH") if itip.components == 0 => {
             Analysis::new(Kind::Malformed, "the calendar reply holds no event or task")
         }
-        Some(_) if itip.components > max_components => Analysis::new(
+        Some(_) if itip.components > limits.components => Analysis::new(
             Kind::Malformed,
             format!(
-                "the calendar data holds {} events or tasks, more than the {max_components} this gateway takes",
-                itip.components
+                "the calendar data holds {} events or tasks, more than the {} this gateway takes",
+                itip.components, limits.components
+            ),
+        ),
+        Some(_) if itip.most_attendees > limits.attendees => Analysis::new(
+            Kind::Malformed,
+            format!(
+                "the calendar data lists {} attendees in one event, more than the {} this gateway takes",
+                itip.most_attendees, limits.attendees
             ),
         ),
         Some(m @ ("REPLY" | "COUNTER" | "REFRESH")) if itip.uid.is_none() => {

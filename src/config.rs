@@ -114,6 +114,8 @@ pub struct TargetConfig {
     pub party_crashers_record: bool,
     /// The largest HTTP answer body read from the target.
     pub max_response_bytes: usize,
+    /// caldav: overrides one reply may create in the organizer's event.
+    pub max_new_overrides: usize,
     /// PEM file of CA certificates trusted beside the built-in roots.
     pub ca_file: Option<PathBuf>,
 }
@@ -196,6 +198,8 @@ pub struct Config {
     pub max_sessions: usize,
     /// Scheduling components one calendar reply may hold.
     pub max_components: usize,
+    /// ATTENDEEs one component of a calendar reply may list.
+    pub max_attendees: usize,
     /// Message bytes all sessions together may buffer.
     pub max_buffered_bytes: usize,
     /// Started as root, run as this user (default: the owner of state_dir).
@@ -223,6 +227,7 @@ struct RawConfig {
     max_message_bytes: Option<i64>,
     max_sessions: Option<i64>,
     max_components: Option<i64>,
+    max_attendees: Option<i64>,
     max_buffered_bytes: Option<i64>,
     user: Option<String>,
     max_gateway_recipients: Option<i64>,
@@ -296,6 +301,7 @@ struct RawTarget {
     calendar_home: Option<String>,
     party_crashers: Option<String>,
     max_response_bytes: Option<i64>,
+    max_new_overrides: Option<i64>,
     ca_file: Option<PathBuf>,
 }
 
@@ -517,6 +523,12 @@ impl Config {
                 .unwrap_or_else(|| "x-calendarserver-internal".to_owned()),
             calendar_home: target.calendar_home.filter(|h| !h.trim().is_empty()),
             max_response_bytes: positive("target.max_response_bytes", target.max_response_bytes, 4 << 20, 1 << 30)?,
+            max_new_overrides: positive(
+                "target.max_new_overrides",
+                target.max_new_overrides,
+                crate::schedule::DEFAULT_MAX_NEW_OVERRIDES,
+                100_000,
+            )?,
             ca_file: target.ca_file,
             party_crashers_record: match target.party_crashers.as_deref().unwrap_or("refuse") {
                 "refuse" => false,
@@ -773,6 +785,12 @@ impl Config {
             max_message_bytes,
             max_sessions,
             max_components,
+            max_attendees: positive(
+                "max_attendees",
+                raw.max_attendees,
+                crate::analysis::DEFAULT_MAX_ATTENDEES,
+                1_000_000,
+            )?,
             max_buffered_bytes,
             user: raw.user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),
             max_gateway_recipients: positive("max_gateway_recipients", raw.max_gateway_recipients, 10, 1000)?,

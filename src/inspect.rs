@@ -49,7 +49,7 @@ fn verdict(d: &Decision, kind: &'static str) -> Verdict {
 pub fn inspect(
     gateway: &GatewayAddresses,
     max_message_bytes: usize,
-    max_components: usize,
+    limits: crate::analysis::Limits,
     rcpts: &[String],
     raw: &[u8],
 ) -> Verdict {
@@ -78,7 +78,7 @@ pub fn inspect(
     } else if raw.len() > max_message_bytes {
         verdict(&decision::decide_too_large(max_message_bytes, false), "none")
     } else {
-        let analysis = analyse_bounded(raw, max_components);
+        let analysis = analyse_bounded(raw, limits);
         let d = decision::decide_message(&analysis, &accepted);
         let mut v = verdict(&d, analysis.kind.as_str());
         v.token = accepted.iter().find_map(|c| match c {

@@ -8,17 +8,18 @@ use crate::{
     itip,
     milter::Settings,
     policy,
-    spool::{build_record, Appended, Envelope, Spool},
+    spool::{build_record, Appended, Envelope, Record, Spool},
     tokens::{TokenRecord, TokenStore},
 };
+use std::{panic::AssertUnwindSafe, sync::Arc};
 use tracing::{debug, error, info, warn};
 
-/// Analyses running at once.
+/// Large messages handled at once, off the session thread.
 static ANALYSES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
-/// Messages up to this size are parsed on the session's own thread: under
-/// 0.3 ms even when built to be slow (see bench/README.md).
-const PARSE_IN_PLACE: usize = 16 * 1024;
+/// Messages up to this size are handled on the session's own thread: under
+/// a millisecond even when built to be slow (see bench/README.md).
+pub const IN_PLACE: usize = 16 * 1024;
 
 /// What became of one message.
 pub struct Intake {
@@ -41,26 +42,41 @@ pub async fn take(
     raw: Vec<u8>,
     recipients: &[(String, Recipient)],
     tokens: &[TokenRecord],
-    settings: &Settings,
+    settings: &Arc<Settings>,
     envelope: &Envelope,
 ) -> Intake {
     // The spool's writer may hold its commit a moment for this append.
     let coming = spool.append_coming();
-    let (sender_policy, max_components) = (&settings.policy, settings.max_components);
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
-    let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
-    // MIME and iCalendar parsing is CPU work. A small message (nearly every
-    // reply) is parsed in place: a hop to another thread and back costs
-    // more than the parse. A larger one goes off the I/O thread, a few at a
-    // time (each holds a whole message), so no session waits behind it.
-    let analysis = if raw.len() <= PARSE_IN_PLACE {
-        Ok(analyse_bounded(&raw, max_components))
+    // Parsing, deciding and rewriting are CPU work. A small message (nearly
+    // every reply) is handled in place: a hop to another thread and back
+    // costs more than the work. A larger one goes off the session thread, a
+    // few at a time (each holds a whole message), so no session waits
+    // behind it. A panic in a parser is a refusal, never a dead session.
+    let prepared = if raw.len() <= IN_PLACE {
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            prepare(&raw, recipients, tokens, settings, envelope)
+        }))
+        .map_err(|_| "a parser panicked".to_owned())
     } else {
         let _slot = ANALYSES.acquire().await;
-        tokio::task::spawn_blocking(move || analyse_bounded(&raw, max_components)).await
+        let (recipients, tokens, settings, envelope) = (
+            recipients.to_vec(),
+            tokens.to_vec(),
+            Arc::clone(settings),
+            envelope.clone(),
+        );
+        tokio::task::spawn_blocking(move || prepare(&raw, &recipients, &tokens, &settings, &envelope))
+            .await
+            .map_err(|e| e.to_string())
     };
-    let analysis = match analysis {
-        Ok(a) => a,
+    let Prepared {
+        mut decision,
+        analysis,
+        records,
+        organizer,
+    } = match prepared {
+        Ok(p) => p,
         Err(e) => {
             error!("{queue_id}: analysis failed: {e}");
             return Intake {
@@ -72,7 +88,55 @@ pub async fn take(
             };
         }
     };
-    let mut analysis = analysis;
+    let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+    let mut duplicates = 0;
+    if !records.is_empty() {
+        drop(coming);
+        match spool.append(records).await {
+            Ok(outcomes) => {
+                duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
+                if let Some(store) = store {
+                    touch(store, tokens).await;
+                }
+            }
+            Err(e) => {
+                error!("{queue_id}: {e}");
+                decision = decision::decide_spool_failed(&e.0);
+            }
+        }
+    }
+    Intake {
+        organizer,
+        decision,
+        analysis,
+        ids,
+        duplicates,
+    }
+}
+
+/// Dropped attendees named in the log and the record; a hostile reply may
+/// list thousands.
+const SHOWN_DROPPED: usize = 10;
+
+/// A message analysed and decided, with the records to spool: everything
+/// before the first I/O, so it may run on any thread.
+struct Prepared {
+    decision: Decision,
+    analysis: Analysis,
+    records: Vec<Record>,
+    organizer: Option<String>,
+}
+
+fn prepare(
+    raw: &[u8],
+    recipients: &[(String, Recipient)],
+    tokens: &[TokenRecord],
+    settings: &Settings,
+    envelope: &Envelope,
+) -> Prepared {
+    let sender_policy = &settings.policy;
+    let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
+    let mut analysis = analyse_bounded(raw, settings.limits);
     if analysis.kind == Kind::Report && !envelope.mail_from.is_empty() {
         // Reports come from the null sender (RFC 3464); anything else that
         // looks like one is a person's message and gets an answer.
@@ -129,11 +193,9 @@ pub async fn take(
         );
         decision = decision::decide_with_organizer(&other, &classes, organizer);
     }
-    let mut ids = Vec::new();
-    let mut duplicates = 0;
+    let mut records = Vec::new();
     let mut notes = Vec::new();
     if decision.spool {
-        let mut records = Vec::new();
         let mut unreadable = None;
         for (raw, token) in gateway(recipients) {
             let record = match (record_of(token), answering.iter().find(|(t, _)| *t == token)) {
@@ -145,14 +207,21 @@ pub async fn take(
                             // The token is the authority on whom a bounce is about.
                             obj.insert("attendee".into(), attendee.clone().into());
                             if !dropped.is_empty() {
-                                obj.insert("dropped".into(), dropped.clone().into());
+                                let shown: Vec<&str> = dropped.iter().take(SHOWN_DROPPED).map(String::as_str).collect();
+                                obj.insert("dropped".into(), shown.into());
                             }
                         }
                         if !dropped.is_empty() {
-                            notes.push(format!(
-                                "components for {} dropped (not the token's attendee)",
-                                dropped.join(", ")
-                            ));
+                            let mut who = dropped
+                                .iter()
+                                .take(SHOWN_DROPPED)
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            if dropped.len() > SHOWN_DROPPED {
+                                who.push_str(&format!(" and {} more", dropped.len() - SHOWN_DROPPED));
+                            }
+                            notes.push(format!("components for {who} dropped (not the token's attendee)"));
                         }
                         r
                     }
@@ -170,32 +239,15 @@ pub async fn take(
             decision = decision::decide_unreadable(&e, mixed);
             records.clear();
         }
-        ids = records.iter().map(|r| r.id.clone()).collect();
-        if !records.is_empty() {
-            drop(coming);
-            match spool.append(records).await {
-                Ok(outcomes) => {
-                    duplicates = outcomes.iter().filter(|o| **o == Appended::Duplicate).count();
-                    if let Some(store) = store {
-                        touch(store, tokens).await;
-                    }
-                }
-                Err(e) => {
-                    error!("{queue_id}: {e}");
-                    decision = decision::decide_spool_failed(&e.0);
-                }
-            }
-        }
     }
     if !notes.is_empty() {
         decision.reason = format!("{}; {}", decision.reason, notes.join("; "));
     }
-    Intake {
+    Prepared {
         organizer: organizer.map(str::to_owned),
         decision,
         analysis,
-        ids,
-        duplicates,
+        records,
     }
 }
 

@@ -25,6 +25,8 @@ pub struct Itip {
     /// Every distinct ATTENDEE of the scheduling components, in order, as
     /// `mailto:` URIs (scheme in lower case).
     pub attendees: Vec<String>,
+    /// The most ATTENDEE properties any one scheduling component holds.
+    pub most_attendees: usize,
 }
 
 /// Reads calendar text. Err is a sentence saying why it cannot be read.
@@ -64,8 +66,10 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         .and_then(|c| c.property(&ICalendarProperty::Organizer))
         .and_then(first_text)
         .map(normalise_mailto);
-    let mut uids: Vec<String> = Vec::new();
-    let mut attendees: Vec<String> = Vec::new();
+    // Hashed sets: a hostile reply may list 100 000 attendees.
+    let mut uids = Distinct::exact();
+    let mut attendees = Distinct::any_case();
+    let mut most_attendees = 0;
     for c in &scheduling {
         // Exactly one UID, as text; anything else binds to no event ("").
         let mut found = c.properties(&ICalendarProperty::Uid);
@@ -73,15 +77,13 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
             (Some(u), None) => u,
             _ => "",
         };
-        if !uids.iter().any(|x| x == u) {
-            uids.push(u.to_owned());
-        }
+        uids.add(u.to_owned());
+        let mut here = 0;
         for a in c.properties(&ICalendarProperty::Attendee).filter_map(first_text) {
-            let a = normalise_mailto(a);
-            if !attendees.iter().any(|x| x.eq_ignore_ascii_case(&a)) {
-                attendees.push(a);
-            }
+            attendees.add(normalise_mailto(a));
+            here += 1;
         }
+        most_attendees = most_attendees.max(here);
     }
     Ok(Itip {
         method,
@@ -90,9 +92,45 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         partstat,
         organizer,
         components: scheduling.len(),
-        uids,
-        attendees,
+        uids: uids.list,
+        attendees: attendees.list,
+        most_attendees,
     })
+}
+
+/// Values in the order first seen, each once; O(1) per value.
+struct Distinct {
+    list: Vec<String>,
+    seen: std::collections::HashSet<String>,
+    /// Addresses compare without regard to ASCII case; UIDs exactly.
+    fold_case: bool,
+}
+
+impl Distinct {
+    fn exact() -> Self {
+        Self {
+            list: Vec::new(),
+            seen: Default::default(),
+            fold_case: false,
+        }
+    }
+
+    fn any_case() -> Self {
+        Self {
+            fold_case: true,
+            ..Self::exact()
+        }
+    }
+
+    fn add(&mut self, value: String) {
+        let key = match self.fold_case {
+            true => value.to_ascii_lowercase(),
+            false => value.clone(),
+        };
+        if self.seen.insert(key) {
+            self.list.push(value);
+        }
+    }
 }
 
 /// Nesting depth beyond any real calendar (VCALENDAR > VEVENT > VALARM > ...).
@@ -176,7 +214,7 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
         return Err("the calendar data does not start with BEGIN:VCALENDAR".into());
     }
     let is = |e: &ICalendarEntry| first_text(e).is_some_and(|v| normalise_mailto(v).eq_ignore_ascii_case(attendee));
-    let mut dropped: Vec<String> = Vec::new();
+    let mut dropped = Distinct::any_case();
     // Components are a flat list; the VCALENDAR's children are indexes into it.
     let mut remove: Vec<u32> = Vec::new();
     for (i, comp) in cal.components.iter().enumerate() {
@@ -187,10 +225,7 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
                 .any(|e| e.name == ICalendarProperty::Attendee && is(e))
         {
             for a in comp.properties(&ICalendarProperty::Attendee).filter_map(first_text) {
-                let a = normalise_mailto(a);
-                if !dropped.iter().any(|d| d.eq_ignore_ascii_case(&a)) {
-                    dropped.push(a);
-                }
+                dropped.add(normalise_mailto(a));
             }
             remove.push(i as u32);
         }
@@ -263,7 +298,10 @@ pub fn rewrite_reply(text: &str, organizer: &str, attendee: &str) -> Result<Rewr
     if back.attendees.len() != 1 || !back.attendees.iter().all(|a| a.eq_ignore_ascii_case(attendee)) {
         return Err("the calendar data cannot be rewritten for one attendee".into());
     }
-    Ok(Rewritten { text, dropped })
+    Ok(Rewritten {
+        text,
+        dropped: dropped.list,
+    })
 }
 
 fn is_scheduling(t: &ICalendarComponentType) -> bool {

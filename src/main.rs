@@ -343,10 +343,14 @@ fn run(arg: &ConfigArg) -> ExitCode {
 }
 
 fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, file: &str) -> ExitCode {
-    use imip_milter::analysis::DEFAULT_MAX_COMPONENTS;
-    let (gateway, max, max_components) = if gateway.is_empty() {
+    use imip_milter::analysis::Limits;
+    let limits_of = |c: &imip_milter::config::Config| Limits {
+        components: c.max_components,
+        attendees: c.max_attendees,
+    };
+    let (gateway, max, limits) = if gateway.is_empty() {
         match load_config(arg, false) {
-            Ok(c) => (c.gateway, c.max_message_bytes, c.max_components),
+            Ok(c) => (c.gateway.clone(), c.max_message_bytes, limits_of(&c)),
             Err(e) => {
                 eprintln!("imip-milter: {e} (or give --gateway)");
                 return ExitCode::from(EX_CONFIG);
@@ -366,8 +370,8 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         }
         let delimiters = "+".to_owned();
         let max = config.as_ref().map(|c| c.max_message_bytes).unwrap_or(10 * 1024 * 1024);
-        let components = config.as_ref().map_or(DEFAULT_MAX_COMPONENTS, |c| c.max_components);
-        (GatewayAddresses::new(bases, &delimiters), max, components)
+        let limits = config.as_ref().map_or(Limits::default(), limits_of);
+        (GatewayAddresses::new(bases, &delimiters), max, limits)
     };
     let mut raw = Vec::new();
     let read = if file == "-" {
@@ -379,7 +383,7 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         eprintln!("imip-milter: {file}: {e}");
         return ExitCode::from(EX_NOINPUT);
     }
-    let verdict = imip_milter::inspect::inspect(&gateway, max, max_components, rcpts, &raw);
+    let verdict = imip_milter::inspect::inspect(&gateway, max, limits, rcpts, &raw);
     if json {
         match serde_json::to_string(&verdict) {
             Ok(s) => println!("{s}"),

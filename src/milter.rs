@@ -29,7 +29,8 @@ use tracing::{info, warn};
 pub struct Settings {
     pub gateway: GatewayAddresses,
     pub max_message_bytes: usize,
-    pub max_components: usize,
+    /// What one calendar reply may hold.
+    pub limits: crate::analysis::Limits,
     pub max_gateway_recipients: usize,
     /// Read once, at start: the budget of all sessions together.
     pub max_buffered_bytes: usize,
@@ -44,7 +45,10 @@ impl Settings {
         Self {
             gateway: config.gateway.clone(),
             max_message_bytes: config.max_message_bytes,
-            max_components: config.max_components,
+            limits: crate::analysis::Limits {
+                components: config.max_components,
+                attendees: config.max_attendees,
+            },
             max_buffered_bytes: config.max_buffered_bytes,
             max_gateway_recipients: config.max_gateway_recipients,
             policy: config.policy.clone(),

@@ -9,7 +9,10 @@ use calcard::{
     icalendar::{ICalendar, ICalendarComponentType, ICalendarEntry, ICalendarParameterName, ICalendarProperty},
 };
 use chrono::{NaiveDate, TimeZone};
-use std::str::FromStr;
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    str::FromStr,
+};
 
 /// Remembers, on the ATTENDEE, the DTSTAMP of the reply last applied: a reply
 /// with the same SEQUENCE and an older DTSTAMP is stale.
@@ -274,14 +277,70 @@ fn fold(line: &str, eol: &str) -> String {
     out
 }
 
+/// What applying one reply may make of the stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Growth {
+    /// Overrides the reply may create (instances it answers for that the
+    /// object holds no component of yet).
+    pub new_overrides: usize,
+    /// Bytes the object written may have.
+    pub object_bytes: usize,
+}
+
+/// Overrides one reply may create by default (`target.max_new_overrides`).
+pub const DEFAULT_MAX_NEW_OVERRIDES: usize = 100;
+
+impl Growth {
+    /// The object written may at most double, and grow by 64 KiB when it is
+    /// small; never past what the target reads back (`max_response_bytes`).
+    pub fn for_object(stored_bytes: usize, new_overrides: usize, max_response_bytes: usize) -> Self {
+        let grown = stored_bytes.saturating_add(stored_bytes.max(64 * 1024));
+        Self {
+            new_overrides,
+            object_bytes: grown.min(max_response_bytes),
+        }
+    }
+}
+
+/// Properties a new override carries: what places the instance and what
+/// scheduling needs of it. Description, attachments, alarms and the rest
+/// stay with the master; copied into every override, one reply answering
+/// a thousand instances would multiply the object.
+const OVERRIDE_KEEPS: &[&str] = &[
+    "UID",
+    "DTSTAMP",
+    "SEQUENCE",
+    "ORGANIZER",
+    "ATTENDEE",
+    "SUMMARY",
+    "LOCATION",
+    "STATUS",
+    "TRANSP",
+    "CLASS",
+];
+
 /// Applies `reply` to `stored`, for `attendee` only (the token's: answers
 /// the reply gives for anybody else are never applied). Err is a permanent
-/// refusal (attendee not invited and crashers refused, unreadable data).
-pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers) -> Result<Applied, String> {
+/// refusal (attendee not invited and crashers refused, unreadable data, an
+/// object that would grow past `growth`). Linear in both objects: lookups
+/// are hashed, each instance is answered once.
+pub fn apply_reply(
+    stored: &str,
+    reply: &str,
+    attendee: &str,
+    crashers: Crashers,
+    growth: Growth,
+) -> Result<Applied, String> {
     let stored_cal = ICalendar::parse(stored).map_err(|_| "the stored event cannot be read".to_owned())?;
     let attendee = mailto(attendee);
     let (answers, foreign): (Vec<Answer>, Vec<Answer>) =
         answers(reply)?.into_iter().partition(|a| a.attendee == attendee);
+    // One answer per instance: the first the reply gives.
+    let mut answered = HashSet::new();
+    let answers: Vec<Answer> = answers
+        .into_iter()
+        .filter(|a| answered.insert(a.recurrence_id))
+        .collect();
     let mut notes: Vec<String> = foreign
         .iter()
         .map(|a| format!("answer for {} ignored (not the token's attendee)", a.attendee))
@@ -302,15 +361,21 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
         return Err("the stored object holds no event".into());
     };
 
+    let overrides: HashMap<i64, &Block> = blocks
+        .iter()
+        .filter_map(|b| b.recurrence_id.map(|rid| (rid, b)))
+        .collect();
+
     // Edits: logical line index → replacement text (folded); insertions before a logical line.
-    let mut replace: Vec<(usize, String)> = Vec::new();
-    let mut insert: Vec<(usize, String)> = Vec::new();
-    let mut instances: Option<std::collections::HashSet<i64>> = None;
+    let mut replace: HashMap<usize, String> = HashMap::new();
+    let mut insert: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut instances: Option<HashSet<i64>> = None;
+    let mut created = 0;
 
     for a in &answers {
         let block = match a.recurrence_id {
             None => Some(master.clone()),
-            Some(rid) => blocks.iter().find(|b| b.recurrence_id == Some(rid)).cloned(),
+            Some(rid) => overrides.get(&rid).map(|b| (*b).clone()),
         };
         let block = match block {
             Some(b) => b,
@@ -324,12 +389,20 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
                         .events
                         .iter()
                         .map(|e| e.start.timestamp())
-                        .collect::<std::collections::HashSet<i64>>()
+                        .collect::<HashSet<i64>>()
                 });
                 let real = starts.contains(&rid);
                 if !real {
                     notes.push(format!("no instance at RECURRENCE-ID {rid}; ignored"));
                     continue;
+                }
+                created += 1;
+                if created > growth.new_overrides {
+                    return Err(format!(
+                        "the reply answers for more than {} instances the event has no override for \
+                         (target.max_new_overrides); not applied",
+                        growth.new_overrides
+                    ));
                 }
                 let mut lines: Vec<String> = Vec::new();
                 let dtstart = logical[master.begin..=master.end]
@@ -358,9 +431,23 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
                 };
                 let rid_line = a.recurrence_line.clone().unwrap_or_default();
                 let rid_line = rid_line.trim_end().to_owned();
-                for (_, _, l) in &logical[master.begin..=master.end] {
-                    match name_of(l).as_str() {
-                        "RRULE" | "RDATE" | "EXDATE" | "DTEND" => {}
+                // The master's own lines; its alarms and other subcomponents stay with it.
+                let mut depth = 0usize;
+                for (i, (_, _, l)) in logical[master.begin..=master.end].iter().enumerate() {
+                    let name = name_of(l);
+                    if i == 0 || i == master.end - master.begin {
+                        lines.push(l.clone());
+                        continue;
+                    }
+                    match name.as_str() {
+                        "BEGIN" => depth += 1,
+                        "END" => depth = depth.saturating_sub(1),
+                        _ => {}
+                    }
+                    if depth > 0 || name == "END" {
+                        continue;
+                    }
+                    match name.as_str() {
                         "DTSTART" => {
                             lines.push(rid_line.replacen("RECURRENCE-ID", "DTSTART", 1));
                             if let Some(d) = duration {
@@ -371,13 +458,14 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
                         "ATTENDEE" if mailto(value_of(l)) == a.attendee => {
                             lines.push(attendee_line(l, a));
                         }
-                        _ => lines.push(l.clone()),
+                        n if OVERRIDE_KEEPS.contains(&n) => lines.push(l.clone()),
+                        _ => {}
                     }
                 }
                 let text: String = lines.iter().map(|l| fold(l, eol)).collect();
                 // After the last component of the object.
                 let last_end = blocks.iter().map(|b| b.end).max().unwrap_or(master.end);
-                insert.push((last_end + 1, text));
+                insert.entry(last_end + 1).or_default().push(text);
                 continue;
             }
         };
@@ -402,7 +490,7 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
                 }
                 let new = attendee_line(old, a);
                 if &new != old {
-                    replace.push((i, fold(&new, eol)));
+                    replace.insert(i, fold(&new, eol));
                 }
             }
             None if crashers == Crashers::Refuse => {
@@ -410,7 +498,7 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
             }
             None => {
                 let line = attendee_line(&format!("ATTENDEE:{}", a.attendee), a);
-                insert.push((block.end, fold(&line, eol)));
+                insert.entry(block.end).or_default().push(fold(&line, eol));
             }
         }
     }
@@ -425,13 +513,11 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
     }
     let mut out = String::with_capacity(stored.len() + 256);
     for (idx, (first, last, _)) in logical.iter().enumerate() {
-        for (at, text) in &insert {
-            if *at == idx {
-                out.push_str(text);
-            }
+        for text in insert.remove(&idx).into_iter().flatten() {
+            out.push_str(&text);
         }
-        match replace.iter().find(|(i, _)| *i == idx) {
-            Some((_, text)) => out.push_str(text),
+        match replace.get(&idx) {
+            Some(text) => out.push_str(text),
             None => {
                 for l in &physical[*first..*last] {
                     out.push_str(l);
@@ -439,10 +525,17 @@ pub fn apply_reply(stored: &str, reply: &str, attendee: &str, crashers: Crashers
             }
         }
     }
-    for (at, text) in &insert {
-        if *at >= logical.len() {
-            out.push_str(text);
-        }
+    // Insertions past the last line (a stored object without END:VCALENDAR).
+    for text in insert.into_values().flatten() {
+        out.push_str(&text);
+    }
+    if out.len() > growth.object_bytes {
+        return Err(format!(
+            "applying the reply would make the event {} bytes, more than the {} allowed for a {}-byte event; not applied",
+            out.len(),
+            growth.object_bytes,
+            stored.len()
+        ));
     }
     Ok(Applied::Changed(out))
 }
@@ -481,6 +574,11 @@ fn attendee_line(old: &str, a: &Answer) -> String {
 mod tests {
     use super::*;
 
+    const GROWTH: Growth = Growth {
+        new_overrides: 100,
+        object_bytes: 1 << 20,
+    };
+
     const STORED: &str = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Radicale test//EN\r\nX-WR-CALNAME:Work\r\nBEGIN:VEVENT\r\nUID:weekly@example.org\r\nDTSTAMP:20261101T100000Z\r\nDTSTART:20261207T090000Z\r\nDTEND:20261207T093000Z\r\nRRULE:FREQ=WEEKLY;COUNT=10\r\nSUMMARY:Weekly sync\r\nDESCRIPTION:Agenda: a\\, b\\; c\r\nSEQUENCE:1\r\nORGANIZER;CN=\"Doe, Alice\":mailto:alice@example.org\r\nATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com\r\nATTENDEE;PARTSTAT=NEEDS-ACTION:mailto:erik@example.com\r\nX-CUSTOM;X-PARAM=\"keep me\":value\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
 
     fn reply(attendee: &str, partstat: &str, extra: &str, seq: i64, stamp: &str) -> String {
@@ -492,7 +590,7 @@ mod tests {
     /// Applies for the reply's own (first) attendee, as a token for them would.
     fn apply(stored: &str, reply: &str, crashers: Crashers) -> Result<Applied, String> {
         let who = answers(reply)?.first().map(|a| a.attendee.clone()).unwrap_or_default();
-        apply_reply(stored, reply, &who, crashers)
+        apply_reply(stored, reply, &who, crashers, GROWTH)
     }
 
     /// The new text, unfolded for comparison.
@@ -601,6 +699,78 @@ mod tests {
     }
 
     #[test]
+    fn a_new_override_carries_what_an_override_needs() {
+        let stored = STORED.replace(
+            "X-CUSTOM",
+            "ATTACH:https://files.example.org/agenda.pdf\r\nBEGIN:VALARM\r\nACTION:DISPLAY\r\nSUMMARY:alarm\r\nTRIGGER:-PT5M\r\nEND:VALARM\r\nX-CUSTOM",
+        );
+        let rid = "RECURRENCE-ID:20261214T090000Z\r\n";
+        let out = changed(
+            apply(
+                &stored,
+                &reply("dana@example.com", "DECLINED", rid, 1, "20261120T100000Z"),
+                Crashers::Refuse,
+            )
+            .unwrap(),
+        );
+        let over = &out[out.rfind("BEGIN:VEVENT").unwrap()..];
+        for kept in [
+            "UID:",
+            "DTSTART:20261214T090000Z",
+            "DURATION:PT1800S",
+            "RECURRENCE-ID:",
+            "SUMMARY:Weekly sync",
+            "SEQUENCE:1",
+            "ORGANIZER;",
+            "mailto:erik@example.com",
+        ] {
+            assert!(over.contains(kept), "{kept} missing: {over}");
+        }
+        for left in [
+            "DESCRIPTION",
+            "ATTACH",
+            "VALARM",
+            "TRIGGER",
+            "X-CUSTOM",
+            "RRULE",
+            "DTEND",
+        ] {
+            assert!(!over.contains(left), "{left} copied: {over}");
+        }
+        assert!(ICalendar::parse(&out).is_ok());
+    }
+
+    #[test]
+    fn a_reply_may_create_only_so_many_overrides_and_grow_the_event_only_so_much() {
+        let rids: String = ["20261214", "20261221", "20261228"]
+            .iter()
+            .map(|d| format!("BEGIN:VEVENT\r\nUID:weekly@example.org\r\nRECURRENCE-ID:{d}T090000Z\r\nDTSTAMP:20261120T100000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:dana@example.com\r\nEND:VEVENT\r\n"))
+            .collect();
+        let three =
+            format!("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\n{rids}END:VCALENDAR\r\n");
+        let who = "mailto:dana@example.com";
+        let room = |new_overrides, object_bytes| Growth {
+            new_overrides,
+            object_bytes,
+        };
+        assert!(matches!(
+            apply_reply(STORED, &three, who, Crashers::Refuse, room(3, 1 << 20)),
+            Ok(Applied::Changed(_))
+        ));
+        let err = apply_reply(STORED, &three, who, Crashers::Refuse, room(2, 1 << 20)).unwrap_err();
+        assert!(
+            err.contains("more than 2 instances") && err.contains("target.max_new_overrides"),
+            "{err}"
+        );
+        let err = apply_reply(STORED, &three, who, Crashers::Refuse, room(3, STORED.len() + 100)).unwrap_err();
+        assert!(err.contains("more than the"), "{err}");
+        // The rule: double, or 64 KiB more, never past what is read back.
+        assert_eq!(Growth::for_object(1000, 5, 1 << 20).object_bytes, 1000 + 65536);
+        assert_eq!(Growth::for_object(1 << 18, 5, 1 << 20).object_bytes, 1 << 19);
+        assert_eq!(Growth::for_object(1 << 20, 5, 1 << 20).object_bytes, 1 << 20);
+    }
+
+    #[test]
     fn party_crashers() {
         let r = reply("mallory@example.net", "ACCEPTED", "", 1, "20261120T100000Z");
         assert!(apply(STORED, &r, Crashers::Refuse).is_err());
@@ -631,7 +801,7 @@ mod tests {
     fn answers_for_anybody_but_the_tokens_attendee_change_nothing() {
         // A token for Erik; the reply answers for Dana (and Erik in an override).
         let r = reply("dana@example.com", "DECLINED", "", 1, "20261120T100000Z");
-        let got = apply_reply(STORED, &r, "mailto:erik@example.com", Crashers::Record).unwrap();
+        let got = apply_reply(STORED, &r, "mailto:erik@example.com", Crashers::Record, GROWTH).unwrap();
         assert!(
             matches!(got, Applied::Unchanged(ref w) if w.contains("dana@example.com")),
             "{got:?}"
@@ -640,7 +810,7 @@ mod tests {
             "END:VEVENT\r\nEND:VCALENDAR",
             "END:VEVENT\r\nBEGIN:VEVENT\r\nUID:weekly@example.org\r\nDTSTAMP:20261120T100000Z\r\nSEQUENCE:1\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:erik@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR",
         );
-        let out = changed(apply_reply(STORED, &both, "MAILTO:Erik@example.com", Crashers::Refuse).unwrap());
+        let out = changed(apply_reply(STORED, &both, "MAILTO:Erik@example.com", Crashers::Refuse, GROWTH).unwrap());
         assert!(
             out.contains("ATTENDEE;CN=\"Dana K\";PARTSTAT=NEEDS-ACTION;RSVP=TRUE:mailto:dana@example.com"),
             "{out}"
@@ -667,7 +837,8 @@ mod tests {
             "weekly@example.org",
             chrono::DateTime::from_timestamp(1_900_000_000, 0).unwrap(),
         );
-        let out = changed(apply_reply(&accepted, &bounce, "mailto:dana@example.com", Crashers::Refuse).unwrap());
+        let out =
+            changed(apply_reply(&accepted, &bounce, "mailto:dana@example.com", Crashers::Refuse, GROWTH).unwrap());
         let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
         assert!(dana.contains("PARTSTAT=ACCEPTED"), "{dana}");
         assert!(dana.contains("SCHEDULE-STATUS=5.1"), "{dana}");

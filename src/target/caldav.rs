@@ -40,6 +40,7 @@ pub struct CalDav {
     auth: Auth,
     crashers: Crashers,
     max_response_bytes: usize,
+    max_new_overrides: usize,
     /// target.url, parsed: hrefs are followed on its origin only.
     origin: Option<reqwest::Url>,
 }
@@ -91,6 +92,7 @@ impl CalDav {
                 Crashers::Refuse
             },
             max_response_bytes: config.max_response_bytes,
+            max_new_overrides: config.max_new_overrides,
             origin: reqwest::Url::parse(&config.url).ok(),
         })
     }
@@ -614,8 +616,10 @@ impl CalDav {
                 attendee.to_owned(),
                 self.crashers,
             );
+            let growth = schedule::Growth::for_object(data.len(), self.max_new_overrides, self.max_response_bytes);
             let applied =
-                tokio::task::spawn_blocking(move || schedule::apply_reply(&data, &reply_text, &who, crashers)).await;
+                tokio::task::spawn_blocking(move || schedule::apply_reply(&data, &reply_text, &who, crashers, growth))
+                    .await;
             let applied = match applied {
                 Ok(a) => a,
                 Err(e) => return Outcome::Permanent(format!("applying the reply failed: {e}")),
