@@ -33,6 +33,13 @@ const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
 /// id → creation time (ms), for pending records only: metrics read it
 /// instead of every record's payload.
 const PENDING_SINCE: TableDefinition<&str, u64> = TableDefinition::new("pending_since");
+/// (time of the next attempt, id) for pending records: a scan reads the
+/// due ones and stops at the first not due, however long the backlog.
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+/// "layout" → the spool's layout version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// 1: records, pending, pending_since, content, journal. 2: due.
+const LAYOUT: u64 = 2;
 
 /// Requests folded into one commit at most.
 const MAX_GROUP: usize = 512;
@@ -370,6 +377,7 @@ impl Spool {
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         let db = Arc::new(db);
+        migrate(&db, path)?;
         {
             let txn = redb_try!(db.begin_write(), "spool");
             let records = redb_try!(txn.open_table(RECORDS), "spool");
@@ -509,8 +517,10 @@ impl Spool {
             .map_err(|_| SpoolError("spool writer has stopped".into()))
     }
 
-    /// Pending records due at `now`, at most `limit`, and the earliest time a
-    /// record not yet due becomes due.
+    /// Pending records due at `now`, oldest due first, at most `limit`; and
+    /// the time the first record not yet due falls due (None when `limit`
+    /// cut the list short). Reads the due records and one more, not the
+    /// backlog: `skip` (the ones in flight) is bounded by the concurrency.
     pub fn due(
         &self,
         now: u64,
@@ -518,28 +528,29 @@ impl Spool {
         skip: &dyn Fn(&str) -> bool,
     ) -> Result<(Vec<Record>, Option<u64>), SpoolError> {
         let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
-        let pending = redb_try!(txn.open_table(PENDING), "spool read");
+        let index = redb_try!(txn.open_table(DUE), "spool read");
         let records = redb_try!(txn.open_table(RECORDS), "spool read");
         let content = redb_try!(txn.open_table(CONTENT), "spool read");
         let mut due = Vec::new();
-        let mut next: Option<u64> = None;
-        for entry in redb_try!(pending.iter(), "spool read") {
-            let (id, at) = redb_try!(entry, "spool read");
-            let (id, at) = (id.value(), at.value());
+        for entry in redb_try!(index.iter(), "spool read") {
+            let (key, _) = redb_try!(entry, "spool read");
+            let (at, id) = key.value();
+            if at > now {
+                return Ok((due, Some(at)));
+            }
             if skip(id) {
                 continue;
             }
-            if at <= now && due.len() < limit {
-                if let Some(raw) = redb_try!(records.get(id), "spool read") {
-                    if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
-                        due.push(hydrate(rec, &content));
-                    }
+            if due.len() >= limit {
+                break;
+            }
+            if let Some(raw) = redb_try!(records.get(id), "spool read") {
+                if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
+                    due.push(hydrate(rec, &content));
                 }
-            } else if at > now {
-                next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
-        Ok((due, next))
+        Ok((due, None))
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Record>, SpoolError> {
@@ -675,8 +686,12 @@ impl Spool {
             let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
             let mut pending = redb_try!(txn.open_table(PENDING), "spool write");
             let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool write");
+            let mut index = redb_try!(txn.open_table(DUE), "spool write");
             existed = redb_try!(records.remove(id), "spool write").is_some();
-            redb_try!(pending.remove(id), "spool write");
+            let was_due = redb_try!(pending.remove(id), "spool write").map(|at| at.value());
+            if let Some(at) = was_due {
+                redb_try!(index.remove((at, id)), "spool write");
+            }
             redb_try!(since.remove(id), "spool write");
         }
         redb_try!(txn.commit(), "spool commit");
@@ -857,6 +872,7 @@ fn hydrate(mut rec: Record, content: &impl ReadableTable<&'static str, &'static 
 struct RecordTables<'t> {
     records: redb::Table<'t, &'static str, &'static [u8]>,
     pending: redb::Table<'t, &'static str, u64>,
+    due: redb::Table<'t, (u64, &'static str), ()>,
     since: redb::Table<'t, &'static str, u64>,
     content: redb::Table<'t, &'static str, &'static [u8]>,
 }
@@ -866,6 +882,7 @@ impl<'t> RecordTables<'t> {
         Ok(Self {
             records: redb_try!(txn.open_table(RECORDS), "spool write"),
             pending: redb_try!(txn.open_table(PENDING), "spool write"),
+            due: redb_try!(txn.open_table(DUE), "spool write"),
             since: redb_try!(txn.open_table(PENDING_SINCE), "spool write"),
             content: redb_try!(txn.open_table(CONTENT), "spool write"),
         })
@@ -874,13 +891,21 @@ impl<'t> RecordTables<'t> {
     /// A record and its pending index entries.
     fn put(&mut self, rec: &Record) -> Result<(), SpoolError> {
         let bytes = encode(rec, &mut self.content)?;
-        redb_try!(self.records.insert(rec.id.as_str(), bytes.as_slice()), "spool write");
+        let id = rec.id.as_str();
+        redb_try!(self.records.insert(id, bytes.as_slice()), "spool write");
+        let was_due = match rec.state {
+            State::Pending => redb_try!(self.pending.insert(id, rec.next_attempt_ms), "spool write"),
+            _ => redb_try!(self.pending.remove(id), "spool write"),
+        }
+        .map(|at| at.value());
+        if let Some(at) = was_due {
+            redb_try!(self.due.remove((at, id)), "spool write");
+        }
         if rec.state == State::Pending {
-            redb_try!(self.pending.insert(rec.id.as_str(), rec.next_attempt_ms), "spool write");
-            redb_try!(self.since.insert(rec.id.as_str(), rec.created_ms), "spool write");
+            redb_try!(self.due.insert((rec.next_attempt_ms, id), ()), "spool write");
+            redb_try!(self.since.insert(id, rec.created_ms), "spool write");
         } else {
-            redb_try!(self.pending.remove(rec.id.as_str()), "spool write");
-            redb_try!(self.since.remove(rec.id.as_str()), "spool write");
+            redb_try!(self.since.remove(id), "spool write");
         }
         Ok(())
     }
@@ -893,6 +918,44 @@ impl<'t> RecordTables<'t> {
         self.put(rec)?;
         Ok(Appended::New)
     }
+}
+
+/// Brings a spool of an earlier layout to `LAYOUT`, in one transaction at
+/// start; a spool of a later one (a downgrade) is refused, never rewritten.
+fn migrate(db: &Database, path: &Path) -> Result<(), SpoolError> {
+    let txn = redb_try!(db.begin_write(), "spool");
+    {
+        let mut meta = redb_try!(txn.open_table(META), "spool");
+        let records = redb_try!(txn.open_table(RECORDS), "spool");
+        let version = redb_try!(meta.get("layout"), "spool").map(|v| v.value());
+        // No version: a new spool, or one of layout 1 (before the version).
+        let version = match version {
+            Some(v) => v,
+            None if redb_try!(records.is_empty(), "spool") => LAYOUT,
+            None => 1,
+        };
+        if version > LAYOUT {
+            return Err(SpoolError(format!(
+                "spool {} has layout {version}, newer than this imip-milter's {LAYOUT}: run the newer version, \
+                 or move the file away",
+                path.display()
+            )));
+        }
+        if version < 2 {
+            let pending = redb_try!(txn.open_table(PENDING), "spool");
+            let mut index = redb_try!(txn.open_table(DUE), "spool");
+            let mut n = 0;
+            for entry in redb_try!(pending.iter(), "spool") {
+                let (id, at) = redb_try!(entry, "spool");
+                redb_try!(index.insert((at.value(), id.value()), ()), "spool");
+                n += 1;
+            }
+            tracing::info!("spool {}: layout 1 → 2, {n} pending records indexed by due time", path.display());
+        }
+        redb_try!(meta.insert("layout", LAYOUT), "spool");
+    }
+    redb_try!(txn.commit(), "spool");
+    Ok(())
 }
 
 /// Journal events, the oldest beyond `max` dropped at once, whatever the rate.
@@ -1275,6 +1338,58 @@ mod tests {
         let e = Spool::open(&path).err().expect("must refuse");
         assert!(e.0.contains("never overwritten"), "{e}");
         assert!(std::fs::read(&path).unwrap().starts_with(b"this is not a database"));
+    }
+
+    /// A spool written by the release before the due index (layout 1, three
+    /// pending replies to a webhook that was down), opened and migrated.
+    #[test]
+    fn a_spool_of_layout_1_is_migrated_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/spool-v1.redb.gz");
+        let out = std::process::Command::new("gzip").args(["-dc", fixture]).output().unwrap();
+        assert!(out.status.success());
+        std::fs::write(&path, out.stdout).unwrap();
+        for _ in 0..2 {
+            let spool = Spool::open_waiting(&path, Duration::from_secs(5)).unwrap();
+            let (due, next) = spool.due(now_ms(), 10, &|_| false).unwrap();
+            assert_eq!((due.len(), next), (3, None));
+            assert!(due.iter().all(|r| r.state == State::Pending && r.attempts == 1));
+            let txn = spool.database().unwrap().begin_read().unwrap();
+            let layout = txn.open_table(META).unwrap().get("layout").unwrap().map(|v| v.value());
+            assert_eq!(layout, Some(LAYOUT));
+        }
+        // An outcome moves a record in the index: due later, then delivered.
+        let spool = Spool::open_waiting(&path, Duration::from_secs(5)).unwrap();
+        let (mut due, _) = spool.due(now_ms(), 10, &|_| false).unwrap();
+        let mut later = due.remove(0);
+        later.next_attempt_ms = now_ms() + 60_000;
+        spool.update(&later).unwrap();
+        let (left, next) = spool.due(now_ms(), 10, &|_| false).unwrap();
+        assert_eq!((left.len(), next), (2, Some(later.next_attempt_ms)));
+        // Cut short by the limit: no word on the next.
+        let (left, next) = spool.due(now_ms(), 1, &|_| false).unwrap();
+        assert_eq!((left.len(), next), (1, None));
+        let mut done = due.remove(0);
+        done.state = State::Delivered;
+        spool.update(&done).unwrap();
+        assert!(spool.delete(&due[0].id).unwrap());
+        let (left, next) = spool.due(now_ms(), 10, &|_| false).unwrap();
+        assert_eq!((left.len(), next), (0, Some(later.next_attempt_ms)));
+    }
+
+    #[test]
+    fn a_spool_of_a_later_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("layout", LAYOUT + 1).unwrap();
+            txn.commit().unwrap();
+        }
+        let e = Spool::open(&path).err().expect("must refuse");
+        assert!(e.0.contains("newer than this imip-milter"), "{e}");
     }
 
     #[test]
