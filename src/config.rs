@@ -132,6 +132,8 @@ pub struct DeliveryConfig {
     pub keep_failed: Duration,
     /// `[journal]`: purged with the spool.
     pub journal: JournalConfig,
+    /// While the target is down: one attempt this often.
+    pub probe_interval: Duration,
 }
 
 /// `[journal]`: how much of what happened `imip-milter journal` can show.
@@ -321,6 +323,7 @@ struct RawDelivery {
     max_backoff: Option<RawDuration>,
     keep_delivered: Option<RawDuration>,
     keep_failed: Option<RawDuration>,
+    probe_interval: Option<RawDuration>,
 }
 
 /// A duration written as seconds (`30`) or with a unit (`500ms`, `30s`, `5m`, `2h`, `5d`).
@@ -564,6 +567,7 @@ impl Config {
             max_backoff: None,
             keep_delivered: None,
             keep_failed: None,
+            probe_interval: None,
         });
         let delivery = DeliveryConfig {
             concurrency: positive("delivery.concurrency", d.concurrency, 4, 256)?,
@@ -576,6 +580,7 @@ impl Config {
                 Duration::from_secs(7 * 86_400),
             )?,
             keep_failed: duration("delivery.keep_failed", d.keep_failed, Duration::from_secs(30 * 86_400))?,
+            probe_interval: duration("delivery.probe_interval", d.probe_interval, Duration::from_secs(60))?,
             journal: {
                 let j = raw.journal.unwrap_or(RawJournal {
                     keep: None,

@@ -99,6 +99,9 @@ pub struct Response {
     pub problems: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<crate::journal::Event>>,
+    /// `queue list` from the daemon: since when (ms) it takes the target as down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_down_since_ms: Option<u64>,
 }
 
 impl Response {
@@ -125,7 +128,10 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         return Response::error(e.0);
     }
     let result = match req {
-        Request::List { all } => spool.list(*all).map(|r| ok(Some(r), None)),
+        Request::List { all } => spool.list(*all).map(|r| Response {
+            target_down_since_ms: spool.target_down_since(),
+            ..ok(Some(r), None)
+        }),
         Request::Show { id } => spool.find(id).map(|found| match found.is_empty() {
             false => ok(Some(found), None),
             true => Response::error(format!(
@@ -421,8 +427,9 @@ pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<
     }
 }
 
-/// `queue list` output: one line per record.
-pub fn format_list(records: &[Record]) -> String {
+/// `queue list` output: one line per record; a last line when the daemon
+/// takes the target as down.
+pub fn format_list(records: &[Record], target_down_since_ms: Option<u64>) -> String {
     let now = now_ms();
     let mut out = format!(
         "{:<32} {:<9} {:<6} {:>8} {:>8} {:<12} {:<14} {}\n",
@@ -456,6 +463,16 @@ pub fn format_list(records: &[Record]) -> String {
             String::new()
         }
     ));
+    if let Some(since) = target_down_since_ms {
+        let at =
+            chrono::DateTime::from_timestamp_millis(since as i64).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        out.push_str(&format!(
+            "-- target down since {} ({} ago): {} attempts in a row got no answer; one probe per delivery.probe_interval\n",
+            at.unwrap_or_default(),
+            human_age(now.saturating_sub(since)),
+            crate::forward::DOWN_AFTER
+        ));
+    }
     out
 }
 

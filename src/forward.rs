@@ -35,12 +35,9 @@ pub const SAME_FAULT_SPAN: u32 = 12;
 /// Applies an outcome to a record.
 pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64) {
     rec.attempts = rec.attempts.saturating_add(1);
-    let error = match outcome {
-        Outcome::Delivered => None,
-        Outcome::Retry(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => Some(e),
-    };
+    let error = outcome.error();
     rec.repeats = match (error, &rec.last_error) {
-        (Some(e), Some(last)) if e == last => rec.repeats.saturating_add(1),
+        (Some(e), Some(last)) if e == last.as_str() => rec.repeats.saturating_add(1),
         (Some(_), _) => 1,
         (None, _) => 0,
     };
@@ -65,7 +62,7 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
             rec.last_error = Some(e.clone());
             rec.finished_ms = Some(now);
         }
-        Outcome::Retry(e) | Outcome::ServerFault(e) => {
+        Outcome::Retry(e) | Outcome::Unreachable(e) | Outcome::ServerFault(e) => {
             let next = now.saturating_add(backoff(cfg, rec.attempts).as_millis() as u64);
             if next.saturating_sub(rec.created_ms) > cfg.max_age.as_millis() as u64 {
                 rec.state = State::Failed;
@@ -79,6 +76,63 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
                 rec.last_error = Some(e.clone());
             }
         }
+    }
+}
+
+/// Transport failures in a row (no connection, timeouts, a proxy's 502-504)
+/// after which the target is taken as down.
+pub const DOWN_AFTER: u32 = 5;
+
+/// The target as the worker sees it. Down, as Postfix treats a dead
+/// destination: no record is attempted but one probe per
+/// `delivery.probe_interval`; the probe's success drains the backlog.
+#[derive(Debug, Default)]
+struct Health {
+    in_a_row: u32,
+    down_since: Option<u64>,
+    /// While down: when the next probe may start.
+    probe_at: u64,
+    probing: bool,
+}
+
+/// What the worker may start now.
+#[derive(Debug, PartialEq, Eq)]
+enum Plan {
+    /// Every due record, as many as the concurrency allows.
+    Deliver,
+    /// One due record, to learn whether the target is back.
+    Probe,
+    /// Nothing until then (or a probe's outcome).
+    Wait(u64),
+}
+
+impl Health {
+    fn plan(&self, now: u64) -> Plan {
+        match self.down_since {
+            None => Plan::Deliver,
+            Some(_) if !self.probing && now >= self.probe_at => Plan::Probe,
+            Some(_) if self.probing => Plan::Wait(u64::MAX),
+            Some(_) => Plan::Wait(self.probe_at),
+        }
+    }
+
+    /// Learns from one attempt's outcome. Some(true): the target just went
+    /// down; Some(false): it just came back.
+    fn observe(&mut self, outcome: &Outcome, now: u64, interval: u64) -> Option<bool> {
+        if let Outcome::Unreachable(_) = outcome {
+            self.in_a_row = self.in_a_row.saturating_add(1);
+            self.probe_at = now.saturating_add(interval);
+            self.probing = false;
+            if self.down_since.is_none() && self.in_a_row >= DOWN_AFTER {
+                self.down_since = Some(now);
+                return Some(true);
+            }
+            return None;
+        }
+        // Any answer from the target itself, even a refusal: it is up.
+        self.in_a_row = 0;
+        self.probing = false;
+        self.down_since.take().map(|_| false)
     }
 }
 
@@ -96,6 +150,7 @@ pub async fn run(
     let worker = Worker {
         limit: Arc::new(Semaphore::new(cfg.concurrency)),
         in_flight: Arc::default(),
+        health: Arc::default(),
         spool: spool.clone(),
         target,
         cfg: cfg.clone(),
@@ -117,14 +172,25 @@ pub async fn run(
             purge(&spool, &cfg, now).await;
         }
 
-        if scan {
+        let plan = worker.plan(now);
+        if let Plan::Wait(until) = plan {
+            // The target is down: what is due waits in the spool, unread.
+            wake_at = until;
+            if let Some(rx) = fresh.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+        } else if scan {
             // Whatever the writer handed over is committed, so the scan sees
             // it: dropped here, it is not started twice.
             if let Some(rx) = fresh.as_mut() {
                 while rx.try_recv().is_ok() {}
             }
-            let (due, next) = worker.scan(now).await;
+            let probe = plan == Plan::Probe;
+            let (due, next) = worker.scan(now, probe).await;
             wake_at = next.unwrap_or(u64::MAX);
+            if probe && !due.is_empty() {
+                worker.probing();
+            }
             for rec in due {
                 let permit = tokio::select! {
                     p = worker.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -154,6 +220,8 @@ pub async fn run(
             Some(rec) = next_fresh(&mut fresh) => {
                 // The common case: a reply just spooled, started without a scan.
                 match worker.limit.clone().try_acquire_owned() {
+                    // The target down: it waits in the spool for the probe.
+                    _ if worker.plan(now_ms()) != Plan::Deliver => scan = false,
                     Ok(permit) if !worker.seen(&rec.id) => {
                         worker.start(&mut tasks, rec, permit);
                         scan = false;
@@ -232,6 +300,7 @@ impl InFlight {
 struct Worker {
     limit: Arc<Semaphore>,
     in_flight: Arc<Mutex<InFlight>>,
+    health: Arc<Mutex<Health>>,
     spool: Spool,
     target: Arc<Target>,
     cfg: DeliveryConfig,
@@ -246,12 +315,25 @@ impl Worker {
             .unwrap_or(true)
     }
 
-    /// Due records, not in flight, as many as may start soon; and when the
-    /// next one falls due.
-    async fn scan(&self, now: u64) -> (Vec<Record>, Option<u64>) {
+    fn plan(&self, now: u64) -> Plan {
+        self.health.lock().map(|h| h.plan(now)).unwrap_or(Plan::Deliver)
+    }
+
+    fn probing(&self) {
+        if let Ok(mut h) = self.health.lock() {
+            h.probing = true;
+        }
+    }
+
+    /// Due records, not in flight, as many as may start soon (one for a
+    /// probe); and when the next one falls due.
+    async fn scan(&self, now: u64, probe: bool) -> (Vec<Record>, Option<u64>) {
         let s = self.spool.clone();
         let busy = self.in_flight.clone();
-        let room = self.limit.available_permits().max(1) * 4;
+        let room = match probe {
+            true => 1,
+            false => self.limit.available_permits().max(1) * 4,
+        };
         // The pending table can be long after an outage: read it off the I/O thread.
         let scan = tokio::task::spawn_blocking(move || {
             let busy = busy.lock().map(|f| f.busy.clone()).unwrap_or_default();
@@ -274,15 +356,16 @@ impl Worker {
         if let Ok(mut f) = self.in_flight.lock() {
             f.busy.insert(rec.id.clone());
         }
-        let (spool, target, cfg, in_flight) = (
+        let (spool, target, cfg, in_flight, health) = (
             self.spool.clone(),
             self.target.clone(),
             self.cfg.clone(),
             self.in_flight.clone(),
+            self.health.clone(),
         );
         tasks.spawn(async move {
             let id = rec.id.clone();
-            attempt(&spool, &target, &cfg, rec, move || {
+            let outcome = attempt(&spool, &target, &cfg, rec, move || {
                 // Leaves the in-flight set only once its new state is committed
                 // (a record still pending makes the writer ask for a scan).
                 if let Ok(mut f) = in_flight.lock() {
@@ -290,6 +373,26 @@ impl Worker {
                 }
             })
             .await;
+            let now = now_ms();
+            let interval = cfg.probe_interval.as_millis() as u64;
+            let change = health.lock().ok().and_then(|mut h| h.observe(&outcome, now, interval));
+            match change {
+                Some(true) => {
+                    warn!(
+                        "target down: {DOWN_AFTER} attempts in a row got no answer ({}); \
+                         one probe every {}s until it answers",
+                        outcome.error().unwrap_or(""),
+                        interval / 1000
+                    );
+                    spool.set_target_down(Some(now));
+                }
+                Some(false) => {
+                    info!("target answers again: delivering what waits");
+                    spool.set_target_down(None);
+                    spool.notify.notify_one();
+                }
+                None => {}
+            }
             drop(permit);
         });
     }
@@ -311,10 +414,11 @@ pub async fn attempt(
     cfg: &DeliveryConfig,
     mut rec: Record,
     committed: impl FnOnce() + Send + 'static,
-) {
+) -> Outcome {
     let started = std::time::Instant::now();
     let outcome = target.deliver(&rec).await;
     let now = now_ms();
+    let error_before = rec.last_error.clone();
     apply(cfg, &mut rec, &outcome, now);
     let result = match (&outcome, rec.state) {
         (Outcome::Delivered, _) => DeliveryResult::Delivered,
@@ -348,7 +452,10 @@ pub async fn attempt(
             rec.last_error.as_deref().unwrap_or("")
         ),
     }
-    let event = delivery_event(&rec, &outcome);
+    // The journal tells the record's story, not every attempt: its first
+    // failure, each change of reason, and the end.
+    let changed = rec.state != State::Pending || rec.last_error != error_before;
+    let event = changed.then(|| delivery_event(&rec, &outcome));
     let id = rec.id.clone();
     spool.record_outcome(rec, event, move |result| {
         if let Err(e) = result {
@@ -356,6 +463,7 @@ pub async fn attempt(
         }
         committed();
     });
+    outcome
 }
 
 /// The journal's line for one delivery attempt.
@@ -395,6 +503,7 @@ mod tests {
                 keep: Duration::from_secs(86_400),
                 max_events: 1000,
             },
+            probe_interval: Duration::from_secs(60),
         }
     }
 
@@ -443,6 +552,35 @@ mod tests {
         apply(&c, &mut r, &Outcome::Retry("timed out".into()), 5 * 86_400_000);
         assert_eq!(r.state, State::Failed);
         assert!(r.last_error.unwrap().contains("max_age"));
+    }
+
+    #[test]
+    fn a_target_that_does_not_answer_is_down_until_a_probe_is_answered() {
+        let mut h = Health::default();
+        let gone = Outcome::Unreachable("cannot connect: Connection refused".into());
+        for n in 1..DOWN_AFTER {
+            assert_eq!(h.observe(&gone, u64::from(n), 60_000), None);
+            assert_eq!(h.plan(u64::from(n)), Plan::Deliver);
+        }
+        // A refusal is an answer: the count starts again.
+        assert_eq!(h.observe(&Outcome::Permanent("HTTP 404".into()), 10, 60_000), None);
+        for n in 0..DOWN_AFTER - 1 {
+            assert_eq!(h.observe(&gone, 20 + u64::from(n), 60_000), None);
+        }
+        assert_eq!(h.observe(&gone, 30, 60_000), Some(true));
+        assert_eq!(h.plan(31), Plan::Wait(60_030));
+        assert_eq!(h.plan(60_030), Plan::Probe);
+        h.probing = true;
+        assert_eq!(h.plan(60_031), Plan::Wait(u64::MAX));
+        // The probe gets no answer: the next one an interval later.
+        assert_eq!(h.observe(&gone, 60_040, 60_000), None);
+        assert_eq!(h.plan(60_041), Plan::Wait(120_040));
+        // A 429 is an answer: the target is back.
+        assert_eq!(
+            h.observe(&Outcome::Retry("HTTP 429".into()), 120_050, 60_000),
+            Some(false)
+        );
+        assert_eq!(h.plan(120_051), Plan::Deliver);
     }
 
     #[test]

@@ -491,7 +491,7 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
         Err(code) => return code,
     };
     match (list, resp.records, resp.count) {
-        (true, Some(records), _) => print!("{}", control::format_list(&records)),
+        (true, Some(records), _) => print!("{}", control::format_list(&records, resp.target_down_since_ms)),
         (false, Some(records), _) => {
             for r in records {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());

@@ -76,7 +76,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self, spool_pending: usize, oldest_pending_secs: f64) -> String {
+    pub fn render(&self, spool_pending: usize, oldest_pending_secs: f64, target_down_secs: Option<f64>) -> String {
         let mut out = String::new();
         out.push_str("# HELP imip_milter_messages_total Messages to gateway addresses, by disposition.\n");
         out.push_str("# TYPE imip_milter_messages_total counter\n");
@@ -94,6 +94,18 @@ impl Metrics {
         out.push_str("# HELP imip_milter_spool_oldest_pending_seconds Age of the oldest pending record.\n");
         out.push_str("# TYPE imip_milter_spool_oldest_pending_seconds gauge\n");
         let _ = writeln!(out, "imip_milter_spool_oldest_pending_seconds {oldest_pending_secs:.3}");
+        out.push_str("# HELP imip_milter_target_down 1 while the target is taken as down (one probe per delivery.probe_interval).\n");
+        out.push_str("# TYPE imip_milter_target_down gauge\n");
+        let _ = writeln!(out, "imip_milter_target_down {}", u8::from(target_down_secs.is_some()));
+        out.push_str(
+            "# HELP imip_milter_target_down_seconds How long the target has been taken as down; 0 while up.\n",
+        );
+        out.push_str("# TYPE imip_milter_target_down_seconds gauge\n");
+        let _ = writeln!(
+            out,
+            "imip_milter_target_down_seconds {:.3}",
+            target_down_secs.unwrap_or(0.0)
+        );
         out.push_str("# HELP imip_milter_deliveries_total Delivery attempts, by result.\n");
         out.push_str("# TYPE imip_milter_deliveries_total counter\n");
         for (i, r) in RESULTS.iter().enumerate() {
@@ -160,6 +172,9 @@ pub async fn serve(listener: TcpListener, spool: Spool) {
         let spool = spool.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let down = spool
+                .target_down_since()
+                .map(|t| crate::spool::now_ms().saturating_sub(t) as f64 / 1000.0);
             let mut head = vec![0u8; 2048];
             let n = match tokio::time::timeout(IDLE, stream.read(&mut head)).await {
                 Ok(Ok(n)) => n,
@@ -175,7 +190,7 @@ pub async fn serve(listener: TcpListener, spool: Spool) {
                 let age = oldest
                     .map(|o| crate::spool::now_ms().saturating_sub(o) as f64 / 1000.0)
                     .unwrap_or(0.0);
-                ("200 OK", METRICS.render(pending, age))
+                ("200 OK", METRICS.render(pending, age, down))
             } else {
                 ("404 Not Found", "GET /metrics\n".to_owned())
             };

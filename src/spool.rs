@@ -248,7 +248,7 @@ enum Work {
     /// costs one more delivery with the same Idempotency-Key).
     Outcome {
         record: Box<Record>,
-        event: Box<crate::journal::Event>,
+        event: Option<Box<crate::journal::Event>>,
         done: Box<dyn FnOnce(Result<(), String>) + Send>,
     },
     /// A journal event: nobody waits for it.
@@ -325,6 +325,8 @@ pub struct Spool {
     commits: Arc<AtomicU64>,
     /// journal.max_events: the journal is trimmed to it as it grows.
     journal_max: Arc<std::sync::atomic::AtomicUsize>,
+    /// Since when (ms) the delivery worker takes the target as down; 0: up.
+    target_down: Arc<AtomicU64>,
 }
 
 impl Spool {
@@ -430,6 +432,7 @@ impl Spool {
             notify,
             commits,
             journal_max,
+            target_down: Arc::default(),
         })
     }
 
@@ -454,6 +457,15 @@ impl Spool {
         AppendComing(self.coming.clone())
     }
 
+    /// Since when the target is taken as down (`queue list`, metrics).
+    pub fn target_down_since(&self) -> Option<u64> {
+        Some(self.target_down.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
+    pub fn set_target_down(&self, since: Option<u64>) {
+        self.target_down.store(since.map_or(0, |t| t.max(1)), Ordering::Relaxed);
+    }
+
     /// Append transactions committed so far.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
@@ -474,12 +486,12 @@ impl Spool {
     pub fn record_outcome(
         &self,
         rec: Record,
-        event: crate::journal::Event,
+        event: Option<crate::journal::Event>,
         done: impl FnOnce(Result<(), String>) + Send + 'static,
     ) {
         self.later(Work::Outcome {
             record: Box::new(rec),
-            event: Box::new(event),
+            event: event.map(Box::new),
             done: Box::new(done),
         });
     }
@@ -950,7 +962,10 @@ fn migrate(db: &Database, path: &Path) -> Result<(), SpoolError> {
                 redb_try!(index.insert((at.value(), id.value()), ()), "spool");
                 n += 1;
             }
-            tracing::info!("spool {}: layout 1 → 2, {n} pending records indexed by due time", path.display());
+            tracing::info!(
+                "spool {}: layout 1 → 2, {n} pending records indexed by due time",
+                path.display()
+            );
         }
         redb_try!(meta.insert("layout", LAYOUT), "spool");
     }
@@ -1138,7 +1153,7 @@ impl Writer {
                 }
             }
             let events = group.iter().filter_map(|w| match w {
-                Work::Outcome { event, .. } => Some(event.as_ref()),
+                Work::Outcome { event, .. } => event.as_deref(),
                 Work::Journal(e) => Some(e.as_ref()),
                 _ => None,
             });
@@ -1249,7 +1264,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         spool.record_outcome(
             delivered,
-            crate::journal::Event::now("delivery", "delivered", ""),
+            Some(crate::journal::Event::now("delivery", "delivered", "")),
             move |result| {
                 let _ = tx.send(result);
             },
@@ -1346,8 +1361,11 @@ mod tests {
     fn a_spool_of_layout_1_is_migrated_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.redb");
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/spool-v1.redb.gz");
-        let out = std::process::Command::new("gzip").args(["-dc", fixture]).output().unwrap();
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/spool/spool-v1.redb.gz");
+        let out = std::process::Command::new("gzip")
+            .args(["-dc", fixture])
+            .output()
+            .unwrap();
         assert!(out.status.success());
         std::fs::write(&path, out.stdout).unwrap();
         for _ in 0..2 {

@@ -461,3 +461,72 @@ async fn deliveries_keep_the_http_connection_open() {
     assert_eq!(hook.connections(), 1, "one connection for five deliveries");
     m.stop().await;
 }
+
+/// A target that answers only through its proxy's 503 is taken as down after
+/// a few attempts: a backlog then costs one probe per probe_interval, not an
+/// attempt per record; `queue list` says so. Once the probe is answered,
+/// everything that waits is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_is_probed_not_hammered_and_drained_when_back() {
+    let hook = Webhook::start();
+    hook.fail_next(&[503; 10_000]);
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        c.replace("max_backoff = \"1s\"", "max_backoff = \"1s\"\nprobe_interval = \"2s\"")
+    })
+    .await;
+    const REPLIES: usize = 20;
+    for n in 0..REPLIES {
+        let status = common::milter_send(m.addr, "<bob@example.com>", &common::reply_message(n, TOKEN), "Q1").await;
+        assert_eq!(status, Status::Discard, "reply {n}");
+    }
+    let list = || String::from_utf8_lossy(&m.cli("", &["queue", "list"]).stdout).into_owned();
+    assert!(
+        common::wait_until(Duration::from_secs(20), || list().contains("target down since")),
+        "{}",
+        list()
+    );
+    // Every record is due at least once a second (max_backoff): without the
+    // probe that is 20 attempts a second.
+    let before = hook.connections();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let attempts = hook.connections() - before;
+    assert!(attempts <= 4, "{attempts} attempts in 5 s while the target was down");
+    let metrics_list = list();
+    assert!(metrics_list.contains("20 pending"), "{metrics_list}");
+
+    hook.fail_next(&[]);
+    let delivered = hook.wait_for(REPLIES, Duration::from_secs(15));
+    assert_eq!(delivered.len(), REPLIES);
+    assert!(
+        common::wait_until(Duration::from_secs(5), || !list().contains("target down")),
+        "{}",
+        list()
+    );
+    // The journal tells each record's story, not each attempt: its first
+    // failure (the records tried before the target was taken as down; the
+    // reason never changed) and its delivery.
+    let out = m.cli("", &["journal", "--json"]);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["event"] == "delivery")
+        .collect();
+    let count = |disposition: &str| {
+        let ids: Vec<&str> = events
+            .iter()
+            .filter(|e| e["disposition"] == disposition)
+            .filter_map(|e| e["record_id"].as_str())
+            .collect();
+        let distinct: std::collections::HashSet<&str> = ids.iter().copied().collect();
+        assert_eq!(
+            ids.len(),
+            distinct.len(),
+            "{disposition} twice for a record: {events:#?}"
+        );
+        ids.len()
+    };
+    assert_eq!(count("delivered"), REPLIES);
+    let retried = count("retry");
+    assert!((1..=REPLIES).contains(&retried), "{events:#?}");
+    m.stop().await;
+}

@@ -202,7 +202,7 @@ impl CalDav {
                 .filter_map(|h| self.on_origin(h))
                 .take(MAX_COLLECTIONS)
                 .collect(),
-            Err(o @ (Outcome::Retry(_) | Outcome::ServerFault(_))) => return Err(o),
+            Err(o @ (Outcome::Retry(_) | Outcome::Unreachable(_) | Outcome::ServerFault(_))) => return Err(o),
             Err(o) => {
                 note(o, &mut tried);
                 Vec::new()
@@ -809,7 +809,7 @@ fn percent_decoded(s: &str) -> String {
 fn describe(o: &Outcome) -> String {
     match o {
         Outcome::Delivered => "done".into(),
-        Outcome::Retry(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => e.clone(),
+        Outcome::Retry(e) | Outcome::Unreachable(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => e.clone(),
     }
 }
 
@@ -843,11 +843,11 @@ fn is_organizers_event(data: &str, uid: &str, organizer: &str) -> bool {
 
 fn transport(e: reqwest::Error) -> Outcome {
     if e.is_timeout() {
-        Outcome::Retry("timed out".into())
+        Outcome::Unreachable("timed out".into())
     } else {
         // The outer error says only "error sending request"; the cause is
         // what an admin acts on (a refused connection, an unknown CA).
-        Outcome::Retry(format!("cannot reach the CalDAV server: {}", super::root_cause(&e)))
+        Outcome::Unreachable(format!("cannot reach the CalDAV server: {}", super::root_cause(&e)))
     }
 }
 
@@ -877,6 +877,7 @@ async fn failure(resp: reqwest::Response, what: &str, url: &str, limit: usize) -
     };
     match status.as_u16() {
         500 if !words.is_empty() => Outcome::ServerFault(format!("{what} {url}: HTTP {status}{said}")),
+        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("{what} {url}: HTTP {status}{said}")),
         408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("{what} {url}: HTTP {status}{said}")),
         401 => Outcome::Permanent(format!(
             "{what} {url}: HTTP {status}: the server refuses the service account's credentials \

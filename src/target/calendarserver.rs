@@ -107,8 +107,8 @@ impl CalendarServer {
                     Err(e) => e.outcome(),
                 }
             }
-            Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
-            Err(e) => Outcome::Retry(root_cause(&e)),
+            Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
+            Err(e) => Outcome::Unreachable(root_cause(&e)),
         }
     }
 
@@ -148,6 +148,7 @@ pub fn classify(status: StatusCode, body: &str) -> Outcome {
             Some(s) => Outcome::Permanent(format!("request-status {s}")),
             None => Outcome::Permanent(format!("HTTP {status} without a schedule-response")),
         },
+        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("HTTP {status}")),
         408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
         401 | 403 => Outcome::Permanent(format!(
             "HTTP {status}: credentials refused (target.secret_file or target.password_file)"
@@ -220,8 +221,13 @@ mod tests {
         assert!(matches!(classify(StatusCode::OK, &bad), Outcome::Permanent(s) if s.contains("3.7")));
         let busy = ok.replace("2.0;Success", "5.3;No scheduling support");
         assert!(matches!(classify(StatusCode::OK, &busy), Outcome::Permanent(_)));
+        // A proxy's 503: the server behind it does not answer.
         assert!(matches!(
             classify(StatusCode::SERVICE_UNAVAILABLE, ""),
+            Outcome::Unreachable(_)
+        ));
+        assert!(matches!(
+            classify(StatusCode::INTERNAL_SERVER_ERROR, ""),
             Outcome::Retry(_)
         ));
         assert!(matches!(classify(StatusCode::FORBIDDEN, ""), Outcome::Permanent(_)));

@@ -73,8 +73,8 @@ impl ReadError {
             Self::TooLarge(limit) => Outcome::Permanent(format!(
                 "the server's answer is larger than {limit} bytes (target.max_response_bytes)"
             )),
-            Self::Http(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
-            Self::Http(e) => Outcome::Retry(root_cause(&e)),
+            Self::Http(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
+            Self::Http(e) => Outcome::Unreachable(root_cause(&e)),
         }
     }
 }
@@ -91,13 +91,32 @@ pub(crate) fn same_origin(base: &reqwest::Url, url: &reqwest::Url) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
-    /// Try again later (timeouts, connection errors, 408, 425, 429, 5xx).
+    /// Try again later (408, 425, 429, 5xx, a server not ready).
     Retry(String),
+    /// The target did not answer: no connection, a timeout, a proxy's 502,
+    /// 503 or 504. Retried; several in a row take the target as down.
+    Unreachable(String),
     /// HTTP 500 with the server's words: tried again, but the same words
     /// `forward::MAX_SAME_SERVER_FAULT` times in a row fail the record.
     ServerFault(String),
     /// The target refused the record for good; kept as failed.
     Permanent(String),
+}
+
+impl Outcome {
+    /// The words of a failure; "" for a delivery.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Self::Delivered => None,
+            Self::Retry(e) | Self::Unreachable(e) | Self::ServerFault(e) | Self::Permanent(e) => Some(e),
+        }
+    }
+
+    /// An HTTP status no proxy or server in front of the target would give
+    /// while the target itself answers.
+    pub fn gateway_status(status: u16) -> bool {
+        matches!(status, 502..=504)
+    }
 }
 
 /// The configured target.

@@ -80,9 +80,9 @@ impl Webhook {
         }
         match req.send().await {
             Ok(resp) => classify(resp.status()),
-            Err(e) if e.is_timeout() => Outcome::Retry("timed out".into()),
-            Err(e) if e.is_connect() => Outcome::Retry(format!("cannot connect: {}", root_cause(&e))),
-            Err(e) => Outcome::Retry(root_cause(&e)),
+            Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
+            Err(e) if e.is_connect() => Outcome::Unreachable(format!("cannot connect: {}", root_cause(&e))),
+            Err(e) => Outcome::Unreachable(root_cause(&e)),
         }
     }
 }
@@ -129,6 +129,7 @@ pub fn classify(status: StatusCode) -> Outcome {
     let code = status.as_u16();
     match code {
         200..=299 => Outcome::Delivered,
+        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("HTTP {status}")),
         408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
         300..=399 => Outcome::Permanent(format!("HTTP {status}: redirects are not followed; fix target.url")),
         _ => Outcome::Permanent(format!("HTTP {status}")),
@@ -157,7 +158,7 @@ mod tests {
         ] {
             let got = match classify(StatusCode::from_u16(code).unwrap()) {
                 Outcome::Delivered => 'd',
-                Outcome::Retry(_) | Outcome::ServerFault(_) => 'r',
+                Outcome::Retry(_) | Outcome::Unreachable(_) | Outcome::ServerFault(_) => 'r',
                 Outcome::Permanent(_) => 'p',
             };
             assert_eq!(got, want, "HTTP {code}");
