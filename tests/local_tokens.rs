@@ -10,12 +10,13 @@ use std::{process::Command, time::Duration};
 const LOCAL: &str = "\n[tokens]\nmode = \"local\"\nmax_unknown = 3\nunknown_window = \"10m\"\n";
 
 fn cli(m: &InProcess, url: &str, args: &[&str]) -> (bool, String, String) {
-    let config = m.state_dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        common::config_text(m.state_dir.path(), "inet:127.0.0.1:1", url, LOCAL),
-    )
-    .unwrap();
+    cli_in(m.state_dir.path(), url, args)
+}
+
+/// The CLI against the state_dir `dir`.
+fn cli_in(dir: &std::path::Path, url: &str, args: &[&str]) -> (bool, String, String) {
+    let config = dir.join("cli.toml");
+    std::fs::write(&config, common::config_text(dir, "inet:127.0.0.1:1", url, LOCAL)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_imip-milter"))
         .args(args)
         .arg("--config")
@@ -36,13 +37,17 @@ const BOUNCED_UID: &str = "invite-bounce-77@example.org";
 
 /// The token of the fixtures, as CalendarServer's IMIP_TOKENS would hold it.
 fn import(m: &InProcess, url: &str, attendee: &str, uid: &str) {
-    let csv = m.state_dir.path().join("tokens.csv");
+    import_in(m.state_dir.path(), url, attendee, uid)
+}
+
+fn import_in(dir: &std::path::Path, url: &str, attendee: &str, uid: &str) {
+    let csv = dir.join("tokens.csv");
     std::fs::write(
         &csv,
         format!("TOKEN,ORGANIZER,ATTENDEE,ICALUID,ACCESSED\n{TOKEN},mailto:alice@example.org,{attendee},{uid},2099-01-01 00:00:00\n"),
     )
     .unwrap();
-    let (ok, out, err) = cli(m, url, &["tokens", "import", csv.to_str().unwrap()]);
+    let (ok, out, err) = cli_in(dir, url, &["tokens", "import", csv.to_str().unwrap()]);
     assert!(ok && out.contains("1 token(s) imported"), "{out}{err}");
 }
 
@@ -433,5 +438,50 @@ async fn counter_and_refresh_reach_the_webhook_and_go_to_the_organizer_with_cald
     import(&m, &server.url(), "mailto:carol@example.net", BUDGET_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 7], &[gateway()]).await;
     redirected_to_organizer(finish(conn, "counter.eml").await, &server).await;
+    m.stop().await;
+}
+
+/// A token holder's reply whose second VEVENT lists 40,000 other attendees
+/// (with max_attendees raised to let it in): the rewrite that drops them
+/// runs off the session thread, in time linear in the reply; new sessions
+/// meanwhile are answered within a second, and only Bob's answer is handed on.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reply_listing_40000_others_stalls_nobody_and_hands_on_only_the_tokens_answer() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        let c = c.replace(
+            "max_message_bytes = 1000000",
+            "max_message_bytes = 20000000\nmax_attendees = 100000",
+        );
+        format!("{c}{LOCAL}")
+    })
+    .await;
+    // The CLI waits for the daemon, which runs on this very thread.
+    let (dir, url) = (m.state_dir.path().to_owned(), hook.url());
+    tokio::task::spawn_blocking(move || import_in(&dir, &url, "mailto:bob@example.com", "many@example.org"))
+        .await
+        .unwrap();
+    let others: String = (0..40_000)
+        .map(|i| format!("ATTENDEE;PARTSTAT=DECLINED:mailto:guest{i}@example.net\r\n"))
+        .collect();
+    let ics = format!(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\n\
+         BEGIN:VEVENT\r\nUID:many@example.org\r\nDTSTAMP:20261120T100000Z\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.com\r\nEND:VEVENT\r\n\
+         BEGIN:VEVENT\r\nUID:many@example.org\r\nRECURRENCE-ID:20261208T090000Z\r\nDTSTAMP:20261120T100000Z\r\n{others}END:VEVENT\r\nEND:VCALENDAR\r\n"
+    );
+    let raw = common::calendar_message("many@example.com", &ics);
+    let addr = m.addr;
+    let big = tokio::spawn(async move { common::milter_send(addr, "<bob@example.com>", &raw, "QMANY").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slowest = common::slowest_new_session(m.addr, 5).await;
+    assert_eq!(big.await.unwrap(), Status::Discard);
+    println!("slowest new connection {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "a new connection waited {slowest:?}");
+    let got = hook.wait_for(1, Duration::from_secs(10));
+    let body = &got[0].body;
+    let cal = body["icalendar"].as_str().unwrap();
+    assert!(cal.contains("bob@example.com") && !cal.contains("guest"), "{cal}");
+    let dropped = body["dropped"].as_array().unwrap();
+    assert!((1..=10).contains(&dropped.len()), "{dropped:?}");
     m.stop().await;
 }

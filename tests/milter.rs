@@ -278,46 +278,16 @@ async fn a_reply_with_60000_components_is_refused_and_stalls_nobody() {
         ));
     }
     ics.push_str("END:VCALENDAR\r\n");
-    let raw = format!(
-        "From: <bob@example.com>\r\nMessage-ID: <huge@example.com>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n{ics}"
-    );
+    let raw = common::calendar_message("huge@example.com", &ics);
     let addr = m.addr;
     let big = tokio::spawn(async move {
-        let mut conn = TestConnection::configure()
-            .read_timeout(Duration::from_secs(120))
-            .open_tcp(addr)
-            .await
-            .unwrap();
-        conn.connect("client.example.com", [192, 0, 2, 70]).await.unwrap();
-        conn.mail(["<bob@example.com>"]).await.unwrap();
-        conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-            .await
-            .unwrap();
-        conn.data().await.unwrap();
-        conn.header("From", "<bob@example.com>").await.unwrap();
-        conn.header("Content-Type", "text/calendar; method=REPLY")
-            .await
-            .unwrap();
-        conn.eoh().await.unwrap();
-        let body = raw.split_once("\r\n\r\n").unwrap().1.as_bytes().to_vec();
-        for chunk in body.chunks(65_535) {
-            conn.body(chunk.to_vec()).await.unwrap();
-        }
         let started = Instant::now();
-        let (_, st) = conn.eom().await.unwrap();
+        let st = common::milter_send(addr, "<bob@example.com>", &raw, "Q60K").await;
         (st, started.elapsed())
     });
     // While the big one is analysed: a new SMTP session's milter connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut slowest = Duration::ZERO;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let mut conn = open(&m).await;
-        assert_eq!(conn.mail(["<carol@example.com>"]).await.unwrap(), Status::Noreply);
-        slowest = slowest.max(t.elapsed());
-        let _ = conn.close().await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let slowest = common::slowest_new_session(m.addr, 5).await;
     let (status, took) = big.await.unwrap();
     let msg = rejection(status);
     assert!(
@@ -459,6 +429,57 @@ async fn deliveries_keep_the_http_connection_open() {
         assert_eq!(got.len(), i + 1);
     }
     assert_eq!(hook.connections(), 1, "one connection for five deliveries");
+    m.stop().await;
+}
+
+/// An ordinary reply of about 20 KB: analysed off the session thread, in
+/// one of the few slots large messages share.
+fn padded_reply(n: usize) -> Vec<u8> {
+    let text = String::from_utf8(common::reply_message(n, TOKEN)).unwrap();
+    let pad: String = (0..280).map(|_| format!("COMMENT:{}\r\n", "x".repeat(64))).collect();
+    text.replace("END:VEVENT", &format!("{pad}END:VEVENT")).into_bytes()
+}
+
+/// Four replies listing 60,000 ATTENDEEs in one event, from anybody with a
+/// well-formed token: refused with a sentence; meanwhile an ordinary 20 KB
+/// reply is answered within 3 s and new sessions within a second.
+#[tokio::test(flavor = "current_thread")]
+async fn four_replies_with_60000_attendees_hold_up_nobody() {
+    let hook = Webhook::start();
+    let m = InProcess::start_edited(&hook.url(), |c| {
+        c.replace("max_message_bytes = 1000000", "max_message_bytes = 20000000")
+    })
+    .await;
+    let attendees: String = (0..60_000)
+        .map(|i| format!("ATTENDEE;PARTSTAT=ACCEPTED:mailto:guest{i}@example.net\r\n"))
+        .collect();
+    let ics = format!(
+        "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:big@example.org\r\nDTSTAMP:20261120T100000Z\r\n{attendees}END:VEVENT\r\nEND:VCALENDAR\r\n"
+    );
+    let mut hostile = Vec::new();
+    for i in 0..4 {
+        let raw = common::calendar_message(&format!("many-{i}@example.com"), &ics);
+        let addr = m.addr;
+        hostile.push(tokio::spawn(async move {
+            common::milter_send(addr, "<bob@example.com>", &raw, "QMANY").await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let ordinary = common::milter_send(m.addr, "<attendee1@example.com>", &padded_reply(1), "QOK").await;
+    let ordinary_took = t.elapsed();
+    let slowest = common::slowest_new_session(m.addr, 5).await;
+    for h in hostile {
+        let msg = rejection(h.await.unwrap());
+        assert!(msg.starts_with("550 5.6.0 ") && msg.contains("attendees"), "{msg}");
+    }
+    println!("ordinary reply {ordinary_took:?}; slowest new connection {slowest:?}");
+    assert_eq!(ordinary, Status::Discard);
+    assert!(
+        ordinary_took < Duration::from_secs(3),
+        "the ordinary reply waited {ordinary_took:?}"
+    );
+    assert!(slowest < Duration::from_secs(1), "a new connection waited {slowest:?}");
     m.stop().await;
 }
 

@@ -54,10 +54,15 @@ impl TokenRecord {
     /// The first of `named` (ATTENDEE values of a reply, a bounce's failed
     /// recipient) that this token may answer for. Nobody else, ever.
     pub fn answering<'a>(&self, named: impl IntoIterator<Item = &'a str>) -> Option<String> {
-        let allowed = self.allowed();
+        // Hashed: a shared token's list times a hostile reply's would be quadratic.
+        let allowed: std::collections::HashMap<String, &str> = self
+            .allowed()
+            .into_iter()
+            .map(|a| (a.to_ascii_lowercase(), a))
+            .collect();
         named
             .into_iter()
-            .find_map(|n| allowed.iter().find(|a| a.eq_ignore_ascii_case(n)))
+            .find_map(|n| allowed.get(&n.to_ascii_lowercase()))
             .map(|a| (*a).to_owned())
     }
 

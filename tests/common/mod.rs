@@ -822,7 +822,10 @@ pub async fn milter_message(
         conn.header(k, v.trim_start()).await.unwrap();
     }
     conn.eoh().await.unwrap();
-    conn.body(body.as_bytes().to_vec()).await.unwrap();
+    // In chunks of the protocol's size, as Postfix sends a body.
+    for chunk in body.as_bytes().chunks(65_535) {
+        conn.body(chunk.to_vec()).await.unwrap();
+    }
     conn.macros(indymilter_test::MacroStage::Eom, [("i", queue_id)])
         .await
         .unwrap();
@@ -852,6 +855,35 @@ pub async fn milter_send(
     let (_, status) = milter_message(&mut conn, raw, queue_id).await;
     let _ = conn.close().await;
     status
+}
+
+/// The slowest of `n` new milter sessions (connect and MAIL, as Postfix opens
+/// one per SMTP session), 100 ms apart: what other clients wait while
+/// something heavy runs.
+pub async fn slowest_new_session(addr: SocketAddr, n: usize) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut conn = indymilter_test::TestConnection::configure()
+            .read_timeout(Duration::from_secs(60))
+            .open_tcp(addr)
+            .await
+            .expect("connect to milter");
+        conn.connect("client.example.com", [192, 0, 2, 7]).await.unwrap();
+        conn.mail(["<carol@example.com>"]).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        let _ = conn.close().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    slowest
+}
+
+/// A reply message (text/calendar) around the calendar text `ics`.
+pub fn calendar_message(message_id: &str, ics: &str) -> Vec<u8> {
+    format!(
+        "From: <bob@example.com>\r\nMessage-ID: <{message_id}>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n{ics}"
+    )
+    .into_bytes()
 }
 
 /// A reply from an attendee, unique per `n`.
