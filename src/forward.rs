@@ -170,6 +170,7 @@ pub async fn run(
         if now.saturating_sub(last_purge) > 3_600_000 {
             last_purge = now;
             purge(&spool, &cfg, now).await;
+            worker.expire(now).await;
         }
 
         let plan = worker.plan(now);
@@ -317,6 +318,58 @@ impl Worker {
 
     fn plan(&self, now: u64) -> Plan {
         self.health.lock().map(|h| h.plan(now)).unwrap_or(Plan::Deliver)
+    }
+
+    /// Fails the pending records older than delivery.max_age that no attempt
+    /// has failed yet (while the target is down, only probes are made), as
+    /// Postfix bounces what outlived maximal_queue_lifetime.
+    async fn expire(&self, now: u64) {
+        let before = now.saturating_sub(self.cfg.max_age.as_millis() as u64);
+        // A thousand at a time, a hundred thousand an hour at most.
+        for _ in 0..100 {
+            let (s, busy) = (self.spool.clone(), self.in_flight.clone());
+            let found = tokio::task::spawn_blocking(move || {
+                let busy = busy.lock().map(|f| f.busy.clone()).unwrap_or_default();
+                s.pending_created_before(before, 1000, &|id| busy.contains(id))
+            })
+            .await;
+            let old = match found {
+                Ok(Ok(old)) => old,
+                Ok(Err(e)) => return warn!("cannot read the spool for expired records: {e}"),
+                Err(e) => return warn!("expiry failed: {e}"),
+            };
+            let n = old.len();
+            for mut rec in old {
+                let why = match rec.attempts {
+                    0 => "never attempted".to_owned(),
+                    _ => rec.last_error.clone().unwrap_or_default(),
+                };
+                let why = format!("{why}; gave up after {} attempts (delivery.max_age)", rec.attempts);
+                error!(
+                    "{}: delivery failed for good id={} token={}: {why}",
+                    rec.queue_id.as_deref().unwrap_or("-"),
+                    rec.id,
+                    rec.token_prefix
+                );
+                rec.state = State::Failed;
+                rec.finished_ms = Some(now);
+                let outcome = Outcome::Permanent(why.clone());
+                rec.last_error = Some(why);
+                let event = delivery_event(&rec, &outcome);
+                let id = rec.id.clone();
+                self.spool.record_outcome(rec, Some(event), move |r| {
+                    if let Err(e) = r {
+                        error!("cannot record that {id} expired: {e}");
+                    }
+                });
+            }
+            if n < 1000 {
+                return;
+            }
+            // What the writer holds is committed before the next pass reads.
+            let s = self.spool.clone();
+            let _ = tokio::task::spawn_blocking(move || s.settle()).await;
+        }
     }
 
     fn probing(&self) {

@@ -811,6 +811,37 @@ impl Spool {
         Ok(old.len())
     }
 
+    /// Pending records created before `before` (ms), at most `limit`, but
+    /// those `skip` names. Reads the pending index whole: for the hourly
+    /// expiry, not for delivery.
+    pub fn pending_created_before(
+        &self,
+        before: u64,
+        limit: usize,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Record>, SpoolError> {
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
+        let since = redb_try!(txn.open_table(PENDING_SINCE), "spool read");
+        let records = redb_try!(txn.open_table(RECORDS), "spool read");
+        let content = redb_try!(txn.open_table(CONTENT), "spool read");
+        let mut out = Vec::new();
+        for entry in redb_try!(since.iter(), "spool read") {
+            let (id, created) = redb_try!(entry, "spool read");
+            if created.value() >= before || skip(id.value()) {
+                continue;
+            }
+            if let Some(raw) = redb_try!(records.get(id.value()), "spool read") {
+                if let Ok(rec) = serde_json::from_slice::<Record>(raw.value()) {
+                    out.push(hydrate(rec, &content));
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Counts of pending records and the creation time of the oldest one.
     /// From the index alone: no record's payload is read.
     pub fn pending_stats(&self) -> Result<(usize, Option<u64>), SpoolError> {
@@ -1394,6 +1425,30 @@ mod tests {
         assert!(spool.delete(&due[0].id).unwrap());
         let (left, next) = spool.due(now_ms(), 10, &|_| false).unwrap();
         assert_eq!((left.len(), next), (0, Some(later.next_attempt_ms)));
+    }
+
+    #[tokio::test]
+    async fn expiry_finds_pending_records_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let (mut old, young) = (record("old"), record("young"));
+        old.created_ms = 1_000;
+        spool.append(vec![old.clone(), young]).await.unwrap();
+        let found = spool.pending_created_before(now_ms() - 60_000, 10, &|_| false).unwrap();
+        assert_eq!(
+            found.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            [old.id.as_str()]
+        );
+        assert!(spool
+            .pending_created_before(now_ms() - 60_000, 10, &|id| id == old.id)
+            .unwrap()
+            .is_empty());
+        old.state = State::Failed;
+        spool.update(&old).unwrap();
+        assert!(spool
+            .pending_created_before(now_ms(), 10, &|id| id != old.id)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
