@@ -160,6 +160,9 @@ pub async fn run(
     let mut last_purge = 0u64;
     let mut scan = true;
     let mut wake_at = 0u64;
+    // The last scan left due records behind (more than could start): each
+    // delivery that ends starts the next, as fast as the target takes them.
+    let mut backlog = false;
 
     loop {
         let notified = spool.notify.notified();
@@ -187,8 +190,9 @@ pub async fn run(
                 while rx.try_recv().is_ok() {}
             }
             let probe = plan == Plan::Probe;
-            let (due, next) = worker.scan(now, probe).await;
+            let (due, next, cut) = worker.scan(now, probe).await;
             wake_at = next.unwrap_or(u64::MAX);
+            backlog = cut && !probe;
             if probe && !due.is_empty() {
                 worker.probing();
             }
@@ -218,6 +222,11 @@ pub async fn run(
             _ = &mut shutdown => return drain(tasks).await,
             _ = notified => {}
             _ = time::sleep(Duration::from_millis(sleep_ms).min(MAX_IDLE)) => {}
+            Some(res) = tasks.join_next(), if backlog => {
+                if let Err(e) = res {
+                    error!("delivery task failed: {e}");
+                }
+            }
             Some(rec) = next_fresh(&mut fresh) => {
                 // The common case: a reply just spooled, started without a scan.
                 match worker.limit.clone().try_acquire_owned() {
@@ -379,8 +388,8 @@ impl Worker {
     }
 
     /// Due records, not in flight, as many as may start soon (one for a
-    /// probe); and when the next one falls due.
-    async fn scan(&self, now: u64, probe: bool) -> (Vec<Record>, Option<u64>) {
+    /// probe); when the next one falls due; and whether due ones were left.
+    async fn scan(&self, now: u64, probe: bool) -> (Vec<Record>, Option<u64>, bool) {
         let s = self.spool.clone();
         let busy = self.in_flight.clone();
         let room = match probe {
@@ -393,14 +402,17 @@ impl Worker {
             s.due(now, room, &|id| busy.contains(id))
         });
         match scan.await {
-            Ok(Ok(v)) => v,
+            Ok(Ok((due, next))) => {
+                let cut = due.len() >= room;
+                (due, next, cut)
+            }
             Ok(Err(e)) => {
                 error!("cannot read the spool: {e}");
-                (Vec::new(), Some(now + 5_000))
+                (Vec::new(), Some(now + 5_000), false)
             }
             Err(e) => {
                 error!("spool scan failed: {e}");
-                (Vec::new(), Some(now + 5_000))
+                (Vec::new(), Some(now + 5_000), false)
             }
         }
     }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{fixture, postfix::Postfix, reply_message, smtp_try, wait_until, Daemon, Webhook, TOKEN};
+use common::{fixture, postfix::Postfix, reply_message, smtp_send, smtp_try, wait_until, Daemon, Webhook, TOKEN};
 use indymilter_test::{MacroStage, Status, TestConnection};
 use std::{
     io::{Read, Write},
@@ -559,5 +559,93 @@ fn token_lookup() {
             times.last().copied().unwrap_or(f64::NAN),
             times.len() as f64 / secs
         );
+    }
+}
+
+fn vm_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `bench/run backlog`: the webhook down while N replies arrive, then back.
+/// Per N: the daemon's CPU per second while it waits, its RSS, a new reply's
+/// time to the end-of-message answer (one at a time), the spool's size, and
+/// the drain rate once the target answers again. IMIP_BENCH_BACKLOG lists
+/// the sizes (2000,16000,100000).
+#[test]
+#[ignore]
+fn backlog() {
+    let sizes: Vec<usize> = std::env::var("IMIP_BENCH_BACKLOG")
+        .unwrap_or_else(|_| "2000,16000,100000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    println!("| backlog | fill s | idle CPU ms/s | RSS MB | new reply p50 / p99 ms | spool MB | drain replies/s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let mut hook = Webhook::start();
+        hook.keep_alive();
+        hook.stop();
+        let dir = tempfile::tempdir().unwrap();
+        let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+            c.replace("log_level = \"debug\"", "log_level = \"info\"")
+                .replace("max_backoff = \"1s\"", "max_backoff = \"10s\"\nprobe_interval = \"2s\"")
+        });
+        let pid = milter.pid().expect("daemon pid");
+        let postfix = Postfix::start_with(
+            &format!(
+                "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
+                milter.port
+            ),
+            "in_flow_delay = 0",
+        );
+        let reply = |i: usize| (format!("calendar+{TOKEN}@example.org"), reply_message(i, TOKEN));
+        // Fill: eight SMTP clients at once, as fast as Postfix and the milter go.
+        let t = Instant::now();
+        send(postfix.port, n, 8, None, &reply);
+        let fill = t.elapsed().as_secs_f64();
+        // Settled: the target found down, what the fill left behind done.
+        std::thread::sleep(Duration::from_secs(5));
+        let cpu0 = cpu_seconds(pid);
+        std::thread::sleep(Duration::from_secs(10));
+        let idle_ms = (cpu_seconds(pid) - cpu0) * 1000.0 / 10.0;
+        let rss_mb = vm_rss_kb(pid) as f64 / 1024.0;
+        // A new reply's time from the end of DATA to Postfix's 250.
+        let mut lat: Vec<f64> = (0..200)
+            .map(|i| {
+                let (rcpt, data) = reply(n + i);
+                let out = smtp_send(postfix.port, "sender@example.net", &[&rcpt], &data);
+                let answered = Instant::now();
+                assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+                std::thread::sleep(Duration::from_millis(20));
+                answered
+                    .duration_since(out.data_sent_at.expect("data sent"))
+                    .as_secs_f64()
+                    * 1000.0
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let spool_mb = std::fs::metadata(dir.path().join("state/spool.redb")).map_or(0, |m| m.len()) as f64 / 1048576.0;
+        hook.restart();
+        let total = n + 200;
+        assert!(
+            wait_until(Duration::from_secs(600), || hook.delivered().0 >= total),
+            "{} of {total} delivered",
+            hook.delivered().0
+        );
+        let (count, span) = hook.delivered();
+        let drain = span.map_or(0.0, |(a, b)| {
+            (count - 1) as f64 / b.duration_since(a).as_secs_f64().max(1e-3)
+        });
+        println!(
+            "| {n} | {fill:.0} | {idle_ms:.1} | {rss_mb:.0} | {:.1} / {:.1} | {spool_mb:.0} | {drain:.0} |",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99)
+        );
+        drop(milter);
     }
 }

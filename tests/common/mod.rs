@@ -198,6 +198,13 @@ impl Webhook {
         self.state.lock().unwrap().fail_next = statuses.to_vec();
     }
 
+    /// How many requests were accepted, and when the first and the last were.
+    pub fn delivered(&self) -> (usize, Option<(Instant, Instant)>) {
+        let st = self.state.lock().unwrap();
+        let span = st.accepted.first().zip(st.accepted.last()).map(|(a, b)| (a.at, b.at));
+        (st.accepted.len(), span)
+    }
+
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.state.lock().unwrap().accepted.clone()
     }
