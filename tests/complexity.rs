@@ -244,3 +244,80 @@ fn reading_a_schedule_response_is_linear() {
         |xml| assert_eq!(dav_xml::request_status(xml).as_deref(), Some("2.0;Success")),
     );
 }
+
+/// Messages handled in place (up to `intake::IN_PLACE`, 16 KiB) built to be
+/// slow: analysis and, for a reply, the rewrite for the token's attendee, as
+/// the session thread runs them. A figure for bench/README.md, not a test:
+///     cargo test --release --test complexity -- --ignored --nocapture in_place
+#[test]
+#[ignore]
+fn in_place_worst_cases() {
+    use imip_milter::{analysis, intake::IN_PLACE};
+    let fill = |head: &str, unit: &dyn Fn(usize) -> String, tail: &str| {
+        let mut s = head.to_owned();
+        let mut i = 0;
+        while s.len() + unit(i).len() + tail.len() < IN_PLACE - 200 {
+            s.push_str(&unit(i));
+            i += 1;
+        }
+        s.push_str(tail);
+        s
+    };
+    let vcal = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//x//EN\r\nMETHOD:REPLY\r\n";
+    let shapes: Vec<(&str, String)> = vec![
+        (
+            "empty components",
+            fill(vcal, &|i| format!("BEGIN:VEVENT\r\nUID:u-{i}\r\nEND:VEVENT\r\n"), "END:VCALENDAR\r\n"),
+        ),
+        (
+            "one ATTENDEE with 1,000s of parameters",
+            fill(
+                &format!("{vcal}BEGIN:VEVENT\r\nUID:u-1\r\nATTENDEE"),
+                &|i| format!(";X-P{i}=v"),
+                ":mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+            ),
+        ),
+        (
+            "Bob's answer and an event listing others (rewrite drops them)",
+            fill(
+                &format!("{vcal}{BOB}BEGIN:VEVENT\r\nUID:u-1\r\n"),
+                &|i| format!("ATTENDEE:mailto:g{i}@example.net\r\n"),
+                "END:VEVENT\r\nEND:VCALENDAR\r\n",
+            ),
+        ),
+        (
+            "Bob's answer in many overrides",
+            fill(
+                vcal,
+                &|i| format!("BEGIN:VEVENT\r\nUID:u-1\r\nRECURRENCE-ID:2027{:02}{:02}T090000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\n", i % 12 + 1, i % 28 + 1),
+                "END:VCALENDAR\r\n",
+            ),
+        ),
+        (
+            "folded lines of one character",
+            fill(
+                &format!("{vcal}BEGIN:VEVENT\r\nUID:u-1\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.com\r\nCOMMENT:x"),
+                &|_| "\r\n y".to_owned(),
+                "\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
+            ),
+        ),
+    ];
+    for (what, ics) in shapes {
+        let raw = format!("From: <bob@example.com>\r\nMessage-ID: <w@example.com>\r\nContent-Type: text/calendar; method=REPLY\r\n\r\n{ics}");
+        assert!(raw.len() <= IN_PLACE);
+        let best = (0..20)
+            .map(|_| {
+                let t = Instant::now();
+                let a = analysis::analyse_bounded(raw.as_bytes(), analysis::Limits::default());
+                if let (analysis::Kind::Reply, Some(cal)) = (a.kind, &a.icalendar) {
+                    if let Ok(r) = itip::rewrite_reply(cal, "mailto:alice@example.org", "mailto:bob@example.com") {
+                        let _ = itip::read(&r.text, None);
+                    }
+                }
+                t.elapsed()
+            })
+            .min()
+            .unwrap_or_default();
+        println!("| {what} | {} B | {} µs |", raw.len(), best.as_micros());
+    }
+}
