@@ -1168,3 +1168,54 @@ fn a_redirecting_home_is_named_not_followed() {
     );
     assert_eq!(elsewhere.connections.load(Ordering::SeqCst), 0);
 }
+
+/// One reply may not multiply an event: answering more instances than
+/// target.max_new_overrides fails with the reason in `queue show` and
+/// changes nothing; within it, each new override carries what an override
+/// needs (not the master's description or the organizer client's state).
+#[test]
+fn a_reply_answering_many_instances_creates_lean_overrides_or_none() {
+    let radicale = Radicale::start();
+    put_event(&radicale);
+    let dir = tempfile::tempdir().unwrap();
+    let (config, gateway) = standalone_with(dir.path(), &radicale.url(), "max_new_overrides = 3\n");
+    let declined = |days: &[&str]| -> String {
+        days.iter()
+            .map(|d| {
+                answer(
+                    UID,
+                    "bob@example.com",
+                    "DECLINED",
+                    &format!("RECURRENCE-ID:{d}T090000Z\r\n"),
+                )
+            })
+            .collect()
+    };
+    let before = stored(&radicale);
+    let five = declined(&["20261207", "20261214", "20261221", "20261228", "20270104"]);
+    let (code, err) = deliver(&config, &gateway, &reply_through(&gateway, "bob@example.com", &five));
+    assert_eq!(code, 0, "taken and spooled: {err}");
+    assert_one_failed(&config, "target.max_new_overrides");
+    assert_eq!(stored(&radicale), before, "nothing written");
+
+    let two = declined(&["20261214", "20261221"]);
+    let (code, err) = deliver(&config, &gateway, &reply_through(&gateway, "bob@example.com", &two));
+    assert_eq!(code, 0, "{err}");
+    let ics = unfold(&stored(&radicale));
+    for rid in ["20261214T090000Z", "20261221T090000Z"] {
+        assert_eq!(
+            partstat(&ics, "bob@example.com", Some(rid)).as_deref(),
+            Some("DECLINED"),
+            "{ics}"
+        );
+    }
+    assert_eq!(ics.matches("BEGIN:VEVENT").count(), 3, "{ics}");
+    assert_eq!(ics.matches("DESCRIPTION:").count(), 1, "the master's only: {ics}");
+    assert_eq!(ics.matches("X-ORGANIZER-CLIENT-STATE").count(), 1, "{ics}");
+    assert_eq!(ics.matches("SUMMARY:Weekly sync").count(), 3, "{ics}");
+    assert_eq!(
+        ics.matches("mailto:dana@example.com").count(),
+        3,
+        "every attendee in each: {ics}"
+    );
+}

@@ -267,7 +267,11 @@ fn in_place_worst_cases() {
     let shapes: Vec<(&str, String)> = vec![
         (
             "empty components",
-            fill(vcal, &|i| format!("BEGIN:VEVENT\r\nUID:u-{i}\r\nEND:VEVENT\r\n"), "END:VCALENDAR\r\n"),
+            fill(
+                vcal,
+                &|i| format!("BEGIN:VEVENT\r\nUID:u-{i}\r\nEND:VEVENT\r\n"),
+                "END:VCALENDAR\r\n",
+            ),
         ),
         (
             "one ATTENDEE with 1,000s of parameters",
@@ -289,14 +293,18 @@ fn in_place_worst_cases() {
             "Bob's answer in many overrides",
             fill(
                 vcal,
-                &|i| format!("BEGIN:VEVENT\r\nUID:u-1\r\nRECURRENCE-ID:2027{:02}{:02}T090000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\n", i % 12 + 1, i % 28 + 1),
+                &|i| {
+                    format!("BEGIN:VEVENT\r\nUID:u-1\r\nRECURRENCE-ID:2027{:02}{:02}T090000Z\r\nATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\n", i % 12 + 1, i % 28 + 1)
+                },
                 "END:VCALENDAR\r\n",
             ),
         ),
         (
             "folded lines of one character",
             fill(
-                &format!("{vcal}BEGIN:VEVENT\r\nUID:u-1\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.com\r\nCOMMENT:x"),
+                &format!(
+                    "{vcal}BEGIN:VEVENT\r\nUID:u-1\r\nATTENDEE;PARTSTAT=ACCEPTED:mailto:bob@example.com\r\nCOMMENT:x"
+                ),
                 &|_| "\r\n y".to_owned(),
                 "\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n",
             ),
