@@ -157,6 +157,8 @@ pub struct TokensConfig {
     /// `unknown_window` get 450 4.7.1.
     pub max_unknown: usize,
     pub unknown_window: Duration,
+    /// Token lookups one client may have in flight at once.
+    pub max_lookups_per_client: usize,
     /// Where local tokens live: this host's spool, or a database all hosts share.
     pub store: TokenStoreConfig,
 }
@@ -268,6 +270,7 @@ struct RawTokens {
     days_to_live: Option<i64>,
     max_unknown: Option<i64>,
     unknown_window: Option<RawDuration>,
+    max_lookups_per_client: Option<i64>,
     store: Option<String>,
     url: Option<String>,
     password_file: Option<PathBuf>,
@@ -602,6 +605,7 @@ impl Config {
             days_to_live: None,
             max_unknown: None,
             unknown_window: None,
+            max_lookups_per_client: None,
             store: None,
             url: None,
             password_file: None,
@@ -621,6 +625,7 @@ impl Config {
             days_to_live: positive("tokens.days_to_live", t.days_to_live, 90, 36_500)? as u32,
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
+            max_lookups_per_client: positive("tokens.max_lookups_per_client", t.max_lookups_per_client, 4, 1000)?,
             store: match t.store.as_deref().unwrap_or("redb") {
                 "redb" => {
                     for (key, set) in [
@@ -935,6 +940,11 @@ url = "http://x/"
             ("layout = \"calendarserver\"\n", "tokens.layout", "store = \"postgres\""),
             ("url = \"postgresql://u@db/x\"\n", "tokens.url", "store = \"postgres\""),
             ("store = \"mysql\"\n", "tokens.store", "not redb or postgres"),
+            (
+                "max_lookups_per_client = 0\n",
+                "tokens.max_lookups_per_client",
+                "out of range",
+            ),
         ] {
             let err = tokens(body).unwrap_err();
             assert_eq!(err.key, key, "{body}: {err}");
