@@ -159,6 +159,8 @@ pub struct TokensConfig {
     pub unknown_window: Duration,
     /// Token lookups one client may have in flight at once.
     pub max_lookups_per_client: usize,
+    /// How long an unknown token is remembered as unknown; zero: not at all.
+    pub remember_unknown: Duration,
     /// Where local tokens live: this host's spool, or a database all hosts share.
     pub store: TokenStoreConfig,
 }
@@ -271,6 +273,7 @@ struct RawTokens {
     max_unknown: Option<i64>,
     unknown_window: Option<RawDuration>,
     max_lookups_per_client: Option<i64>,
+    remember_unknown: Option<RawDuration>,
     store: Option<String>,
     url: Option<String>,
     password_file: Option<PathBuf>,
@@ -606,6 +609,7 @@ impl Config {
             max_unknown: None,
             unknown_window: None,
             max_lookups_per_client: None,
+            remember_unknown: None,
             store: None,
             url: None,
             password_file: None,
@@ -626,6 +630,7 @@ impl Config {
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
             max_lookups_per_client: positive("tokens.max_lookups_per_client", t.max_lookups_per_client, 4, 1000)?,
+            remember_unknown: duration("tokens.remember_unknown", t.remember_unknown, Duration::from_secs(60))?,
             store: match t.store.as_deref().unwrap_or("redb") {
                 "redb" => {
                     for (key, set) in [
@@ -944,6 +949,11 @@ url = "http://x/"
                 "max_lookups_per_client = 0\n",
                 "tokens.max_lookups_per_client",
                 "out of range",
+            ),
+            (
+                "remember_unknown = \"soon\"\n",
+                "tokens.remember_unknown",
+                "not a duration",
             ),
         ] {
             let err = tokens(body).unwrap_err();

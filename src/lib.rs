@@ -264,10 +264,15 @@ pub async fn run_with_reload(
     result.map_err(|e| format!("milter socket: {e}").into())
 }
 
-/// The token store of local token mode.
+/// The token store of local token mode, remembering unknown tokens for
+/// `tokens.remember_unknown`.
 pub fn local_tokens(config: &Config, spool: &spool::Spool) -> Result<milter::LocalTokens, Error> {
+    let mut store = tokens::open(&config.tokens, spool)?;
+    if !config.tokens.remember_unknown.is_zero() {
+        store = Arc::new(tokens::RememberUnknown::new(store, config.tokens.remember_unknown));
+    }
     Ok(milter::LocalTokens {
-        store: tokens::open(&config.tokens, spool)?,
+        store,
         days_to_live: config.tokens.days_to_live,
     })
 }

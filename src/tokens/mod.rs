@@ -10,12 +10,14 @@ mod import;
 mod postgres;
 mod redb;
 mod tls;
+mod unknown;
 
 pub use self::{
     calendarserver::CalendarServerTokens,
     import::parse_csv,
     postgres::{Layout, PostgresTokens},
     redb::RedbTokens,
+    unknown::{RememberUnknown, MAX_REMEMBERED},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
