@@ -173,6 +173,7 @@ pub enum TokenStoreConfig {
         url: String,
         password_file: Option<PathBuf>,
         layout: crate::tokens::Layout,
+        pool: crate::tokens::PoolLimits,
     },
 }
 
@@ -275,6 +276,8 @@ struct RawTokens {
     max_lookups_per_client: Option<i64>,
     remember_unknown: Option<RawDuration>,
     store: Option<String>,
+    pool_size: Option<i64>,
+    pool_wait: Option<RawDuration>,
     url: Option<String>,
     password_file: Option<PathBuf>,
     layout: Option<String>,
@@ -611,6 +614,8 @@ impl Config {
             max_lookups_per_client: None,
             remember_unknown: None,
             store: None,
+            pool_size: None,
+            pool_wait: None,
             url: None,
             password_file: None,
             layout: None,
@@ -637,6 +642,8 @@ impl Config {
                         ("tokens.url", t.url.is_some()),
                         ("tokens.password_file", t.password_file.is_some()),
                         ("tokens.layout", t.layout.is_some()),
+                        ("tokens.pool_size", t.pool_size.is_some()),
+                        ("tokens.pool_wait", t.pool_wait.is_some()),
                     ] {
                         if set {
                             return Err(ConfigError::new(key, "is for store = \"postgres\""));
@@ -674,10 +681,18 @@ impl Config {
                             ))
                         }
                     };
+                    let pool = crate::tokens::PoolLimits {
+                        size: positive("tokens.pool_size", t.pool_size, 4, 100)?,
+                        wait: duration("tokens.pool_wait", t.pool_wait, Duration::from_secs(1))?,
+                    };
+                    if pool.wait.is_zero() {
+                        return Err(ConfigError::new("tokens.pool_wait", "must be longer than zero"));
+                    }
                     TokenStoreConfig::Postgres {
                         url,
                         password_file: t.password_file,
                         layout,
+                        pool,
                     }
                 }
                 other => {
@@ -945,6 +960,17 @@ url = "http://x/"
             ("layout = \"calendarserver\"\n", "tokens.layout", "store = \"postgres\""),
             ("url = \"postgresql://u@db/x\"\n", "tokens.url", "store = \"postgres\""),
             ("store = \"mysql\"\n", "tokens.store", "not redb or postgres"),
+            ("pool_size = 8\n", "tokens.pool_size", "store = \"postgres\""),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x\"\npool_size = 0\n",
+                "tokens.pool_size",
+                "out of range",
+            ),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x\"\npool_wait = \"0s\"\n",
+                "tokens.pool_wait",
+                "longer than zero",
+            ),
             (
                 "max_lookups_per_client = 0\n",
                 "tokens.max_lookups_per_client",

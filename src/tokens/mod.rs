@@ -15,7 +15,7 @@ mod unknown;
 pub use self::{
     calendarserver::CalendarServerTokens,
     import::parse_csv,
-    postgres::{Layout, PostgresTokens},
+    postgres::{Layout, PoolLimits, PostgresTokens},
     redb::RedbTokens,
     unknown::{RememberUnknown, MAX_REMEMBERED},
 };
@@ -137,6 +137,7 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         url,
         password_file,
         layout,
+        pool,
     } = config
     else {
         return Err(StoreError("tokens.store: not a database".into()));
@@ -146,8 +147,8 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         None => None,
     };
     Ok(match layout {
-        Layout::Own => Arc::new(PostgresTokens::new(url, password)?),
-        Layout::CalendarServer => Arc::new(CalendarServerTokens::new(url, password)?),
+        Layout::Own => Arc::new(PostgresTokens::with_pool(url, password, *pool)?),
+        Layout::CalendarServer => Arc::new(CalendarServerTokens::with_pool(url, password, *pool)?),
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod davical;
 pub mod postfix;
 pub mod postgres;
+pub mod proxy;
 pub mod radicale;
 pub mod tls;
 pub mod xandikos;
