@@ -236,7 +236,8 @@ async fn unknown_tokens_are_refused_and_a_prober_is_slowed_down() {
 }
 
 /// A client past tokens.max_unknown gets 450 4.7.1 without a lookup, for
-/// a guess and for a valid token alike; another client's token is looked up.
+/// a guess and for a valid token alike; another client's token is looked
+/// up. Store failures count toward the limit as unknown tokens do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_past_its_limit_is_refused_without_asking_the_store() {
     use imip_milter::{milter, tokens};
@@ -277,9 +278,28 @@ async fn a_client_past_its_limit_is_refused_without_asking_the_store() {
         }
     }
     assert_eq!(store.lookups(), 3, "past the limit, the store is not asked");
-    let (_, st) = transaction_at(addr, [192, 0, 2, 60], &[token]).await;
+    let (_, st) = transaction_at(addr, [192, 0, 2, 60], std::slice::from_ref(&token)).await;
     assert_eq!(st, vec![Status::Continue]);
     assert_eq!(store.lookups(), 4);
+
+    // A store that fails or does not answer: each lookup counts too, so a
+    // flood that makes the store slow reaches its limit all the same.
+    store.fail(true);
+    let (_, st) = transaction_at(addr, [203, 0, 113, 5], &[guess(6), token.clone(), guess(7)]).await;
+    for s in &st {
+        match s {
+            Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("451 4.3.0 "), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.lookups(), 7);
+    store.fail(false);
+    let (_, st) = transaction_at(addr, [203, 0, 113, 5], &[token]).await;
+    match &st[0] {
+        Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.lookups(), 7, "past the limit after three failures");
 }
 
 /// Tokenless and malformed gateway recipients count toward the same limit:

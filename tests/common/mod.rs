@@ -872,10 +872,12 @@ pub fn init_logs() {
 }
 
 /// A token store that counts the lookups it was asked: proof that a
-/// refusal came without the store.
+/// refusal came without the store. `failing` makes every lookup fail, as a
+/// database that is down or does not answer in time.
 pub struct CountingStore {
     inner: Arc<dyn imip_milter::tokens::TokenStore>,
     pub lookups: std::sync::atomic::AtomicUsize,
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 impl CountingStore {
@@ -883,7 +885,12 @@ impl CountingStore {
         Self {
             inner,
             lookups: std::sync::atomic::AtomicUsize::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn fail(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn lookups(&self) -> usize {
@@ -897,6 +904,13 @@ impl imip_milter::tokens::TokenStore for CountingStore {
         token: &'a str,
     ) -> imip_milter::tokens::StoreFuture<'a, Option<imip_milter::tokens::TokenRecord>> {
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(imip_milter::tokens::StoreError(
+                    "token database: lookup: no answer in 3s".into(),
+                ))
+            });
+        }
         self.inner.get(token)
     }
 
