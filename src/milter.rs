@@ -93,6 +93,7 @@ impl Shared {
             tokens: None,
             outbound: None,
             budget: Arc::new(Budget::new(settings_budget)),
+            // The defaults of [tokens]; `run` sets the configured ones.
             clients: Clients::new(10, std::time::Duration::from_secs(600), 4),
         }
     }
@@ -114,11 +115,14 @@ impl Shared {
             tallied: true,
         };
         if self.clients.over_limit(client, crate::spool::now_ms()) {
+            METRICS.token_lookup_refused();
             return Err(tallied(decision::decide_too_many_unknown()));
         }
         let Some(_slot) = self.clients.start_lookup(client) else {
+            METRICS.token_lookup_refused();
             return Err(tallied(decision::decide_too_many_lookups(self.clients.max_lookups())));
         };
+        METRICS.token_lookup();
         let looked_up = tokens::lookup(local.store.as_ref(), token, crate::spool::now_ms(), local.days_to_live).await;
         let decision = match looked_up {
             Ok(Lookup::Valid(r)) => return Ok(Some(r)),
@@ -519,8 +523,8 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         let sender = cx.data.as_ref().map(|s| s.mail_from.clone()).unwrap_or_default();
         let client = cx.data.as_ref().and_then(|s| s.client_addr.clone());
         let client = client.as_deref().unwrap_or("-");
-        // A bad recipient like an unknown token; no store to spare, so the
-        // answer stays 550, and past the limit the journal only counts it.
+        // Counted as an unknown token is. The answer stays 550 past the
+        // limit: it costs no lookup, and this address never becomes valid.
         let now = crate::spool::now_ms();
         let tallied = shared.clients.over_limit(client, now);
         if !tallied {

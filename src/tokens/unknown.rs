@@ -23,7 +23,7 @@ pub struct RememberUnknown {
     inner: Arc<dyn TokenStore>,
     keep_ms: u64,
     remembered: Mutex<Remembered>,
-    /// Lookups answered from memory, for the metrics.
+    /// Lookups answered from memory.
     hits: AtomicU64,
 }
 
@@ -86,6 +86,7 @@ impl TokenStore for RememberUnknown {
         Box::pin(async move {
             if self.known_unknown(token, crate::spool::now_ms()) {
                 self.hits.fetch_add(1, Relaxed);
+                crate::metrics::METRICS.token_lookup_remembered();
                 return Ok(None);
             }
             let found = self.inner.get(token).await?;
