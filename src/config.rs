@@ -159,6 +159,10 @@ pub struct TokensConfig {
     /// `unknown_window` get 450 4.7.1.
     pub max_unknown: usize,
     pub unknown_window: Duration,
+    /// Token lookups one client may have in flight at once.
+    pub max_lookups_per_client: usize,
+    /// How long an unknown token is remembered as unknown; zero: not at all.
+    pub remember_unknown: Duration,
     /// Where local tokens live: this host's spool, or a database all hosts share.
     pub store: TokenStoreConfig,
 }
@@ -171,6 +175,7 @@ pub enum TokenStoreConfig {
         url: String,
         password_file: Option<PathBuf>,
         layout: crate::tokens::Layout,
+        pool: crate::tokens::PoolLimits,
     },
 }
 
@@ -270,7 +275,11 @@ struct RawTokens {
     days_to_live: Option<i64>,
     max_unknown: Option<i64>,
     unknown_window: Option<RawDuration>,
+    max_lookups_per_client: Option<i64>,
+    remember_unknown: Option<RawDuration>,
     store: Option<String>,
+    pool_size: Option<i64>,
+    pool_wait: Option<RawDuration>,
     url: Option<String>,
     password_file: Option<PathBuf>,
     layout: Option<String>,
@@ -607,7 +616,11 @@ impl Config {
             days_to_live: None,
             max_unknown: None,
             unknown_window: None,
+            max_lookups_per_client: None,
+            remember_unknown: None,
             store: None,
+            pool_size: None,
+            pool_wait: None,
             url: None,
             password_file: None,
             layout: None,
@@ -626,12 +639,16 @@ impl Config {
             days_to_live: positive("tokens.days_to_live", t.days_to_live, 90, 36_500)? as u32,
             max_unknown: positive("tokens.max_unknown", t.max_unknown, 10, 1_000_000)?,
             unknown_window: duration("tokens.unknown_window", t.unknown_window, Duration::from_secs(600))?,
+            max_lookups_per_client: positive("tokens.max_lookups_per_client", t.max_lookups_per_client, 4, 1000)?,
+            remember_unknown: duration("tokens.remember_unknown", t.remember_unknown, Duration::from_secs(60))?,
             store: match t.store.as_deref().unwrap_or("redb") {
                 "redb" => {
                     for (key, set) in [
                         ("tokens.url", t.url.is_some()),
                         ("tokens.password_file", t.password_file.is_some()),
                         ("tokens.layout", t.layout.is_some()),
+                        ("tokens.pool_size", t.pool_size.is_some()),
+                        ("tokens.pool_wait", t.pool_wait.is_some()),
                     ] {
                         if set {
                             return Err(ConfigError::new(key, "is for store = \"postgres\""));
@@ -669,10 +686,18 @@ impl Config {
                             ))
                         }
                     };
+                    let pool = crate::tokens::PoolLimits {
+                        size: positive("tokens.pool_size", t.pool_size, 4, 100)?,
+                        wait: duration("tokens.pool_wait", t.pool_wait, Duration::from_secs(1))?,
+                    };
+                    if pool.wait.is_zero() {
+                        return Err(ConfigError::new("tokens.pool_wait", "must be longer than zero"));
+                    }
                     TokenStoreConfig::Postgres {
                         url,
                         password_file: t.password_file,
                         layout,
+                        pool,
                     }
                 }
                 other => {
@@ -940,6 +965,27 @@ url = "http://x/"
             ("layout = \"calendarserver\"\n", "tokens.layout", "store = \"postgres\""),
             ("url = \"postgresql://u@db/x\"\n", "tokens.url", "store = \"postgres\""),
             ("store = \"mysql\"\n", "tokens.store", "not redb or postgres"),
+            ("pool_size = 8\n", "tokens.pool_size", "store = \"postgres\""),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x\"\npool_size = 0\n",
+                "tokens.pool_size",
+                "out of range",
+            ),
+            (
+                "store = \"postgres\"\nurl = \"postgresql://u@db/x\"\npool_wait = \"0s\"\n",
+                "tokens.pool_wait",
+                "longer than zero",
+            ),
+            (
+                "max_lookups_per_client = 0\n",
+                "tokens.max_lookups_per_client",
+                "out of range",
+            ),
+            (
+                "remember_unknown = \"soon\"\n",
+                "tokens.remember_unknown",
+                "not a duration",
+            ),
         ] {
             let err = tokens(body).unwrap_err();
             assert_eq!(err.key, key, "{body}: {err}");

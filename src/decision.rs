@@ -136,6 +136,23 @@ pub fn decide_too_many_unknown() -> Decision {
     )
 }
 
+/// RCPT stage: one client has `max` token lookups in flight already.
+/// 451 4.3.0, as for a store that does not answer, not 450 4.7.1: many
+/// replies at once from one big mail host look the same, and the store's
+/// slowness, not a guess, is why they pile up; it does not count toward
+/// the unknown-token limit either.
+pub fn decide_too_many_lookups(max: usize) -> Decision {
+    Decision::new(
+        Disposition::Tempfail,
+        format!("{max} token lookups in flight from this client"),
+    )
+    .reply(
+        "451",
+        "4.3.0",
+        "Too many reply addresses from your address are being looked up; please try again later",
+    )
+}
+
 /// RCPT stage: the token store could not be read.
 pub fn decide_store_failed(error: &str) -> Decision {
     Decision::new(Disposition::Tempfail, format!("token store: {error}")).reply(

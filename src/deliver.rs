@@ -111,7 +111,7 @@ pub async fn take(
         match shared.check_token(token, client_addr.as_deref()).await {
             Ok(Some(r)) => records.push(r),
             Ok(None) => {}
-            Err(d) => return Verdict::from_decision(&d),
+            Err(refused) => return Verdict::from_decision(&refused.decision),
         }
     }
     let recipients = vec![(rcpt.to_owned(), class)];

@@ -7,6 +7,7 @@
 pub mod address;
 pub mod analysis;
 pub mod check;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod decision;
@@ -186,6 +187,7 @@ pub async fn run_with_reload(
         stopped(stop_rx.clone()),
     ));
     let mut shared = milter::Shared::new(milter::Settings::from_config(&config), spool.clone());
+    shared.clients = client_limits(&config);
     if config.tokens.mode == config::TokenMode::Local {
         shared.tokens = Some(local_tokens(&config, &spool)?);
     }
@@ -203,6 +205,15 @@ pub async fn run_with_reload(
         None => None,
     };
     let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), reloads));
+    // A client past its limit is summed up in the journal once per window.
+    let summaries = shared.clone();
+    let summary_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            summaries.journal_summaries(false);
+        }
+    });
     let milter_config = indymilter::Config {
         max_connections: config.max_sessions,
         actions: milter::ACTIONS,
@@ -228,12 +239,14 @@ pub async fn run_with_reload(
     }
     let result = indymilter::run(
         Resilient::new(listener),
-        milter::callbacks(shared),
+        milter::callbacks(shared.clone()),
         milter_config,
         shutdown,
     )
     .await;
     info!("milter sessions finished; stopping deliveries");
+    summary_task.abort();
+    shared.journal_summaries(true);
     let _ = stop_tx.send(true);
     if let Err(e) = forwarder.await {
         error!("delivery worker ended abnormally: {e}");
@@ -251,13 +264,26 @@ pub async fn run_with_reload(
     result.map_err(|e| format!("milter socket: {e}").into())
 }
 
-/// The token store and abuse limit of local token mode.
+/// The token store of local token mode, remembering unknown tokens for
+/// `tokens.remember_unknown`.
 pub fn local_tokens(config: &Config, spool: &spool::Spool) -> Result<milter::LocalTokens, Error> {
+    let mut store = tokens::open(&config.tokens, spool)?;
+    if !config.tokens.remember_unknown.is_zero() {
+        store = Arc::new(tokens::RememberUnknown::new(store, config.tokens.remember_unknown));
+    }
     Ok(milter::LocalTokens {
-        store: tokens::open(&config.tokens, spool)?,
+        store,
         days_to_live: config.tokens.days_to_live,
-        limiter: milter::UnknownLimiter::new(config.tokens.max_unknown, config.tokens.unknown_window),
     })
+}
+
+/// The per-client limits, in either token mode.
+pub fn client_limits(config: &Config) -> clients::Clients {
+    clients::Clients::new(
+        config.tokens.max_unknown,
+        config.tokens.unknown_window,
+        config.tokens.max_lookups_per_client,
+    )
 }
 
 /// Applies reloaded configurations: gateway addresses, delimiters,

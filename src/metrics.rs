@@ -32,6 +32,9 @@ pub struct Metrics {
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
     reports: AtomicU64,
+    token_lookups: AtomicU64,
+    token_lookups_remembered: AtomicU64,
+    token_lookups_refused: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -41,6 +44,9 @@ pub static METRICS: Metrics = Metrics {
     latency_count: AtomicU64::new(0),
     latency_sum_us: AtomicU64::new(0),
     reports: AtomicU64::new(0),
+    token_lookups: AtomicU64::new(0),
+    token_lookups_remembered: AtomicU64::new(0),
+    token_lookups_refused: AtomicU64::new(0),
 };
 
 /// Delivery result, as counted.
@@ -61,6 +67,22 @@ impl Metrics {
     /// A delivery report that needed no answer, taken quietly.
     pub fn report(&self) {
         self.reports.fetch_add(1, Relaxed);
+    }
+
+    /// A token looked up at RCPT (from the store or from memory).
+    pub fn token_lookup(&self) {
+        self.token_lookups.fetch_add(1, Relaxed);
+    }
+
+    /// A lookup answered by the memory of unknown tokens.
+    pub fn token_lookup_remembered(&self) {
+        self.token_lookups_remembered.fetch_add(1, Relaxed);
+    }
+
+    /// A gateway recipient refused before any lookup: its client past the
+    /// limit or with its lookups in flight.
+    pub fn token_lookup_refused(&self) {
+        self.token_lookups_refused.fetch_add(1, Relaxed);
     }
 
     pub fn delivery(&self, result: DeliveryResult, latency: Duration) {
@@ -137,6 +159,25 @@ impl Metrics {
         );
         out.push_str("# TYPE imip_milter_delivery_reports_total counter\n");
         let _ = writeln!(out, "imip_milter_delivery_reports_total {}", self.reports.load(Relaxed));
+        for (name, help, counter) in [
+            (
+                "imip_milter_token_lookups_total",
+                "Local tokens looked up at RCPT, in the store or in the memory of unknown tokens.",
+                &self.token_lookups,
+            ),
+            (
+                "imip_milter_token_lookups_remembered_total",
+                "Lookups answered by the memory of unknown tokens (tokens.remember_unknown).",
+                &self.token_lookups_remembered,
+            ),
+            (
+                "imip_milter_token_lookups_refused_total",
+                "Gateway recipients refused before a lookup: the client past tokens.max_unknown or tokens.max_lookups_per_client.",
+                &self.token_lookups_refused,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.load(Relaxed));
+        }
         out
     }
 }

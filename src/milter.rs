@@ -1,6 +1,7 @@
 //! The milter callbacks and per-session state; nothing else. What to do with
 //! a message is decided in `decision`, from what `analysis` found.
 
+use crate::clients::Clients;
 use crate::{
     address::{GatewayAddresses, Recipient},
     config::SenderPolicy,
@@ -18,10 +19,9 @@ use indymilter::{
     SocketInfo, Status,
 };
 use std::{
-    collections::{HashMap, VecDeque},
     ffi::{CStr, CString},
     panic::AssertUnwindSafe,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
 };
 use tracing::{info, warn};
 
@@ -57,93 +57,19 @@ impl Settings {
     }
 }
 
-/// Local token mode: the store and the abuse limit.
+/// Local token mode: the store and how long a token lives.
 pub struct LocalTokens {
     pub store: Arc<dyn TokenStore>,
     pub days_to_live: u32,
-    pub limiter: UnknownLimiter,
 }
 
-/// Counts unknown tokens per client address in a sliding window.
-pub struct UnknownLimiter {
-    max: usize,
-    window_ms: u64,
-    seen: Mutex<HashMap<String, VecDeque<u64>>>,
+/// A gateway recipient refused at RCPT, and whether the journal tallies it
+/// (its client is past its limit) instead of writing an event.
+#[derive(Debug)]
+pub struct Refusal {
+    pub decision: Decision,
+    pub tallied: bool,
 }
-
-/// Client addresses remembered at most; the oldest go first.
-const MAX_CLIENTS: usize = 10_000;
-
-impl UnknownLimiter {
-    pub fn new(max: usize, window: std::time::Duration) -> Self {
-        Self {
-            max,
-            window_ms: window.as_millis() as u64,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn prune(q: &mut VecDeque<u64>, now: u64, window: u64) {
-        while q.front().is_some_and(|t| now.saturating_sub(*t) > window) {
-            q.pop_front();
-        }
-    }
-
-    /// Whether `client` used up its unknown tokens for now.
-    pub fn blocked(&self, client: &str, now: u64) -> bool {
-        let key = Self::key(client);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let full = seen.len() >= MAX_CLIENTS;
-        let q = match seen.get_mut(&key) {
-            Some(q) => q,
-            // Under a flood of new addresses they share one bucket.
-            None if full => match seen.get_mut(OVERFLOW) {
-                Some(q) => q,
-                None => return false,
-            },
-            None => return false,
-        };
-        Self::prune(q, now, self.window_ms);
-        q.len() >= self.max
-    }
-
-    pub fn record(&self, client: &str, now: u64) {
-        let mut key = Self::key(client);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= MAX_CLIENTS && !seen.contains_key(&key) {
-            let window = self.window_ms;
-            seen.retain(|_, q| {
-                Self::prune(q, now, window);
-                !q.is_empty()
-            });
-            if seen.len() >= MAX_CLIENTS {
-                key = OVERFLOW.to_owned();
-            }
-        }
-        let q = seen.entry(key).or_default();
-        Self::prune(q, now, self.window_ms);
-        q.push_back(now);
-        // Remember no more than the limit needs.
-        while q.len() > self.max {
-            q.pop_front();
-        }
-    }
-
-    /// IPv6 clients are counted per /64: one host has a whole /64 to rotate through.
-    fn key(client: &str) -> String {
-        match client.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-            Ok(std::net::IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_default(),
-            _ => client.to_owned(),
-        }
-    }
-}
-
-/// The bucket that new clients share while MAX_CLIENTS are remembered.
-const OVERFLOW: &str = "*";
 
 /// What every session shares.
 pub struct Shared {
@@ -154,6 +80,8 @@ pub struct Shared {
     /// Set when outbound tokenization is enabled (needs local tokens).
     pub outbound: Option<Outbound>,
     pub budget: Arc<Budget>,
+    /// What one client may cost the others; in either token mode.
+    pub clients: Clients,
 }
 
 impl Shared {
@@ -165,25 +93,53 @@ impl Shared {
             tokens: None,
             outbound: None,
             budget: Arc::new(Budget::new(settings_budget)),
+            // The defaults of [tokens]; `run` sets the configured ones.
+            clients: Clients::new(10, std::time::Duration::from_secs(600), 4),
         }
     }
 
     /// Checks a gateway recipient's token in local mode: Ok(None) in remote
-    /// mode, Ok(Some(record)) for a valid token, Err(decision) to refuse.
-    pub async fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Decision> {
+    /// mode, Ok(Some(record)) for a valid token, Err to refuse.
+    ///
+    /// Fairness comes before the store (DESIGN §4d): a client past its limit
+    /// gets 450 without a lookup, a valid token too (450 asks it to come
+    /// back later; telling valid from unknown would take the lookup), and
+    /// a client gets at most `max_lookups_per_client` lookups at once.
+    /// Unknown and expired tokens count toward the limit, and so do store
+    /// failures and timeouts: a flood that makes the store slow pays for it.
+    pub async fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Refusal> {
         let Some(local) = &self.tokens else { return Ok(None) };
-        let now = crate::spool::now_ms();
         let client = client.unwrap_or("-");
-        // Only unknown tokens count and only they wait: a valid token from a
-        // client that guessed before still passes.
-        match tokens::lookup(local.store.as_ref(), token, now, local.days_to_live).await {
-            Ok(Lookup::Valid(r)) => Ok(Some(r)),
-            Ok(_) if local.limiter.blocked(client, now) => Err(decision::decide_too_many_unknown()),
-            Ok(l) => {
-                local.limiter.record(client, now);
-                Err(decision::decide_unknown_token(l == Lookup::Expired))
-            }
-            Err(e) => Err(decision::decide_store_failed(&e.0)),
+        let tallied = |decision| Refusal {
+            decision,
+            tallied: true,
+        };
+        if self.clients.over_limit(client, crate::spool::now_ms()) {
+            METRICS.token_lookup_refused();
+            return Err(tallied(decision::decide_too_many_unknown()));
+        }
+        let Some(_slot) = self.clients.start_lookup(client) else {
+            METRICS.token_lookup_refused();
+            return Err(tallied(decision::decide_too_many_lookups(self.clients.max_lookups())));
+        };
+        METRICS.token_lookup();
+        let looked_up = tokens::lookup(local.store.as_ref(), token, crate::spool::now_ms(), local.days_to_live).await;
+        let decision = match looked_up {
+            Ok(Lookup::Valid(r)) => return Ok(Some(r)),
+            Ok(l) => decision::decide_unknown_token(l == Lookup::Expired),
+            Err(e) => decision::decide_store_failed(&e.0),
+        };
+        self.clients.count_bad(client, crate::spool::now_ms());
+        Err(Refusal {
+            decision,
+            tallied: false,
+        })
+    }
+
+    /// Writes the journal's summaries whose window has passed (all at `end`).
+    pub fn journal_summaries(&self, end: bool) {
+        for event in self.clients.summaries(crate::spool::now_ms(), end) {
+            self.spool.journal_later(event);
         }
     }
 
@@ -303,14 +259,28 @@ fn queue_id(macros: &indymilter::Macros) -> String {
         .unwrap_or_else(|| "NOQUEUE".into())
 }
 
-/// The journal's line for a recipient refused at RCPT. The prober's 450s
-/// are not written: the log line says enough, and they come in floods.
-fn journal_recipient(shared: &Shared, queue_id: String, sender: &str, token: Option<&str>, d: &Decision) {
+/// The journal's line for a recipient refused at RCPT. A client past its
+/// limit is only counted: one summary per window says how many, so that a
+/// flood cannot push everything else out of the journal.
+fn journal_recipient(
+    shared: &Shared,
+    client: &str,
+    tallied: bool,
+    queue_id: String,
+    sender: &str,
+    token: Option<&str>,
+    d: &Decision,
+) {
+    let reply = d.smtp_reply.as_ref().map(ToString::to_string);
+    if tallied {
+        shared.clients.tally(client, crate::spool::now_ms(), reply);
+        return;
+    }
     let event = crate::journal::Event {
         queue_id: (queue_id != "NOQUEUE").then_some(queue_id),
         sender: Some(sender.to_owned()),
         token: token.map(crate::journal::token8),
-        smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
+        smtp_reply: reply,
         ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
     };
     shared.spool.journal_later(event);
@@ -551,7 +521,16 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         );
         set_reply(&mut cx.reply, &d);
         let sender = cx.data.as_ref().map(|s| s.mail_from.clone()).unwrap_or_default();
-        journal_recipient(shared, queue_id(&cx.macros), &sender, None, &d);
+        let client = cx.data.as_ref().and_then(|s| s.client_addr.clone());
+        let client = client.as_deref().unwrap_or("-");
+        // Counted as an unknown token is. The answer stays 550 past the
+        // limit: it costs no lookup, and this address never becomes valid.
+        let now = crate::spool::now_ms();
+        let tallied = shared.clients.over_limit(client, now);
+        if !tallied {
+            shared.clients.count_bad(client, now);
+        }
+        journal_recipient(shared, client, tallied, queue_id(&cx.macros), &sender, None, &d);
         return Status::Reject;
     }
     let session = cx.data.get_or_insert_with(Session::default);
@@ -580,7 +559,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         match checked {
             Ok(Some(record)) => session.token_records.push(record),
             Ok(None) => {}
-            Err(d) => {
+            Err(Refusal { decision: d, tallied }) => {
                 METRICS.message(d.disposition);
                 info!(
                     "{}: {} RCPT {} from=<{}> client={}: {}",
@@ -592,11 +571,9 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
                     d.reason
                 );
                 set_reply(&mut cx.reply, &d);
-                let prober = d.smtp_reply.as_ref().is_some_and(|r| r.enhanced == "4.7.1");
-                if !prober {
-                    let sender = session.mail_from.clone();
-                    journal_recipient(shared, queue_id(&cx.macros), &sender, Some(token), &d);
-                }
+                let sender = session.mail_from.clone();
+                let client = client.as_deref().unwrap_or("-");
+                journal_recipient(shared, client, tallied, queue_id(&cx.macros), &sender, Some(token), &d);
                 return match d.disposition {
                     Disposition::Tempfail => Status::Tempfail,
                     _ => Status::Reject,
@@ -954,28 +931,4 @@ async fn tokenize(
         crate::address::token_prefix(&record.token)
     );
     Status::Accept
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ipv6_clients_share_their_64_and_a_full_map_a_bucket() {
-        let l = UnknownLimiter::new(2, std::time::Duration::from_secs(60));
-        l.record("2001:db8:1:2::1", 0);
-        l.record("2001:db8:1:2:ffff::9", 1);
-        assert!(l.blocked("2001:db8:1:2::77", 2), "the same /64");
-        assert!(!l.blocked("2001:db8:1:3::1", 2), "another /64");
-        assert!(!l.blocked("192.0.2.1", 2));
-        // Fill the map; newcomers then share one bucket instead of going free.
-        for i in 0..MAX_CLIENTS {
-            l.record(&format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255), 3);
-        }
-        l.record("198.51.100.1", 4);
-        l.record("198.51.100.2", 4);
-        assert!(l.blocked("198.51.100.3", 5), "a newcomer under a flood is limited");
-        // Counts age out of the window.
-        assert!(!l.blocked("2001:db8:1:2::1", 61_002));
-    }
 }

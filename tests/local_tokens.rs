@@ -52,7 +52,15 @@ fn import_in(dir: &std::path::Path, url: &str, attendee: &str, uid: &str) {
 }
 
 async fn transaction(m: &InProcess, client: [u8; 4], rcpts: &[String]) -> (TestConnection, Vec<Status>) {
-    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    transaction_at(m.addr, client, rcpts).await
+}
+
+async fn transaction_at(
+    addr: std::net::SocketAddr,
+    client: [u8; 4],
+    rcpts: &[String],
+) -> (TestConnection, Vec<Status>) {
+    let mut conn = TestConnection::configure().open_tcp(addr).await.unwrap();
     conn.connect("client.example.com", client).await.unwrap();
     conn.mail(["<sender@example.com>"]).await.unwrap();
     let mut st = Vec::new();
@@ -210,14 +218,17 @@ async fn unknown_tokens_are_refused_and_a_prober_is_slowed_down() {
             other => panic!("{other:?}"),
         }
     }
-    // Past the limit another guess waits; a valid token still passes, and
-    // other clients are not affected.
+    // Past the limit the client waits, with a valid token too (the store
+    // is not asked: see below); other clients are not affected.
     let (_, st) = transaction(&m, [198, 51, 100, 7], &[unknown[0].clone(), gateway()]).await;
-    match &st[0] {
-        Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
-        other => panic!("{other:?}"),
+    for s in &st {
+        match s {
+            Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
     }
-    assert_eq!(st[1], Status::Continue, "a valid token from the same client");
+    let (_, st) = transaction(&m, [192, 0, 2, 3], &[gateway()]).await;
+    assert_eq!(st[0], Status::Continue, "a valid token from another client");
     let (_, st) = transaction(&m, [192, 0, 2, 4], &[unknown[1].clone()]).await;
     assert!(matches!(&st[0], Status::Reject { .. }), "{st:?}");
 
@@ -226,6 +237,122 @@ async fn unknown_tokens_are_refused_and_a_prober_is_slowed_down() {
     assert!(ok, "{err}");
     let (_, st) = transaction(&m, [192, 0, 2, 5], &[gateway()]).await;
     assert!(matches!(st[0], Status::Reject { .. }), "{st:?}");
+    m.stop().await;
+}
+
+/// A client past tokens.max_unknown gets 450 4.7.1 without a lookup, for
+/// a guess and for a valid token alike; another client's token is looked
+/// up. Store failures count toward the limit as unknown tokens do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_limit_is_refused_without_asking_the_store() {
+    use imip_milter::{milter, tokens};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = imip_milter::spool::Spool::open(&dir.path().join("spool.redb")).unwrap();
+    let redb = tokens::RedbTokens::new(&spool).unwrap();
+    let valid = tokens::mint_or_reuse(
+        &redb,
+        "mailto:alice@example.org",
+        "mailto:bob@example.com",
+        "u1",
+        None,
+        imip_milter::spool::now_ms(),
+    )
+    .await
+    .unwrap();
+    let store = std::sync::Arc::new(common::CountingStore::new(std::sync::Arc::new(redb)));
+    let text = common::config_text(dir.path(), "inet:127.0.0.1:1", "http://127.0.0.1:1/", LOCAL);
+    let config = imip_milter::config::Config::parse(&text).unwrap();
+    let mut shared = milter::Shared::new(milter::Settings::from_config(&config), spool);
+    shared.clients = imip_milter::client_limits(&config);
+    shared.tokens = Some(milter::LocalTokens {
+        store: store.clone(),
+        days_to_live: 90,
+    });
+    let (addr, _stop) = common::serve_shared(shared).await;
+    let guess = |i: u32| format!("<calendar+{i:08x}-0000-4000-8000-000000000000@example.org>");
+    let token = format!("<calendar+{}@example.org>", valid.token);
+
+    let (_, st) = transaction_at(addr, [198, 51, 100, 7], &[guess(1), guess(2), guess(3)]).await;
+    assert!(st.iter().all(|s| matches!(s, Status::Reject { .. })), "{st:?}");
+    assert_eq!(store.lookups(), 3);
+    let (_, st) = transaction_at(addr, [198, 51, 100, 7], &[guess(4), token.clone(), guess(5)]).await;
+    for s in &st {
+        match s {
+            Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.lookups(), 3, "past the limit, the store is not asked");
+    let (_, st) = transaction_at(addr, [192, 0, 2, 60], std::slice::from_ref(&token)).await;
+    assert_eq!(st, vec![Status::Continue]);
+    assert_eq!(store.lookups(), 4);
+
+    // A store that fails or does not answer: each lookup counts too, so a
+    // flood that makes the store slow reaches its limit all the same.
+    store.fail(true);
+    let (_, st) = transaction_at(addr, [203, 0, 113, 5], &[guess(6), token.clone(), guess(7)]).await;
+    for s in &st {
+        match s {
+            Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("451 4.3.0 "), "{m:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.lookups(), 7);
+    store.fail(false);
+    let (_, st) = transaction_at(addr, [203, 0, 113, 5], &[token]).await;
+    match &st[0] {
+        Status::Tempfail { message: Some(m) } => assert!(m.to_string_lossy().starts_with("450 4.7.1 "), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.lookups(), 7, "past the limit after three failures");
+}
+
+/// Tokenless and malformed gateway recipients count toward the same limit:
+/// past it, the journal sums a client up once per window instead of
+/// writing an event per recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tokenless_recipients_is_one_summary_in_the_journal() {
+    let hook = Webhook::start();
+    let local = "\n[tokens]\nmode = \"local\"\nmax_unknown = 3\nunknown_window = \"2s\"\n";
+    let m = InProcess::start_with(&hook.url(), local).await;
+    let rcpts: Vec<String> = (0..200)
+        .map(|i| match i % 2 {
+            0 => "<calendar@example.org>".to_owned(),
+            _ => format!("<calendar+bad!{i}@example.org>"),
+        })
+        .collect();
+    let (_, st) = transaction(&m, [198, 51, 100, 9], &rcpts).await;
+    assert!(
+        st.iter()
+            .all(|s| matches!(s, Status::Reject { message: Some(m) } if m.to_string_lossy().starts_with("550 5.1.1 "))),
+        "{st:?}"
+    );
+    let journal = || -> Vec<serde_json::Value> {
+        let out = m.cli(local, &["journal", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let summed_up = common::wait_until(Duration::from_secs(10), || {
+        journal().iter().any(|e| e["event"] == "recipients")
+    });
+    let events = journal();
+    assert!(summed_up, "{events:#?}");
+    let one_by_one = events.iter().filter(|e| e["event"] == "recipient").count();
+    assert!(one_by_one <= 3 + 2, "{one_by_one}: {events:#?}");
+    let summaries: Vec<_> = events.iter().filter(|e| e["event"] == "recipients").collect();
+    assert_eq!(summaries.len(), 1, "{events:#?}");
+    let reason = summaries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "{} recipients refused from client 198.51.100.9 ",
+            200 - one_by_one
+        )),
+        "{reason}"
+    );
+    assert!(summaries[0]["smtp_reply"].as_str().unwrap().starts_with("550 5.1.1 "));
     m.stop().await;
 }
 

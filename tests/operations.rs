@@ -305,3 +305,36 @@ fn check_as_root_judges_files_as_the_service_user() {
     std::os::unix::fs::chown(&secret, Some(uid), Some(gid)).unwrap();
     assert_eq!(access(), "", "readable by the service user now");
 }
+
+/// Local token lookups in the metrics: made, answered by the memory of
+/// unknown tokens, refused before a lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_lookups_are_counted() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mport = free_port();
+    let d = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        format!("{c}\n[metrics]\nlisten = \"127.0.0.1:{mport}\"\n\n[tokens]\nmode = \"local\"\nmax_unknown = 2\n")
+    });
+    let guess = |n: u32| format!("<calendar+{n:08x}-0000-4000-8000-000000000000@example.org>");
+    for (rcpt, want) in [
+        (guess(1), "550 5.1.1 "),
+        (guess(1), "550 5.1.1 "),
+        (guess(2), "450 4.7.1 "),
+    ] {
+        match rcpt_status(d.port, &rcpt).await {
+            Status::Reject { message: Some(m) } | Status::Tempfail { message: Some(m) } => {
+                assert!(m.to_string_lossy().starts_with(want), "{m:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let m = scrape(mport);
+    for want in [
+        "imip_milter_token_lookups_total 2",
+        "imip_milter_token_lookups_remembered_total 1",
+        "imip_milter_token_lookups_refused_total 1",
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+}

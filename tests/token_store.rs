@@ -287,7 +287,9 @@ async fn the_database_over_tls_is_verified() {
 }
 
 /// A database that takes the connection and never answers: every lookup,
-/// queued ones included, ends within the bound and is an error (451).
+/// queued ones included, ends within the bound and is an error (451). The
+/// four that hold a connection give up after the statement time (3 s); the
+/// ones queued for a connection sooner, after tokens.pool_wait (1 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_never_answers_costs_at_most_the_bound() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -307,9 +309,110 @@ async fn a_database_that_never_answers_costs_at_most_the_bound() {
             tokio::spawn(async move { s.get("probe").await })
         })
         .collect();
+    let (mut waited, mut queued) = (0, 0);
     for l in lookups {
         let err = l.await.unwrap().unwrap_err().to_string();
-        assert!(err.contains("no answer in 3s"), "{err}");
+        if err.contains("no answer in 3s") {
+            waited += 1;
+        } else {
+            assert!(err.contains("all 4 connections busy for 1000ms"), "{err}");
+            queued += 1;
+        }
     }
+    assert_eq!((waited, queued), (4, 8));
     assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+}
+
+/// A database answering in 150 ms (a busy or distant server), one client
+/// flooding unknown tokens over 40 sessions: another client's valid token
+/// is still answered within a second. The flood is refused without the
+/// database once over its limit, its lookups in flight are capped, and a
+/// lookup waits for a pooled connection a bounded time of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_tokens_leaves_the_database_to_other_clients() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    };
+    let pg = Postgres::start();
+    let slow = common::proxy::SlowProxy::start(pg.port, Duration::from_millis(150));
+    let hook = Webhook::start();
+    let local = format!(
+        "\n[tokens]\nmode = \"local\"\nstore = \"postgres\"\nurl = \"postgresql://imip@127.0.0.1:{}/imip\"\n",
+        slow.port
+    );
+    let m = InProcess::start_with(&hook.url(), &local).await;
+    let out = m.cli(
+        &local,
+        &[
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            "flood-1",
+        ],
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(token.len(), 36, "{}", String::from_utf8_lossy(&out.stderr));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (0..40u32)
+        .map(|session| {
+            let (stop, sent, addr) = (stop.clone(), sent.clone(), m.addr);
+            tokio::spawn(async move {
+                let mut conn = TestConnection::configure()
+                    .read_timeout(Duration::from_secs(30))
+                    .open_tcp(addr)
+                    .await
+                    .unwrap();
+                conn.connect("prober.example.net", [198, 51, 100, 7]).await.unwrap();
+                conn.mail(["<x@prober.example.net>"]).await.unwrap();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let guess = format!("<calendar+{session:08x}-0000-4000-8000-{n:012x}@example.org>");
+                    let st = conn.rcpt([guess.as_str()]).await.unwrap();
+                    assert!(!matches!(st, Status::Continue), "{st:?}");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+                let _ = conn.close().await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let gateway = format!("<calendar+{token}@example.org>");
+    let mut waited = Vec::new();
+    for _ in 0..5 {
+        let mut conn = TestConnection::configure()
+            .read_timeout(Duration::from_secs(30))
+            .open_tcp(m.addr)
+            .await
+            .unwrap();
+        conn.connect("mx.example.com", [192, 0, 2, 50]).await.unwrap();
+        conn.mail(["<bob@example.com>"]).await.unwrap();
+        let started = std::time::Instant::now();
+        let st = conn.rcpt([gateway.as_str()]).await.unwrap();
+        waited.push((started.elapsed(), st));
+        let _ = conn.close().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    eprintln!(
+        "flood: {} RCPTs; the valid token waited {:?}",
+        sent.load(Ordering::Relaxed),
+        waited.iter().map(|(d, _)| d.as_millis()).collect::<Vec<_>>()
+    );
+    for (d, st) in &waited {
+        assert_eq!(*st, Status::Continue, "{waited:?}");
+        assert!(*d < Duration::from_secs(1), "{waited:?}");
+    }
+    m.stop().await;
 }

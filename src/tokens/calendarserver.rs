@@ -12,7 +12,7 @@
 //! quotes the event's UID.
 
 use super::{
-    postgres::{ms, Layout, Pool},
+    postgres::{ms, Layout, Pool, PoolLimits},
     StoreError, StoreFuture, TokenRecord, TokenStore,
 };
 use tokio_postgres::{Client, Row};
@@ -32,8 +32,13 @@ pub struct CalendarServerTokens {
 impl CalendarServerTokens {
     /// Reads the settings; connects at first use.
     pub fn new(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        Self::with_pool(url, password, PoolLimits::default())
+    }
+
+    /// As `new`, with the pool's size and wait as configured.
+    pub fn with_pool(url: &str, password: Option<String>, limits: PoolLimits) -> Result<Self, StoreError> {
         Ok(Self {
-            pool: Pool::new(url, password, Layout::CalendarServer)?,
+            pool: Pool::new(url, password, Layout::CalendarServer, limits)?,
         })
     }
 }

@@ -10,12 +10,14 @@ mod import;
 mod postgres;
 mod redb;
 mod tls;
+mod unknown;
 
 pub use self::{
     calendarserver::CalendarServerTokens,
     import::parse_csv,
-    postgres::{Layout, PostgresTokens},
+    postgres::{Layout, PoolLimits, PostgresTokens},
     redb::RedbTokens,
+    unknown::{RememberUnknown, MAX_REMEMBERED},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +142,7 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         url,
         password_file,
         layout,
+        pool,
     } = config
     else {
         return Err(StoreError("tokens.store: not a database".into()));
@@ -149,8 +152,8 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         None => None,
     };
     Ok(match layout {
-        Layout::Own => Arc::new(PostgresTokens::new(url, password)?),
-        Layout::CalendarServer => Arc::new(CalendarServerTokens::new(url, password)?),
+        Layout::Own => Arc::new(PostgresTokens::with_pool(url, password, *pool)?),
+        Layout::CalendarServer => Arc::new(CalendarServerTokens::with_pool(url, password, *pool)?),
     })
 }
 

@@ -14,10 +14,28 @@ use std::{
 use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::{tls::MakeTlsConnect, Client, NoTls, Row, Socket};
 
-/// Connections kept open at most.
-const POOL: usize = 4;
-/// One connect or one statement at most; then the caller answers 451.
+/// Connecting and one statement at most; then the caller answers 451.
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `tokens.pool_size` and `tokens.pool_wait`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Connections open at most.
+    pub size: usize,
+    /// Waiting for a connection at most, apart from TIMEOUT: while a slow
+    /// database keeps every connection busy, a lookup gives up early
+    /// (451) instead of spending the whole statement time in the queue.
+    pub wait: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            size: 4,
+            wait: Duration::from_secs(1),
+        }
+    }
+}
 /// The schema this program writes and reads.
 const VERSION: i32 = 1;
 
@@ -59,13 +77,19 @@ pub(super) struct Pool {
     url: String,
     idle: Mutex<Vec<Client>>,
     slots: Semaphore,
+    limits: PoolLimits,
     ready: AtomicBool,
     down: AtomicBool,
 }
 
 impl Pool {
     /// Reads the settings; connects at first use.
-    pub(super) fn new(url: &str, password: Option<String>, layout: Layout) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        url: &str,
+        password: Option<String>,
+        layout: Layout,
+        limits: PoolLimits,
+    ) -> Result<Self, StoreError> {
         let asked = super::tls::read_url(url).map_err(|e| StoreError(format!("tokens.url: {e}")))?;
         let mut config: tokio_postgres::Config =
             asked.url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
@@ -90,7 +114,8 @@ impl Pool {
             layout,
             url: url.to_owned(),
             idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(POOL),
+            slots: Semaphore::new(limits.size),
+            limits,
             ready: AtomicBool::new(false),
             down: AtomicBool::new(false),
         })
@@ -131,20 +156,29 @@ impl Pool {
         Ok(client)
     }
 
-    /// Runs `f` on a pooled connection; waiting for a slot, connecting and
-    /// the statement all fit in one `TIMEOUT`. A pooled connection found
-    /// closed is replaced once. An outage is logged once.
+    /// Runs `f` on a pooled connection: waiting for one at most
+    /// `pool_wait`, then connecting and the statement within `TIMEOUT`. A
+    /// pooled connection found closed is replaced once. An outage is
+    /// logged once; a busy pool is no outage.
     pub(super) async fn with<T>(
         &self,
         what: &str,
         f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error> + Clone,
     ) -> Result<T, StoreError> {
+        let slot = match tokio::time::timeout(self.limits.wait, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(StoreError("token database: closed".into())),
+            Err(_) => {
+                return Err(StoreError(format!(
+                    "token database {}: {what}: all {} connections busy for {}ms (tokens.pool_size, tokens.pool_wait)",
+                    self.url,
+                    self.limits.size,
+                    self.limits.wait.as_millis()
+                )))
+            }
+        };
         let attempt = async {
-            let _slot = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|_| StoreError("token database: closed".into()))?;
+            let _slot = slot;
             let pooled = self.idle.lock().await.pop().filter(|c| !c.is_closed());
             let fresh = pooled.is_none();
             let mut client = match pooled {
@@ -252,8 +286,13 @@ pub struct PostgresTokens {
 impl PostgresTokens {
     /// Reads the settings; connects at first use.
     pub fn new(url: &str, password: Option<String>) -> Result<Self, StoreError> {
+        Self::with_pool(url, password, PoolLimits::default())
+    }
+
+    /// As `new`, with the pool's size and wait as configured.
+    pub fn with_pool(url: &str, password: Option<String>, limits: PoolLimits) -> Result<Self, StoreError> {
         Ok(Self {
-            pool: Pool::new(url, password, Layout::Own)?,
+            pool: Pool::new(url, password, Layout::Own, limits)?,
         })
     }
 }

@@ -6,6 +6,7 @@
 pub mod davical;
 pub mod postfix;
 pub mod postgres;
+pub mod proxy;
 pub mod radicale;
 pub mod tls;
 pub mod xandikos;
@@ -907,4 +908,99 @@ pub fn init_logs() {
         .with_test_writer()
         .with_max_level(tracing::Level::DEBUG)
         .try_init();
+}
+
+/// A token store that counts the lookups it was asked: proof that a
+/// refusal came without the store. `failing` makes every lookup fail, as a
+/// database that is down or does not answer in time.
+pub struct CountingStore {
+    inner: Arc<dyn imip_milter::tokens::TokenStore>,
+    pub lookups: std::sync::atomic::AtomicUsize,
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl CountingStore {
+    pub fn new(inner: Arc<dyn imip_milter::tokens::TokenStore>) -> Self {
+        Self {
+            inner,
+            lookups: std::sync::atomic::AtomicUsize::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn fail(&self, failing: bool) {
+        self.failing.store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl imip_milter::tokens::TokenStore for CountingStore {
+    fn get<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> imip_milter::tokens::StoreFuture<'a, Option<imip_milter::tokens::TokenRecord>> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(imip_milter::tokens::StoreError(
+                    "token database: lookup: no answer in 3s".into(),
+                ))
+            });
+        }
+        self.inner.get(token)
+    }
+
+    fn find<'a>(
+        &'a self,
+        organizer: &'a str,
+        attendee: &'a str,
+        uid: &'a str,
+    ) -> imip_milter::tokens::StoreFuture<'a, Option<imip_milter::tokens::TokenRecord>> {
+        self.inner.find(organizer, attendee, uid)
+    }
+
+    fn put<'a>(&'a self, rec: &'a imip_milter::tokens::TokenRecord) -> imip_milter::tokens::StoreFuture<'a, ()> {
+        self.inner.put(rec)
+    }
+
+    fn revoke<'a>(&'a self, token: &'a str) -> imip_milter::tokens::StoreFuture<'a, bool> {
+        self.inner.revoke(token)
+    }
+
+    fn list(&self) -> imip_milter::tokens::StoreFuture<'_, Vec<imip_milter::tokens::TokenRecord>> {
+        self.inner.list()
+    }
+
+    fn purge<'a>(&'a self, cutoff_ms: u64) -> imip_milter::tokens::StoreFuture<'a, usize> {
+        self.inner.purge(cutoff_ms)
+    }
+
+    fn touch<'a>(&'a self, token: &'a str, now_ms: u64) -> imip_milter::tokens::StoreFuture<'a, ()> {
+        self.inner.touch(token, now_ms)
+    }
+}
+
+/// The milter's own callbacks around a `Shared` the test built (a store of
+/// its choosing); served until the sender is dropped or fired.
+pub async fn serve_shared(shared: imip_milter::milter::Shared) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    init_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let config = indymilter::Config {
+        actions: imip_milter::milter::ACTIONS,
+        ..Default::default()
+    };
+    tokio::spawn(indymilter::run(
+        listener,
+        imip_milter::milter::callbacks(Arc::new(shared)),
+        config,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    (addr, tx)
 }
