@@ -41,6 +41,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// 1: records, pending, pending_since, content, journal. 2: due.
 const LAYOUT: u64 = 2;
 
+/// Page cache of the spool's database.
+const SPOOL_CACHE: usize = 16 << 20;
+
 /// Requests folded into one commit at most.
 const MAX_GROUP: usize = 512;
 
@@ -341,7 +344,9 @@ impl Spool {
     pub fn open_waiting(path: &Path, wait: Duration) -> Result<Self, SpoolError> {
         let start = std::time::Instant::now();
         let db = loop {
-            match Database::create(path) {
+            // redb caches up to 1 GiB of pages by default: memory would grow
+            // with the backlog. The hot pages (due index, recent records) fit.
+            match Database::builder().set_cache_size(SPOOL_CACHE).create(path) {
                 Ok(db) => break db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < wait => {
                     thread::sleep(Duration::from_millis(50));
