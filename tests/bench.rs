@@ -595,7 +595,8 @@ fn backlog() {
         let dir = tempfile::tempdir().unwrap();
         let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
             c.replace("log_level = \"debug\"", "log_level = \"info\"")
-                .replace("max_backoff = \"1s\"", "max_backoff = \"10s\"\nprobe_interval = \"2s\"")
+                .replace("max_backoff = \"1s\"", "max_backoff = \"10s\"")
+                .replace("probe_interval = \"1s\"", "probe_interval = \"2s\"")
         });
         let pid = milter.pid().expect("daemon pid");
         let postfix = Postfix::start_with(

@@ -492,7 +492,7 @@ async fn a_dead_target_is_probed_not_hammered_and_drained_when_back() {
     let hook = Webhook::start();
     hook.fail_next(&[503; 10_000]);
     let m = InProcess::start_edited(&hook.url(), |c| {
-        c.replace("max_backoff = \"1s\"", "max_backoff = \"1s\"\nprobe_interval = \"2s\"")
+        c.replace("probe_interval = \"1s\"", "probe_interval = \"2s\"")
     })
     .await;
     const REPLIES: usize = 20;

@@ -532,6 +532,7 @@ delimiters = "+"
 [delivery]
 initial_backoff = "200ms"
 max_backoff = "1s"
+probe_interval = "1s"
 
 [target]
 kind = "webhook"
