@@ -220,10 +220,15 @@ fn latencies(hook: &Webhook, ends: &[(usize, Instant)], uid: impl Fn(usize) -> S
 }
 
 fn vm_hwm_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -564,15 +569,6 @@ fn token_lookup() {
     }
 }
 
-fn vm_rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// `bench/run backlog`: the webhook down while N replies arrive, then back.
 /// Per N: the daemon's CPU per second while it waits, its RSS, a new reply's
 /// time to the end-of-message answer (one at a time), the spool's size, and
@@ -616,7 +612,7 @@ fn backlog() {
         let cpu0 = cpu_seconds(pid);
         std::thread::sleep(Duration::from_secs(10));
         let idle_ms = (cpu_seconds(pid) - cpu0) * 1000.0 / 10.0;
-        let rss_mb = vm_rss_kb(pid) as f64 / 1024.0;
+        let rss_mb = proc_status_kb(pid, "VmRSS:") as f64 / 1024.0;
         // A new reply's time from the end of DATA to Postfix's 250.
         let mut lat: Vec<f64> = (0..200)
             .map(|i| {

@@ -204,21 +204,7 @@ async fn the_milter_on_postgres_answers_451_while_the_database_is_down() {
         pg.url()
     );
     let m = InProcess::start_with(&hook.url(), &local).await;
-    let out = m.cli(
-        &local,
-        &[
-            "tokens",
-            "add",
-            "--organizer",
-            "alice@example.org",
-            "--attendee",
-            "bob@example.com",
-            "--uid",
-            "pg-1",
-        ],
-    );
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(token.len(), 36, "{}", String::from_utf8_lossy(&out.stderr));
+    let token = m.add_token(&local, "pg-1");
     let gateway = format!("<calendar+{token}@example.org>");
     assert_eq!(rcpt(&m, &gateway).await, Status::Continue);
     match rcpt(&m, "<calendar+00000000-0000-4000-8000-000000000000@example.org>").await {
@@ -342,21 +328,7 @@ async fn a_flood_of_unknown_tokens_leaves_the_database_to_other_clients() {
         slow.port
     );
     let m = InProcess::start_with(&hook.url(), &local).await;
-    let out = m.cli(
-        &local,
-        &[
-            "tokens",
-            "add",
-            "--organizer",
-            "alice@example.org",
-            "--attendee",
-            "bob@example.com",
-            "--uid",
-            "flood-1",
-        ],
-    );
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(token.len(), 36, "{}", String::from_utf8_lossy(&out.stderr));
+    let token = m.add_token(&local, "flood-1");
 
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicUsize::new(0));

@@ -597,6 +597,25 @@ impl InProcess {
         cli(&config, args)
     }
 
+    /// `tokens add` for Bob in alice's event `uid`, through the CLI as `cli`
+    /// runs it; the token it prints.
+    pub fn add_token(&self, extra: &str, uid: &str) -> String {
+        let args = [
+            "tokens",
+            "add",
+            "--organizer",
+            "alice@example.org",
+            "--attendee",
+            "bob@example.com",
+            "--uid",
+            uid,
+        ];
+        let out = self.cli(extra, &args);
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(token.len(), 36, "{}", String::from_utf8_lossy(&out.stderr));
+        token
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
