@@ -4,7 +4,7 @@
 use crate::{
     config::{Config, ListenSocket, SenderPolicy},
     control::{self, Request},
-    target::Target,
+    targets::Target,
 };
 use std::{
     fmt,

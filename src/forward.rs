@@ -5,7 +5,7 @@ use crate::{
     config::DeliveryConfig,
     metrics::{DeliveryResult, METRICS},
     spool::{now_ms, Record, Spool, State},
-    target::{Outcome, Target},
+    targets::{Outcome, Target},
 };
 use std::{
     collections::HashSet,

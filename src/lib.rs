@@ -25,7 +25,7 @@ pub mod policy;
 pub mod privileges;
 pub mod schedule;
 pub mod spool;
-pub mod target;
+pub mod targets;
 pub mod tokens;
 
 use config::{Config, ListenSocket};
@@ -172,7 +172,7 @@ pub async fn run_with_reload(
     // `imip-milter deliver` may hold the spool for a moment while no daemon runs.
     let spool = spool::Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(30))?;
     spool.set_journal_limit(config.delivery.journal.max_events);
-    let target = Arc::new(target::Target::new(&config.target)?);
+    let target = Arc::new(targets::Target::new(&config.target)?);
     let control = control::bind(&config.control_path())
         .map_err(|e| format!("control socket {}: {e}", config.control_path().display()))?;
 

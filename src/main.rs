@@ -566,7 +566,7 @@ fn deliver_without_daemon(
     client_addr: Option<String>,
     raw: Vec<u8>,
 ) -> Result<imip_milter::deliver::Verdict, String> {
-    use imip_milter::{milter::Shared, spool::Spool, target::Target};
+    use imip_milter::{milter::Shared, spool::Spool, targets::Target};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

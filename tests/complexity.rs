@@ -3,7 +3,7 @@
 //! grows more than 12× (a quadratic step grows 64×). Inputs are built
 //! outside the timing; each size runs three times and the fastest counts.
 
-use imip_milter::{itip, message, outbound, schedule, target::dav_xml};
+use imip_milter::{itip, message, outbound, schedule, targets::dav_xml};
 use std::{
     sync::Mutex,
     time::{Duration, Instant},

@@ -213,7 +213,7 @@ mod tests {
     fn schedule_response_statuses() {
         let ok = r#"<?xml version="1.0"?><C:schedule-response xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><C:response><C:recipient><D:href>mailto:alice@example.org</D:href></C:recipient><C:request-status>2.0;Success</C:request-status></C:response></C:schedule-response>"#;
         assert_eq!(
-            crate::target::dav_xml::request_status(ok).as_deref(),
+            crate::targets::dav_xml::request_status(ok).as_deref(),
             Some("2.0;Success")
         );
         assert_eq!(classify(StatusCode::OK, ok), Outcome::Delivered);

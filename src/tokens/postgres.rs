@@ -230,7 +230,7 @@ impl Pool {
 pub(super) fn error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => crate::target::root_cause(e),
+        None => crate::targets::root_cause(e),
     }
 }
 
