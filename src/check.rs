@@ -138,8 +138,8 @@ async fn token_database(config: &Config) -> Option<Finding> {
         Err(e) => return Some(Finding::fail("tokens", e.0)),
     };
     let schema = match layout {
-        crate::tokens::Layout::Own => "schema version 1",
-        crate::tokens::Layout::CalendarServer => "CalendarServer's IMIP_TOKENS",
+        crate::config::Layout::Own => "schema version 1",
+        crate::config::Layout::CalendarServer => "CalendarServer's IMIP_TOKENS",
     };
     Some(match store.get("imip-milter-check-probe").await {
         Ok(_) => Finding::ok("tokens", format!("{url} answers a lookup ({schema})")),

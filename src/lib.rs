@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod decision;
 pub mod deliver;
+pub mod errors;
 pub mod forward;
 pub mod inspect;
 pub mod intake;
@@ -291,31 +292,7 @@ pub fn client_limits(config: &Config) -> clients::Clients {
 /// in the log.
 async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut reloads: mpsc::Receiver<Config>) {
     while let Some(new) = reloads.recv().await {
-        let mut fixed = Vec::new();
-        if new.listen != running.listen {
-            fixed.push("listen");
-        }
-        if new.state_dir != running.state_dir {
-            fixed.push("state_dir");
-        }
-        if new.max_sessions != running.max_sessions {
-            fixed.push("max_sessions");
-        }
-        if new.log_level != running.log_level {
-            fixed.push("log_level");
-        }
-        if new.log_format != running.log_format {
-            fixed.push("log_format");
-        }
-        if new.metrics_listen != running.metrics_listen {
-            fixed.push("metrics.listen");
-        }
-        if format!("{:?}", new.target) != format!("{:?}", running.target) {
-            fixed.push("[target]");
-        }
-        if format!("{:?}", new.delivery) != format!("{:?}", running.delivery) {
-            fixed.push("[delivery]");
-        }
+        let fixed = config::reload::restart_needed(&running, &new);
         shared.replace(milter::Settings::from_config(&new));
         let bases: Vec<String> = new.gateway.bases().iter().map(ToString::to_string).collect();
         info!(
@@ -329,9 +306,6 @@ async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut rel
                 fixed.join(", ")
             );
         }
-        // Settings not applied stay as they were, so compare against those next time.
-        running.gateway = new.gateway;
-        running.max_message_bytes = new.max_message_bytes;
-        running.policy = new.policy;
+        config::reload::applied(&mut running, new);
     }
 }

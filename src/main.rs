@@ -5,6 +5,7 @@ use imip_milter::{
     address::{BaseAddress, GatewayAddresses},
     config::{Config, LogFormat, DEFAULT_CONFIG_PATH, EMBEDDED_DEFAULT},
     control::{self, Request},
+    errors::chain,
 };
 use std::{io::Read, path::PathBuf, process::ExitCode};
 use tracing::{error, info};
@@ -165,14 +166,14 @@ enum QueueAction {
 
 fn load_config(arg: &ConfigArg, embedded_fallback: bool) -> Result<Config, String> {
     match &arg.config {
-        Some(path) => Config::load(path).map_err(|e| e.to_string()),
+        Some(path) => Config::load(path).map_err(|e| chain(&e)),
         None => {
             let path = PathBuf::from(DEFAULT_CONFIG_PATH);
             if !path.exists() && embedded_fallback {
                 eprintln!("imip-milter: no {DEFAULT_CONFIG_PATH}; using the built-in default configuration");
-                return Config::parse(EMBEDDED_DEFAULT).map_err(|e| e.to_string());
+                return Config::parse(EMBEDDED_DEFAULT).map_err(|e| chain(&e));
             }
-            Config::load(&path).map_err(|e| e.to_string())
+            Config::load(&path).map_err(|e| chain(&e))
         }
     }
 }
@@ -328,7 +329,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
                     Ok(c) => {
                         let _ = reload_tx.send(c).await;
                     }
-                    Err(e) => error!("SIGHUP: {e}; keeping the running configuration"),
+                    Err(e) => error!("SIGHUP: {}; keeping the running configuration", chain(&e)),
                 }
             }
         });
@@ -605,7 +606,7 @@ fn check(arg: &ConfigArg, postfix_config: Option<&std::path::Path>, organizer: O
     let config = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
-            println!("FAIL config: {e}");
+            println!("FAIL config: {}", chain(&e));
             return ExitCode::FAILURE;
         }
     };

@@ -126,16 +126,6 @@ pub fn open(
     }
 }
 
-/// What is wrong with a `tokens.url`, before anything connects.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let asked = tls::read_url(url)?;
-    asked
-        .url
-        .parse::<tokio_postgres::Config>()
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
 /// The PostgreSQL store in its configured layout.
 pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn TokenStore>, StoreError> {
     let crate::config::TokenStoreConfig::Postgres {

@@ -7,6 +7,7 @@
 //! when it starts and when it ends.
 
 use super::{StoreError, StoreFuture, TokenRecord, TokenStore};
+pub use crate::config::{Layout, PoolLimits};
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -17,25 +18,6 @@ use tokio_postgres::{tls::MakeTlsConnect, Client, NoTls, Row, Socket};
 /// Connecting and one statement at most; then the caller answers 451.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-/// `tokens.pool_size` and `tokens.pool_wait`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolLimits {
-    /// Connections open at most.
-    pub size: usize,
-    /// Waiting for a connection at most, apart from TIMEOUT: while a slow
-    /// database keeps every connection busy, a lookup gives up early
-    /// (451) instead of spending the whole statement time in the queue.
-    pub wait: Duration,
-}
-
-impl Default for PoolLimits {
-    fn default() -> Self {
-        Self {
-            size: 4,
-            wait: Duration::from_secs(1),
-        }
-    }
-}
 /// The schema this program writes and reads.
 const VERSION: i32 = 1;
 
@@ -57,15 +39,6 @@ INSERT INTO imip_milter_version SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM imip_mi
 ";
 
 const COLUMNS: &str = "token, organizer, attendee, uid, created_ms, last_used_ms, attendees, invitations";
-
-/// Whose tables hold the tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// imip_milter_tokens, created and versioned by this program.
-    Own,
-    /// CalendarServer's IMIP_TOKENS, in its database; never created here.
-    CalendarServer,
-}
 
 /// Lazily opened connections to the token database, bounded in number and time.
 pub(super) struct Pool {
@@ -90,7 +63,7 @@ impl Pool {
         layout: Layout,
         limits: PoolLimits,
     ) -> Result<Self, StoreError> {
-        let asked = super::tls::read_url(url).map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        let asked = crate::config::tokens::read_url(url).map_err(|e| StoreError(format!("tokens.url: {e}")))?;
         let mut config: tokio_postgres::Config =
             asked.url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
         let tls = match asked.tls {
