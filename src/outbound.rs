@@ -426,7 +426,7 @@ fn decode_base64(b: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn encode_base64(b: &[u8]) -> String {
-    let flat = crate::targets::webhook::base64(b);
+    let flat = crate::message::base64(b);
     let mut out = String::with_capacity(flat.len() + flat.len() / 76 * 2 + 2);
     for (i, chunk) in flat.as_bytes().chunks(76).enumerate() {
         if i > 0 {

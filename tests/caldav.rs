@@ -112,7 +112,7 @@ fn partstat(ics: &str, who: &str, rid: Option<&str>) -> Option<String> {
 }
 
 fn b64(s: &str) -> String {
-    imip_milter::targets::webhook::base64(s.as_bytes())
+    imip_milter::message::base64(s.as_bytes())
         .as_bytes()
         .chunks(76)
         .map(|c| String::from_utf8_lossy(c).into_owned())

@@ -14,7 +14,7 @@ mod target;
 pub mod tokens;
 
 pub use delivery::{DeliveryConfig, JournalConfig};
-pub use params::{parse_duration, ListenSocket};
+pub use params::{parse_duration, read_secret, ListenSocket};
 pub use policy::SenderPolicy;
 pub use target::{TargetConfig, TargetKind};
 pub use tokens::{Layout, PoolLimits, TokenMode, TokenStoreConfig, TokensConfig};

@@ -98,6 +98,16 @@ pub fn log_level(raw: Option<&str>) -> Result<tracing::Level, ConfigError> {
     })
 }
 
+/// First line of a secret file, which must not be empty.
+pub fn read_secret(path: &Path, key: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    if line.is_empty() {
+        return Err(format!("{key}: {} is empty", path.display()));
+    }
+    Ok(line)
+}
+
 /// A configuration side file (a map), read whole up to `limit` bytes.
 pub fn read_small_file(path: &Path, limit: u64) -> Result<String, String> {
     use std::io::Read;

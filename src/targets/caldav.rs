@@ -74,8 +74,8 @@ struct Object {
 impl CalDav {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
         let auth = match (&config.token_file, &config.username, &config.password_file) {
-            (Some(f), _, _) => Auth::Bearer(super::webhook::read_secret(f, "target.token_file")?),
-            (None, Some(u), Some(f)) => Auth::Basic(u.clone(), super::webhook::read_secret(f, "target.password_file")?),
+            (Some(f), _, _) => Auth::Bearer(crate::config::read_secret(f, "target.token_file")?),
+            (None, Some(u), Some(f)) => Auth::Basic(u.clone(), crate::config::read_secret(f, "target.password_file")?),
             _ => Auth::None,
         };
         let client = super::http_client(config)?;
@@ -774,7 +774,7 @@ impl CalDav {
                 Finding::ok("target", format!("{} answers {}", self.base, r.status()))
             }
             Ok(r) => Finding::warn("target", format!("{} answers {}", self.base, r.status())),
-            Err(e) => Finding::fail("target", format!("{}: {}", self.base, super::root_cause(&e))),
+            Err(e) => Finding::fail("target", format!("{}: {}", self.base, crate::errors::chain(&e))),
         }
     }
 }
@@ -847,7 +847,7 @@ fn transport(e: reqwest::Error) -> Outcome {
     } else {
         // The outer error says only "error sending request"; the cause is
         // what an admin acts on (a refused connection, an unknown CA).
-        Outcome::Unreachable(format!("cannot reach the CalDAV server: {}", super::root_cause(&e)))
+        Outcome::Unreachable(format!("cannot reach the CalDAV server: {}", crate::errors::chain(&e)))
     }
 }
 

@@ -4,7 +4,8 @@
 //! (the organizer); authentication by a shared secret header or Digest/Basic.
 //! The answer is a CalDAV schedule-response whose request-status decides.
 
-use super::{root_cause, Outcome};
+use super::Outcome;
+use crate::errors::chain;
 use crate::{check::Finding, config::TargetConfig, spool::Record};
 use md5::{Digest, Md5};
 use reqwest::{header, Client, RequestBuilder, StatusCode};
@@ -26,7 +27,7 @@ pub struct CalendarServer {
 
 impl CalendarServer {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
-        let read = super::webhook::read_secret;
+        let read = crate::config::read_secret;
         let auth = match (&config.secret_file, &config.username, &config.password_file) {
             (Some(f), _, _) => Auth::Secret(config.secret_header.clone(), read(f, "target.secret_file")?),
             (None, Some(u), Some(f)) => Auth::Password(u.clone(), read(f, "target.password_file")?),
@@ -81,7 +82,7 @@ impl CalendarServer {
             Some(c) => digest(c, user, password, "POST", &path),
             None => format!(
                 "Basic {}",
-                super::webhook::base64(format!("{user}:{password}").as_bytes())
+                crate::message::base64(format!("{user}:{password}").as_bytes())
             ),
         };
         self.request(originator, recipient, body)
@@ -108,7 +109,7 @@ impl CalendarServer {
                 }
             }
             Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Err(e) => Outcome::Unreachable(root_cause(&e)),
+            Err(e) => Outcome::Unreachable(chain(&e)),
         }
     }
 
@@ -133,7 +134,7 @@ impl CalendarServer {
                 format!("{} refuses the credentials ({}): check {key}", self.inbox, r.status()),
             ),
             Ok(r) => Finding::warn("target", format!("{} answers {}", self.inbox, r.status())),
-            Err(e) => Finding::fail("target", format!("{}: {}", self.inbox, root_cause(&e))),
+            Err(e) => Finding::fail("target", format!("{}: {}", self.inbox, chain(&e))),
         }
     }
 }

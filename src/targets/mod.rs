@@ -22,7 +22,7 @@ pub(crate) fn http_client(config: &TargetConfig) -> Result<reqwest::Client, Stri
     if let Some(path) = &config.ca_file {
         let pem = std::fs::read(path).map_err(|e| format!("target.ca_file {}: {e}", path.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("target.ca_file {}: {}", path.display(), root_cause(&e)))?;
+            .map_err(|e| format!("target.ca_file {}: {}", path.display(), crate::errors::chain(&e)))?;
         if certs.is_empty() {
             return Err(format!("target.ca_file {}: no certificate in it", path.display()));
         }
@@ -32,16 +32,7 @@ pub(crate) fn http_client(config: &TargetConfig) -> Result<reqwest::Client, Stri
     }
     builder
         .build()
-        .map_err(|e| format!("target: cannot build HTTP client: {}", root_cause(&e)))
-}
-
-/// The innermost cause of an error: what a log line about a failed delivery needs.
-pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
+        .map_err(|e| format!("target: cannot build HTTP client: {}", crate::errors::chain(&e)))
 }
 
 /// An HTTP answer's body, at most `limit` bytes (`target.max_response_bytes`):
@@ -74,7 +65,7 @@ impl ReadError {
                 "the server's answer is larger than {limit} bytes (target.max_response_bytes)"
             )),
             Self::Http(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Self::Http(e) => Outcome::Unreachable(root_cause(&e)),
+            Self::Http(e) => Outcome::Unreachable(crate::errors::chain(&e)),
         }
     }
 }

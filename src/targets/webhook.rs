@@ -1,9 +1,9 @@
 //! Target `webhook`: POST the record's JSON document to a URL.
 
-use super::{root_cause, Outcome};
+use super::Outcome;
+use crate::errors::chain;
 use crate::{config::TargetConfig, spool::Record};
 use reqwest::{header, Client, StatusCode};
-use std::{fs, path::Path};
 
 pub struct Webhook {
     client: Client,
@@ -13,40 +13,19 @@ pub struct Webhook {
     auth_source: Option<&'static str>,
 }
 
-/// First line of a secret file, which must not be empty.
-pub fn read_secret(path: &Path, key: &str) -> Result<String, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
-    let line = text.lines().next().unwrap_or("").trim().to_owned();
-    if line.is_empty() {
-        return Err(format!("{key}: {} is empty", path.display()));
-    }
-    Ok(line)
-}
-
-pub fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 impl Webhook {
     pub fn new(config: &TargetConfig) -> Result<Self, String> {
         let auth = match (&config.token_file, &config.username, &config.password_file) {
-            (Some(file), _, _) => Some(format!("Bearer {}", read_secret(file, "target.token_file")?)),
+            (Some(file), _, _) => Some(format!(
+                "Bearer {}",
+                crate::config::read_secret(file, "target.token_file")?
+            )),
             (None, Some(user), Some(file)) => {
-                let password = read_secret(file, "target.password_file")?;
-                Some(format!("Basic {}", base64(format!("{user}:{password}").as_bytes())))
+                let password = crate::config::read_secret(file, "target.password_file")?;
+                Some(format!(
+                    "Basic {}",
+                    crate::message::base64(format!("{user}:{password}").as_bytes())
+                ))
             }
             _ => None,
         };
@@ -81,8 +60,8 @@ impl Webhook {
         match req.send().await {
             Ok(resp) => classify(resp.status()),
             Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Err(e) if e.is_connect() => Outcome::Unreachable(format!("cannot connect: {}", root_cause(&e))),
-            Err(e) => Outcome::Unreachable(root_cause(&e)),
+            Err(e) if e.is_connect() => Outcome::Unreachable(format!("cannot connect: {}", chain(&e))),
+            Err(e) => Outcome::Unreachable(chain(&e)),
         }
     }
 }
@@ -119,7 +98,7 @@ impl Webhook {
                 ),
                 _ => Finding::warn("target", format!("{} answers {}", self.url, resp.status())),
             },
-            Err(e) => Finding::fail("target", format!("{}: {}", self.url, root_cause(&e))),
+            Err(e) => Finding::fail("target", format!("{}: {}", self.url, chain(&e))),
         }
     }
 }
@@ -163,12 +142,5 @@ mod tests {
             };
             assert_eq!(got, want, "HTTP {code}");
         }
-    }
-
-    #[test]
-    fn basic_auth_encoding() {
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
     }
 }

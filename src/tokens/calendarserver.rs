@@ -12,9 +12,10 @@
 //! quotes the event's UID.
 
 use super::{
-    postgres::{ms, Layout, Pool, PoolLimits},
+    postgres::pool::{error_text, ms, Pool},
     StoreError, StoreFuture, TokenRecord, TokenStore,
 };
+use crate::config::PoolLimits;
 use tokio_postgres::{Client, Row};
 
 /// ACCESSED is a UTC `timestamp`; CalendarServer's default leaves it set,
@@ -38,13 +39,13 @@ impl CalendarServerTokens {
     /// As `new`, with the pool's size and wait as configured.
     pub fn with_pool(url: &str, password: Option<String>, limits: PoolLimits) -> Result<Self, StoreError> {
         Ok(Self {
-            pool: Pool::new(url, password, Layout::CalendarServer, limits)?,
+            pool: Pool::new(url, password, limits, |c| Box::pin(verify(c)))?,
         })
     }
 }
 
 /// At first connection: the table is there with the columns this program uses.
-pub(super) async fn verify(client: &Client) -> Result<(), String> {
+async fn verify(client: &Client) -> Result<(), String> {
     client
         .query(
             "SELECT token, organizer, attendee, icaluid, accessed FROM imip_tokens LIMIT 0",
@@ -55,7 +56,7 @@ pub(super) async fn verify(client: &Client) -> Result<(), String> {
         .map_err(|e| {
             format!(
                 "CalendarServer's table IMIP_TOKENS is not readable ({}): is tokens.url CalendarServer's database?",
-                super::postgres::error_text(&e)
+                error_text(&e)
             )
         })
 }

@@ -138,7 +138,7 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         return Err(StoreError("tokens.store: not a database".into()));
     };
     let password = match password_file {
-        Some(f) => Some(crate::targets::webhook::read_secret(f, "tokens.password_file").map_err(StoreError)?),
+        Some(f) => Some(crate::config::read_secret(f, "tokens.password_file").map_err(StoreError)?),
         None => None,
     };
     Ok(match layout {

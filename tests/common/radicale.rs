@@ -117,7 +117,7 @@ pub struct Response {
 pub fn basic(user: &str, password: &str) -> String {
     format!(
         "Basic {}",
-        imip_milter::targets::webhook::base64(format!("{user}:{password}").as_bytes())
+        imip_milter::message::base64(format!("{user}:{password}").as_bytes())
     )
 }
 
