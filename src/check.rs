@@ -1,68 +1,19 @@
 //! `imip-milter check`: is this host set up to work? One line per finding,
 //! OK / WARN / FAIL; the caller exits 1 on any FAIL.
 
+pub use crate::findings::{Finding, Level};
 use crate::{
     config::{Config, ListenSocket, SenderPolicy},
     control::{self, Request},
     targets::Target,
 };
 use std::{
-    fmt,
     io::{BufRead, BufReader, Write},
     net::TcpStream,
     path::Path,
     process::Command,
     time::Duration,
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub level: Level,
-    pub topic: &'static str,
-    pub text: String,
-}
-
-impl Finding {
-    pub fn ok(topic: &'static str, text: impl Into<String>) -> Self {
-        Self {
-            level: Level::Ok,
-            topic,
-            text: text.into(),
-        }
-    }
-    pub fn warn(topic: &'static str, text: impl Into<String>) -> Self {
-        Self {
-            level: Level::Warn,
-            topic,
-            text: text.into(),
-        }
-    }
-    pub fn fail(topic: &'static str, text: impl Into<String>) -> Self {
-        Self {
-            level: Level::Fail,
-            topic,
-            text: text.into(),
-        }
-    }
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let level = match self.level {
-            Level::Ok => "OK  ",
-            Level::Warn => "WARN",
-            Level::Fail => "FAIL",
-        };
-        write!(f, "{level} {}: {}", self.topic, self.text)
-    }
-}
 
 /// Runs every check. `postfix_config`: Postfix's configuration directory
 /// (postconf -c), None for the default one. `organizer`: prove the target

@@ -5,9 +5,8 @@ use crate::{
     address::{printable, token_prefix, Recipient},
     analysis::{analyse_bounded, Analysis, Kind},
     decision::{self, Decision, Disposition},
-    itip,
-    milter::Settings,
-    policy,
+    itip, policy,
+    settings::Settings,
     spool::{build_record, Appended, Envelope, Record, Spool},
     tokens::{TokenRecord, TokenStore},
 };

@@ -13,6 +13,7 @@ pub mod control;
 pub mod decision;
 pub mod deliver;
 pub mod errors;
+pub mod findings;
 pub mod forward;
 pub mod inspect;
 pub mod intake;
@@ -25,6 +26,7 @@ pub mod outbound;
 pub mod policy;
 pub mod privileges;
 pub mod schedule;
+pub mod settings;
 pub mod spool;
 pub mod targets;
 pub mod tokens;
@@ -187,7 +189,7 @@ pub async fn run_with_reload(
         config.delivery.clone(),
         stopped(stop_rx.clone()),
     ));
-    let mut shared = milter::Shared::new(milter::Settings::from_config(&config), spool.clone());
+    let mut shared = milter::Shared::new(settings::Settings::from_config(&config), spool.clone());
     shared.clients = client_limits(&config);
     if config.tokens.mode == config::TokenMode::Local {
         shared.tokens = Some(local_tokens(&config, &spool)?);
@@ -293,7 +295,7 @@ pub fn client_limits(config: &Config) -> clients::Clients {
 async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut reloads: mpsc::Receiver<Config>) {
     while let Some(new) = reloads.recv().await {
         let fixed = config::reload::restart_needed(&running, &new);
-        shared.replace(milter::Settings::from_config(&new));
+        shared.replace(settings::Settings::from_config(&new));
         let bases: Vec<String> = new.gateway.bases().iter().map(ToString::to_string).collect();
         info!(
             "configuration reloaded: gateway.addresses = {}, max_message_bytes = {}",

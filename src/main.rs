@@ -575,7 +575,7 @@ fn deliver_without_daemon(
     runtime.block_on(async move {
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
         let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10)).map_err(|e| e.0)?;
-        let mut shared = Shared::new(imip_milter::milter::Settings::from_config(&config), spool.clone());
+        let mut shared = Shared::new(imip_milter::settings::Settings::from_config(&config), spool.clone());
         shared.clients = imip_milter::client_limits(&config);
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
             shared.tokens = Some(imip_milter::local_tokens(&config, &spool).map_err(|e| e.to_string())?);

@@ -2,9 +2,9 @@
 //! a message is decided in `decision`, from what `analysis` found.
 
 use crate::clients::Clients;
+use crate::settings::Settings;
 use crate::{
-    address::{GatewayAddresses, Recipient},
-    config::SenderPolicy,
+    address::Recipient,
     decision::{self, Decision, Disposition},
     intake,
     metrics::METRICS,
@@ -24,38 +24,6 @@ use std::{
     sync::{Arc, RwLock},
 };
 use tracing::{info, warn};
-
-/// The settings a SIGHUP may change.
-pub struct Settings {
-    pub gateway: GatewayAddresses,
-    pub max_message_bytes: usize,
-    /// What one calendar reply may hold.
-    pub limits: crate::analysis::Limits,
-    pub max_gateway_recipients: usize,
-    /// Read once, at start: the budget of all sessions together.
-    pub max_buffered_bytes: usize,
-    pub policy: SenderPolicy,
-    /// The target applies REPLY only (caldav): COUNTER and REFRESH go to
-    /// the organizer instead.
-    pub replies_only: bool,
-}
-
-impl Settings {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            gateway: config.gateway.clone(),
-            max_message_bytes: config.max_message_bytes,
-            limits: crate::analysis::Limits {
-                components: config.max_components,
-                attendees: config.max_attendees,
-            },
-            max_buffered_bytes: config.max_buffered_bytes,
-            max_gateway_recipients: config.max_gateway_recipients,
-            policy: config.policy.clone(),
-            replies_only: config.target.kind == crate::config::TargetKind::CalDav,
-        }
-    }
-}
 
 /// Local token mode: the store and how long a token lives.
 pub struct LocalTokens {

@@ -8,8 +8,8 @@
 
 use super::Outcome;
 use crate::{
-    check::Finding,
     config::TargetConfig,
+    findings::Finding,
     schedule::{self, Applied, Crashers},
     spool::Record,
 };

@@ -6,7 +6,7 @@
 
 use super::Outcome;
 use crate::errors::chain;
-use crate::{check::Finding, config::TargetConfig, spool::Record};
+use crate::{config::TargetConfig, findings::Finding, spool::Record};
 use md5::{Digest, Md5};
 use reqwest::{header, Client, RequestBuilder, StatusCode};
 

@@ -136,7 +136,7 @@ impl Target {
     }
 
     /// Reachable, TLS valid, credentials accepted, without sending a reply.
-    pub async fn check(&self) -> crate::check::Finding {
+    pub async fn check(&self) -> crate::findings::Finding {
         match self {
             Self::Webhook(w) => w.check().await,
             Self::CalendarServer(c) => c.check().await,

@@ -70,8 +70,8 @@ impl Webhook {
     /// POSTs `{"kind": "check"}`: the contract says the target answers it
     /// without side effects, 2xx or 400/422 once the credentials passed;
     /// 401/403 is a credential the target no longer accepts.
-    pub async fn check(&self) -> crate::check::Finding {
-        use crate::check::Finding;
+    pub async fn check(&self) -> crate::findings::Finding {
+        use crate::findings::Finding;
         let mut req = self
             .client
             .post(&self.url)

@@ -1,0 +1,37 @@
+//! The settings a milter session and `deliver` read: a snapshot taken per
+//! connection, replaced as a whole on SIGHUP.
+
+use crate::{address::GatewayAddresses, config::SenderPolicy};
+
+/// The settings a SIGHUP may change.
+#[derive(Debug)]
+pub struct Settings {
+    pub gateway: GatewayAddresses,
+    pub max_message_bytes: usize,
+    /// What one calendar reply may hold.
+    pub limits: crate::analysis::Limits,
+    pub max_gateway_recipients: usize,
+    /// Read once, at start: the budget of all sessions together.
+    pub max_buffered_bytes: usize,
+    pub policy: SenderPolicy,
+    /// The target applies REPLY only (caldav): COUNTER and REFRESH go to
+    /// the organizer instead.
+    pub replies_only: bool,
+}
+
+impl Settings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            gateway: config.gateway.clone(),
+            max_message_bytes: config.max_message_bytes,
+            limits: crate::analysis::Limits {
+                components: config.max_components,
+                attendees: config.max_attendees,
+            },
+            max_buffered_bytes: config.max_buffered_bytes,
+            max_gateway_recipients: config.max_gateway_recipients,
+            policy: config.policy.clone(),
+            replies_only: config.target.kind == crate::config::TargetKind::CalDav,
+        }
+    }
+}
