@@ -5,9 +5,10 @@
 //! `deliver` sends the message's bytes right after its request line.
 
 use crate::{
+    clock::now_ms,
     deliver::{self, Verdict},
     milter::Shared,
-    spool::{now_ms, Record, Spool, State},
+    spool::{Record, Spool, State},
     tokens::{self, TokenRecord, TokenStore},
 };
 use serde::{Deserialize, Serialize};

@@ -2,9 +2,10 @@
 //! time, retrying with exponential backoff, keeping what fails as failed.
 
 use crate::{
+    clock::now_ms,
     config::DeliveryConfig,
     metrics::{DeliveryResult, METRICS},
-    spool::{now_ms, Record, Spool, State},
+    spool::{Record, Spool, State},
     targets::{Outcome, Target},
 };
 use std::{

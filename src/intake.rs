@@ -299,7 +299,7 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord, attendee: &str) -> Result
 
 /// Records when each token was last used; tokens expire counted from there.
 async fn touch(store: &dyn TokenStore, tokens: &[TokenRecord]) {
-    let now = crate::spool::now_ms();
+    let now = crate::clock::now_ms();
     for t in tokens {
         // The reply is stored; a database that fails once is not asked again
         // for the other tokens of this message.

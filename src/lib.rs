@@ -8,10 +8,12 @@ pub mod address;
 pub mod analysis;
 pub mod check;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod decision;
 pub mod deliver;
+pub mod errors;
 pub mod forward;
 pub mod inspect;
 pub mod intake;
@@ -226,7 +228,7 @@ pub async fn run_with_reload(
         config.listen,
         config.spool_path().display(),
         oldest
-            .map(|o| format!(", oldest {}s", spool::now_ms().saturating_sub(o) / 1000))
+            .map(|o| format!(", oldest {}s", clock::now_ms().saturating_sub(o) / 1000))
             .unwrap_or_default()
     );
 

@@ -415,7 +415,7 @@ fn journal(
     };
     let since_ms = match since.map(imip_milter::config::parse_duration) {
         None => 0,
-        Some(Some(d)) => imip_milter::spool::now_ms().saturating_sub(d.as_millis() as u64),
+        Some(Some(d)) => imip_milter::clock::now_ms().saturating_sub(d.as_millis() as u64),
         Some(None) => {
             eprintln!(
                 "imip-milter: --since {}: not a duration (30s, 10m, 2h, 3d)",

@@ -11,6 +11,7 @@
 use crate::{
     address::token_prefix,
     analysis::{Analysis, Kind},
+    clock::now_ms,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,7 @@ use std::{
         mpsc, Arc,
     },
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -94,13 +95,6 @@ pub struct Envelope {
     pub queue_id: Option<String>,
     pub mail_from: String,
     pub client_addr: Option<String>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The delivery id: the same on every retry and on every MX host.
