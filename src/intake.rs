@@ -5,7 +5,7 @@ use crate::{
     address::{printable, token_prefix, Recipient},
     analysis::{analyse_bounded, Analysis, Kind},
     decision::{self, Decision, Disposition},
-    itip,
+    errors, itip,
     milter::Settings,
     policy,
     spool::{build_record, Appended, Envelope, Record, Spool},
@@ -100,8 +100,9 @@ pub async fn take(
                 }
             }
             Err(e) => {
+                let e = errors::chain(&e);
                 error!("{queue_id}: {e}");
-                decision = decision::decide_spool_failed(&e.0);
+                decision = decision::decide_spool_failed(&e);
             }
         }
     }

@@ -254,7 +254,7 @@ pub async fn run_with_reload(
         error!("delivery worker ended abnormally: {e}");
     }
     if let Err(e) = spool.flush() {
-        error!("spool flush at stop: {e}");
+        error!("spool flush at stop: {}", errors::chain(&e));
     }
     control_task.abort();
     reload_task.abort();

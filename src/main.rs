@@ -335,7 +335,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
         match imip_milter::run_with_reload(config, listener, shutdown, reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                error!("{e}");
+                error!("{}", imip_milter::errors::chain(&*e));
                 ExitCode::from(EX_CONFIG)
             }
         }
@@ -573,7 +573,8 @@ fn deliver_without_daemon(
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
-        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10)).map_err(|e| e.0)?;
+        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
+            .map_err(|e| imip_milter::errors::chain(&e))?;
         let mut shared = Shared::new(imip_milter::milter::Settings::from_config(&config), spool.clone());
         shared.clients = imip_milter::client_limits(&config);
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
@@ -594,7 +595,7 @@ fn deliver_without_daemon(
         }
         // Outcomes and the journal's events, on disk before the process ends.
         if let Err(e) = spool.flush() {
-            eprintln!("imip-milter deliver: {e}");
+            eprintln!("imip-milter deliver: {}", imip_milter::errors::chain(&e));
         }
         Ok(verdict)
     })
