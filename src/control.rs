@@ -5,9 +5,11 @@
 //! `deliver` sends the message's bytes right after its request line.
 
 use crate::{
+    clock::now_ms,
     deliver::{self, Verdict},
+    errors,
     milter::Shared,
-    spool::{now_ms, Record, Spool, State},
+    spool::{Record, Spool, State},
     tokens::{self, TokenRecord, TokenStore},
 };
 use serde::{Deserialize, Serialize};
@@ -125,7 +127,7 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
     // What the writer still holds (outcomes and journal events wait there
     // for company) is committed first, so answers are current.
     if let Err(e) = spool.settle() {
-        return Response::error(e.0);
+        return Response::error(errors::chain(&e));
     }
     let result = match req {
         Request::List { all } => spool.list(*all).map(|r| Response {
@@ -159,7 +161,7 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         Request::Deliver { .. } => Ok(Response::error("deliver needs the message")),
         _ => return Response::error("not a spool request"),
     };
-    result.unwrap_or_else(|e| Response::error(e.0))
+    result.unwrap_or_else(|e| Response::error(errors::chain(&e)))
 }
 
 /// Whether `req` is about tokens (answered by `handle_tokens`).
@@ -413,7 +415,7 @@ pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<
                 return Err(format!("no spool at {} and no daemon running", spool_path.display()));
             }
             // The caller runs as state_dir's owner already (privileges).
-            let spool = Spool::open_waiting(&spool_path, Duration::from_secs(10)).map_err(|e| e.0)?;
+            let spool = Spool::open_waiting(&spool_path, Duration::from_secs(10)).map_err(|e| errors::chain(&e))?;
             if !is_token_request(req) {
                 return Ok(handle(&spool, req));
             }

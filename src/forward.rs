@@ -2,9 +2,11 @@
 //! time, retrying with exponential backoff, keeping what fails as failed.
 
 use crate::{
+    clock::now_ms,
     config::DeliveryConfig,
+    errors,
     metrics::{DeliveryResult, METRICS},
-    spool::{now_ms, Record, Spool, State},
+    spool::{Record, Spool, State},
     targets::{Outcome, Target},
 };
 use std::{
@@ -266,7 +268,7 @@ async fn purge(spool: &Spool, cfg: &DeliveryConfig, now: u64) {
     let j = spool.clone();
     match tokio::task::spawn_blocking(move || j.journal_purge(now.saturating_sub(keep), max_events)).await {
         Ok(Ok(n)) if n > 0 => info!("forgot {n} journal events past journal.keep or journal.max_events"),
-        Ok(Err(e)) => warn!("journal purge failed: {e}"),
+        Ok(Err(e)) => warn!("journal purge failed: {}", errors::chain(&e)),
         _ => {}
     }
     let s = spool.clone();
@@ -274,7 +276,7 @@ async fn purge(spool: &Spool, cfg: &DeliveryConfig, now: u64) {
         Ok(Ok(n)) if n > 0 => {
             info!("forgot {n} records past delivery.keep_delivered or delivery.keep_failed")
         }
-        Ok(Err(e)) => warn!("spool purge failed: {e}"),
+        Ok(Err(e)) => warn!("spool purge failed: {}", errors::chain(&e)),
         _ => {}
     }
 }
@@ -344,7 +346,7 @@ impl Worker {
             .await;
             let old = match found {
                 Ok(Ok(old)) => old,
-                Ok(Err(e)) => return warn!("cannot read the spool for expired records: {e}"),
+                Ok(Err(e)) => return warn!("cannot read the spool for expired records: {}", errors::chain(&e)),
                 Err(e) => return warn!("expiry failed: {e}"),
             };
             let n = old.len();
@@ -407,7 +409,7 @@ impl Worker {
                 (due, next, cut)
             }
             Ok(Err(e)) => {
-                error!("cannot read the spool: {e}");
+                error!("cannot read the spool: {}", errors::chain(&e));
                 (Vec::new(), Some(now + 5_000), false)
             }
             Err(e) => {

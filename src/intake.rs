@@ -5,7 +5,7 @@ use crate::{
     address::{printable, token_prefix, Recipient},
     analysis::{analyse_bounded, Analysis, Kind},
     decision::{self, Decision, Disposition},
-    itip, policy,
+    errors, itip, policy,
     settings::Settings,
     spool::{build_record, Appended, Envelope, Record, Spool},
     tokens::{TokenRecord, TokenStore},
@@ -99,8 +99,9 @@ pub async fn take(
                 }
             }
             Err(e) => {
+                let e = errors::chain(&e);
                 error!("{queue_id}: {e}");
-                decision = decision::decide_spool_failed(&e.0);
+                decision = decision::decide_spool_failed(&e);
             }
         }
     }
@@ -298,7 +299,7 @@ fn for_organizer(analysis: &Analysis, t: &TokenRecord, attendee: &str) -> Result
 
 /// Records when each token was last used; tokens expire counted from there.
 async fn touch(store: &dyn TokenStore, tokens: &[TokenRecord]) {
-    let now = crate::spool::now_ms();
+    let now = crate::clock::now_ms();
     for t in tokens {
         // The reply is stored; a database that fails once is not asked again
         // for the other tokens of this message.

@@ -52,7 +52,7 @@ pub const MAX_LISTED: usize = 10_000;
 impl Event {
     /// A new event now; text from outside is clipped to a line.
     pub fn now(event: &str, disposition: &str, reason: &str) -> Self {
-        let time_ms = crate::spool::now_ms();
+        let time_ms = crate::clock::now_ms();
         Self {
             time: rfc3339(time_ms),
             time_ms,

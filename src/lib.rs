@@ -8,6 +8,7 @@ pub mod address;
 pub mod analysis;
 pub mod check;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod decision;
@@ -229,7 +230,7 @@ pub async fn run_with_reload(
         config.listen,
         config.spool_path().display(),
         oldest
-            .map(|o| format!(", oldest {}s", spool::now_ms().saturating_sub(o) / 1000))
+            .map(|o| format!(", oldest {}s", clock::now_ms().saturating_sub(o) / 1000))
             .unwrap_or_default()
     );
 
@@ -255,7 +256,7 @@ pub async fn run_with_reload(
         error!("delivery worker ended abnormally: {e}");
     }
     if let Err(e) = spool.flush() {
-        error!("spool flush at stop: {e}");
+        error!("spool flush at stop: {}", errors::chain(&e));
     }
     control_task.abort();
     reload_task.abort();

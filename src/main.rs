@@ -336,7 +336,7 @@ fn run(arg: &ConfigArg) -> ExitCode {
         match imip_milter::run_with_reload(config, listener, shutdown, reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                error!("{e}");
+                error!("{}", imip_milter::errors::chain(&*e));
                 ExitCode::from(EX_CONFIG)
             }
         }
@@ -416,7 +416,7 @@ fn journal(
     };
     let since_ms = match since.map(imip_milter::config::parse_duration) {
         None => 0,
-        Some(Some(d)) => imip_milter::spool::now_ms().saturating_sub(d.as_millis() as u64),
+        Some(Some(d)) => imip_milter::clock::now_ms().saturating_sub(d.as_millis() as u64),
         Some(None) => {
             eprintln!(
                 "imip-milter: --since {}: not a duration (30s, 10m, 2h, 3d)",
@@ -574,7 +574,8 @@ fn deliver_without_daemon(
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
-        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10)).map_err(|e| e.0)?;
+        let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
+            .map_err(|e| imip_milter::errors::chain(&e))?;
         let mut shared = Shared::new(imip_milter::settings::Settings::from_config(&config), spool.clone());
         shared.clients = imip_milter::client_limits(&config);
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
@@ -595,7 +596,7 @@ fn deliver_without_daemon(
         }
         // Outcomes and the journal's events, on disk before the process ends.
         if let Err(e) = spool.flush() {
-            eprintln!("imip-milter deliver: {e}");
+            eprintln!("imip-milter deliver: {}", imip_milter::errors::chain(&e));
         }
         Ok(verdict)
     })

@@ -215,7 +215,7 @@ pub async fn serve(listener: TcpListener, spool: Spool) {
             let _slot = slot;
             let down = spool
                 .target_down_since()
-                .map(|t| crate::spool::now_ms().saturating_sub(t) as f64 / 1000.0);
+                .map(|t| crate::clock::now_ms().saturating_sub(t) as f64 / 1000.0);
             let mut head = vec![0u8; 2048];
             let n = match tokio::time::timeout(IDLE, stream.read(&mut head)).await {
                 Ok(Ok(n)) => n,
@@ -229,7 +229,7 @@ pub async fn serve(listener: TcpListener, spool: Spool) {
                     _ => (0, None),
                 };
                 let age = oldest
-                    .map(|o| crate::spool::now_ms().saturating_sub(o) as f64 / 1000.0)
+                    .map(|o| crate::clock::now_ms().saturating_sub(o) as f64 / 1000.0)
                     .unwrap_or(0.0);
                 ("200 OK", METRICS.render(pending, age, down))
             } else {

@@ -82,7 +82,7 @@ impl Shared {
             decision,
             tallied: true,
         };
-        if self.clients.over_limit(client, crate::spool::now_ms()) {
+        if self.clients.over_limit(client, crate::clock::now_ms()) {
             METRICS.token_lookup_refused();
             return Err(tallied(decision::decide_too_many_unknown()));
         }
@@ -91,13 +91,13 @@ impl Shared {
             return Err(tallied(decision::decide_too_many_lookups(self.clients.max_lookups())));
         };
         METRICS.token_lookup();
-        let looked_up = tokens::lookup(local.store.as_ref(), token, crate::spool::now_ms(), local.days_to_live).await;
+        let looked_up = tokens::lookup(local.store.as_ref(), token, crate::clock::now_ms(), local.days_to_live).await;
         let decision = match looked_up {
             Ok(Lookup::Valid(r)) => return Ok(Some(r)),
             Ok(l) => decision::decide_unknown_token(l == Lookup::Expired),
             Err(e) => decision::decide_store_failed(&e.0),
         };
-        self.clients.count_bad(client, crate::spool::now_ms());
+        self.clients.count_bad(client, crate::clock::now_ms());
         Err(Refusal {
             decision,
             tallied: false,
@@ -106,7 +106,7 @@ impl Shared {
 
     /// Writes the journal's summaries whose window has passed (all at `end`).
     pub fn journal_summaries(&self, end: bool) {
-        for event in self.clients.summaries(crate::spool::now_ms(), end) {
+        for event in self.clients.summaries(crate::clock::now_ms(), end) {
             self.spool.journal_later(event);
         }
     }
@@ -241,7 +241,7 @@ fn journal_recipient(
 ) {
     let reply = d.smtp_reply.as_ref().map(ToString::to_string);
     if tallied {
-        shared.clients.tally(client, crate::spool::now_ms(), reply);
+        shared.clients.tally(client, crate::clock::now_ms(), reply);
         return;
     }
     let event = crate::journal::Event {
@@ -493,7 +493,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         let client = client.as_deref().unwrap_or("-");
         // Counted as an unknown token is. The answer stays 550 past the
         // limit: it costs no lookup, and this address never becomes valid.
-        let now = crate::spool::now_ms();
+        let now = crate::clock::now_ms();
         let tallied = shared.clients.over_limit(client, now);
         if !tallied {
             shared.clients.count_bad(client, now);
@@ -833,7 +833,7 @@ async fn tokenize(
             return Status::Accept;
         }
     };
-    let now = crate::spool::now_ms();
+    let now = crate::clock::now_ms();
     let mid = inv.message_id.as_deref();
     let record = match externals.as_slice() {
         [one] => tokens::mint_or_reuse(local.store.as_ref(), &inv.organizer, one, &inv.uid, mid, now).await,

@@ -161,7 +161,7 @@ fn the_journal_is_bounded() {
     assert_eq!(all.len(), 50);
     assert_eq!(all.last().unwrap().reason, "n119");
     // And by age: everything before now goes.
-    let later = imip_milter::spool::now_ms() + 1;
+    let later = imip_milter::clock::now_ms() + 1;
     assert_eq!(spool.journal_purge(later, 1000).unwrap(), 50);
     assert!(spool
         .journal(&imip_milter::journal::Filter::default())

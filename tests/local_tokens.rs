@@ -255,7 +255,7 @@ async fn a_client_past_its_limit_is_refused_without_asking_the_store() {
         "mailto:bob@example.com",
         "u1",
         None,
-        imip_milter::spool::now_ms(),
+        imip_milter::clock::now_ms(),
     )
     .await
     .unwrap();

@@ -189,7 +189,7 @@ pub fn digest(challenge: &str, user: &str, password: &str, method: &str, uri: &s
     let qop = param(challenge, "qop").map(|q| q.split(',').any(|x| x.trim() == "auth"));
     let ha1 = md5_hex(&format!("{user}:{realm}:{password}"));
     let ha2 = md5_hex(&format!("{method}:{uri}"));
-    let cnonce = md5_hex(&format!("{nonce}:{}", crate::spool::now_ms()))[..16].to_owned();
+    let cnonce = md5_hex(&format!("{nonce}:{}", crate::clock::now_ms()))[..16].to_owned();
     let mut out = format!("Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\"");
     if qop == Some(true) {
         let response = md5_hex(&format!("{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}"));

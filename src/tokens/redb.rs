@@ -36,7 +36,7 @@ impl RedbTokens {
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         self.spool
             .database()
-            .map_err(|x| StoreError(format!("token store: {x}")))
+            .map_err(|x| StoreError(format!("token store: {}", crate::errors::chain(&x))))
     }
 }
 

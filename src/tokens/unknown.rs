@@ -84,14 +84,14 @@ impl RememberUnknown {
 impl TokenStore for RememberUnknown {
     fn get<'a>(&'a self, token: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
         Box::pin(async move {
-            if self.known_unknown(token, crate::spool::now_ms()) {
+            if self.known_unknown(token, crate::clock::now_ms()) {
                 self.hits.fetch_add(1, Relaxed);
                 crate::metrics::METRICS.token_lookup_remembered();
                 return Ok(None);
             }
             let found = self.inner.get(token).await?;
             if found.is_none() {
-                self.remember(token, crate::spool::now_ms());
+                self.remember(token, crate::clock::now_ms());
             }
             Ok(found)
         })
