@@ -1,4 +1,7 @@
 //! Command line: parse arguments, load the configuration, call the library.
+//!
+//! Longer than 700 lines: one function per subcommand, each a thin call
+//! into the library, argument parsing and output formatting.
 
 use clap::{Args, Parser, Subcommand};
 use imip_milter::{

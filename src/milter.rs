@@ -1,5 +1,9 @@
 //! The milter callbacks and per-session state; nothing else. What to do with
 //! a message is decided in `decision`, from what `analysis` found.
+//!
+//! Longer than 700 lines: the callbacks of inbound and outbound sessions
+//! share the session state; the outbound path at end of message is the part
+//! to move out next.
 
 use crate::clients::Clients;
 use crate::settings::Settings;

@@ -3,6 +3,9 @@
 //!
 //! calcard reads both objects; the stored one is edited as text, line by
 //! line, so that every byte not about the replying attendee survives.
+//!
+//! Longer than 700 lines: a third of it is unit tests; the rest is one
+//! algorithm (a REPLY applied to a stored object) best read in one place.
 
 use calcard::{
     common::timezone::Tz,

@@ -130,7 +130,7 @@ impl DbCell {
                 }
             }
         }
-        match Database::create(&self.path) {
+        match Database::builder().set_cache_size(SPOOL_CACHE).create(&self.path) {
             Ok(db) => {
                 tracing::warn!("spool {} reopened after an I/O error", self.path.display());
                 *guard = Some(Arc::new(db));

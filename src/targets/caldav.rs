@@ -5,6 +5,10 @@
 //! the organizer's calendars, applies the REPLY (see `schedule`), and writes
 //! it back with If-Match, fetching again when someone else changed it
 //! meanwhile.
+//!
+//! Longer than 700 lines: discovery (home, principals, shared calendars) and
+//! applying share the HTTP helpers here. Discovery is to become a file of its
+//! own when it is reworked for SOGo and Cyrus (issue 22).
 
 use super::Outcome;
 use crate::{
