@@ -86,7 +86,7 @@ async fn token_database(config: &Config) -> Option<Finding> {
     };
     let store = match crate::tokens::open_shared(&config.tokens.store) {
         Ok(s) => s,
-        Err(e) => return Some(Finding::fail("tokens", e.0)),
+        Err(e) => return Some(Finding::fail("tokens", crate::errors::chain(&e))),
     };
     let schema = match layout {
         crate::config::Layout::Own => "schema version 1",
@@ -94,7 +94,13 @@ async fn token_database(config: &Config) -> Option<Finding> {
     };
     Some(match store.get("imip-milter-check-probe").await {
         Ok(_) => Finding::ok("tokens", format!("{url} answers a lookup ({schema})")),
-        Err(e) => Finding::fail("tokens", format!("{e}: check tokens.url and tokens.password_file")),
+        Err(e) => Finding::fail(
+            "tokens",
+            format!(
+                "{}: check tokens.url and tokens.password_file",
+                crate::errors::chain(&e)
+            ),
+        ),
     })
 }
 

@@ -227,7 +227,7 @@ pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
         }
         _ => return Response::error("not a token request"),
     };
-    result.unwrap_or_else(|e| Response::error(e.0))
+    result.unwrap_or_else(|e| Response::error(errors::chain(&e)))
 }
 
 /// Tokens unused for `days_to_live` go, in one statement on a database.
@@ -349,7 +349,7 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
             // Remote token mode: the commands still work on this host's store.
             None => match tokens::RedbTokens::new(&shared.spool) {
                 Ok(s) => Arc::new(s),
-                Err(e) => return Some(Response::error(e.0)),
+                Err(e) => return Some(Response::error(errors::chain(&e))),
             },
         };
         return Some(handle_tokens(store.as_ref(), &req).await);
@@ -419,7 +419,7 @@ pub fn request_or_open(config: &crate::config::Config, req: &Request) -> Result<
             if !is_token_request(req) {
                 return Ok(handle(&spool, req));
             }
-            let store = tokens::open(&config.tokens, &spool).map_err(|e| e.0)?;
+            let store = tokens::open(&config.tokens, &spool).map_err(|e| errors::chain(&e))?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -304,7 +304,7 @@ async fn touch(store: &dyn TokenStore, tokens: &[TokenRecord]) {
         // The reply is stored; a database that fails once is not asked again
         // for the other tokens of this message.
         if let Err(e) = store.touch(&t.token, now).await {
-            warn!("{e}");
+            warn!("{}", crate::errors::chain(&e));
             break;
         }
     }

@@ -582,7 +582,8 @@ fn deliver_without_daemon(
         let mut shared = Shared::new(imip_milter::settings::Settings::from_config(&config), spool.clone());
         shared.clients = imip_milter::client_limits(&config);
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
-            shared.tokens = Some(imip_milter::local_tokens(&config, &spool).map_err(|e| e.to_string())?);
+            shared.tokens =
+                Some(imip_milter::local_tokens(&config, &spool).map_err(|e| imip_milter::errors::chain(&*e))?);
         }
         let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, client_addr, raw).await;
         if !verdict.new_ids.is_empty() {

@@ -99,7 +99,7 @@ impl Shared {
         let decision = match looked_up {
             Ok(Lookup::Valid(r)) => return Ok(Some(r)),
             Ok(l) => decision::decide_unknown_token(l == Lookup::Expired),
-            Err(e) => decision::decide_store_failed(&e.0),
+            Err(e) => decision::decide_store_failed(&crate::errors::chain(&e)),
         };
         self.clients.count_bad(client, crate::clock::now_ms());
         Err(Refusal {
@@ -848,8 +848,9 @@ async fn tokenize(
         Err(e) => {
             // Not tokenized, the invitation would leave with the organizer's
             // own address and replies would bypass the gateway: try again later.
+            let e = crate::errors::chain(&e);
             warn!("{queue_id}: outbound invitation not tokenized: {e}");
-            let d = decision::decide_store_failed(&e.0);
+            let d = decision::decide_store_failed(&e);
             set_reply(&mut cx.reply, &d);
             return Status::Tempfail;
         }

@@ -251,8 +251,11 @@ async fn the_database_over_tls_is_verified() {
     let (pg, ca) = Postgres::start_tls();
     let url = pg.url();
     let lookup = |url: String| async move {
-        let s = PostgresTokens::new(&url, None).map_err(|e| e.to_string())?;
-        s.get("probe").await.map(|_| ()).map_err(|e| e.to_string())
+        let s = PostgresTokens::new(&url, None).map_err(|e| imip_milter::errors::chain(&e))?;
+        s.get("probe")
+            .await
+            .map(|_| ())
+            .map_err(|e| imip_milter::errors::chain(&e))
     };
     let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", ca.display());
     lookup(verified).await.unwrap();

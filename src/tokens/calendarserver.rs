@@ -12,7 +12,7 @@
 //! quotes the event's UID.
 
 use super::{
-    postgres::pool::{error_text, ms, Pool},
+    postgres::pool::{error_text, failed, ms, Pool},
     StoreError, StoreFuture, TokenRecord, TokenStore,
 };
 use crate::config::PoolLimits;
@@ -70,7 +70,7 @@ fn records(rows: &[Row]) -> Result<Vec<TokenRecord>, StoreError> {
     for row in rows {
         let text = |i: usize| {
             row.try_get::<_, String>(i)
-                .map_err(|e| StoreError(format!("token database: IMIP_TOKENS row: {e}")))
+                .map_err(|e| failed("token database: IMIP_TOKENS row", e))
         };
         let (token, organizer, attendee, uid) = (text(0)?, text(1)?, text(2)?, text(3)?);
         let accessed = row

@@ -80,19 +80,45 @@ impl TokenRecord {
     }
 }
 
+/// A token store operation that failed: what and where (its text), and why
+/// (`source()`: redb's, the spool's, the system's or the database client's
+/// error). What a PostgreSQL server answered is part of the text, never a
+/// cause (see `postgres::pool::failed`). Messages and log lines print
+/// `errors::chain`; an SMTP answer prints none of it.
 #[derive(Debug)]
-pub struct StoreError(pub String);
+pub struct StoreError {
+    context: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
 
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl StoreError {
+    /// An error whose text says all there is (no cause behind it).
+    pub fn new(context: impl Into<String>) -> Self {
+        Self {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// `context` failed because of `cause`.
+    pub fn with(context: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self {
+            context: context.into(),
+            source: Some(Arc::new(cause)),
+        }
     }
 }
 
-impl std::error::Error for StoreError {}
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.context)
+    }
+}
 
-pub(crate) fn e(context: &'static str) -> impl Fn(&dyn fmt::Display) -> StoreError {
-    move |err| StoreError(format!("token store {context}: {err}"))
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// What a store call comes to, later: a lookup may wait on a database.
@@ -135,10 +161,10 @@ pub fn open_shared(config: &crate::config::TokenStoreConfig) -> Result<Arc<dyn T
         pool,
     } = config
     else {
-        return Err(StoreError("tokens.store: not a database".into()));
+        return Err(StoreError::new("tokens.store: not a database"));
     };
     let password = match password_file {
-        Some(f) => Some(crate::config::read_secret(f, "tokens.password_file").map_err(StoreError)?),
+        Some(f) => Some(crate::config::read_secret(f, "tokens.password_file").map_err(StoreError::new)?),
         None => None,
     };
     Ok(match layout {
@@ -171,7 +197,7 @@ pub fn mint() -> Result<String, StoreError> {
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|x| StoreError(format!("no randomness for a token: {x}")))?;
+        .map_err(|x| StoreError::with("no randomness for a token", x))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -286,6 +312,14 @@ mod tests {
         );
         assert_ne!(a.token, c.token);
         assert_eq!(s.list().await.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_cause_follows_the_context_in_the_chain() {
+        let e = StoreError::with("no randomness for a token", std::io::Error::other("gone"));
+        assert_eq!(e.to_string(), "no randomness for a token");
+        assert_eq!(crate::errors::chain(&e), "no randomness for a token: gone");
+        assert_eq!(crate::errors::chain(&StoreError::new("alone")), "alone");
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The token store in the daemon's redb file: one host's tokens.
 
-use super::{e, StoreError, StoreFuture, TokenRecord, TokenStore};
+use super::{StoreError, StoreFuture, TokenRecord, TokenStore};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::sync::Arc;
 
@@ -8,6 +8,12 @@ use std::sync::Arc;
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// "organizer\0attendee\0uid" (addresses in lower case) → token
 const BY_EVENT: TableDefinition<&str, &str> = TableDefinition::new("tokens_by_event");
+
+/// `token store {what}` failed because of `cause` (redb's error, or
+/// serde_json's for a record that cannot be encoded).
+fn failed<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |cause| StoreError::with(format!("token store {what}"), cause)
+}
 
 /// The token store in the daemon's redb file.
 pub struct RedbTokens {
@@ -26,35 +32,33 @@ impl RedbTokens {
     pub fn new(spool: &crate::spool::Spool) -> Result<Self, StoreError> {
         let store = Self { spool: spool.clone() };
         let db = store.db()?;
-        let txn = db.begin_write().map_err(|x| e("open")(&x))?;
-        txn.open_table(TOKENS).map_err(|x| e("open")(&x))?;
-        txn.open_table(BY_EVENT).map_err(|x| e("open")(&x))?;
-        txn.commit().map_err(|x| e("open")(&x))?;
+        let txn = db.begin_write().map_err(failed("open"))?;
+        txn.open_table(TOKENS).map_err(failed("open"))?;
+        txn.open_table(BY_EVENT).map_err(failed("open"))?;
+        txn.commit().map_err(failed("open"))?;
         Ok(store)
     }
 
     fn db(&self) -> Result<Arc<Database>, StoreError> {
-        self.spool
-            .database()
-            .map_err(|x| StoreError(format!("token store: {}", crate::errors::chain(&x))))
+        self.spool.database().map_err(|x| StoreError::with("token store", x))
     }
 }
 
 impl RedbTokens {
     fn get_now(&self, token: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
-        let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
-        let v = t.get(token).map_err(|x| e("read")(&x))?;
+        let txn = self.db()?.begin_read().map_err(failed("read"))?;
+        let t = txn.open_table(TOKENS).map_err(failed("read"))?;
+        let v = t.get(token).map_err(failed("read"))?;
         Ok(v.and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
     fn find_now(&self, organizer: &str, attendee: &str, uid: &str) -> Result<Option<TokenRecord>, StoreError> {
         let token = {
-            let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
-            let t = txn.open_table(BY_EVENT).map_err(|x| e("read")(&x))?;
+            let txn = self.db()?.begin_read().map_err(failed("read"))?;
+            let t = txn.open_table(BY_EVENT).map_err(failed("read"))?;
             let v = t
                 .get(event_key(organizer, attendee, uid).as_str())
-                .map_err(|x| e("read")(&x))?;
+                .map_err(failed("read"))?;
             v.map(|v| v.value().to_owned())
         };
         match token {
@@ -64,50 +68,50 @@ impl RedbTokens {
     }
 
     fn put_now(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|x| e("encode")(&x))?;
-        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
+        let bytes = serde_json::to_vec(rec).map_err(failed("encode"))?;
+        let txn = self.db()?.begin_write().map_err(failed("write"))?;
         {
-            let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
+            let mut t = txn.open_table(TOKENS).map_err(failed("write"))?;
             t.insert(rec.token.as_str(), bytes.as_slice())
-                .map_err(|x| e("write")(&x))?;
-            let mut by = txn.open_table(BY_EVENT).map_err(|x| e("write")(&x))?;
+                .map_err(failed("write"))?;
+            let mut by = txn.open_table(BY_EVENT).map_err(failed("write"))?;
             by.insert(
                 event_key(&rec.organizer, &rec.attendee, &rec.uid).as_str(),
                 rec.token.as_str(),
             )
-            .map_err(|x| e("write")(&x))?;
+            .map_err(failed("write"))?;
         }
-        txn.commit().map_err(|x| e("commit")(&x))
+        txn.commit().map_err(failed("commit"))
     }
 
     fn revoke_now(&self, token: &str) -> Result<bool, StoreError> {
         let Some(rec) = self.get_now(token)? else {
             return Ok(false);
         };
-        let txn = self.db()?.begin_write().map_err(|x| e("write")(&x))?;
+        let txn = self.db()?.begin_write().map_err(failed("write"))?;
         {
-            let mut t = txn.open_table(TOKENS).map_err(|x| e("write")(&x))?;
-            t.remove(token).map_err(|x| e("write")(&x))?;
-            let mut by = txn.open_table(BY_EVENT).map_err(|x| e("write")(&x))?;
+            let mut t = txn.open_table(TOKENS).map_err(failed("write"))?;
+            t.remove(token).map_err(failed("write"))?;
+            let mut by = txn.open_table(BY_EVENT).map_err(failed("write"))?;
             let key = event_key(&rec.organizer, &rec.attendee, &rec.uid);
             let points_here = by
                 .get(key.as_str())
-                .map_err(|x| e("write")(&x))?
+                .map_err(failed("write"))?
                 .is_some_and(|v| v.value() == token);
             if points_here {
-                by.remove(key.as_str()).map_err(|x| e("write")(&x))?;
+                by.remove(key.as_str()).map_err(failed("write"))?;
             }
         }
-        txn.commit().map_err(|x| e("commit")(&x))?;
+        txn.commit().map_err(failed("commit"))?;
         Ok(true)
     }
 
     fn list_now(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let txn = self.db()?.begin_read().map_err(|x| e("read")(&x))?;
-        let t = txn.open_table(TOKENS).map_err(|x| e("read")(&x))?;
+        let txn = self.db()?.begin_read().map_err(failed("read"))?;
+        let t = txn.open_table(TOKENS).map_err(failed("read"))?;
         let mut out = Vec::new();
-        for entry in t.iter().map_err(|x| e("read")(&x))? {
-            let (_, v) = entry.map_err(|x| e("read")(&x))?;
+        for entry in t.iter().map_err(failed("read"))? {
+            let (_, v) = entry.map_err(failed("read"))?;
             if let Ok(r) = serde_json::from_slice::<TokenRecord>(v.value()) {
                 out.push(r);
             }
@@ -132,7 +136,7 @@ impl RedbTokens {
             Ok(rt) => Box::pin(async move {
                 rt.spawn_blocking(move || f(&store))
                     .await
-                    .map_err(|x| StoreError(format!("token store: {x}")))?
+                    .map_err(|x| StoreError::with("token store", x))?
             }),
             Err(_) => Box::pin(std::future::ready(f(&store))),
         }

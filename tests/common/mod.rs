@@ -965,8 +965,8 @@ impl imip_milter::tokens::TokenStore for CountingStore {
         self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
             return Box::pin(async {
-                Err(imip_milter::tokens::StoreError(
-                    "token database: lookup: no answer in 3s".into(),
+                Err(imip_milter::tokens::StoreError::new(
+                    "token database: lookup: no answer in 3s",
                 ))
             });
         }

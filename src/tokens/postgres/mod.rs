@@ -55,7 +55,7 @@ async fn migrate(client: &Client) -> Result<(), String> {
 }
 
 fn record(row: &Row) -> Result<TokenRecord, StoreError> {
-    let bad = |e: tokio_postgres::Error| StoreError(format!("token database: imip_milter_tokens row: {e}"));
+    let bad = |e| pool::failed("token database: imip_milter_tokens row", e);
     let u = |i: usize| {
         row.try_get::<_, i64>(i)
             .map(|v| u64::try_from(v).unwrap_or(0))

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 use tokio::sync::{Mutex, Semaphore};
-use tokio_postgres::{tls::MakeTlsConnect, Client, NoTls, Socket};
+use tokio_postgres::{error::DbError, tls::MakeTlsConnect, Client, NoTls, Socket};
 
 /// Connecting and one statement at most; then the caller answers 451.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -36,13 +36,12 @@ pub struct Pool {
 impl Pool {
     /// Reads the settings; connects at first use.
     pub fn new(url: &str, password: Option<String>, limits: PoolLimits, prepare: Prepare) -> Result<Self, StoreError> {
-        let asked = crate::config::tokens::read_url(url).map_err(|e| StoreError(format!("tokens.url: {e}")))?;
-        let mut config: tokio_postgres::Config =
-            asked.url.parse().map_err(|e| StoreError(format!("tokens.url: {e}")))?;
+        let asked = crate::config::tokens::read_url(url).map_err(|e| StoreError::new(format!("tokens.url: {e}")))?;
+        let mut config: tokio_postgres::Config = asked.url.parse().map_err(|e| failed("tokens.url", e))?;
         let tls = match asked.tls {
             true => Some(crate::tokens::tls::MakeRustls(
                 crate::tokens::tls::client_config(asked.root_cert.as_deref().map(std::path::Path::new))
-                    .map_err(|e| StoreError(format!("tokens.url: {e}")))?,
+                    .map_err(|e| StoreError::new(format!("tokens.url: {e}")))?,
             )),
             false => None,
         };
@@ -75,7 +74,7 @@ impl Pool {
         if !self.ready.load(Ordering::Relaxed) {
             (self.prepare)(&client)
                 .await
-                .map_err(|e| StoreError(format!("token database {}: {e}", self.url)))?;
+                .map_err(|e| StoreError::new(format!("token database {}: {e}", self.url)))?;
             self.ready.store(true, Ordering::Relaxed);
         }
         Ok(client)
@@ -93,7 +92,7 @@ impl Pool {
             .config
             .connect(tls)
             .await
-            .map_err(|e| StoreError(format!("token database {}: {}", self.url, error_text(&e))))?;
+            .map_err(|e| failed(format!("token database {}", self.url), e))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
@@ -111,9 +110,9 @@ impl Pool {
     ) -> Result<T, StoreError> {
         let slot = match tokio::time::timeout(self.limits.wait, self.slots.acquire()).await {
             Ok(Ok(slot)) => slot,
-            Ok(Err(_)) => return Err(StoreError("token database: closed".into())),
+            Ok(Err(_)) => return Err(StoreError::new("token database: closed")),
             Err(_) => {
-                return Err(StoreError(format!(
+                return Err(StoreError::new(format!(
                     "token database {}: {what}: all {} connections busy for {}ms (tokens.pool_size, tokens.pool_wait)",
                     self.url,
                     self.limits.size,
@@ -136,16 +135,12 @@ impl Pool {
             }
             match answer {
                 Ok(a) => Ok((client, a)),
-                Err(e) => Err(StoreError(format!(
-                    "token database {}: {what}: {}",
-                    self.url,
-                    error_text(&e)
-                ))),
+                Err(e) => Err(failed(format!("token database {}: {what}", self.url), e)),
             }
         };
         let result = match tokio::time::timeout(TIMEOUT, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(StoreError(format!(
+            Err(_) => Err(StoreError::new(format!(
                 "token database {}: {what}: no answer in {}s",
                 self.url,
                 TIMEOUT.as_secs()
@@ -161,7 +156,7 @@ impl Pool {
             }
             Err(e) => {
                 if !self.down.swap(true, Ordering::Relaxed) {
-                    tracing::error!("{e}; recipients get 451 until it answers");
+                    tracing::error!("{}; recipients get 451 until it answers", crate::errors::chain(&e));
                 }
                 Err(e)
             }
@@ -169,10 +164,36 @@ impl Pool {
     }
 }
 
+/// `context` failed because of `e`. What the server answered goes into the
+/// text by `error_text`, and `e` is not kept as the cause: its source is
+/// then the server's `DbError`, whose Display adds the DETAIL line (it may
+/// quote a row, and so a token), and every log line prints the chain. The
+/// client's own errors (I/O, TLS, timeouts, a column it cannot read) stay
+/// the cause.
+pub fn failed(context: impl Into<String>, e: tokio_postgres::Error) -> StoreError {
+    match server_error(&e) {
+        Some(_) => StoreError::new(format!("{}: {}", context.into(), error_text(&e))),
+        None => StoreError::with(context, e),
+    }
+}
+
+/// The server's answer anywhere in `e`'s chain (tokio-postgres puts it
+/// right behind `e`, `as_db_error`; a deeper one would still be found).
+fn server_error(e: &tokio_postgres::Error) -> Option<&DbError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(db) = c.downcast_ref::<DbError>() {
+            return Some(db);
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// The server's own words for an error, without its DETAIL line (which may
 /// quote a row, and so a token); the root cause for others.
 pub fn error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
+    match server_error(e) {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
         None => crate::errors::chain(e),
     }
@@ -181,4 +202,21 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 /// Milliseconds as PostgreSQL's bigint.
 pub fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_own_error_stays_the_cause() {
+        let e = "host=a port=x".parse::<tokio_postgres::Config>().unwrap_err();
+        let e = failed("tokens.url", e);
+        assert_eq!(e.to_string(), "tokens.url");
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            crate::errors::chain(&e),
+            "tokens.url: invalid connection string: invalid value for option `port`"
+        );
+    }
 }
