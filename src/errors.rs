@@ -1,4 +1,45 @@
-//! Error chains printed on one line.
+//! Errors at the boundaries: what failed (context) with why (`source()`),
+//! and their chains printed on one line.
+
+/// Declares an error type of one boundary (spool, token store): its text
+/// says what failed and where, `source()` the cause (redb's, the system's,
+/// a client library's). Cheap to clone: one failure may answer several
+/// waiting callers.
+macro_rules! context_error {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name {
+            context: String,
+            source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+        }
+
+        impl $name {
+            /// An error whose text says all there is (no cause behind it).
+            pub fn new(context: impl Into<String>) -> Self {
+                Self { context: context.into(), source: None }
+            }
+
+            /// `context` failed because of `cause`.
+            pub fn with(context: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+                Self { context: context.into(), source: Some(std::sync::Arc::new(cause)) }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.context)
+            }
+        }
+
+        impl std::error::Error for $name {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+            }
+        }
+    };
+}
+pub(crate) use context_error;
 
 /// `e` and each of its causes (`source()`), joined with ": ": what a log
 /// line or a command's message prints of an error.

@@ -47,44 +47,12 @@ use std::{
 use tokio::sync::{oneshot, Notify};
 use writer::{Later, Work, Writer, FRESH};
 
-/// A spool operation that failed: what and where (its text), and why
-/// (`source()`, redb's or the system's error). Cheap to clone: the writer
-/// answers every request of a failed commit with the same error.
-#[derive(Debug, Clone)]
-pub struct SpoolError {
-    context: String,
-    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
-}
-
-impl SpoolError {
-    /// An error whose text says all there is (no cause behind it).
-    pub fn new(context: impl Into<String>) -> Self {
-        Self {
-            context: context.into(),
-            source: None,
-        }
-    }
-
-    /// `context` failed because of `cause`.
-    pub fn with(context: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self {
-            context: context.into(),
-            source: Some(Arc::new(cause)),
-        }
-    }
-}
-
-impl std::fmt::Display for SpoolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.context)
-    }
-}
-
-impl std::error::Error for SpoolError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
-    }
-}
+crate::errors::context_error!(
+    /// A spool operation that failed: what and where (its text), and why
+    /// (`source()`, redb's or the system's error). Cheap to clone: the writer
+    /// answers every request of a failed commit with the same error.
+    SpoolError
+);
 
 /// Handle to the spool; cheap to clone.
 #[derive(Clone)]

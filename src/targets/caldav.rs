@@ -811,10 +811,7 @@ fn percent_decoded(s: &str) -> String {
 
 /// An outcome as one line of text.
 fn describe(o: &Outcome) -> String {
-    match o {
-        Outcome::Delivered => "done".into(),
-        Outcome::Retry(e) | Outcome::Unreachable(e) | Outcome::ServerFault(e) | Outcome::Permanent(e) => e.clone(),
-    }
+    o.error().unwrap_or("done").to_owned()
 }
 
 /// A component with this UID but neither ORGANIZER nor ATTENDEE: what a
@@ -846,13 +843,7 @@ fn is_organizers_event(data: &str, uid: &str, organizer: &str) -> bool {
 }
 
 fn transport(e: reqwest::Error) -> Outcome {
-    if e.is_timeout() {
-        Outcome::Unreachable("timed out".into())
-    } else {
-        // The outer error says only "error sending request"; the cause is
-        // what an admin acts on (a refused connection, an unknown CA).
-        Outcome::Unreachable(format!("cannot reach the CalDAV server: {}", crate::errors::chain(&e)))
-    }
+    Outcome::unreachable(&e, "cannot reach the CalDAV server: ")
 }
 
 /// What an unexpected answer to `what` on `url` means, with the server's
@@ -874,24 +865,12 @@ async fn failure(resp: reqwest::Response, what: &str, url: &str, limit: usize) -
         .await
         .map(|b| server_words(&b))
         .unwrap_or_default();
-    let said = if words.is_empty() {
-        String::new()
-    } else {
-        format!(": {words}")
-    };
-    match status.as_u16() {
-        500 if !words.is_empty() => Outcome::ServerFault(format!("{what} {url}: HTTP {status}{said}")),
-        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("{what} {url}: HTTP {status}{said}")),
-        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("{what} {url}: HTTP {status}{said}")),
-        401 => Outcome::Permanent(format!(
-            "{what} {url}: HTTP {status}: the server refuses the service account's credentials \
-             (target.username and password_file, or token_file)"
-        )),
-        403 => Outcome::Permanent(format!(
-            "{what} {url}: HTTP {status}{said}: the service account may not do this (its rights on the server)"
-        )),
-        _ => Outcome::Permanent(format!("{what} {url}: HTTP {status}{said}")),
-    }
+    Outcome::from_status(
+        status,
+        &format!("{what} {url}"),
+        &words,
+        "target.username and password_file, or token_file",
+    )
 }
 
 /// A server's error text made short and printable: tags dropped, space

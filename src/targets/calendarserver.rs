@@ -108,8 +108,7 @@ impl CalendarServer {
                     Err(e) => e.outcome(),
                 }
             }
-            Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Err(e) => Outcome::Unreachable(chain(&e)),
+            Err(e) => Outcome::unreachable(&e, ""),
         }
     }
 
@@ -149,12 +148,7 @@ pub fn classify(status: StatusCode, body: &str) -> Outcome {
             Some(s) => Outcome::Permanent(format!("request-status {s}")),
             None => Outcome::Permanent(format!("HTTP {status} without a schedule-response")),
         },
-        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("HTTP {status}")),
-        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
-        401 | 403 => Outcome::Permanent(format!(
-            "HTTP {status}: credentials refused (target.secret_file or target.password_file)"
-        )),
-        _ => Outcome::Permanent(format!("HTTP {status}")),
+        _ => Outcome::from_status(status, "", "", "target.secret_file or target.password_file"),
     }
 }
 

@@ -64,8 +64,7 @@ impl ReadError {
             Self::TooLarge(limit) => Outcome::Permanent(format!(
                 "the server's answer is larger than {limit} bytes (target.max_response_bytes)"
             )),
-            Self::Http(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Self::Http(e) => Outcome::Unreachable(crate::errors::chain(&e)),
+            Self::Http(e) => Outcome::unreachable(&e, ""),
         }
     }
 }
@@ -107,6 +106,51 @@ impl Outcome {
     /// while the target itself answers.
     pub fn gateway_status(status: u16) -> bool {
         matches!(status, 502..=504)
+    }
+
+    /// A request that got no answer. The outer error says only "error
+    /// sending request"; its causes are what an admin acts on (a refused
+    /// connection, an unknown CA), so the whole chain is kept. `prefix`
+    /// says what was asked of whom, "" where the caller's context does.
+    pub(crate) fn unreachable(e: &reqwest::Error, prefix: &str) -> Self {
+        if e.is_timeout() {
+            Self::Unreachable("timed out".into())
+        } else if e.is_connect() && prefix.is_empty() {
+            Self::Unreachable(format!("cannot connect: {}", crate::errors::chain(e)))
+        } else {
+            Self::Unreachable(format!("{prefix}{}", crate::errors::chain(e)))
+        }
+    }
+
+    /// DESIGN §3, the one place an HTTP status that is no success becomes an
+    /// outcome for every target: 408, 425, 429 and 5xx are retried (502-504
+    /// as the target unreachable, a 500 with the server's words as a fault
+    /// that repeats); anything else is kept as failed. `asked` says what was
+    /// asked ("PUT https://…", or "" for the target's one URL), `said` is
+    /// the server's own words or "", `credentials` the keys that hold them.
+    pub(crate) fn from_status(status: reqwest::StatusCode, asked: &str, said: &str, credentials: &str) -> Self {
+        let asked = if asked.is_empty() {
+            String::new()
+        } else {
+            format!("{asked}: ")
+        };
+        let said = if said.is_empty() {
+            String::new()
+        } else {
+            format!(": {said}")
+        };
+        let text = format!("{asked}HTTP {status}{said}");
+        match status.as_u16() {
+            500 if !said.is_empty() => Self::ServerFault(text),
+            s if Self::gateway_status(s) => Self::Unreachable(text),
+            408 | 425 | 429 | 500..=599 => Self::Retry(text),
+            300..=399 => Self::Permanent(format!("{text}: redirects are not followed; fix target.url")),
+            401 => Self::Permanent(format!("{text}: credentials refused ({credentials})")),
+            403 => Self::Permanent(format!(
+                "{text}: credentials refused, or without the rights for this on the server ({credentials})"
+            )),
+            _ => Self::Permanent(text),
+        }
     }
 }
 

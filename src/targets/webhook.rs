@@ -59,9 +59,7 @@ impl Webhook {
         }
         match req.send().await {
             Ok(resp) => classify(resp.status()),
-            Err(e) if e.is_timeout() => Outcome::Unreachable("timed out".into()),
-            Err(e) if e.is_connect() => Outcome::Unreachable(format!("cannot connect: {}", chain(&e))),
-            Err(e) => Outcome::Unreachable(chain(&e)),
+            Err(e) => Outcome::unreachable(&e, ""),
         }
     }
 }
@@ -103,15 +101,12 @@ impl Webhook {
     }
 }
 
-/// DESIGN §3: 2xx done; 408, 425, 429, 5xx retried; other answers permanent.
+/// DESIGN §3: 2xx done; the rest as `Outcome::from_status` says.
 pub fn classify(status: StatusCode) -> Outcome {
-    let code = status.as_u16();
-    match code {
-        200..=299 => Outcome::Delivered,
-        s if Outcome::gateway_status(s) => Outcome::Unreachable(format!("HTTP {status}")),
-        408 | 425 | 429 | 500..=599 => Outcome::Retry(format!("HTTP {status}")),
-        300..=399 => Outcome::Permanent(format!("HTTP {status}: redirects are not followed; fix target.url")),
-        _ => Outcome::Permanent(format!("HTTP {status}")),
+    if status.is_success() {
+        Outcome::Delivered
+    } else {
+        Outcome::from_status(status, "", "", "target.secret_file")
     }
 }
 

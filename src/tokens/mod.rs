@@ -3,7 +3,7 @@
 //! that a store shared by several MX hosts (a database server) can be added.
 
 use serde::{Deserialize, Serialize};
-use std::{fmt, future::Future, io::Read, pin::Pin, sync::Arc};
+use std::{future::Future, io::Read, pin::Pin, sync::Arc};
 
 mod calendarserver;
 mod import;
@@ -80,46 +80,14 @@ impl TokenRecord {
     }
 }
 
-/// A token store operation that failed: what and where (its text), and why
-/// (`source()`: redb's, the spool's, the system's or the database client's
-/// error). What a PostgreSQL server answered is part of the text, never a
-/// cause (see `postgres::pool::failed`). Messages and log lines print
-/// `errors::chain`; an SMTP answer prints none of it.
-#[derive(Debug)]
-pub struct StoreError {
-    context: String,
-    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
-}
-
-impl StoreError {
-    /// An error whose text says all there is (no cause behind it).
-    pub fn new(context: impl Into<String>) -> Self {
-        Self {
-            context: context.into(),
-            source: None,
-        }
-    }
-
-    /// `context` failed because of `cause`.
-    pub fn with(context: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self {
-            context: context.into(),
-            source: Some(Arc::new(cause)),
-        }
-    }
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.context)
-    }
-}
-
-impl std::error::Error for StoreError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
-    }
-}
+crate::errors::context_error!(
+    /// A token store operation that failed: what and where (its text), and why
+    /// (`source()`: redb's, the spool's, the system's or the database client's
+    /// error). What a PostgreSQL server answered is part of the text, never a
+    /// cause (see `postgres::pool::failed`). Messages and log lines print
+    /// `errors::chain`; an SMTP answer prints none of it.
+    StoreError
+);
 
 /// What a store call comes to, later: a lookup may wait on a database.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
