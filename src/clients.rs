@@ -7,7 +7,10 @@
 use crate::journal::Event;
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Mutex,
+    },
     time::Duration,
 };
 
@@ -20,7 +23,8 @@ const OVERFLOW: &str = "*";
 /// The per-client limits every session shares.
 pub struct Clients {
     bad: UnknownLimiter,
-    max_lookups: usize,
+    /// `tokens.max_lookups_per_client`; a reload may change it.
+    max_lookups: AtomicUsize,
     /// Lookups in flight per client; an entry goes when its count is back
     /// to zero, so there are at most as many as sessions.
     lookups: Mutex<HashMap<String, usize>>,
@@ -39,7 +43,7 @@ impl Clients {
     pub fn new(max_unknown: usize, window: Duration, max_lookups: usize) -> Self {
         Self {
             bad: UnknownLimiter::new(max_unknown, window),
-            max_lookups,
+            max_lookups: AtomicUsize::new(max_lookups),
             lookups: Mutex::new(HashMap::new()),
             tallies: Mutex::new(HashMap::new()),
         }
@@ -47,7 +51,14 @@ impl Clients {
 
     /// `tokens.max_lookups_per_client`.
     pub fn max_lookups(&self) -> usize {
-        self.max_lookups
+        self.max_lookups.load(Ordering::Relaxed)
+    }
+
+    /// The limits of a reloaded `[tokens]`; what was counted stays counted.
+    pub fn set_limits(&self, max_unknown: usize, window: Duration, max_lookups: usize) {
+        self.bad.max.store(max_unknown, Ordering::Relaxed);
+        self.bad.window_ms.store(window.as_millis() as u64, Ordering::Relaxed);
+        self.max_lookups.store(max_lookups, Ordering::Relaxed);
     }
 
     /// Whether `client` sent its `max_unknown` bad recipients within the window.
@@ -68,7 +79,7 @@ impl Clients {
         let key = key(client);
         let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
         let n = lookups.entry(key.clone()).or_default();
-        if *n >= self.max_lookups {
+        if *n >= self.max_lookups() {
             return None;
         }
         *n += 1;
@@ -94,7 +105,7 @@ impl Clients {
     /// The summaries whose window has passed (all of them at `end`): one
     /// journal event per client, with the count.
     pub fn summaries(&self, now_ms: u64, end: bool) -> Vec<Event> {
-        let window = self.bad.window_ms;
+        let window = self.bad.window_ms.load(Ordering::Relaxed);
         let mut tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
         let due: Vec<String> = tallies
             .iter()
@@ -108,7 +119,7 @@ impl Clients {
                     "{} recipients refused from client {client} since {}, past its limit of {} bad recipients in {}s; not journaled one by one",
                     t.count,
                     crate::journal::rfc3339(t.since_ms),
-                    self.bad.max,
+                    self.bad.max.load(Ordering::Relaxed),
                     window / 1000
                 );
                 Some(Event {
@@ -140,16 +151,16 @@ impl Drop for LookupSlot<'_> {
 
 /// Counts bad recipients per client address in a sliding window.
 pub struct UnknownLimiter {
-    max: usize,
-    window_ms: u64,
+    max: AtomicUsize,
+    window_ms: AtomicU64,
     seen: Mutex<HashMap<String, VecDeque<u64>>>,
 }
 
 impl UnknownLimiter {
     pub fn new(max: usize, window: Duration) -> Self {
         Self {
-            max,
-            window_ms: window.as_millis() as u64,
+            max: AtomicUsize::new(max),
+            window_ms: AtomicU64::new(window.as_millis() as u64),
             seen: Mutex::new(HashMap::new()),
         }
     }
@@ -174,15 +185,15 @@ impl UnknownLimiter {
             },
             None => return false,
         };
-        Self::prune(q, now, self.window_ms);
-        q.len() >= self.max
+        Self::prune(q, now, self.window_ms.load(Ordering::Relaxed));
+        q.len() >= self.max.load(Ordering::Relaxed)
     }
 
     pub fn record(&self, client: &str, now: u64) {
         let mut key = key(client);
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_CLIENTS && !seen.contains_key(&key) {
-            let window = self.window_ms;
+            let window = self.window_ms.load(Ordering::Relaxed);
             seen.retain(|_, q| {
                 Self::prune(q, now, window);
                 !q.is_empty()
@@ -192,10 +203,10 @@ impl UnknownLimiter {
             }
         }
         let q = seen.entry(key).or_default();
-        Self::prune(q, now, self.window_ms);
+        Self::prune(q, now, self.window_ms.load(Ordering::Relaxed));
         q.push_back(now);
         // Remember no more than the limit needs.
-        while q.len() > self.max {
+        while q.len() > self.max.load(Ordering::Relaxed) {
             q.pop_front();
         }
     }

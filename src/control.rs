@@ -344,7 +344,7 @@ async fn answer(reader: &mut (impl AsyncBufReadExt + Unpin), shared: &Shared) ->
         info!("control: {}", v["cmd"].as_str().unwrap_or("?"));
     }
     if is_token_request(&req) {
-        let store = match &shared.tokens {
+        let store = match &shared.settings().tokens {
             Some(local) => local.store.clone(),
             // Remote token mode: the commands still work on this host's store.
             None => match tokens::RedbTokens::new(&shared.spool) {

@@ -120,7 +120,7 @@ pub async fn take(
         mail_from: sender.to_owned(),
         client_addr,
     };
-    let store = shared.tokens.as_ref().map(|l| l.store.as_ref());
+    let store = settings.tokens.as_ref().map(|l| l.store.as_ref());
     let intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
     intake::record(&shared.spool, &envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);

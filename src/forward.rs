@@ -14,7 +14,11 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::{sync::Semaphore, task::JoinSet, time};
+use tokio::{
+    sync::{watch, Semaphore},
+    task::JoinSet,
+    time,
+};
 use tracing::{error, info, warn};
 
 /// Longest sleep between scans, so that a clock change or a lost wake-up costs little.
@@ -144,12 +148,13 @@ impl Health {
 /// when the next retry is due.
 pub async fn run(
     spool: Spool,
-    target: Arc<Target>,
-    cfg: DeliveryConfig,
+    mut reloads: watch::Receiver<Delivering>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let worker = Worker {
+    let Delivering { target, cfg } = reloads.borrow_and_update().clone();
+    let mut cfg = cfg;
+    let mut worker = Worker {
         limit: Arc::new(Semaphore::new(cfg.concurrency)),
         in_flight: Arc::default(),
         health: Arc::default(),
@@ -171,6 +176,11 @@ pub async fn run(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        if reloads.has_changed().unwrap_or(false) {
+            let new = reloads.borrow_and_update().clone();
+            worker.reconfigure(new.target, &new.cfg);
+            cfg = new.cfg;
+        }
         let now = now_ms();
         if now.saturating_sub(last_purge) > 3_600_000 {
             last_purge = now;
@@ -223,6 +233,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => return drain(tasks).await,
             _ = notified => {}
+            Ok(()) = reloads.changed() => {}
             _ = time::sleep(Duration::from_millis(sleep_ms).min(MAX_IDLE)) => {}
             Some(res) = tasks.join_next(), if backlog => {
                 if let Err(e) = res {
@@ -245,6 +256,13 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The target and `[delivery]` in force; a SIGHUP sends new ones.
+#[derive(Clone)]
+pub struct Delivering {
+    pub target: Arc<Target>,
+    pub cfg: DeliveryConfig,
 }
 
 /// The next record from the spool's writer; never, without a channel.
@@ -319,6 +337,26 @@ struct Worker {
 }
 
 impl Worker {
+    /// A reloaded target and `[delivery]`: attempts that start from now on
+    /// use them; those in flight finish with the old ones.
+    fn reconfigure(&mut self, target: Arc<Target>, cfg: &DeliveryConfig) {
+        let (old, new) = (self.cfg.concurrency, cfg.concurrency);
+        if new > old {
+            self.limit.add_permits(new - old);
+        } else if new < old {
+            // Taken back as deliveries in flight end.
+            let limit = self.limit.clone();
+            let fewer = u32::try_from(old - new).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(p) = limit.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+        self.target = target;
+        self.cfg = cfg.clone();
+    }
+
     /// Whether a record handed over by the writer is being, or was, delivered.
     fn seen(&self, id: &str) -> bool {
         self.in_flight

@@ -184,18 +184,17 @@ pub async fn run_with_reload(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let forwarder = tokio::spawn(forward::run(
-        spool.clone(),
+    let (delivering, delivering_rx) = watch::channel(forward::Delivering {
         target,
-        config.delivery.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    let mut shared = milter::Shared::new(settings::Settings::from_config(&config), spool.clone());
-    shared.clients = client_limits(&config);
+        cfg: config.delivery.clone(),
+    });
+    let forwarder = tokio::spawn(forward::run(spool.clone(), delivering_rx, stopped(stop_rx.clone())));
+    let mut settings = settings::Settings::from_config(&config);
     if config.tokens.mode == config::TokenMode::Local {
-        shared.tokens = Some(local_tokens(&config, &spool)?);
+        settings.tokens = Some(local_tokens(&config, &spool)?);
     }
-    shared.outbound = config.outbound.clone();
+    let mut shared = milter::Shared::new(settings, spool.clone());
+    shared.clients = client_limits(&config);
     let shared = Arc::new(shared);
     let control_task = tokio::spawn(control::serve(control, shared.clone()));
     let metrics_task = match config.metrics_listen {
@@ -208,7 +207,7 @@ pub async fn run_with_reload(
         }
         None => None,
     };
-    let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), reloads));
+    let reload_task = tokio::spawn(apply_reloads(config.clone(), shared.clone(), delivering, reloads));
     // A client past its limit is summed up in the journal once per window.
     let summaries = shared.clone();
     let summary_task = tokio::spawn(async move {
@@ -290,25 +289,79 @@ pub fn client_limits(config: &Config) -> clients::Clients {
     )
 }
 
-/// Applies reloaded configurations: gateway addresses, delimiters,
-/// max_message_bytes and the sender policy change at once; the rest is named
-/// in the log.
-async fn apply_reloads(mut running: Config, shared: Arc<milter::Shared>, mut reloads: mpsc::Receiver<Config>) {
+/// Applies reloaded configurations, as `postfix reload` does: every key
+/// but those of `config::reload::RESTART_KEYS` takes effect for the next
+/// message and delivery attempt. A token store or target that cannot be
+/// opened keeps the running one, and says so.
+async fn apply_reloads(
+    mut running: Config,
+    shared: Arc<milter::Shared>,
+    delivering: watch::Sender<forward::Delivering>,
+    mut reloads: mpsc::Receiver<Config>,
+) {
     while let Some(new) = reloads.recv().await {
-        let fixed = config::reload::restart_needed(&running, &new);
-        shared.replace(settings::Settings::from_config(&new));
-        let bases: Vec<String> = new.gateway.bases().iter().map(ToString::to_string).collect();
-        info!(
-            "configuration reloaded: gateway.addresses = {}, max_message_bytes = {}",
-            bases.join(" "),
-            new.max_message_bytes
+        let changes = config::reload::changes(&running, &new);
+        let mut now = config::reload::in_force(&running, new);
+        let current = shared.settings();
+        let mut settings = settings::Settings::from_config(&now);
+        settings.tokens = match now.tokens.mode {
+            config::TokenMode::Remote => None,
+            config::TokenMode::Local
+                if running.tokens.mode == config::TokenMode::Local
+                    && now.tokens.store == running.tokens.store
+                    && now.tokens.remember_unknown == running.tokens.remember_unknown =>
+            {
+                current.tokens.clone().map(|t| milter::LocalTokens {
+                    days_to_live: now.tokens.days_to_live,
+                    ..t
+                })
+            }
+            config::TokenMode::Local => match local_tokens(&now, &shared.spool) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    error!("reload: cannot open the token store: {e}; the running one stays in force");
+                    now.tokens = running.tokens.clone();
+                    now.outbound = running.outbound.clone();
+                    settings.outbound = running.outbound.clone();
+                    current.tokens.clone()
+                }
+            },
+        };
+        if now.target != running.target || now.delivery != running.delivery {
+            match targets::Target::new(&now.target) {
+                Ok(t) => {
+                    let _ = delivering.send(forward::Delivering {
+                        target: Arc::new(t),
+                        cfg: now.delivery.clone(),
+                    });
+                }
+                Err(e) => {
+                    error!("reload: [target]: {e}; the running target stays in force");
+                    now.target = running.target.clone();
+                    settings.replies_only = running.target.kind == config::TargetKind::CalDav;
+                    let cfg = now.delivery.clone();
+                    delivering.send_modify(|d| d.cfg = cfg);
+                }
+            }
+        }
+        shared.clients.set_limits(
+            now.tokens.max_unknown,
+            now.tokens.unknown_window,
+            now.tokens.max_lookups_per_client,
         );
-        if !fixed.is_empty() {
+        shared.spool.set_journal_limit(now.delivery.journal.max_events);
+        shared.replace(settings);
+        if changes.applied.is_empty() {
+            info!("configuration reloaded: nothing changed that applies without a restart");
+        } else {
+            info!("configuration reloaded: {} changed", changes.applied.join(", "));
+        }
+        if !changes.restart.is_empty() {
             tracing::warn!(
                 "reload: {} changed but can only change with a restart; the old value stays in force",
-                fixed.join(", ")
+                changes.restart.join(", ")
             );
         }
-        config::reload::applied(&mut running, new);
+        running = now;
     }
 }

@@ -579,12 +579,13 @@ fn deliver_without_daemon(
         imip_milter::prepare_state_dir(&config).map_err(|e| e.to_string())?;
         let spool = Spool::open_waiting(&config.spool_path(), std::time::Duration::from_secs(10))
             .map_err(|e| imip_milter::errors::chain(&e))?;
-        let mut shared = Shared::new(imip_milter::settings::Settings::from_config(&config), spool.clone());
-        shared.clients = imip_milter::client_limits(&config);
+        let mut settings = imip_milter::settings::Settings::from_config(&config);
         if config.tokens.mode == imip_milter::config::TokenMode::Local {
-            shared.tokens =
+            settings.tokens =
                 Some(imip_milter::local_tokens(&config, &spool).map_err(|e| imip_milter::errors::chain(&*e))?);
         }
+        let mut shared = Shared::new(settings, spool.clone());
+        shared.clients = imip_milter::client_limits(&config);
         let verdict = imip_milter::deliver::take(&shared, rcpt, sender, queue_id, client_addr, raw).await;
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {

@@ -12,9 +12,9 @@ use crate::{
     decision::{self, Decision, Disposition},
     intake,
     metrics::METRICS,
-    outbound::{self, Outbound},
+    outbound,
     spool::{Envelope, Spool},
-    tokens::{self, Lookup, TokenRecord, TokenStore},
+    tokens::{self, Lookup, TokenRecord},
 };
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -29,11 +29,7 @@ use std::{
 };
 use tracing::{info, warn};
 
-/// Local token mode: the store and how long a token lives.
-pub struct LocalTokens {
-    pub store: Arc<dyn TokenStore>,
-    pub days_to_live: u32,
-}
+pub use crate::settings::LocalTokens;
 
 /// A gateway recipient refused at RCPT, and whether the journal tallies it
 /// (its client is past its limit) instead of writing an event.
@@ -47,10 +43,6 @@ pub struct Refusal {
 pub struct Shared {
     settings: RwLock<Arc<Settings>>,
     pub spool: Spool,
-    /// Set in local token mode.
-    pub tokens: Option<LocalTokens>,
-    /// Set when outbound tokenization is enabled (needs local tokens).
-    pub outbound: Option<Outbound>,
     pub budget: Arc<Budget>,
     /// What one client may cost the others; in either token mode.
     pub clients: Clients,
@@ -62,8 +54,6 @@ impl Shared {
         Self {
             settings: RwLock::new(Arc::new(settings)),
             spool,
-            tokens: None,
-            outbound: None,
             budget: Arc::new(Budget::new(settings_budget)),
             // The defaults of [tokens]; `run` sets the configured ones.
             clients: Clients::new(10, std::time::Duration::from_secs(600), 4),
@@ -80,7 +70,8 @@ impl Shared {
     /// Unknown and expired tokens count toward the limit, and so do store
     /// failures and timeouts: a flood that makes the store slow pays for it.
     pub async fn check_token(&self, token: &str, client: Option<&str>) -> Result<Option<TokenRecord>, Refusal> {
-        let Some(local) = &self.tokens else { return Ok(None) };
+        let settings = self.settings();
+        let Some(local) = &settings.tokens else { return Ok(None) };
         let client = client.unwrap_or("-");
         let tallied = |decision| Refusal {
             decision,
@@ -654,7 +645,8 @@ async fn abort(cx: &mut Context<Session>) -> Status {
 /// without authentication are looked at too, only to say in the log why
 /// their invitation leaves untokenized.
 fn outbound_candidate(shared: &Shared, session: &Session) -> bool {
-    let Some(out) = &shared.outbound else { return false };
+    let settings = shared.settings();
+    let Some(out) = &settings.outbound else { return false };
     let trusted = session
         .client_ip()
         .is_some_and(|ip| out.trusted_clients.iter().any(|n| n.contains(ip)));
@@ -737,7 +729,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     session.reset_message();
 
     let settings = shared.settings();
-    let store = shared.tokens.as_ref().map(|l| l.store.as_ref());
+    let store = settings.tokens.as_ref().map(|l| l.store.as_ref());
     let mut intake = intake::take(
         &shared.spool,
         store,
@@ -807,7 +799,8 @@ async fn tokenize(
     recipients: &[(String, Recipient)],
     message: Vec<u8>,
 ) -> Status {
-    let (Some(out), Some(local)) = (&shared.outbound, &shared.tokens) else {
+    let settings = shared.settings();
+    let (Some(out), Some(local)) = (&settings.outbound, &settings.tokens) else {
         return Status::Accept;
     };
     let externals: Vec<String> = recipients

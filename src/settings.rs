@@ -1,7 +1,21 @@
 //! The settings a milter session and `deliver` read: a snapshot taken per
-//! connection, replaced as a whole on SIGHUP.
+//! message, replaced as a whole on SIGHUP.
 
-use crate::{address::GatewayAddresses, config::SenderPolicy};
+use crate::{address::GatewayAddresses, config::SenderPolicy, outbound::Outbound, tokens::TokenStore};
+use std::sync::Arc;
+
+/// Local token mode: the store and how long a token lives.
+#[derive(Clone)]
+pub struct LocalTokens {
+    pub store: Arc<dyn TokenStore>,
+    pub days_to_live: u32,
+}
+
+impl std::fmt::Debug for LocalTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LocalTokens {{ days_to_live: {} }}", self.days_to_live)
+    }
+}
 
 /// The settings a SIGHUP may change.
 #[derive(Debug)]
@@ -17,6 +31,11 @@ pub struct Settings {
     /// The target applies REPLY only (caldav): COUNTER and REFRESH go to
     /// the organizer instead.
     pub replies_only: bool,
+    /// Set in local token mode; `run` opens the store, a reload reopens it
+    /// when `[tokens]` names another.
+    pub tokens: Option<LocalTokens>,
+    /// Set when outbound tokenization is enabled (needs local tokens).
+    pub outbound: Option<Outbound>,
 }
 
 impl Settings {
@@ -32,6 +51,8 @@ impl Settings {
             max_gateway_recipients: config.max_gateway_recipients,
             policy: config.policy.clone(),
             replies_only: config.target.kind == crate::config::TargetKind::CalDav,
+            tokens: None,
+            outbound: config.outbound.clone(),
         }
     }
 }

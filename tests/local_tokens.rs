@@ -262,12 +262,13 @@ async fn a_client_past_its_limit_is_refused_without_asking_the_store() {
     let store = std::sync::Arc::new(common::CountingStore::new(std::sync::Arc::new(redb)));
     let text = common::config_text(dir.path(), "inet:127.0.0.1:1", "http://127.0.0.1:1/", LOCAL);
     let config = imip_milter::config::Config::parse(&text).unwrap();
-    let mut shared = milter::Shared::new(imip_milter::settings::Settings::from_config(&config), spool);
-    shared.clients = imip_milter::client_limits(&config);
-    shared.tokens = Some(milter::LocalTokens {
+    let mut settings = imip_milter::settings::Settings::from_config(&config);
+    settings.tokens = Some(milter::LocalTokens {
         store: store.clone(),
         days_to_live: 90,
     });
+    let mut shared = milter::Shared::new(settings, spool);
+    shared.clients = imip_milter::client_limits(&config);
     let (addr, _stop) = common::serve_shared(shared).await;
     let guess = |i: u32| format!("<calendar+{i:08x}-0000-4000-8000-000000000000@example.org>");
     let token = format!("<calendar+{}@example.org>", valid.token);

@@ -57,17 +57,26 @@ async fn sighup_reloads_gateway_addresses_and_keeps_a_bad_file_out() {
         "events@ is a gateway address now"
     );
 
-    // A change that needs a restart is named; a broken file is refused.
+    // Every changed key is named; one that needs a restart is named as
+    // such; a broken file is refused.
     std::fs::write(
         &d.config_path,
-        added.replace("[delivery]", "[delivery]\nconcurrency = 9"),
+        format!(
+            "max_sessions = 9\n{}",
+            added.replace("[delivery]", "[delivery]\nconcurrency = 9")
+        ),
     )
     .unwrap();
     d.signal(libc::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(10), || d
             .log()
-            .contains("[delivery] changed but can only change with a restart")),
+            .contains("max_sessions changed but can only change with a restart")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("configuration reloaded: delivery.concurrency changed"),
         "{}",
         d.log()
     );
@@ -84,6 +93,63 @@ async fn sighup_reloads_gateway_addresses_and_keeps_a_bad_file_out() {
         matches!(rcpt_status(d.port, bare).await, Status::Reject { .. }),
         "still running on the last good file"
     );
+}
+
+/// An invitation from alice@example.org to bob@example.com over the milter
+/// protocol from client 127.0.0.1, unauthenticated: whether it left
+/// tokenized (the body replaced, a Reply-To to the gateway).
+async fn invitation_tokenized(port: u16) -> bool {
+    let mut conn = TestConnection::configure().open_tcp(("127.0.0.1", port)).await.unwrap();
+    conn.connect("calendar.example.org", [127, 0, 0, 1]).await.unwrap();
+    conn.mail(["<alice@example.org>"]).await.unwrap();
+    assert_eq!(conn.rcpt(["<bob@example.com>"]).await.unwrap(), Status::Continue);
+    conn.data().await.unwrap();
+    let (actions, status) = common::milter_message(&mut conn, &fixture("invitation.eml"), "OUT1").await;
+    let _ = conn.close().await;
+    assert_eq!(status, Status::Accept, "{actions:?}");
+    actions.actions.iter().any(|a| format!("{a:?}").contains("Reply-To"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_outbound_tokens_and_limits_without_a_restart() {
+    let hook = Webhook::start();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        format!(
+            "{c}\n[tokens]\nmode = \"local\"\nmax_unknown = 50\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\ntrusted_clients = [\"127.0.0.2\"]\n"
+        )
+    });
+    assert!(
+        !invitation_tokenized(d.port).await,
+        "127.0.0.1 is not trusted yet\n{}",
+        d.log()
+    );
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let edited = text
+        .replace(
+            r#"trusted_clients = ["127.0.0.2"]"#,
+            r#"trusted_clients = ["127.0.0.1"]"#,
+        )
+        .replace("max_unknown = 50", "max_unknown = 2");
+    assert_ne!(edited, text);
+    std::fs::write(&d.config_path, &edited).unwrap();
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d.log().contains(
+            "configuration reloaded: outbound.trusted_clients, tokens.max_unknown changed"
+        )),
+        "{}",
+        d.log()
+    );
+    assert!(invitation_tokenized(d.port).await, "{}", d.log());
+    // The new limit counts: the third unknown token from one client waits.
+    let unknown = |i: u32| format!("<calendar+{i:08x}-0000-4000-8000-000000000000@example.org>");
+    for i in 0..2 {
+        let st = rcpt_status(d.port, &unknown(i)).await;
+        assert!(matches!(st, Status::Reject { .. }), "{st:?}");
+    }
+    let st = rcpt_status(d.port, &unknown(3)).await;
+    assert!(format!("{st:?}").contains("450"), "{st:?}\n{}", d.log());
 }
 
 fn scrape(port: u16) -> String {

@@ -112,6 +112,8 @@ pub struct Config {
     pub policy: SenderPolicy,
     /// Outbound tokenization, when enabled.
     pub outbound: Option<crate::outbound::Outbound>,
+    /// The keys as written in the file: what a reload names as changed.
+    pub written: toml::Table,
 }
 
 impl Config {
@@ -184,6 +186,7 @@ impl Config {
             )?,
             user: raw.user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()),
             max_gateway_recipients: positive("max_gateway_recipients", raw.max_gateway_recipients, 10, 1000)?,
+            written: text.parse().unwrap_or_default(),
         };
         checks::across_sections(&config)?;
         Ok(config)
