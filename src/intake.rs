@@ -114,6 +114,19 @@ pub async fn take(
     }
 }
 
+/// The decision `take` would come to, without spooling anything: what
+/// `inspect` replays. The analysis comes with it.
+pub fn decide(
+    raw: &[u8],
+    recipients: &[(String, Recipient)],
+    tokens: &[TokenRecord],
+    settings: &Settings,
+    envelope: &Envelope,
+) -> (Decision, Analysis) {
+    let p = prepare(raw, recipients, tokens, settings, envelope);
+    (p.decision, p.analysis)
+}
+
 /// Dropped attendees named in the log and the record; a hostile reply may
 /// list thousands.
 const SHOWN_DROPPED: usize = 10;

@@ -51,6 +51,9 @@ enum Command {
         /// Envelope recipient, as in RCPT TO
         #[arg(long, value_name = "ADDR", required = true)]
         rcpt: Vec<String>,
+        /// Envelope sender, as in MAIL FROM (default: the From header's address)
+        #[arg(long, value_name = "ADDR")]
+        sender: Option<String>,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
@@ -219,9 +222,10 @@ fn main() -> ExitCode {
             config,
             gateway,
             rcpt,
+            sender,
             json,
             file,
-        } => inspect(&config, &gateway, &rcpt, json, &file),
+        } => inspect(&config, &gateway, &rcpt, sender.as_deref(), json, &file),
         Command::Queue { config, action } => queue(&config, action),
         Command::Deliver {
             config,
@@ -346,37 +350,25 @@ fn run(arg: &ConfigArg) -> ExitCode {
     })
 }
 
-fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, file: &str) -> ExitCode {
-    use imip_milter::analysis::Limits;
-    let limits_of = |c: &imip_milter::config::Config| Limits {
-        components: c.max_components,
-        attendees: c.max_attendees,
-    };
-    let (gateway, max, limits) = if gateway.is_empty() {
-        match load_config(arg, false) {
-            Ok(c) => (c.gateway.clone(), c.max_message_bytes, limits_of(&c)),
-            Err(e) => {
-                eprintln!("imip-milter: {e} (or give --gateway)");
-                return ExitCode::from(EX_CONFIG);
-            }
+fn inspect(
+    arg: &ConfigArg,
+    gateway: &[String],
+    rcpts: &[String],
+    sender: Option<&str>,
+    json: bool,
+    file: &str,
+) -> ExitCode {
+    let config = load_config(arg, false);
+    let offline = !gateway.is_empty();
+    let config = match config {
+        Ok(c) => Some(c),
+        Err(e) if !offline => {
+            eprintln!("imip-milter: {e} (or give --gateway for the offline check)");
+            return ExitCode::from(EX_CONFIG);
         }
-    } else {
-        let config = load_config(arg, false).ok();
-        let mut bases = Vec::new();
-        for g in gateway {
-            match BaseAddress::parse(g) {
-                Ok(b) => bases.push(b),
-                Err(e) => {
-                    eprintln!("imip-milter: --gateway: {e}");
-                    return ExitCode::from(EX_USAGE);
-                }
-            }
-        }
-        let delimiters = "+".to_owned();
-        let max = config.as_ref().map(|c| c.max_message_bytes).unwrap_or(10 * 1024 * 1024);
-        let limits = config.as_ref().map_or(Limits::default(), limits_of);
-        (GatewayAddresses::new(bases, &delimiters), max, limits)
+        Err(_) => None,
     };
+    let max = config.as_ref().map_or(10 * 1024 * 1024, |c| c.max_message_bytes);
     let mut raw = Vec::new();
     let read = if file == "-" {
         std::io::stdin().take(max as u64 + 1).read_to_end(&mut raw).map(|_| ())
@@ -387,7 +379,36 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         eprintln!("imip-milter: {file}: {e}");
         return ExitCode::from(EX_NOINPUT);
     }
-    let verdict = imip_milter::inspect::inspect(&gateway, max, limits, rcpts, &raw);
+    let verdict = match (offline, config) {
+        (true, config) => {
+            let mut bases = Vec::new();
+            for g in gateway {
+                match BaseAddress::parse(g) {
+                    Ok(b) => bases.push(b),
+                    Err(e) => {
+                        eprintln!("imip-milter: --gateway: {e}");
+                        return ExitCode::from(EX_USAGE);
+                    }
+                }
+            }
+            let limits = config.as_ref().map_or(imip_milter::analysis::Limits::default(), |c| {
+                imip_milter::analysis::Limits {
+                    components: c.max_components,
+                    attendees: c.max_attendees,
+                }
+            });
+            let mut v = imip_milter::inspect::inspect(&GatewayAddresses::new(bases, "+"), max, limits, rcpts, &raw);
+            v.inputs = "offline: --gateway only; no token store, [policy] or target kind consulted \
+                        (without --gateway: the milter's decision from the configuration)"
+                .into();
+            v
+        }
+        (false, Some(config)) => match replay(arg, &config, rcpts, sender, &raw) {
+            Ok(v) => v,
+            Err(code) => return code,
+        },
+        (false, None) => return ExitCode::from(EX_CONFIG),
+    };
     if json {
         match serde_json::to_string(&verdict) {
             Ok(s) => println!("{s}"),
@@ -400,6 +421,86 @@ fn inspect(arg: &ConfigArg, gateway: &[String], rcpts: &[String], json: bool, fi
         print!("{}", verdict.to_text());
     }
     ExitCode::SUCCESS
+}
+
+/// `inspect` with the configuration: the milter's own decision. Tokens are
+/// looked up read-only, through the daemon when one runs (it holds the
+/// spool), else in the store itself.
+fn replay(
+    arg: &ConfigArg,
+    config: &Config,
+    rcpts: &[String],
+    sender: Option<&str>,
+    raw: &[u8],
+) -> Result<imip_milter::inspect::Verdict, ExitCode> {
+    use imip_milter::inspect::TokenAnswer;
+    let settings = imip_milter::settings::Settings::from_config(config);
+    let local = config.tokens.mode == imip_milter::config::TokenMode::Local;
+    if local {
+        if let Err(e) = imip_milter::privileges::drop_to_owner(config) {
+            eprintln!("imip-milter: {e}");
+            return Err(ExitCode::from(EX_CONFIG));
+        }
+    }
+    // The envelope sender: as given, else the From header's address.
+    let given = sender.is_some();
+    let sender = match sender {
+        Some(s) => s.trim_matches(['<', '>']).to_owned(),
+        None => imip_milter::message::read(raw)
+            .ok()
+            .and_then(|m| m.from)
+            .unwrap_or_default(),
+    };
+    let now = imip_milter::clock::now_ms();
+    let days = u64::from(config.tokens.days_to_live) * 86_400_000;
+    let mut lookup = |token: &str| match control::request_or_open(
+        config,
+        &Request::TokensShow {
+            token: token.to_owned(),
+        },
+    ) {
+        Ok(r) if r.ok => match r.tokens.and_then(|t| t.into_iter().next()) {
+            Some(t) if now.saturating_sub(t.last_used_ms.max(t.created_ms)) > days => TokenAnswer::Expired,
+            Some(t) => TokenAnswer::Valid(t),
+            None => TokenAnswer::Unknown,
+        },
+        Ok(r) if r.error.as_deref() == Some("no such token") => TokenAnswer::Unknown,
+        Ok(r) => TokenAnswer::Failed(r.error.unwrap_or_default()),
+        Err(e) => TokenAnswer::Failed(e),
+    };
+    let mut v = imip_milter::inspect::replay(&settings, &sender, rcpts, raw, local.then_some(&mut lookup as _));
+    let path = arg.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let tokens = if local {
+        match &config.tokens.store {
+            imip_milter::config::TokenStoreConfig::Redb => "local tokens (redb, read-only)".to_owned(),
+            imip_milter::config::TokenStoreConfig::Postgres { layout, .. } => {
+                format!("local tokens (PostgreSQL, {layout:?} layout, read-only)").to_lowercase()
+            }
+        }
+    } else {
+        "remote tokens (the target checks them)".to_owned()
+    };
+    v.inputs = format!(
+        "{}; {tokens}; policy.sender = {}; target.kind = {}; envelope sender <{}>{}",
+        path.display(),
+        match &config.policy {
+            imip_milter::config::SenderPolicy::Token => "token",
+            imip_milter::config::SenderPolicy::Attendee => "attendee",
+            imip_milter::config::SenderPolicy::Dmarc { .. } => "dmarc",
+        },
+        match config.target.kind {
+            imip_milter::config::TargetKind::Webhook => "webhook",
+            imip_milter::config::TargetKind::CalendarServer => "calendarserver",
+            imip_milter::config::TargetKind::CalDav => "caldav",
+        },
+        imip_milter::address::printable(&sender),
+        if given {
+            ""
+        } else {
+            " (the From header's; give --sender for MAIL FROM)"
+        }
+    );
+    Ok(v)
 }
 
 fn journal(

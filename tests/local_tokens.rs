@@ -613,3 +613,98 @@ async fn a_reply_listing_40000_others_stalls_nobody_and_hands_on_only_the_tokens
     assert!((1..=10).contains(&dropped.len()), "{dropped:?}");
     m.stop().await;
 }
+
+/// `inspect` with the configuration takes the milter's decision: the same
+/// SMTP answer for an unknown token, a token answered for by another
+/// attendee, a person's text to a valid token, and a policy refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_with_the_configuration_agrees_with_the_milter() {
+    let hook = Webhook::start();
+    let policy = "\n[policy]\nsender = \"dmarc\"\nauthserv_id = \"mx.example.org\"\n";
+    let extra = format!("{LOCAL}{policy}");
+    let m = InProcess::start_with(&hook.url(), &extra).await;
+    let dir = m.state_dir.path();
+    let config = dir.join("inspect.toml");
+    std::fs::write(
+        &config,
+        common::config_text(dir, "inet:127.0.0.1:1", &hook.url(), &extra),
+    )
+    .unwrap();
+    let add = |attendee: &str| {
+        let out = common::cli(
+            &config,
+            &[
+                "tokens",
+                "add",
+                "--organizer",
+                "mailto:alice@example.org",
+                "--attendee",
+                attendee,
+                "--uid",
+                APPLE_UID,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let carols = add("mailto:carol@example.net");
+    let bobs = add("mailto:bob@example.com");
+    assert_eq!((carols.len(), bobs.len()), (36, 36));
+    let unknown = "00000000-0000-4000-8000-000000000000".to_owned();
+    let rcpt = |token: &str| format!("<calendar+{token}@example.org>");
+
+    // (token, fixture, what the milter answers at RCPT or end of message)
+    let cases = [
+        (&unknown, "apple.eml", "550 5.1.1"),
+        (&carols, "apple.eml", "550 5.7.1"),
+        (&bobs, "human-text.eml", "redirect"),
+        (&bobs, "apple.eml", "550 5.7.1"),
+    ];
+    for (token, eml, want) in cases {
+        let (conn, st) = transaction(&m, [192, 0, 2, 44], &[rcpt(token)]).await;
+        let milter = match &st[0] {
+            Status::Reject { message: Some(msg) } => msg.to_string_lossy().into_owned(),
+            Status::Continue => {
+                let (actions, status) = finish(conn, eml).await;
+                match status {
+                    Status::Reject { message: Some(msg) } => msg.to_string_lossy().into_owned(),
+                    _ if actions.has_add_recipient("<alice@example.org>", None::<&str>) => "redirect".into(),
+                    other => format!("{other:?}"),
+                }
+            }
+            other => format!("{other:?}"),
+        };
+        assert!(milter.starts_with(want), "milter, {eml} to {}: {milter}", &token[..8]);
+
+        let path = format!("{}/tests/fixtures/{eml}", env!("CARGO_MANIFEST_DIR"));
+        let out = common::cli(
+            &config,
+            &[
+                "inspect",
+                "--rcpt",
+                &rcpt(token),
+                "--sender",
+                "bob@example.com",
+                "--json",
+                &path,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        let inspected = match v["disposition"].as_str() {
+            Some("redirect") => "redirect".to_owned(),
+            _ => v["smtp_reply"]
+                .as_str()
+                .or_else(|| v["rejected_recipients"][0]["smtp_reply"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        assert!(inspected.starts_with(want), "inspect, {eml} to {}: {text}", &token[..8]);
+        assert!(
+            v["inputs"].as_str().unwrap().contains("policy.sender = dmarc"),
+            "{text}"
+        );
+    }
+    assert!(hook.deliveries().is_empty(), "nothing was handed on");
+    m.stop().await;
+}
