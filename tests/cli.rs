@@ -41,6 +41,7 @@ fn inspect_json_gives_a_decision_for_every_fixture() {
         ("reply-without-attendee.eml", "reject", "other"),
         ("counter.eml", "discard", "reply"),
         ("refresh.eml", "discard", "reply"),
+        ("invitation.eml", "reject", "other"),
         ("reply-from-alias.eml", "discard", "reply"),
     ];
     let mut seen = 0;
