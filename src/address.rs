@@ -169,6 +169,13 @@ fn unquote(local: &str) -> &str {
     }
 }
 
+/// The token of `imip-milter check`'s RCPT probe. The milter answers it at
+/// once with `decision::decide_check_probe`: no lookup, and neither the
+/// per-client limit, the journal nor the metrics count it, so a monitoring
+/// loop that runs `check` never trips the limit. No store mints it (tokens
+/// are UUIDs).
+pub const CHECK_TOKEN: &str = "imip-milter-check";
+
 /// Token syntax: 8 to 64 characters of letters, digits, `-`, `_`, `.`, `=`.
 /// Covers CalendarServer's UUIDs and base32/base64url tokens; rejects
 /// anything that could smuggle further address syntax or log noise.

@@ -127,6 +127,16 @@ pub fn decide_unknown_token(expired: bool) -> Decision {
     )
 }
 
+/// RCPT stage: `imip-milter check`'s probe (`address::CHECK_TOKEN`). The
+/// answer tells `check` that Postfix hands gateway recipients to the milter.
+pub fn decide_check_probe() -> Decision {
+    Decision::new(Disposition::Reject, "imip-milter check's probe").reply(
+        "550",
+        "5.1.1",
+        "This is imip-milter's check address, not a reply address",
+    )
+}
+
 /// RCPT stage: one client sent too many unknown tokens lately.
 pub fn decide_too_many_unknown() -> Decision {
     Decision::new(Disposition::Tempfail, "too many unknown tokens from this client").reply(

@@ -496,6 +496,12 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         journal_recipient(shared, client, tallied, queue_id(&cx.macros), &sender, None, &d);
         return Status::Reject;
     }
+    if matches!(&class, Recipient::Gateway { token } if token == crate::address::CHECK_TOKEN) {
+        // Not a guess: neither counted, journaled nor in the metrics.
+        tracing::debug!("{}: RCPT of imip-milter check's probe", queue_id(&cx.macros));
+        set_reply(&mut cx.reply, &decision::decide_check_probe());
+        return Status::Reject;
+    }
     let session = cx.data.get_or_insert_with(Session::default);
     let gateways = session
         .recipients

@@ -387,7 +387,7 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
         "OK   postfix: default_action=accept",
         "OK   postfix: recipient_delimiter = +",
         "OK   postfix: safety-net transport",
-        "accepts RCPT <calendar+imipcheck0@example.org>",
+        "hands RCPT <calendar+imip-milter-check@example.org> to imip-milter, which answers its check probe",
         "OK   postfix: connect_timeout=10s",
         "OK   postfix: command_timeout=10s",
         "OK   postfix: content_timeout=30s",
@@ -396,6 +396,40 @@ fn check_finds_the_shipped_setup_sound_and_a_refused_credential() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
     assert!(!text.contains("FAIL"), "{text}");
+
+    // Local tokens: check in a monitoring loop never trips the per-client
+    // limit of unknown tokens (10 in 10 minutes), and leaves no trace.
+    let base = std::fs::read_to_string(&s.milter.config_path).unwrap();
+    let local = base.replace("[target]", "[tokens]\nmode = \"local\"\n\n[target]");
+    assert_ne!(local, base);
+    std::fs::write(&s.milter.config_path, &local).unwrap();
+    s.milter.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || s
+            .milter
+            .log()
+            .contains("tokens.mode changed")),
+        "{}",
+        s.milter.log()
+    );
+    let looped = dir.path().join("looped.token");
+    std::fs::write(&looped, "right-token\n").unwrap();
+    let looped_config = dir.path().join("looped.toml");
+    std::fs::write(
+        &looped_config,
+        format!("{local}token_file = \"{}\"\n", looped.display()),
+    )
+    .unwrap();
+    for run in 1..=20 {
+        let (code, text) = check(&looped_config);
+        assert_eq!(code, Some(0), "run {run}:\n{text}");
+        assert!(text.contains("which answers its check probe"), "run {run}:\n{text}");
+    }
+    let journal = s.milter.cli(&["journal"]);
+    let journal = String::from_utf8_lossy(&journal.stdout);
+    assert!(!journal.contains("imip-mil"), "the probe is not journaled:\n{journal}");
+    std::fs::write(&s.milter.config_path, &base).unwrap();
+    s.milter.signal(libc::SIGHUP);
 
     // The classic failure of the old mailbox design: a credential the server no longer accepts.
     let (code, text) = check(&write_config("stale", "old-token"));

@@ -233,9 +233,10 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
             out.push(probe_recipient(
                 &addr,
                 &format!(
-                    "{}{}imipcheck0@{}",
+                    "{}{}{}@{}",
                     base.local,
                     config.gateway.delimiters().first().copied().unwrap_or('+'),
+                    crate::address::CHECK_TOKEN,
                     base.domain
                 ),
             ));
@@ -407,12 +408,18 @@ fn probe_recipient(addr: &str, rcpt: &str) -> Finding {
         Ok(answer)
     };
     match talk() {
-        Ok(a) if a.starts_with("250") => Finding::ok("postfix", format!("{addr} accepts RCPT <{rcpt}>")),
-        // Local tokens: Postfix took the address and the milter refused the
-        // made-up token, as it must.
-        Ok(a) if a.starts_with("550") && a.contains("unknown or has expired") => Finding::ok(
+        // Postfix took the address and handed it to the milter, which knows
+        // its own probe.
+        Ok(a) if a.starts_with("550") && a.contains("imip-milter's check address") => Finding::ok(
             "postfix",
-            format!("{addr} passes RCPT <{rcpt}> to the milter, which refuses the unknown token"),
+            format!("{addr} hands RCPT <{rcpt}> to imip-milter, which answers its check probe"),
+        ),
+        Ok(a) if a.starts_with("250") => Finding::warn(
+            "postfix",
+            format!(
+                "{addr} accepts RCPT <{rcpt}> without imip-milter answering it: \
+                 is the milter in this smtpd's smtpd_milters, and running?"
+            ),
         ),
         Ok(a) if a.contains(" answered: ") => Finding::fail(
             "postfix",
