@@ -136,18 +136,36 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         }),
         Request::Show { id } => spool.find(id).map(|found| match found.is_empty() {
             false => ok(Some(found), None),
-            true => Response::error(format!(
-                "no record {id} (an id, a prefix of one, a queue id or a Message-ID)"
-            )),
+            true => Response::error(no_record(id)),
         }),
-        Request::Retry { id } => spool.retry(id).map(|found| match found {
-            true => ok(None, Some(1)),
-            false => Response::error(format!("no record {id}")),
+        // What `show` takes: an id, a prefix of one, a queue id or a
+        // Message-ID. Retry makes every record it names due; delete wants
+        // exactly one.
+        Request::Retry { id } => spool.find(id).and_then(|found| match found.as_slice() {
+            [] => Ok(Response::error(no_record(id))),
+            records => {
+                let mut n = 0;
+                for r in records {
+                    if spool.retry(&r.id)? {
+                        n += 1;
+                    }
+                }
+                Ok(ok(None, Some(n)))
+            }
         }),
         Request::RetryAll => spool.retry_all().map(|n| ok(None, Some(n))),
-        Request::Delete { id } => spool.delete(id).map(|found| match found {
-            true => ok(None, Some(1)),
-            false => Response::error(format!("no record {id}")),
+        Request::Delete { id } => spool.find(id).and_then(|found| match found.as_slice() {
+            [] => Ok(Response::error(no_record(id))),
+            [one] => spool.delete(&one.id).map(|deleted| match deleted {
+                true => ok(None, Some(1)),
+                false => Response::error(no_record(id)),
+            }),
+            many => Ok(Response::error(format!(
+                "{} names {} records; give the id of one (queue show {})",
+                crate::address::printable(id),
+                many.len(),
+                crate::address::printable(id)
+            ))),
         }),
         // Events the writer holds (it lets them wait for company) first.
         Request::Journal { filter } => spool
@@ -162,6 +180,44 @@ pub fn handle(spool: &Spool, req: &Request) -> Response {
         _ => return Response::error("not a spool request"),
     };
     result.unwrap_or_else(|e| Response::error(errors::chain(&e)))
+}
+
+fn no_record(id: &str) -> String {
+    format!(
+        "no record {} (an id, a prefix of one, a queue id or a Message-ID)",
+        crate::address::printable(id)
+    )
+}
+
+/// Tokens a prefix must have at least: fewer would name too many to act on.
+const MIN_TOKEN_PREFIX: usize = 4;
+
+/// The token `given` names: the token itself, or the one token it is a
+/// prefix of (as `tokens list` prints them, `…` and all).
+async fn resolve_token(store: &dyn TokenStore, given: &str) -> Result<Result<String, String>, tokens::StoreError> {
+    if store.get(given).await?.is_some() {
+        return Ok(Ok(given.to_owned()));
+    }
+    let prefix = given.trim_end_matches('…');
+    if prefix.chars().count() < MIN_TOKEN_PREFIX {
+        return Ok(Err("no such token".into()));
+    }
+    let matching: Vec<String> = store
+        .list()
+        .await?
+        .into_iter()
+        .filter(|t| t.token.starts_with(prefix))
+        .map(|t| t.token)
+        .collect();
+    Ok(match matching.as_slice() {
+        [] => Err("no such token".into()),
+        [one] => Ok(one.clone()),
+        many => Err(format!(
+            "{} is the prefix of {} tokens; give more of it",
+            crate::address::printable(prefix),
+            many.len()
+        )),
+    })
 }
 
 /// Whether `req` is about tokens (answered by `handle_tokens`).
@@ -191,10 +247,14 @@ pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
             let n = t.len();
             with(t, n)
         }),
-        Request::TokensShow { token } => store.get(token).await.map(|t| match t {
-            Some(t) => with(vec![t], 1),
-            None => Response::error("no such token"),
-        }),
+        Request::TokensShow { token } => match resolve_token(store, token).await {
+            Ok(Ok(token)) => store.get(&token).await.map(|t| match t {
+                Some(t) => with(vec![t], 1),
+                None => Response::error("no such token"),
+            }),
+            Ok(Err(why)) => Ok(Response::error(why)),
+            Err(e) => Err(e),
+        },
         Request::TokensAdd {
             organizer,
             attendees,
@@ -204,10 +264,14 @@ pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
             many => tokens::mint_or_reuse_shared(store, organizer, uid, many, None, now).await,
         }
         .map(|t| with(vec![t], 1)),
-        Request::TokensRevoke { token } => store.revoke(token).await.map(|found| match found {
-            true => with(Vec::new(), 1),
-            false => Response::error("no such token"),
-        }),
+        Request::TokensRevoke { token } => match resolve_token(store, token).await {
+            Ok(Ok(token)) => store.revoke(&token).await.map(|found| match found {
+                true => with(Vec::new(), 1),
+                false => Response::error("no such token"),
+            }),
+            Ok(Err(why)) => Ok(Response::error(why)),
+            Err(e) => Err(e),
+        },
         Request::TokensPurge { days_to_live } => purge(store, now, *days_to_live).await.map(|n| with(Vec::new(), n)),
         Request::TokensImport { csv, .. } => {
             let (records, problems) = tokens::parse_csv(csv, now);
