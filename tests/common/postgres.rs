@@ -1,6 +1,7 @@
 //! A private PostgreSQL cluster for tests: initdb into a temporary
 //! directory as the `postgres` user, 127.0.0.1 on a free port, trust
-//! authentication, a database `imip` owned by the user `imip`.
+//! authentication, a database `imip` owned by the user `imip`. Also a
+//! primary and its streaming replica (`pg_basebackup -R`), for a switchover.
 
 use std::{
     fs,
@@ -82,6 +83,80 @@ impl Postgres {
         pg.run();
         pg.create_database();
         (pg, ca.ca)
+    }
+
+    /// As `start`, ready to be a streaming primary: WAL for a replica and
+    /// replication connections from 127.0.0.1 without a password.
+    pub fn start_primary() -> Self {
+        let mut pg = Self::init("imip");
+        let mut conf = fs::read_to_string(pg.data.join("postgresql.conf")).expect("postgresql.conf");
+        conf.push_str("\nwal_level = replica\nmax_wal_senders = 4\n");
+        fs::write(pg.data.join("postgresql.conf"), conf).expect("postgresql.conf");
+        let hba = fs::read_to_string(pg.data.join("pg_hba.conf")).expect("pg_hba.conf");
+        fs::write(
+            pg.data.join("pg_hba.conf"),
+            format!("host replication all 127.0.0.1/32 trust\n{hba}"),
+        )
+        .expect("pg_hba.conf");
+        pg.run();
+        pg.create_database();
+        pg
+    }
+
+    /// A hot standby of `primary` on a port of its own, streaming from it:
+    /// `pg_basebackup -R` into a temporary directory, then started.
+    pub fn replica_of(primary: &Postgres) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let data = dir.path().join("data");
+        fs::create_dir(&data).expect("data");
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let chown = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&data)
+            .status()
+            .expect("chown");
+        assert!(chown.success());
+        let bin = bin_dir();
+        let out = as_postgres(&bin, "pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &primary.port.to_string(), "-U", "imip"])
+            .args(["-X", "stream", "-R", "--checkpoint=fast", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut pg = Self {
+            port: super::free_port(),
+            bin,
+            data,
+            child: None,
+            _dir: dir,
+        };
+        pg.run();
+        pg
+    }
+
+    /// Promotes a standby to primary and waits until it takes writes.
+    pub fn promote(&self) {
+        let out = as_postgres(&self.bin, "pg_ctl")
+            .args(["promote", "-w", "-t", "30", "-D"])
+            .arg(&self.data)
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Whether the server is a standby (in recovery).
+    pub fn in_recovery(&self) -> bool {
+        self.psql("SELECT pg_is_in_recovery()") == "t"
     }
 
     /// A cluster in a temporary directory, not started.
