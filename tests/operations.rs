@@ -150,6 +150,8 @@ async fn sighup_applies_outbound_tokens_and_limits_without_a_restart() {
     }
     let st = rcpt_status(d.port, &unknown(3)).await;
     assert!(format!("{st:?}").contains("450"), "{st:?}\n{}", d.log());
+    // A new spool has every table its first scan reads.
+    assert!(!d.log().contains("cannot read the spool"), "{}", d.log());
 }
 
 fn scrape(port: u16) -> String {

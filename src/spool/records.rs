@@ -230,6 +230,8 @@ pub(super) fn create_tables(db: &Database) -> Result<(), SpoolError> {
     let pending = redb_try!(txn.open_table(PENDING), "spool");
     let mut since = redb_try!(txn.open_table(PENDING_SINCE), "spool");
     redb_try!(txn.open_table(CONTENT), "spool");
+    // The due index: the delivery worker's first scan of a new spool reads it.
+    redb_try!(txn.open_table(DUE), "spool");
     // A spool from before the index: fill it once.
     if redb_try!(since.is_empty(), "spool") && !redb_try!(pending.is_empty(), "spool") {
         for entry in redb_try!(pending.iter(), "spool") {
