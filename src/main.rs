@@ -139,8 +139,18 @@ enum TokensAction {
         #[arg(long, value_name = "UID")]
         uid: String,
     },
-    /// All tokens, shortened
-    List,
+    /// The tokens, shortened (--json: whole, one object a line); only those
+    /// of an organizer, attendee or event UID when given
+    List {
+        #[arg(long, value_name = "ADDR")]
+        organizer: Option<String>,
+        #[arg(long, value_name = "ADDR")]
+        attendee: Option<String>,
+        #[arg(long, value_name = "UID")]
+        uid: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// One token, whole, as JSON
     Show { token: String },
     /// Forget a token: replies to it are refused
@@ -753,7 +763,7 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
             attendees: attendee.clone(),
             uid: uid.clone(),
         },
-        TokensAction::List => Request::TokensList,
+        TokensAction::List { .. } => Request::TokensList,
         TokensAction::Show { token } => Request::TokensShow { token: token.clone() },
         TokensAction::Revoke { token } => Request::TokensRevoke { token: token.clone() },
         TokensAction::Purge => Request::TokensPurge {
@@ -819,7 +829,31 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
             }
         }
-        TokensAction::List => {
+        TokensAction::List {
+            organizer,
+            attendee,
+            uid,
+            json,
+        } => {
+            let same = |a: &str, b: &str| {
+                imip_milter::itip::normalise_mailto(a).eq_ignore_ascii_case(&imip_milter::itip::normalise_mailto(b))
+            };
+            let tokens: Vec<_> = tokens
+                .into_iter()
+                .filter(|t| organizer.as_deref().is_none_or(|o| same(o, &t.organizer)))
+                .filter(|t| {
+                    attendee
+                        .as_deref()
+                        .is_none_or(|a| t.allowed().iter().any(|x| same(a, x)))
+                })
+                .filter(|t| uid.as_deref().is_none_or(|u| u == t.uid))
+                .collect();
+            if json {
+                for t in &tokens {
+                    println!("{}", serde_json::to_string(t).unwrap_or_default());
+                }
+                return ExitCode::SUCCESS;
+            }
             println!(
                 "{:<12} {:<36} {:<36} {:<10} UID",
                 "TOKEN", "ORGANIZER", "ATTENDEE", "LAST-USED"

@@ -179,12 +179,17 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
     let (ok, _, err) = imip(&["queue", "show", "nope-nothing", "--config", &cfg]);
     assert!(!ok && err.contains("no record"), "{err}");
 
-    let (ok, _, _) = imip(&["queue", "delete", &ids[1], "--config", &cfg]);
-    assert!(ok);
+    // Delete and retry take what show takes: the other record by its queue
+    // id, this one by the prefix of its id.
+    let (_, other, _) = imip(&["queue", "show", &ids[1], "--config", &cfg]);
+    let other: serde_json::Value = serde_json::from_str(&other).unwrap();
+    let other_queue_id = other["queue_id"].as_str().unwrap().to_owned();
+    let (ok, _, err) = imip(&["queue", "delete", &other_queue_id, "--config", &cfg]);
+    assert!(ok, "{err}");
     let (ok, _, err) = imip(&["queue", "delete", &ids[1], "--config", &cfg]);
     assert!(!ok && err.contains("no record"), "{err}");
 
-    let (ok, _, err) = imip(&["queue", "retry", &ids[0], "--config", &cfg]);
+    let (ok, _, err) = imip(&["queue", "retry", &ids[0][..8], "--config", &cfg]);
     assert!(ok, "{err}");
     let got = hook.wait_for(1, Duration::from_secs(10));
     assert_eq!(got.len(), 1);

@@ -708,3 +708,76 @@ async fn inspect_with_the_configuration_agrees_with_the_milter() {
     assert!(hook.deliveries().is_empty(), "nothing was handed on");
     m.stop().await;
 }
+
+/// Tokens are acted on as `tokens list` prints them: a unique prefix works
+/// for show and revoke; the list filters by organizer, attendee and UID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_acted_on_by_the_listed_prefix() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    let url = hook.url();
+    let add = |attendee: &str, uid: &str| {
+        let (ok, out, err) = cli(
+            &m,
+            &url,
+            &[
+                "tokens",
+                "add",
+                "--organizer",
+                "mailto:alice@example.org",
+                "--attendee",
+                attendee,
+                "--uid",
+                uid,
+            ],
+        );
+        assert!(ok, "{err}");
+        out.trim().to_owned()
+    };
+    let bobs = add("mailto:bob@example.com", APPLE_UID);
+    let carols = add("mailto:carol@example.net", "other-event@example.org");
+
+    let (_, list, _) = cli(&m, &url, &["tokens", "list"]);
+    let listed = list
+        .lines()
+        .find(|l| l.contains("bob@example.com"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_owned();
+    assert!(listed.ends_with('…') && !list.contains(&bobs), "{list}");
+    let (ok, shown, err) = cli(&m, &url, &["tokens", "show", &listed]);
+    assert!(ok, "{err}");
+    assert!(shown.contains(&bobs), "{shown}");
+
+    let (_, json, _) = cli(&m, &url, &["tokens", "list", "--attendee", "BOB@example.com", "--json"]);
+    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "{json}");
+    assert_eq!(rows[0]["token"], bobs.as_str());
+    let (_, by_uid, _) = cli(
+        &m,
+        &url,
+        &["tokens", "list", "--uid", "other-event@example.org", "--json"],
+    );
+    assert!(by_uid.contains(&carols) && !by_uid.contains(&bobs), "{by_uid}");
+    let (_, by_organizer, _) = cli(&m, &url, &["tokens", "list", "--organizer", "alice@example.org"]);
+    assert!(by_organizer.contains("-- 2 tokens"), "{by_organizer}");
+
+    let (ok, _, err) = cli(&m, &url, &["tokens", "show", "abc"]);
+    assert!(
+        !ok && err.contains("no such token"),
+        "too short a prefix names nothing: {err}"
+    );
+    let (ok, out, err) = cli(&m, &url, &["tokens", "revoke", &bobs[..8]]);
+    assert!(ok && out.contains("revoked"), "{out}{err}");
+    let (_, st) = transaction(&m, [192, 0, 2, 45], &[format!("<calendar+{bobs}@example.org>")]).await;
+    match &st[0] {
+        Status::Reject { message: Some(msg) } => assert!(msg.to_string_lossy().starts_with("550 5.1.1 ")),
+        other => panic!("{other:?}"),
+    }
+    let (_, list, _) = cli(&m, &url, &["tokens", "list"]);
+    assert!(
+        list.contains("-- 1 tokens") && list.contains("carol@example.net"),
+        "{list}"
+    );
+    m.stop().await;
+}
