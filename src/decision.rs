@@ -127,6 +127,26 @@ pub fn decide_unknown_token(expired: bool) -> Decision {
     )
 }
 
+/// `deliver`: mail for a gateway recipient that Postfix routed to the
+/// safety net, though it is no gateway address.
+pub fn decide_not_a_gateway(shown: &str) -> Decision {
+    Decision::new(Disposition::Reject, "not a gateway address").reply(
+        "550",
+        "5.1.1",
+        format!("{shown} is not a gateway address; check transport_maps"),
+    )
+}
+
+/// `deliver`: what the milter would redirect to the organizer bounces
+/// instead (pipe(8) cannot add a recipient), saying where to write.
+pub fn decide_write_to_organizer(organizer: &str, reason: &str) -> Decision {
+    Decision::new(Disposition::Reject, reason).reply(
+        "550",
+        "5.7.1",
+        format!("This address only takes calendar replies; please write to the organizer at {organizer}"),
+    )
+}
+
 /// RCPT stage: `imip-milter check`'s probe (`address::CHECK_TOKEN`). The
 /// answer tells `check` that Postfix hands gateway recipients to the milter.
 pub fn decide_check_probe() -> Decision {

@@ -3,13 +3,7 @@
 //! down, `default_action=accept`); it takes the same analyse → decide → spool
 //! path and answers with a sysexits(3) code.
 
-use crate::{
-    address::Recipient,
-    decision::{self, Disposition},
-    intake,
-    milter::Shared,
-    spool::Envelope,
-};
+use crate::{address::Recipient, decision, intake, milter::Shared, spool::Envelope};
 use serde::{Deserialize, Serialize};
 
 /// sysexits(3)
@@ -91,27 +85,38 @@ pub async fn take(
         return too_large(settings.max_message_bytes);
     }
     let class = settings.gateway.classify(rcpt);
+    // Refusals are journaled as the milter's are at RCPT: the bounce
+    // pipe(8) makes of them is the sender's only answer.
+    let queue = queue_id.clone().unwrap_or_else(|| "NOQUEUE".into());
+    let client = client_addr.as_deref().unwrap_or("-");
+    let refused = |d: &decision::Decision, token: Option<&str>, tallied: bool| {
+        tracing::info!(
+            "{}: {} RCPT {} from=<{}> via=deliver: {}",
+            crate::address::printable(&queue),
+            d.disposition.as_str(),
+            settings.gateway.redact(rcpt),
+            crate::address::printable(sender),
+            d.reason
+        );
+        shared.journal_recipient(client, tallied, queue.clone(), sender, token, d);
+        Verdict::from_decision(d)
+    };
     if let Some(d) = decision::decide_recipient(&class) {
-        return Verdict::from_decision(&d);
+        return refused(&d, None, false);
     }
     if class == Recipient::Other {
-        return Verdict {
-            disposition: Disposition::Reject.as_str().to_owned(),
-            smtp_reply: Some(format!(
-                "550 5.1.1 {} is not a gateway address; check transport_maps",
-                settings.gateway.redact(rcpt)
-            )),
-            reason: "not a gateway address".into(),
-            ids: Vec::new(),
-            new_ids: Vec::new(),
-        };
+        return refused(
+            &decision::decide_not_a_gateway(&settings.gateway.redact(rcpt)),
+            None,
+            false,
+        );
     }
     let mut records = Vec::new();
     if let Recipient::Gateway { token } = &class {
         match shared.check_token(token, client_addr.as_deref()).await {
             Ok(Some(r)) => records.push(r),
             Ok(None) => {}
-            Err(refused) => return Verdict::from_decision(&refused.decision),
+            Err(r) => return refused(&r.decision, Some(token), r.tallied),
         }
     }
     let recipients = vec![(rcpt.to_owned(), class)];
@@ -121,16 +126,14 @@ pub async fn take(
         client_addr,
     };
     let store = settings.tokens.as_ref().map(|l| l.store.as_ref());
-    let intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
+    let mut intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
+    if let Some(to) = intake.decision.redirect_to.clone() {
+        // pipe(8) cannot add a recipient: the bounce tells the sender where
+        // to write, and the journal says it bounced.
+        intake.decision = decision::decide_write_to_organizer(&to, &intake.decision.reason);
+    }
     intake::record(&shared.spool, &envelope, &recipients, &intake, "deliver");
     let mut v = Verdict::from_decision(&intake.decision);
-    if let Some(to) = &intake.decision.redirect_to {
-        // pipe(8) cannot add a recipient: the bounce tells the sender where to write.
-        v.disposition = Disposition::Reject.as_str().to_owned();
-        v.smtp_reply = Some(format!(
-            "550 5.7.1 This address only takes calendar replies; please write to the organizer at {to}"
-        ));
-    }
     v.ids = intake.ids.clone();
     if intake.duplicates == 0 && intake.decision.spool {
         v.new_ids = intake.ids;

@@ -53,7 +53,7 @@ pub fn apply(cfg: &DeliveryConfig, rec: &mut Record, outcome: &Outcome, now: u64
     let span = cfg.max_backoff.saturating_mul(SAME_FAULT_SPAN).as_millis() as u64;
     let lasting = rec.repeats >= MAX_SAME_SERVER_FAULT && now.saturating_sub(rec.repeats_since_ms) >= span;
     match outcome {
-        Outcome::Delivered => {
+        Outcome::Delivered | Outcome::Ignored(_) => {
             rec.state = State::Delivered;
             rec.last_error = None;
             rec.finished_ms = Some(now);
@@ -526,7 +526,7 @@ pub async fn attempt(
     let error_before = rec.last_error.clone();
     apply(cfg, &mut rec, &outcome, now);
     let result = match (&outcome, rec.state) {
-        (Outcome::Delivered, _) => DeliveryResult::Delivered,
+        (Outcome::Delivered | Outcome::Ignored(_), _) => DeliveryResult::Delivered,
         (_, State::Failed) => DeliveryResult::Failed,
         _ => DeliveryResult::Retry,
     };
@@ -540,6 +540,15 @@ pub async fn attempt(
             rec.token_prefix,
             rec.attempts,
             started.elapsed().as_millis()
+        ),
+        (Outcome::Ignored(why), _) => info!(
+            "{queue_id}: delivered id={} kind={} token={} attempts={} latency_ms={}, ignored by the target: {}",
+            rec.id,
+            rec.kind,
+            rec.token_prefix,
+            rec.attempts,
+            started.elapsed().as_millis(),
+            crate::address::printable(why)
         ),
         (_, State::Failed) => error!(
             "{queue_id}: delivery failed for good id={} token={} attempts={}: {}",
@@ -573,10 +582,11 @@ pub async fn attempt(
 
 /// The journal's line for one delivery attempt.
 fn delivery_event(rec: &Record, outcome: &Outcome) -> crate::journal::Event {
-    let disposition = match (outcome, rec.state) {
-        (Outcome::Delivered, _) => "delivered",
-        (_, State::Failed) => "failed",
-        _ => "retry",
+    let (disposition, reason) = match (outcome, rec.state) {
+        (Outcome::Delivered, _) => ("delivered", "applied".to_owned()),
+        (Outcome::Ignored(why), _) => ("delivered", format!("ignored: {why}")),
+        (_, State::Failed) => ("failed", rec.last_error.clone().unwrap_or_default()),
+        _ => ("retry", rec.last_error.clone().unwrap_or_default()),
     };
     let text = |k: &str| rec.payload[k].as_str().map(str::to_owned);
     crate::journal::Event {
@@ -588,7 +598,7 @@ fn delivery_event(rec: &Record, outcome: &Outcome) -> crate::journal::Event {
         organizer: text("organizer"),
         token: Some(crate::journal::token8(&rec.token_prefix)),
         record_id: Some(rec.id.clone()),
-        ..crate::journal::Event::now("delivery", disposition, rec.last_error.as_deref().unwrap_or(""))
+        ..crate::journal::Event::now("delivery", disposition, &reason)
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Intake {
     pub duplicates: usize,
     /// The organizer, as the token names her (local tokens).
     pub organizer: Option<String>,
+    /// When the decision was taken: the journal's time for the message,
+    /// before any delivery of what it spooled.
+    pub decided_ms: u64,
 }
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
@@ -84,9 +87,11 @@ pub async fn take(
                 ids: Vec::new(),
                 duplicates: 0,
                 organizer: None,
+                decided_ms: crate::clock::now_ms(),
             };
         }
     };
+    let decided_ms = crate::clock::now_ms();
     let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
     let mut duplicates = 0;
     if !records.is_empty() {
@@ -111,6 +116,7 @@ pub async fn take(
         analysis,
         ids,
         duplicates,
+        decided_ms,
     }
 }
 
@@ -271,6 +277,13 @@ pub fn journal_event(
     intake: &Intake,
 ) -> crate::journal::Event {
     let d = &intake.decision;
+    let reason = match intake.duplicates {
+        0 => d.reason.clone(),
+        n => format!("{}; duplicate: {n} of its records were spooled already", d.reason),
+    };
+    let mut now = crate::journal::Event::now("message", d.disposition.as_str(), &reason);
+    now.time_ms = intake.decided_ms;
+    now.time = crate::journal::rfc3339(intake.decided_ms);
     crate::journal::Event {
         queue_id: envelope.queue_id.clone(),
         message_id: intake.analysis.message_id.clone(),
@@ -281,7 +294,7 @@ pub fn journal_event(
         token: gateway(recipients).next().map(|(_, t)| crate::journal::token8(t)),
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
         record_id: (!intake.ids.is_empty()).then(|| intake.ids.join(",")),
-        ..crate::journal::Event::now("message", d.disposition.as_str(), &d.reason)
+        ..now
     }
 }
 

@@ -93,9 +93,11 @@ impl Event {
                 .is_none_or(|q| self.queue_id.as_deref() == Some(q))
             && f.message_id.as_deref().is_none_or(|m| same(&self.message_id, m))
             && f.address.as_deref().is_none_or(|a| {
-                [&self.sender, &self.from, &self.attendee, &self.organizer]
-                    .iter()
-                    .any(|v| same(v, a))
+                [&self.sender, &self.from, &self.organizer].iter().any(|v| same(v, a))
+                    // An invitation's attendees, one a comma.
+                    || self.attendee.as_deref().is_some_and(|list| {
+                        list.split(", ").any(|one| bare(one).eq_ignore_ascii_case(bare(a)))
+                    })
             })
     }
 

@@ -22,6 +22,8 @@ const DISPOSITIONS: [Disposition; 6] = [
     Disposition::Redirect,
 ];
 const RESULTS: [&str; 3] = ["delivered", "retry", "failed"];
+/// What became of an outgoing invitation (`[outbound]`).
+const OUTBOUND: [&str; 3] = ["tokenized", "not_tokenized", "tempfail"];
 /// Delivery latency bucket bounds, seconds.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
@@ -35,6 +37,7 @@ pub struct Metrics {
     token_lookups: AtomicU64,
     token_lookups_remembered: AtomicU64,
     token_lookups_refused: AtomicU64,
+    outbound: [AtomicU64; 3],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -47,7 +50,18 @@ pub static METRICS: Metrics = Metrics {
     token_lookups: AtomicU64::new(0),
     token_lookups_remembered: AtomicU64::new(0),
     token_lookups_refused: AtomicU64::new(0),
+    outbound: [const { AtomicU64::new(0) }; 3],
 };
+
+/// What became of an outgoing invitation, as counted.
+#[derive(Debug, Clone, Copy)]
+pub enum OutboundResult {
+    Tokenized,
+    /// Left with the organizer's own address (not authorized, unreadable).
+    NotTokenized,
+    /// Deferred: the token store or a milter action failed.
+    Tempfail,
+}
 
 /// Delivery result, as counted.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +99,10 @@ impl Metrics {
         self.token_lookups_refused.fetch_add(1, Relaxed);
     }
 
+    pub fn outbound(&self, result: OutboundResult) {
+        self.outbound[result as usize].fetch_add(1, Relaxed);
+    }
+
     pub fn delivery(&self, result: DeliveryResult, latency: Duration) {
         self.deliveries[result as usize].fetch_add(1, Relaxed);
         let secs = latency.as_secs_f64();
@@ -108,6 +126,15 @@ impl Metrics {
                 "imip_milter_messages_total{{disposition=\"{}\"}} {}",
                 d.as_str(),
                 self.messages[i].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP imip_milter_outbound_invitations_total Outgoing invitations, by what became of them.\n");
+        out.push_str("# TYPE imip_milter_outbound_invitations_total counter\n");
+        for (i, r) in OUTBOUND.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_outbound_invitations_total{{result=\"{r}\"}} {}",
+                self.outbound[i].load(Relaxed)
             );
         }
         out.push_str("# HELP imip_milter_spool_pending Records waiting for delivery.\n");

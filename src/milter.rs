@@ -6,7 +6,6 @@
 //! to move out next.
 
 use crate::clients::Clients;
-use crate::settings::Settings;
 use crate::{
     address::Recipient,
     decision::{self, Decision, Disposition},
@@ -16,6 +15,7 @@ use crate::{
     spool::{Envelope, Spool},
     tokens::{self, Lookup, TokenRecord},
 };
+use crate::{metrics::OutboundResult, settings::Settings};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use indymilter::{
@@ -97,6 +97,33 @@ impl Shared {
             decision,
             tallied: false,
         })
+    }
+
+    /// The journal's line for a recipient refused at RCPT. A client past its
+    /// limit is only counted: one summary per window says how many, so that a
+    /// flood cannot push everything else out of the journal.
+    pub fn journal_recipient(
+        &self,
+        client: &str,
+        tallied: bool,
+        queue_id: String,
+        sender: &str,
+        token: Option<&str>,
+        d: &Decision,
+    ) {
+        let reply = d.smtp_reply.as_ref().map(ToString::to_string);
+        if tallied {
+            self.clients.tally(client, crate::clock::now_ms(), reply);
+            return;
+        }
+        let event = crate::journal::Event {
+            queue_id: (queue_id != "NOQUEUE").then_some(queue_id),
+            sender: Some(sender.to_owned()),
+            token: token.map(crate::journal::token8),
+            smtp_reply: reply,
+            ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
+        };
+        self.spool.journal_later(event);
     }
 
     /// Writes the journal's summaries whose window has passed (all at `end`).
@@ -220,33 +247,6 @@ fn queue_id(macros: &indymilter::Macros) -> String {
         .map(text)
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "NOQUEUE".into())
-}
-
-/// The journal's line for a recipient refused at RCPT. A client past its
-/// limit is only counted: one summary per window says how many, so that a
-/// flood cannot push everything else out of the journal.
-fn journal_recipient(
-    shared: &Shared,
-    client: &str,
-    tallied: bool,
-    queue_id: String,
-    sender: &str,
-    token: Option<&str>,
-    d: &Decision,
-) {
-    let reply = d.smtp_reply.as_ref().map(ToString::to_string);
-    if tallied {
-        shared.clients.tally(client, crate::clock::now_ms(), reply);
-        return;
-    }
-    let event = crate::journal::Event {
-        queue_id: (queue_id != "NOQUEUE").then_some(queue_id),
-        sender: Some(sender.to_owned()),
-        token: token.map(crate::journal::token8),
-        smtp_reply: reply,
-        ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
-    };
-    shared.spool.journal_later(event);
 }
 
 /// A message refused at end of message before it was read (too large, the
@@ -493,7 +493,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         if !tallied {
             shared.clients.count_bad(client, now);
         }
-        journal_recipient(shared, client, tallied, queue_id(&cx.macros), &sender, None, &d);
+        shared.journal_recipient(client, tallied, queue_id(&cx.macros), &sender, None, &d);
         return Status::Reject;
     }
     if matches!(&class, Recipient::Gateway { token } if token == crate::address::CHECK_TOKEN) {
@@ -542,7 +542,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
                 set_reply(&mut cx.reply, &d);
                 let sender = session.mail_from.clone();
                 let client = client.as_deref().unwrap_or("-");
-                journal_recipient(shared, client, tallied, queue_id(&cx.macros), &sender, Some(token), &d);
+                shared.journal_recipient(client, tallied, queue_id(&cx.macros), &sender, Some(token), &d);
                 return match d.disposition {
                     Disposition::Tempfail => Status::Tempfail,
                     _ => Status::Reject,
@@ -825,6 +825,25 @@ async fn tokenize(
         Err(_) => return Status::Accept,
     };
     let Some(inv) = found else { return Status::Accept };
+    // Every outbound decision is journaled and counted: "did the invitation
+    // get a token?" is the first question asked.
+    let outcome = |result: OutboundResult, reason: &str, token: Option<&str>| {
+        METRICS.outbound(result);
+        let disposition = match result {
+            OutboundResult::Tokenized => "tokenized",
+            OutboundResult::NotTokenized => "not-tokenized",
+            OutboundResult::Tempfail => "tempfail",
+        };
+        shared.spool.journal_later(crate::journal::Event {
+            queue_id: Some(queue_id.to_owned()),
+            message_id: inv.message_id.clone(),
+            sender: Some(from.to_owned()),
+            organizer: Some(inv.organizer.clone()),
+            attendee: Some(externals.join(", ")),
+            token: token.map(crate::journal::token8),
+            ..crate::journal::Event::now("outbound", disposition, reason)
+        });
+    };
     let how = match out.authorize(&inv.organizer, submitter.login.as_deref(), submitter.client) {
         Ok(how) => how,
         Err(why) => {
@@ -833,6 +852,7 @@ async fn tokenize(
                 crate::address::printable(from),
                 crate::address::printable(&inv.uid)
             );
+            outcome(OutboundResult::NotTokenized, &why, None);
             return Status::Accept;
         }
     };
@@ -850,11 +870,11 @@ async fn tokenize(
             let e = crate::errors::chain(&e);
             warn!("{queue_id}: outbound invitation not tokenized: {e}");
             let d = decision::decide_store_failed(&e);
+            outcome(OutboundResult::Tempfail, &d.reason, None);
             set_reply(&mut cx.reply, &d);
             return Status::Tempfail;
         }
     };
-    let settings = shared.settings();
     let Some(base) = settings.gateway.bases().first() else {
         return Status::Accept;
     };
@@ -868,8 +888,9 @@ async fn tokenize(
     let Some(body) = outbound::rewrite_body(&message, body_start, &inv, &format!("mailto:{address}")) else {
         warn!(
             "{queue_id}: outbound invitation uid={} not rewritten: calendar part unreadable",
-            inv.uid
+            crate::address::printable(&inv.uid)
         );
+        outcome(OutboundResult::NotTokenized, "calendar part unreadable", None);
         return Status::Accept;
     };
     let has_reply_to = message
@@ -890,6 +911,7 @@ async fn tokenize(
     if let Err(e) = result {
         warn!("{queue_id}: outbound invitation not tokenized: {e}");
         let d = decision::decide_spool_failed(&format!("milter action failed: {e}"));
+        outcome(OutboundResult::Tempfail, &d.reason, None);
         set_reply(&mut cx.reply, &d);
         return Status::Tempfail;
     }
@@ -901,6 +923,11 @@ async fn tokenize(
         crate::address::printable(&inv.organizer),
         externals.len(),
         crate::address::token_prefix(&record.token)
+    );
+    outcome(
+        OutboundResult::Tokenized,
+        &format!("authorized by {how}"),
+        Some(&record.token),
     );
     Status::Accept
 }

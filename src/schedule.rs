@@ -473,7 +473,10 @@ pub fn apply_reply(
             }
         };
         if a.partstat.is_some() && a.sequence < block.sequence {
-            notes.push(format!("stale reply (SEQUENCE {} < {})", a.sequence, block.sequence));
+            notes.push(format!(
+                "older than the answer on file (SEQUENCE {} < {})",
+                a.sequence, block.sequence
+            ));
             continue;
         }
         let attendee_idx = (block.begin..=block.end)
@@ -488,7 +491,10 @@ pub fn apply_reply(
                     && !a.dtstamp.is_empty()
                     && a.dtstamp.as_str() < last
                 {
-                    notes.push(format!("stale reply (DTSTAMP {} before {last})", a.dtstamp));
+                    notes.push(format!(
+                        "older than the answer on file (DTSTAMP {} before {last})",
+                        a.dtstamp
+                    ));
                     continue;
                 }
                 let new = attendee_line(old, a);

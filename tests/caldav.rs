@@ -683,6 +683,21 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
         partstat(&stored(&radicale), "dana@example.com", None).as_deref(),
         Some("ACCEPTED")
     );
+    // An answer older than the one on file is taken and ignored, and the
+    // journal says so rather than "delivered" alone.
+    let older = answer(UID, "bob@example.com", "DECLINED", "").replace("20261120T100000Z", "20261119T100000Z");
+    let (code, err) = deliver(&config, &gateway, &reply_through(&gateway, "bob@example.com", &older));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        partstat(&stored(&radicale), "bob@example.com", None).as_deref(),
+        Some("TENTATIVE")
+    );
+    let journal = String::from_utf8_lossy(&common::cli(&config, &["journal", "--address", "bob@example.com"]).stdout)
+        .into_owned();
+    assert!(
+        journal.contains("delivery delivered") && journal.contains("reason=\"ignored: older than the answer on file"),
+        "{journal}"
+    );
 }
 
 /// A CalDAV server gone bad: answers every request with `answer(port)`,

@@ -152,6 +152,64 @@ async fn sighup_applies_outbound_tokens_and_limits_without_a_restart() {
     assert!(format!("{st:?}").contains("450"), "{st:?}\n{}", d.log());
     // A new spool has every table its first scan reads.
     assert!(!d.log().contains("cannot read the spool"), "{}", d.log());
+
+    // The journal answers "did the invitation get a token?" both ways.
+    let journal = |queue_id: &str| {
+        let out = d.cli(&["journal", "--queue-id", queue_id]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || journal("OUT1")
+            .contains("outbound tokenized")),
+        "{}",
+        journal("OUT1")
+    );
+    let out1 = journal("OUT1");
+    assert!(
+        out1.contains("outbound not-tokenized") && out1.contains("reason=\"authorized by outbound.trusted_clients"),
+        "{out1}"
+    );
+    assert!(
+        out1.find("not-tokenized") < out1.find("outbound tokenized"),
+        "oldest first: {out1}"
+    );
+
+    // The safety net's refusal of an unknown token is journaled too.
+    let mut deliver = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args([
+            "deliver",
+            "--rcpt",
+            &unknown(9),
+            "--sender",
+            "bob@example.com",
+            "--queue-id",
+            "DLV1",
+        ])
+        .arg("--config")
+        .arg(&d.config_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    deliver
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&fixture("reply-all.eml"))
+        .unwrap();
+    let done = deliver.wait_with_output().unwrap();
+    assert_eq!(
+        done.status.code(),
+        Some(67),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || journal("DLV1").contains("recipient reject")),
+        "{}",
+        journal("DLV1")
+    );
 }
 
 fn scrape(port: u16) -> String {

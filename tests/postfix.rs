@@ -337,6 +337,13 @@ fn milter_outage_replies_reach_the_target_through_the_safety_net() {
         "{}",
         diagnostics(&s)
     );
+    // The journal says what the pipe did: a bounce, not a redirect.
+    let journal =
+        String::from_utf8_lossy(&s.milter.cli(&["journal", "--address", "bob@example.com"]).stdout).into_owned();
+    assert!(
+        journal.contains("message reject") && journal.contains("550 5.7.1") && !journal.contains("message redirect"),
+        "{journal}"
+    );
 
     // The daemon comes back and takes over the spool the safety net used.
     s.milter.spawn();

@@ -80,7 +80,11 @@ pub(crate) fn same_origin(base: &reqwest::Url, url: &reqwest::Url) -> bool {
 /// What one delivery attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// The target took the record and applied it.
     Delivered,
+    /// The target took the record and rightly changed nothing (a stale or
+    /// repeated answer): done, and why.
+    Ignored(String),
     /// Try again later (408, 425, 429, 5xx, a server not ready).
     Retry(String),
     /// The target did not answer: no connection, a timeout, a proxy's 502,
@@ -97,7 +101,7 @@ impl Outcome {
     /// The words of a failure; "" for a delivery.
     pub fn error(&self) -> Option<&str> {
         match self {
-            Self::Delivered => None,
+            Self::Delivered | Self::Ignored(_) => None,
             Self::Retry(e) | Self::Unreachable(e) | Self::ServerFault(e) | Self::Permanent(e) => Some(e),
         }
     }

@@ -131,7 +131,7 @@ mod tests {
             (301, 'p'),
         ] {
             let got = match classify(StatusCode::from_u16(code).unwrap()) {
-                Outcome::Delivered => 'd',
+                Outcome::Delivered | Outcome::Ignored(_) => 'd',
                 Outcome::Retry(_) | Outcome::Unreachable(_) | Outcome::ServerFault(_) => 'r',
                 Outcome::Permanent(_) => 'p',
             };

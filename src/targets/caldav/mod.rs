@@ -265,7 +265,7 @@ impl CalDav {
             };
             let new = match applied {
                 Ok(Applied::Changed(t)) => t,
-                Ok(Applied::Unchanged(_)) => return Outcome::Delivered,
+                Ok(Applied::Unchanged(why)) => return Outcome::Ignored(why),
                 Err(e) => return Outcome::Permanent(e),
             };
             let mut put = self
