@@ -855,6 +855,40 @@ fn check_names_what_postfix_will_actually_do() {
         probe.starts_with("FAIL") && probe.contains("MAIL FROM:<> answered: 451"),
         "{text}"
     );
+
+    // Outbound on: a submission service that accepts while the milter is
+    // down lets invitations leave untokenized; named, then quiet.
+    let outbound = dir.path().join("outbound.toml");
+    let base = std::fs::read_to_string(&milter.config_path).unwrap();
+    std::fs::write(
+        &outbound,
+        format!(
+            "{base}\n[tokens]\nmode = \"local\"\n\n[outbound]\nenabled = true\norganizer_domains = [\"example.org\"]\n"
+        ),
+    )
+    .unwrap();
+    let check_outbound = || {
+        let out = common::cli(&outbound, &["check", "--postfix-config", etc.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    postconf(&["-M", "submission/inet=submission inet n - n - - smtpd"]);
+    let port = milter.port;
+    postconf(&[
+        "-P",
+        &format!("submission/inet/smtpd_milters={{inet:127.0.0.1:{port},default_action=accept}}"),
+    ]);
+    let text = check_outbound();
+    let submission = line(&text, "submission service submission");
+    assert!(
+        submission.starts_with("WARN") && submission.contains("leave untokenized"),
+        "{text}"
+    );
+    postconf(&[
+        "-P",
+        &format!("submission/inet/smtpd_milters={{inet:127.0.0.1:{port},default_action=tempfail}}"),
+    ]);
+    let text = check_outbound();
+    assert!(line(&text, "submission service submission").starts_with("OK"), "{text}");
 }
 
 /// The shipped postconf script applied twice over a main.cf that has its
@@ -899,4 +933,43 @@ fn the_shipped_postconf_script_can_run_twice() {
         main_cf.contains("smtpd_recipient_restrictions = check_recipient_access texthash:/etc/postfix/imip-milter-access, check_policy_service"),
         "{main_cf}"
     );
+
+    // Again with the unix socket and --outbound: imip-milter's own entry is
+    // replaced, theirs kept, the change printed; the submission service
+    // defers while the milter is down.
+    std::fs::write(dir.path().join("master.cf"), "submission inet n - y - - smtpd\n").unwrap();
+    let unix = "{ unix:imip-milter/milter.sock, default_action=accept, connect_timeout=10s, command_timeout=10s, content_timeout=30s }";
+    let run = || {
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .args(["-c", dir.path().to_str().unwrap(), "--outbound", unix])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = run();
+    assert!(
+        said.contains(&format!(
+            "smtpd_milters = inet:127.0.0.1:8891, {unix} (was: inet:127.0.0.1:8891, {{ inet:127.0.0.1:8895"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "master.cf submission/inet: smtpd_milters = {unix:imip-milter/milter.sock,default_action=tempfail,"
+        ),
+        "{said}"
+    );
+    let main_cf = std::fs::read_to_string(dir.path().join("main.cf")).unwrap();
+    assert!(
+        !main_cf.contains("8895") && main_cf.contains("inet:127.0.0.1:8891"),
+        "{main_cf}"
+    );
+    let master_cf = std::fs::read_to_string(dir.path().join("master.cf")).unwrap();
+    assert!(
+        master_cf.contains("-o smtpd_milters={unix:imip-milter/milter.sock,default_action=tempfail,"),
+        "{master_cf}"
+    );
+    assert_eq!(run(), "", "nothing left to change");
 }

@@ -214,6 +214,7 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
 
     out.extend(greylisting(config, dir));
     out.extend(service_overrides(config, dir));
+    out.extend(submission(config, dir, &milters));
     out.extend(safety_net_route(config, dir));
 
     let services = postconf(dir, &["-M"]).unwrap_or_default();
@@ -247,6 +248,78 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
 
 /// master.cf can give one smtpd service its own smtpd_milters
 /// (`-o smtpd_milters=`): main.cf then says nothing about that service.
+/// With `[outbound]` on, the path invitations are submitted by must defer
+/// while the milter is down: with default_action=accept an invitation
+/// leaves with the organizer's own address and its replies bypass the
+/// gateway. Inbound keeps accept and the safety net.
+fn submission(config: &Config, dir: Option<&Path>, main_milters: &str) -> Vec<Finding> {
+    let Some(outbound) = &config.outbound else {
+        return Vec::new();
+    };
+    let names = milter_names(&config.listen);
+    let overrides = postconf(dir, &["-P"]).unwrap_or_default();
+    let overridden = |service: &str, key: &str| {
+        overrides.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == format!("{service}/{key}")).then(|| v.trim().to_owned())
+        })
+    };
+    let main_action = postconf(dir, &["-h", "milter_default_action"]).unwrap_or_default();
+    let services = postconf(dir, &["-M"]).unwrap_or_default();
+    let mut out = Vec::new();
+    for l in services.lines() {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        let (Some(name), Some(&"inet"), Some(command)) = (fields.first(), fields.get(1), fields.get(7)) else {
+            continue;
+        };
+        let port = name.rsplit(':').next().unwrap_or(name);
+        if *command != "smtpd" || !matches!(port, "submission" | "submissions" | "smtps" | "587" | "465") {
+            continue;
+        }
+        let service = format!("{name}/inet");
+        let milters = overridden(&service, "smtpd_milters").unwrap_or_else(|| main_milters.to_owned());
+        // Without the milter at all: service_overrides says so.
+        let Some(entry) = milter_entry(&milters, &names) else {
+            continue;
+        };
+        let action = setting(&entry, "default_action")
+            .or_else(|| overridden(&service, "milter_default_action"))
+            .unwrap_or_else(|| main_action.clone());
+        out.push(if action == "tempfail" {
+            Finding::ok(
+                "postfix",
+                format!("submission service {name} defers while the milter is down: no invitation leaves untokenized"),
+            )
+        } else {
+            Finding::warn(
+                "postfix",
+                format!(
+                    "submission service {name} accepts mail while the milter is down (default_action={action}): \
+                     invitations leave untokenized; give it -o smtpd_milters={{ {}, default_action=tempfail }} \
+                     (/usr/share/doc/imip-milter/postfix/master.cf)",
+                    names[0]
+                ),
+            )
+        });
+    }
+    if out.is_empty() && !outbound.trusted_clients.is_empty() {
+        let action = milter_entry(main_milters, &names)
+            .and_then(|e| setting(&e, "default_action"))
+            .unwrap_or(main_action);
+        if action != "tempfail" {
+            out.push(Finding::warn(
+                "postfix",
+                format!(
+                    "outbound.trusted_clients submit through smtpd with default_action={action}: while the milter is \
+                     down their invitations leave untokenized; let them submit on a submission service with \
+                     default_action=tempfail (/usr/share/doc/imip-milter/postfix/master.cf)"
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn service_overrides(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
     let Some(params) = postconf(dir, &["-P"]) else {
         return Vec::new();
