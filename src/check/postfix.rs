@@ -75,23 +75,62 @@ fn milter_names(listen: &ListenSocket) -> Vec<String> {
 
 /// The `{ address, key=value, ... }` group of smtpd_milters naming `names`.
 fn milter_entry(smtpd_milters: &str, names: &[String]) -> Option<String> {
-    let mut rest = smtpd_milters;
-    let mut entries = Vec::new();
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            break;
-        };
-        entries.push(rest[open + 1..open + close].to_owned());
-        rest = &rest[open + close + 1..];
-    }
-    for word in smtpd_milters.split(|c: char| c == ',' || c.is_whitespace()) {
-        if !word.is_empty() && !word.contains(['{', '}', '=']) {
-            entries.push(word.to_owned());
-        }
-    }
-    entries.into_iter().find(|e| {
+    milter_entries(smtpd_milters).into_iter().find(|e| {
         let first = e.split(',').next().unwrap_or("").trim();
         names.iter().any(|n| n == first)
+    })
+}
+
+/// The entries of an smtpd_milters list: `{ address, settings }` groups
+/// (without the braces) and bare addresses.
+fn milter_entries(smtpd_milters: &str) -> Vec<String> {
+    let mut entries = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0usize;
+    for c in smtpd_milters.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    entries.push(std::mem::take(&mut current).trim().to_owned());
+                }
+            }
+            c if depth == 0 && (c == ',' || c.is_whitespace()) => {
+                if !current.trim().is_empty() {
+                    entries.push(std::mem::take(&mut current).trim().to_owned());
+                }
+                current.clear();
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.trim().is_empty() {
+        entries.push(current.trim().to_owned());
+    }
+    entries
+}
+
+/// Entries of smtpd_milters that are imip-milter's: its socket, or what the
+/// shipped files and imip-milter-postconf write (port 8895, a socket under
+/// imip-milter/). Two of them is a stale entry left beside a new one.
+fn duplicate_entries(smtpd_milters: &str, names: &[String]) -> Option<Finding> {
+    let ours: Vec<String> = milter_entries(smtpd_milters)
+        .into_iter()
+        .map(|e| e.split(',').next().unwrap_or("").trim().to_owned())
+        .filter(|a| names.contains(a) || a.contains("imip-milter") || a.ends_with(":8895"))
+        .collect();
+    (ours.len() > 1).then(|| {
+        Finding::warn(
+            "postfix",
+            format!(
+                "smtpd_milters lists imip-milter {} times ({}): every message passes each, and one that no \
+                 longer answers applies its default_action; keep {} only (imip-milter-postconf replaces its own entry)",
+                ours.len(),
+                ours.join(", "),
+                names[0]
+            ),
+        )
     })
 }
 
@@ -171,6 +210,7 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         out.push(header_checks(authserv_id, dir));
     }
     let names = milter_names(&config.listen);
+    out.extend(duplicate_entries(&milters, &names));
     match milter_entry(&milters, &names) {
         None => out.push(Finding::fail(
             "postfix",
@@ -525,6 +565,15 @@ mod tests {
         assert!(milter_entry("inet:127.0.0.1:8895", &names).is_some());
         let unix = milter_names(&ListenSocket::Unix("/var/spool/postfix/imip-milter/milter.sock".into()));
         assert!(milter_entry("{ unix:imip-milter/milter.sock, default_action=tempfail }", &unix).is_some());
+    }
+
+    #[test]
+    fn a_stale_entry_beside_the_new_one_is_named() {
+        let unix = milter_names(&ListenSocket::Unix("/var/spool/postfix/imip-milter/milter.sock".into()));
+        let two = "{ inet:127.0.0.1:8895, default_action=accept }, inet:127.0.0.1:8891, { unix:imip-milter/milter.sock }";
+        let f = duplicate_entries(two, &unix).unwrap();
+        assert!(f.to_string().contains("2 times (inet:127.0.0.1:8895, unix:imip-milter/milter.sock)"), "{f}");
+        assert!(duplicate_entries("inet:127.0.0.1:8891, { unix:imip-milter/milter.sock }", &unix).is_none());
     }
 
     #[test]
