@@ -220,13 +220,53 @@ pub fn percent_decode(s: &str, strict: bool) -> Result<String, String> {
 pub fn printable(text: &str) -> String {
     let mut out = String::new();
     for c in text.chars().take(1000) {
-        if c.is_control() {
+        if c.is_control() || is_format(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// `printable`, for a value between double quotes (`reason="…"`): `"` and
+/// `\` escaped with a backslash, so that a value cannot end the quotes or
+/// pass for an escape.
+pub fn quoted(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars().take(1000) {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || is_format(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Characters that change how a terminal shows the text around them
+/// without showing themselves (Unicode Cf, Zl, Zp): bidirectional
+/// overrides and isolates (U+202E turns a line around), zero-width
+/// characters, line and paragraph separators, tag characters.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 pub fn token_prefix(token: &str) -> String {
@@ -273,6 +313,20 @@ mod tests {
         assert_eq!(
             gw().classify(&format!("<replies-{UUID}@example.net>")),
             Recipient::Gateway { token: UUID.into() }
+        );
+    }
+
+    #[test]
+    fn format_characters_are_shown_not_obeyed() {
+        assert_eq!(printable("bob\u{202E}gpj.exe"), "bob\\u{202e}gpj.exe");
+        assert_eq!(
+            printable("a\u{2028}b\u{200B}c\u{2066}"),
+            "a\\u{2028}b\\u{200b}c\\u{2066}"
+        );
+        assert_eq!(printable("Müller 日本"), "Müller 日本");
+        assert_eq!(
+            quoted("say \"hi\" \\u{202e}\u{202e}"),
+            "say \\\"hi\\\" \\\\u{202e}\\u{202e}"
         );
     }
 

@@ -366,7 +366,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         } else {
             tokens.join(",")
         },
-        printable(&intake.decision.reason.replace('"', "'")),
+        crate::address::quoted(&intake.decision.reason),
     );
     if !intake.ids.is_empty() {
         line.push_str(&format!(" id={}", intake.ids.join(",")));

@@ -118,12 +118,12 @@ impl Event {
             p(&self.token),
         );
         if let Some(r) = &self.smtp_reply {
-            line.push_str(&format!(" smtp-reply=\"{}\"", crate::address::printable(r)));
+            line.push_str(&format!(" smtp-reply=\"{}\"", crate::address::quoted(r)));
         }
         if let Some(id) = &self.record_id {
             line.push_str(&format!(" id={}", crate::address::printable(id)));
         }
-        line.push_str(&format!(" reason=\"{}\"", crate::address::printable(&self.reason)));
+        line.push_str(&format!(" reason=\"{}\"", crate::address::quoted(&self.reason)));
         line
     }
 }

@@ -264,7 +264,7 @@ fn refuse_message(
         "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
         crate::address::printable(sender),
         d.disposition.as_str(),
-        d.reason
+        crate::address::quoted(&d.reason)
     );
     if d.disposition == Disposition::Tempfail {
         warn!("{line}");
@@ -720,7 +720,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
             "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
             crate::address::printable(&from),
             d.disposition.as_str(),
-            d.reason
+            crate::address::quoted(&d.reason)
         );
         return Status::Accept;
     }

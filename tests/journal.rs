@@ -168,3 +168,61 @@ fn the_journal_is_bounded() {
         .unwrap()
         .is_empty());
 }
+
+/// Text from mail reaches the admin's terminal escaped: a right-to-left
+/// override in MAIL FROM, in a queue id and in an organizer is shown as
+/// `\u{202e}` by `journal`, `queue list` and `tokens list`, never obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_spoofing_is_shown_escaped() {
+    let hook = Webhook::start();
+    hook.fail_next(&[404]);
+    let m = common::InProcess::start_with(&hook.url(), "\n[tokens]\nmode = \"local\"\n").await;
+    let config = m.state_dir.path().join("spoof.toml");
+    std::fs::write(
+        &config,
+        common::config_text(
+            m.state_dir.path(),
+            "inet:127.0.0.1:1",
+            &hook.url(),
+            "\n[tokens]\nmode = \"local\"\n",
+        ),
+    )
+    .unwrap();
+    let token = common::add_token(
+        &config,
+        "alice\u{202E}@example.org",
+        "bob@example.com",
+        "spoof-1@example.org",
+    );
+    let gateway = format!("calendar+{token}@example.org");
+    let status = common::milter_send_to(
+        m.addr,
+        "<bob\u{202E}moc.elpmaxe@example.com>",
+        &format!("<{gateway}>"),
+        &reply(&gateway, "spoof-1@example.org", "spoof@example.com"),
+        "Q\u{202E}1",
+    )
+    .await;
+    assert!(
+        matches!(
+            status,
+            indymilter_test::Status::Discard | indymilter_test::Status::Reject { .. }
+        ),
+        "{status:?}"
+    );
+    let text = |args: &[&str]| String::from_utf8_lossy(&common::cli(&config, args).stdout).into_owned();
+    assert!(
+        wait_until(Duration::from_secs(10), || text(&["queue", "list"]).contains("failed")),
+        "{}",
+        text(&["queue", "list"])
+    );
+    for (what, out) in [
+        ("journal", text(&["journal"])),
+        ("queue list", text(&["queue", "list"])),
+        ("tokens list", text(&["tokens", "list"])),
+    ] {
+        assert!(!out.contains('\u{202E}'), "{what} prints the override raw:\n{out}");
+        assert!(out.contains("\\u{202e}"), "{what} shows it escaped:\n{out}");
+    }
+    m.stop().await;
+}

@@ -570,9 +570,14 @@ mod tests {
     #[test]
     fn a_stale_entry_beside_the_new_one_is_named() {
         let unix = milter_names(&ListenSocket::Unix("/var/spool/postfix/imip-milter/milter.sock".into()));
-        let two = "{ inet:127.0.0.1:8895, default_action=accept }, inet:127.0.0.1:8891, { unix:imip-milter/milter.sock }";
+        let two =
+            "{ inet:127.0.0.1:8895, default_action=accept }, inet:127.0.0.1:8891, { unix:imip-milter/milter.sock }";
         let f = duplicate_entries(two, &unix).unwrap();
-        assert!(f.to_string().contains("2 times (inet:127.0.0.1:8895, unix:imip-milter/milter.sock)"), "{f}");
+        assert!(
+            f.to_string()
+                .contains("2 times (inet:127.0.0.1:8895, unix:imip-milter/milter.sock)"),
+            "{f}"
+        );
         assert!(duplicate_entries("inet:127.0.0.1:8891, { unix:imip-milter/milter.sock }", &unix).is_none());
     }
 

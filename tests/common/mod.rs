@@ -869,6 +869,18 @@ pub async fn milter_send(
     raw: &[u8],
     queue_id: &str,
 ) -> indymilter_test::Status {
+    let rcpt = format!("<calendar+{TOKEN}@example.org>");
+    milter_send_to(addr, sender, &rcpt, raw, queue_id).await
+}
+
+/// As `milter_send`, to `rcpt`; a refusal at RCPT is the answer.
+pub async fn milter_send_to(
+    addr: impl tokio::net::ToSocketAddrs,
+    sender: &str,
+    rcpt: &str,
+    raw: &[u8],
+    queue_id: &str,
+) -> indymilter_test::Status {
     let mut conn = indymilter_test::TestConnection::configure()
         .read_timeout(Duration::from_secs(30))
         .open_tcp(addr)
@@ -876,9 +888,11 @@ pub async fn milter_send(
         .unwrap();
     conn.connect("client.example.com", [192, 0, 2, 9]).await.unwrap();
     conn.mail([sender]).await.unwrap();
-    conn.rcpt([format!("<calendar+{TOKEN}@example.org>").as_str()])
-        .await
-        .unwrap();
+    let at_rcpt = conn.rcpt([rcpt]).await.unwrap();
+    if at_rcpt != indymilter_test::Status::Continue {
+        let _ = conn.close().await;
+        return at_rcpt;
+    }
     conn.data().await.unwrap();
     let (_, status) = milter_message(&mut conn, raw, queue_id).await;
     let _ = conn.close().await;
