@@ -609,13 +609,34 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
         (true, Some(records), _) => print!("{}", control::format_list(&records, resp.target_down_since_ms)),
         (false, Some(records), _) => {
             for r in records {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                println!("{}", pretty_with_times(&r));
             }
         }
         (_, None, Some(n)) => println!("{n} record(s)"),
         _ => {}
     }
     ExitCode::SUCCESS
+}
+
+/// A record as pretty JSON; beside each `…_ms` time the same in RFC 3339
+/// (`created_ms` and `created_at`), for the people who read it.
+fn pretty_with_times(value: &impl serde::Serialize) -> String {
+    let mut v = serde_json::to_value(value).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        let times: Vec<(String, String)> = obj
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_suffix("_ms")?;
+                let ms = i64::try_from(v.as_u64().filter(|ms| *ms > 0)?).ok()?;
+                let at = chrono::DateTime::from_timestamp_millis(ms)?;
+                Some((format!("{name}_at"), at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            })
+            .collect();
+        for (k, t) in times {
+            obj.insert(k, t.into());
+        }
+    }
+    serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
 fn deliver(
@@ -826,7 +847,7 @@ fn tokens(arg: &ConfigArg, action: TokensAction) -> ExitCode {
         }
         TokensAction::Show { .. } => {
             for t in tokens {
-                println!("{}", serde_json::to_string_pretty(&t).unwrap_or_default());
+                println!("{}", pretty_with_times(&t));
             }
         }
         TokensAction::List {

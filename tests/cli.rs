@@ -167,6 +167,7 @@ async fn queue_list_show_retry_delete_through_the_daemon() {
     assert!(ok);
     let rec: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(rec["state"], "failed");
+    assert!(rec["created_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{rec}");
     assert_eq!(rec["payload"]["token"], TOKEN);
     // The same record by a prefix of its id, its queue id, its Message-ID.
     let queue_id = rec["queue_id"].as_str().unwrap().to_owned();

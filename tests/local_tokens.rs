@@ -748,6 +748,11 @@ async fn tokens_are_acted_on_by_the_listed_prefix() {
     let (ok, shown, err) = cli(&m, &url, &["tokens", "show", &listed]);
     assert!(ok, "{err}");
     assert!(shown.contains(&bobs), "{shown}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert!(
+        shown["created_at"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')),
+        "RFC 3339 beside epoch milliseconds: {shown}"
+    );
 
     let (_, json, _) = cli(&m, &url, &["tokens", "list", "--attendee", "BOB@example.com", "--json"]);
     let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
