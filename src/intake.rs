@@ -32,6 +32,9 @@ pub struct Intake {
     /// When the decision was taken: the journal's time for the message,
     /// before any delivery of what it spooled.
     pub decided_ms: u64,
+    /// The message, given back when it is redirected: the milter gives the
+    /// organizer her own address back in it.
+    pub message: Option<Vec<u8>>,
 }
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
@@ -59,6 +62,7 @@ pub async fn take(
         std::panic::catch_unwind(AssertUnwindSafe(|| {
             prepare(&raw, recipients, tokens, settings, envelope)
         }))
+        .map(|p| (p, raw))
         .map_err(|_| "a parser panicked".to_owned())
     } else {
         let _slot = ANALYSES.acquire().await;
@@ -68,16 +72,22 @@ pub async fn take(
             Arc::clone(settings),
             envelope.clone(),
         );
-        tokio::task::spawn_blocking(move || prepare(&raw, &recipients, &tokens, &settings, &envelope))
-            .await
-            .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || {
+            let p = prepare(&raw, &recipients, &tokens, &settings, &envelope);
+            (p, raw)
+        })
+        .await
+        .map_err(|e| e.to_string())
     };
-    let Prepared {
-        mut decision,
-        analysis,
-        records,
-        organizer,
-    } = match prepared {
+    let (
+        Prepared {
+            mut decision,
+            analysis,
+            records,
+            organizer,
+        },
+        raw,
+    ) = match prepared {
         Ok(p) => p,
         Err(e) => {
             error!("{queue_id}: analysis failed: {e}");
@@ -88,6 +98,7 @@ pub async fn take(
                 duplicates: 0,
                 organizer: None,
                 decided_ms: crate::clock::now_ms(),
+                message: None,
             };
         }
     };
@@ -110,6 +121,7 @@ pub async fn take(
             }
         }
     }
+    let message = decision.redirect_to.is_some().then_some(raw);
     Intake {
         organizer,
         decision,
@@ -117,6 +129,7 @@ pub async fn take(
         ids,
         duplicates,
         decided_ms,
+        message,
     }
 }
 

@@ -629,7 +629,10 @@ fn pretty_with_times(value: &impl serde::Serialize) -> String {
                 let name = k.strip_suffix("_ms")?;
                 let ms = i64::try_from(v.as_u64().filter(|ms| *ms > 0)?).ok()?;
                 let at = chrono::DateTime::from_timestamp_millis(ms)?;
-                Some((format!("{name}_at"), at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+                Some((
+                    format!("{name}_at"),
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                ))
             })
             .collect();
         for (k, t) in times {

@@ -752,8 +752,26 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         Disposition::DeleteRecipients | Disposition::Redirect => {
             let mut failed = None;
             if let Some(to) = &intake.decision.redirect_to {
-                // Postfix delivers the message to the organizer instead.
-                if let Err(e) = cx.actions.add_recipient(format!("<{to}>")).await {
+                // Postfix delivers the message to the organizer instead,
+                // saying why, with her own address as ORGANIZER again.
+                let why: String = crate::address::printable(&intake.decision.reason)
+                    .chars()
+                    .take(300)
+                    .collect();
+                let body = match (intake.message.take(), intake.organizer.as_deref()) {
+                    (Some(raw), Some(organizer)) => outbound::organizer_given_back(&raw, organizer),
+                    _ => None,
+                };
+                let acted = async {
+                    cx.actions.add_recipient(format!("<{to}>")).await?;
+                    cx.actions.add_header(REDIRECT_HEADER, why.as_str()).await?;
+                    if let Some(body) = &body {
+                        cx.actions.replace_body(body).await?;
+                    }
+                    Ok::<(), indymilter::ActionError>(())
+                }
+                .await;
+                if let Err(e) = acted {
                     failed = Some(e.to_string());
                 }
             }
@@ -786,6 +804,10 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     intake::record(&shared.spool, &envelope, &recipients, &intake, "");
     status
 }
+
+/// The header on mail the milter sends to the organizer instead of the
+/// gateway: why it came to her.
+pub const REDIRECT_HEADER: &str = "X-IMIP-Milter-Redirect";
 
 /// Who submitted an outgoing message.
 struct Submitter {

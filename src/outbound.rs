@@ -193,6 +193,25 @@ enum Encoding {
 
 /// Finds an invitation from a local organizer in `raw` (headers and body).
 pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
+    find_where(raw, |method, organizer| {
+        METHODS.contains(&method) && cfg.is_local(organizer)
+    })
+}
+
+/// A message redirected to the organizer with her real address as ORGANIZER
+/// again where it names the gateway (a COUNTER through a token): the body
+/// to put in place, or None when it has no calendar part to rewrite.
+/// `organizer` is the token's, a `mailto:` URI.
+pub fn organizer_given_back(raw: &[u8], organizer: &str) -> Option<Vec<u8>> {
+    let mut inv = find_where(raw, |_, _| true)?;
+    inv.organizer = organizer.to_owned();
+    let body_start = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)?;
+    rewrite_body(raw, body_start, &inv, organizer)
+}
+
+/// The first calendar part whose METHOD and ORGANIZER `keep` takes, with
+/// the other parts of the same event.
+fn find_where(raw: &[u8], keep: impl Fn(&str, &str) -> bool) -> Option<Invitation> {
     let message = MessageParser::default().parse(raw)?;
     let mut found: Option<Invitation> = None;
     for part in message.parts.iter().take(crate::message::MAX_PARTS) {
@@ -217,7 +236,7 @@ pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
         let (Some(method), Some(organizer), Some(uid)) = (itip.method, itip.organizer, itip.uid) else {
             continue;
         };
-        if !METHODS.contains(&method.as_str()) || !cfg.is_local(&organizer) {
+        if !keep(&method, &organizer) {
             continue;
         }
         let encoding = match part.content_transfer_encoding().map(|e| e.to_ascii_lowercase()) {

@@ -103,6 +103,8 @@ async fn redirected_to_organizer((actions, status): (EomActions, Status), hook: 
         "{actions:?}"
     );
     assert!(actions.has_delete_recipient(gateway().as_str()), "{actions:?}");
+    // She learns why the message came to her.
+    assert!(format!("{actions:?}").contains("X-IMIP-Milter-Redirect"), "{actions:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(hook.deliveries().is_empty());
 }
@@ -565,7 +567,15 @@ async fn counter_and_refresh_reach_the_webhook_and_go_to_the_organizer_with_cald
     .await;
     import(&m, &server.url(), "mailto:carol@example.net", BUDGET_UID);
     let (conn, _) = transaction(&m, [192, 0, 2, 7], &[gateway()]).await;
-    redirected_to_organizer(finish(conn, "counter.eml").await, &server).await;
+    let (actions, status) = finish(conn, "counter.eml").await;
+    // The COUNTER she gets names her, not the gateway, as ORGANIZER.
+    let shown = format!("{actions:?}");
+    assert!(
+        shown.contains("ORGANIZER;EMAIL=alice@example.org:mailto:alice@example.org")
+            && !shown.contains("ORGANIZER:mailto:calendar+"),
+        "{shown}"
+    );
+    redirected_to_organizer((actions, status), &server).await;
     m.stop().await;
 }
 
@@ -750,7 +760,9 @@ async fn tokens_are_acted_on_by_the_listed_prefix() {
     assert!(shown.contains(&bobs), "{shown}");
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert!(
-        shown["created_at"].as_str().is_some_and(|t| t.starts_with("20") && t.ends_with('Z')),
+        shown["created_at"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20") && t.ends_with('Z')),
         "RFC 3339 beside epoch milliseconds: {shown}"
     );
 
