@@ -48,6 +48,9 @@ pub struct Analysis {
     pub from: Option<String>,
     pub authentication_results: Option<String>,
     pub all_authentication_results: Vec<String>,
+    /// A bounce read from another form than RFC 3464's (`Report::loose`):
+    /// believed from the null sender only.
+    pub loose_report: bool,
 }
 
 impl Analysis {
@@ -88,6 +91,7 @@ impl Analysis {
             from: None,
             authentication_results: None,
             all_authentication_results: Vec::new(),
+            loose_report: false,
         }
     }
 }
@@ -157,7 +161,15 @@ fn classify(summary: &message::MessageSummary, limits: Limits) -> Analysis {
             a.bounce = Some(report.status.clone());
             return a;
         }
-        let mut a = Analysis::new(Kind::Bounce, "delivery of an invitation failed");
+        let mut a = Analysis::new(
+            Kind::Bounce,
+            if report.loose {
+                "delivery of an invitation failed (a report read from its text)"
+            } else {
+                "delivery of an invitation failed"
+            },
+        );
+        a.loose_report = report.loose;
         // The returned invitation, when the report carries it whole.
         if let Some(part) = report.returned_calendars.first() {
             a.itip = itip::read(&part.text, part.method_param.as_deref()).ok();

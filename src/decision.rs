@@ -306,6 +306,10 @@ pub enum Binding {
     ForeignAttendee(String),
     /// The bounce does not quote the invitation sent with this token.
     BounceNotBelieved(String),
+    /// A bounce on a token shared by several attendees: every one of them
+    /// holds what it quotes, so it cannot be tied to the one it names. The
+    /// organizer reads it instead.
+    SharedBounce(String),
 }
 
 /// Binds a reply or bounce to `token`. Pure: the milter, `deliver` and
@@ -326,18 +330,15 @@ pub fn bind(analysis: &Analysis, token: &TokenRecord, envelope_sender: &str) -> 
             }
             let failed = analysis.failed_recipient();
             // One attendee: the token is the authority (the report may name
-            // an alias). A shared token: only a listed attendee.
-            let who = match token.attendee.is_empty() {
-                false => Some(token.attendee.clone()),
-                true => failed.as_deref().and_then(|f| token.answering([f])),
-            };
-            match who {
-                Some(a) => Binding::Answers(a),
-                None => Binding::BounceNotBelieved(format!(
-                    "the failed recipient {} was not invited with this address",
+            // an alias). A shared token: any co-invitee could have written
+            // "carol's invitation failed", quoting what she holds too.
+            if token.attendee.is_empty() {
+                return Binding::SharedBounce(format!(
+                    "a delivery report for {} on an address shared by several attendees cannot be tied to one of them",
                     failed.as_deref().map(clip).unwrap_or_else(|| "(none)".into())
-                )),
+                ));
             }
+            Binding::Answers(token.attendee.clone())
         }
         _ => {
             let Some(itip) = itip else {
@@ -376,9 +377,19 @@ fn clip(s: &str) -> String {
 }
 
 /// EOM, local tokens: the reply or bounce does not bind to its token.
-pub fn decide_unbound(binding: &Binding, mixed: bool) -> Option<Decision> {
+/// `organizer`: the token's, a `mailto:` URI, for what she reads instead.
+pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -> Option<Decision> {
     let (reason, text) = match binding {
         Binding::Answers(_) => return None,
+        Binding::SharedBounce(why) => match organizer.and_then(bare_address) {
+            Some(a) if !mixed => {
+                return Some(Decision {
+                    redirect_to: Some(a.to_owned()),
+                    ..Decision::new(Disposition::Redirect, format!("{why}; redirected to the organizer"))
+                })
+            }
+            _ => (why.clone(), "The delivery report cannot be tied to one attendee; please write to the organizer"),
+        },
         Binding::ForeignUid(uid) => (
             format!("the reply is about event {uid}, not the token's"),
             "The calendar reply is about another event than the invitation this address was given for; \

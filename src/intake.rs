@@ -169,6 +169,13 @@ fn prepare(
     let sender_policy = &settings.policy;
     let classes: Vec<Recipient> = recipients.iter().map(|(_, c)| c.clone()).collect();
     let mut analysis = analyse_bounded(raw, settings.limits);
+    if analysis.kind == Kind::Bounce && analysis.loose_report && !envelope.mail_from.is_empty() {
+        // Only a mailer daemon writes a report in text, from the null sender.
+        analysis.kind = Kind::Other;
+        analysis.reason = "a message that reads like a delivery report, from a sender other than the null sender; \
+                           please write to the organizer directly"
+            .into();
+    }
     if analysis.kind == Kind::Report && !envelope.mail_from.is_empty() {
         // Reports come from the null sender (RFC 3464); anything else that
         // looks like one is a person's message and gets an answer.
@@ -194,7 +201,7 @@ fn prepare(
             match decision::bind(&analysis, t, &envelope.mail_from) {
                 decision::Binding::Answers(a) => answering.push((token, a)),
                 unbound => {
-                    if let Some(d) = decision::decide_unbound(&unbound, mixed) {
+                    if let Some(d) = decision::decide_unbound(&unbound, mixed, Some(t.organizer.as_str())) {
                         decision = d;
                     }
                     answering.clear();

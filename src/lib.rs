@@ -6,6 +6,7 @@
 
 pub mod address;
 pub mod analysis;
+pub mod bounces;
 pub mod check;
 pub mod clients;
 pub mod clock;

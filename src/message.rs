@@ -37,6 +37,10 @@ pub struct Report {
     pub returned_calendars: Vec<CalendarPart>,
     /// Message-IDs of the returned message (whole or headers only), `<...>`.
     pub returned_message_ids: Vec<String>,
+    /// Read from another form than RFC 3464's (a mailer daemon's text, an
+    /// empty delivery-status, X-Failed-Recipients): believed from the null
+    /// sender only.
+    pub loose: bool,
 }
 
 /// What the MIME walk found.
@@ -56,6 +60,15 @@ pub struct MessageSummary {
     pub has_text: bool,
     /// Calendar parts whose bytes could not be turned into text.
     pub undecodable: Vec<String>,
+    /// A multipart/report at any depth of the message itself.
+    pub is_report: bool,
+    /// Messages the message carries (attached, or returned by a report
+    /// whose status could not be read): their calendar parts and ids, for
+    /// a report in another form.
+    pub carried_calendars: Vec<CalendarPart>,
+    pub carried_message_ids: Vec<String>,
+    /// The first text part, for a report written as text.
+    pub first_text: Option<String>,
 }
 
 /// Walks a raw message. Err carries a sentence for the sender.
@@ -83,13 +96,75 @@ pub fn read(raw: &[u8]) -> Result<MessageSummary, String> {
         .collect();
     let mut budget = MAX_PARTS;
     walk(&message, &mut summary, &mut budget, false)?;
+    if summary.report.is_none() {
+        summary.report = loose_report(&message, &summary, &mut budget);
+    }
     Ok(summary)
 }
 
+/// Text of a report read at most: the returned message it quotes included.
+const MAX_REPORT_TEXT: usize = 512 * 1024;
+
+/// A delivery report in another form than RFC 3464's, from a mailer daemon
+/// (its From, X-Failed-Recipients, or a multipart/report whose status part
+/// says nothing): the failed recipient from X-Failed-Recipients, else from
+/// the text; the returned message from a carried part, else from the text
+/// after the usual separator. None when no failed recipient is named.
+fn loose_report(message: &Message<'_>, summary: &MessageSummary, budget: &mut usize) -> Option<Report> {
+    let from = message.from().and_then(|a| a.first());
+    let address = from.and_then(|a| a.address()).unwrap_or("").to_ascii_lowercase();
+    let name = from.and_then(|a| a.name()).unwrap_or("").to_ascii_lowercase();
+    let local = address.split('@').next().unwrap_or("");
+    let listed = message
+        .header_raw("X-Failed-Recipients")
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().trim_matches(['<', '>']).to_owned())
+        .filter(|v| v.contains('@') && !v.contains(char::is_whitespace));
+    let daemon = matches!(local, "mailer-daemon" | "postmaster" | "mail-daemon")
+        || name.contains("mail delivery")
+        || listed.is_some()
+        || summary.is_report;
+    if !daemon {
+        return None;
+    }
+    let text = summary.first_text.as_deref().unwrap_or("");
+    let failed = listed.or_else(|| crate::bounces::failed_recipient(text))?;
+    let mut calendars = summary.carried_calendars.clone();
+    let mut ids = summary.carried_message_ids.clone();
+    if calendars.is_empty() && ids.is_empty() {
+        if let Some(quoted) = crate::bounces::quoted_message(text) {
+            if let Some(inner) = MessageParser::default().parse(quoted.as_bytes()) {
+                let mut returned = MessageSummary::default();
+                if walk(&inner, &mut returned, budget, true).is_ok() {
+                    calendars = returned.calendars;
+                }
+                ids.extend(inner.message_id().map(|id| format!("<{id}>")));
+            }
+        }
+    }
+    Some(Report {
+        status: DeliveryStatus {
+            action: "failed".into(),
+            status: None,
+            final_recipient: Some(clip(failed)),
+            diagnostic: None,
+        },
+        returned_calendars: calendars,
+        returned_message_ids: ids.into_iter().take(4).collect(),
+        loose: true,
+    })
+}
+
 fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize, nested: bool) -> Result<(), String> {
-    let is_report = message.root_part().content_type().is_some_and(|ct| {
-        ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+    // A report may sit inside a multipart/mixed (RFC 6522; Lotus Domino).
+    let is_report = message.parts.iter().take(MAX_PARTS).any(|p| {
+        p.content_type().is_some_and(|ct| {
+            ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+        })
     });
+    if !nested {
+        summary.is_report = is_report;
+    }
     let mut status: Option<DeliveryStatus> = None;
     let mut returned = Vec::new();
     let mut returned_ids: Vec<String> = Vec::new();
@@ -120,6 +195,8 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
                 returned_ids.extend(inner.message_id().map(|id| format!("<{id}>")));
             } else {
                 summary.attached_calendars += inner_summary.calendars.len();
+                summary.carried_calendars.extend(inner_summary.calendars);
+                summary.carried_message_ids.extend(inner.message_id().map(|id| format!("<{id}>")));
             }
             continue;
         }
@@ -141,16 +218,31 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
             _ if filename.ends_with(".ics") || filename.ends_with(".vcs") => push_calendar(summary, part),
             ("text", "plain" | "html") if part.text_contents().is_some_and(|t| !t.trim().is_empty()) => {
                 summary.has_text = true;
+                if !nested && summary.first_text.is_none() {
+                    summary.first_text = part
+                        .text_contents()
+                        .map(|t| t.chars().take(MAX_REPORT_TEXT).collect());
+                }
             }
             _ => {}
         }
     }
-    if let Some(status) = status {
-        summary.report = Some(Report {
-            status,
-            returned_calendars: returned,
-            returned_message_ids: returned_ids.into_iter().take(4).collect(),
-        });
+    match status {
+        Some(status) => {
+            summary.report = Some(Report {
+                status,
+                returned_calendars: returned,
+                returned_message_ids: returned_ids.into_iter().take(4).collect(),
+                loose: false,
+            })
+        }
+        // A report whose status part says nothing (Google Workspace): what
+        // it returns is kept for `loose_report`.
+        None if !nested => {
+            summary.carried_calendars.extend(returned);
+            summary.carried_message_ids.extend(returned_ids);
+        }
+        None => {}
     }
     Ok(())
 }

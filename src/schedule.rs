@@ -49,6 +49,39 @@ struct Answer {
     request_status: Option<String>,
     sequence: i64,
     dtstamp: String,
+    /// The attendee's comment: X-RESPONSE-COMMENT on her ATTENDEE, else the
+    /// component's COMMENT (Thunderbird); made a safe parameter value.
+    comment: Option<String>,
+    /// X-NUM-GUESTS (Google): how many she brings.
+    guests: Option<String>,
+}
+
+/// The longest comment carried onto the organizer's copy.
+const MAX_COMMENT: usize = 300;
+
+/// Text from a reply as a parameter value: one line, no DQUOTE (a value
+/// cannot hold one, RFC 5545 §3.1), no control characters, bounded.
+fn param_text(text: &str) -> Option<String> {
+    let clean: String = text
+        .chars()
+        .map(|c| match c {
+            '"' => '\'',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .take(MAX_COMMENT)
+        .collect();
+    let clean = clean.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!clean.is_empty()).then_some(clean)
+}
+
+/// A parameter's value on a property line as written, without quotes.
+fn param_of(line: &str, name: &str) -> Option<String> {
+    let (_, ps) = params(line);
+    ps.iter().find_map(|p| {
+        let (n, v) = p.split_once('=')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim_matches('"').to_owned())
+    })
 }
 
 /// A stored VEVENT/VTODO: its line range and what matching needs.
@@ -113,6 +146,14 @@ fn answers(reply: &str) -> Result<Vec<Answer>, String> {
         };
         let param = |n: ICalendarParameterName| att.parameter(&n).and_then(|p| p.as_text()).map(str::to_owned);
         let rid = c.property(&ICalendarProperty::RecurrenceId);
+        let mut att_line = String::new();
+        let _ = att.write_to(&mut att_line);
+        let att_line = att_line.replace("\r\n ", "").replace("\r\n\t", "");
+        let att_line = att_line.trim_end();
+        let comment = param_of(att_line, "X-RESPONSE-COMMENT")
+            .or_else(|| c.property(&ICalendarProperty::Comment).and_then(text_of))
+            .and_then(|t| param_text(&t));
+        let guests = param_of(att_line, "X-NUM-GUESTS").filter(|g| !g.is_empty() && g.len() <= 4 && g.bytes().all(|b| b.is_ascii_digit()));
         out.push(Answer {
             recurrence_id: rid.and_then(instant),
             recurrence_line: rid.map(|e| {
@@ -137,6 +178,8 @@ fn answers(reply: &str) -> Result<Vec<Answer>, String> {
                 .property(&ICalendarProperty::Dtstamp)
                 .map(raw_value)
                 .unwrap_or_default(),
+            comment,
+            guests,
         });
     }
     if out.is_empty() {
@@ -569,6 +612,12 @@ fn attendee_line(old: &str, a: &Answer) -> String {
     if a.partstat.is_some() && !a.dtstamp.is_empty() {
         set_param(&mut ps, STAMP_PARAM, Some(&a.dtstamp));
     }
+    // An answer brings its comment and guests; one without takes the old
+    // ones away (they were about the earlier answer).
+    if a.partstat.is_some() {
+        set_param(&mut ps, "X-RESPONSE-COMMENT", a.comment.as_deref());
+        set_param(&mut ps, "X-NUM-GUESTS", a.guests.as_deref());
+    }
     let mut line = name;
     for p in ps {
         line.push(';');
@@ -608,6 +657,45 @@ mod tests {
             Applied::Changed(t) => t.replace("\r\n ", ""),
             Applied::Unchanged(why) => panic!("unchanged: {why}"),
         }
+    }
+
+    #[test]
+    fn the_attendees_comment_and_guests_reach_the_organizer_and_go_with_a_later_answer() {
+        // Google: the parameters on the ATTENDEE.
+        let google = reply("dana@example.com", "ACCEPTED", "", 1, "20261120T100000Z").replace(
+            "ATTENDEE;PARTSTAT",
+            "ATTENDEE;X-RESPONSE-COMMENT=\"Running late; start without me\";X-NUM-GUESTS=2;PARTSTAT",
+        );
+        let out = changed(apply(STORED, &google, Crashers::Refuse).unwrap());
+        let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
+        assert!(
+            dana.contains("X-RESPONSE-COMMENT=\"Running late; start without me\"") && dana.contains("X-NUM-GUESTS=2"),
+            "{dana}"
+        );
+        // Thunderbird: a COMMENT in the VEVENT; quotes and line breaks made safe.
+        let tb = reply(
+            "dana@example.com",
+            "TENTATIVE",
+            "COMMENT:Maybe \"later\"\\nif the train is on time\r\n",
+            1,
+            "20261121T100000Z",
+        );
+        let out = changed(apply(&out, &tb, Crashers::Refuse).unwrap());
+        let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
+        assert!(
+            dana.contains("X-RESPONSE-COMMENT=Maybe 'later' if the train is on time") && !dana.contains("X-NUM-GUESTS"),
+            "{dana}"
+        );
+        // A later answer without a comment takes the old one away.
+        let plain = reply("dana@example.com", "DECLINED", "", 1, "20261122T100000Z");
+        let out = changed(apply(&out, &plain, Crashers::Refuse).unwrap());
+        let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
+        assert!(!dana.contains("X-RESPONSE-COMMENT") && dana.contains("PARTSTAT=DECLINED"), "{dana}");
+        // Bounded.
+        let long = reply("dana@example.com", "ACCEPTED", &format!("COMMENT:{}\r\n", "x".repeat(5000)), 1, "20261123T100000Z");
+        let out = changed(apply(&out, &long, Crashers::Refuse).unwrap());
+        let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
+        assert!(dana.len() < 500, "{}", dana.len());
     }
 
     #[test]

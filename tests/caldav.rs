@@ -698,6 +698,35 @@ fn a_token_changes_one_answer_in_one_event_and_nothing_else() {
         journal.contains("delivery delivered") && journal.contains("reason=\"ignored: older than the answer on file"),
         "{journal}"
     );
+    comment_reaches_the_organizer(&config, &gateway, || stored(&radicale));
+}
+
+/// Bob answers again with a comment and a guest (Google's parameters), then
+/// once more without: the organizer's copy carries them, then no longer.
+fn comment_reaches_the_organizer(config: &std::path::Path, bob: &str, get: impl Fn() -> String) {
+    let commented = answer(UID, "bob@example.com", "TENTATIVE", "")
+        .replace("20261120T100000Z", "20261125T100000Z")
+        .replace(
+            "ATTENDEE;PARTSTAT",
+            "ATTENDEE;X-RESPONSE-COMMENT=\"Running late; start without me\";X-NUM-GUESTS=1;PARTSTAT",
+        );
+    let (code, err) = deliver(config, bob, &reply_through(bob, "bob@example.com", &commented));
+    assert_eq!(code, 0, "{err}");
+    let line = attendee_line(&get(), "bob@example.com", None).unwrap_or_default();
+    assert!(
+        line.contains("X-RESPONSE-COMMENT=\"Running late; start without me\"")
+            && line.contains("X-NUM-GUESTS=1")
+            && line.contains("PARTSTAT=TENTATIVE"),
+        "{line}"
+    );
+    let plain = answer(UID, "bob@example.com", "ACCEPTED", "").replace("20261120T100000Z", "20261126T100000Z");
+    let (code, err) = deliver(config, bob, &reply_through(bob, "bob@example.com", &plain));
+    assert_eq!(code, 0, "{err}");
+    let line = attendee_line(&get(), "bob@example.com", None).unwrap_or_default();
+    assert!(
+        !line.contains("X-RESPONSE-COMMENT") && !line.contains("X-NUM-GUESTS") && line.contains("PARTSTAT=ACCEPTED"),
+        "{line}"
+    );
 }
 
 /// A CalDAV server gone bad: answers every request with `answer(port)`,
@@ -1041,6 +1070,7 @@ fn replies_land_in_xandikos_found_by_discovery() {
     );
     let list = cli(&config, &["queue", "list", "--all"]);
     assert!(!list.contains("failed   "), "{list}");
+    comment_reaches_the_organizer(&config, &bob, || x.request("GET", &path, &[], "").body);
     let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
     assert!(
         out.contains(&format!("calendar home {}/alice/calendars/", x.url()))

@@ -313,3 +313,37 @@ fn input_that_trips_a_parser_assertion_is_refused() {
     let (a, d) = decides(&raw);
     assert!(matches!(d, Disposition::Reject | Disposition::Discard), "{}", a.reason);
 }
+
+/// Delivery reports as the world writes them (tests/fixtures/bounces/): a
+/// report nested in multipart/mixed (Lotus Domino), message/global (Exim,
+/// SMTPUTF8), an empty delivery-status with X-Failed-Recipients (Google
+/// Workspace), and text-only notices (qmail, older Gmail, Zoho) are read as
+/// the bounce of the invitation they return, naming the failed recipient.
+#[test]
+fn bounces_as_the_world_writes_them() {
+    for (name, loose) in [
+        ("bounces/domino-nested.eml", false),
+        ("bounces/exim-global.eml", false),
+        ("bounces/google-empty-status.eml", true),
+        ("bounces/qmail-text.eml", true),
+        ("bounces/gmail-text.eml", true),
+        ("bounces/zoho-mixed.eml", true),
+    ] {
+        let a = analyse(&fixture(name));
+        assert_eq!(a.kind, Kind::Bounce, "{name}: {}", a.reason);
+        assert_eq!(a.loose_report, loose, "{name}");
+        assert_eq!(a.failed_recipient().as_deref(), Some("mailto:bob@example.com"), "{name}");
+        assert!(
+            a.returned_message_ids.iter().any(|m| m == "<planning-invite@example.org>"),
+            "{name}: {:?}",
+            a.returned_message_ids
+        );
+        assert_eq!(itip(&a).uid.as_deref(), Some("planning-2026@example.org"), "{name}");
+        let d = decide_message(&a, &gateway_only());
+        assert_eq!(d.disposition, Disposition::Discard, "{name}");
+        assert!(d.spool, "{name}");
+    }
+    // A person's message that merely mentions an address is no report.
+    let person = b"From: Bob <bob@example.com>\r\nSubject: hello\r\n\r\nDelivery to the following recipient failed permanently:\r\n\r\n  carol@example.net\r\n";
+    assert_eq!(analyse(person).kind, Kind::Other);
+}

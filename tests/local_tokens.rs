@@ -798,3 +798,78 @@ async fn tokens_are_acted_on_by_the_listed_prefix() {
     );
     m.stop().await;
 }
+
+/// One transaction from `sender` (MAIL FROM) to `rcpt`, the message `raw`.
+async fn from_sender(m: &InProcess, sender: &str, rcpt: &str, raw: &[u8]) -> (EomActions, Status) {
+    let mut conn = TestConnection::configure().open_tcp(m.addr).await.unwrap();
+    conn.connect("mx.example.net", [192, 0, 2, 60]).await.unwrap();
+    conn.mail([sender]).await.unwrap();
+    assert_eq!(conn.rcpt([rcpt]).await.unwrap(), Status::Continue);
+    assert_eq!(conn.data().await.unwrap(), Status::Continue);
+    let r = common::milter_message(&mut conn, raw, "BOUNCE1").await;
+    conn.close().await.unwrap();
+    r
+}
+
+/// Each form of bounce, from the null sender, marks the attendee's
+/// invitation failed as an RFC 3464 bounce does; a text "report" from a
+/// person is no bounce; a bounce through a token shared by several
+/// attendees goes to the organizer to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounces_as_the_world_writes_them_mark_the_invitation_failed() {
+    let hook = Webhook::start();
+    let m = InProcess::start_with(&hook.url(), LOCAL).await;
+    import(&m, &hook.url(), "mailto:bob@example.com", "planning-2026@example.org");
+    let forms = [
+        "domino-nested.eml",
+        "exim-global.eml",
+        "google-empty-status.eml",
+        "qmail-text.eml",
+        "gmail-text.eml",
+        "zoho-mixed.eml",
+    ];
+    let raw = |name: &str| {
+        String::from_utf8(fixture(&format!("bounces/{name}")))
+            .unwrap()
+            .replace("calendar+TOKEN@", &format!("calendar+{TOKEN}@"))
+            .into_bytes()
+    };
+    for (n, name) in forms.iter().enumerate() {
+        // Each its own Message-ID, so none is a duplicate of another.
+        let text = String::from_utf8(raw(name)).unwrap().replacen("Message-ID: <", &format!("Message-ID: <{n}."), 1);
+        let (_, status) = from_sender(&m, "<>", &gateway(), text.as_bytes()).await;
+        assert_eq!(status, Status::Discard, "{name}");
+        let got = hook.wait_for(n + 1, Duration::from_secs(10));
+        let last = got.last().unwrap();
+        assert_eq!(last.body["kind"], "bounce", "{name}: {}", last.body);
+        assert_eq!(last.body["attendee"], "mailto:bob@example.com", "{name}");
+    }
+    let delivered = hook.deliveries().len();
+
+    // The same text from a person is no report: she gets it to read.
+    let (actions, status) = from_sender(&m, "<mallory@example.net>", &gateway(), &raw("qmail-text.eml")).await;
+    redirected_to_organizer((actions, status), &hook).await;
+    assert_eq!(hook.deliveries().len(), delivered);
+
+    // A token shared by Bob and Carol: the report cannot be tied to Bob.
+    let (ok, shared, err) = cli(
+        &m,
+        &hook.url(),
+        &[
+            "tokens", "add", "--organizer", "mailto:alice@example.org", "--attendee", "mailto:bob@example.com",
+            "--attendee", "mailto:carol@example.net", "--uid", "planning-2026@example.org",
+        ],
+    );
+    assert!(ok, "{err}");
+    let rcpt = format!("<calendar+{}@example.org>", shared.trim());
+    let text = String::from_utf8(raw("domino-nested.eml"))
+        .unwrap()
+        .replace(&format!("calendar+{TOKEN}@"), &format!("calendar+{}@", shared.trim()));
+    let (actions, status) = from_sender(&m, "<>", &rcpt, text.as_bytes()).await;
+    assert!(matches!(status, Status::Accept | Status::Continue), "{status:?}");
+    assert!(actions.has_add_recipient("<alice@example.org>", None::<&str>), "{actions:?}");
+    assert!(actions.has_delete_recipient(rcpt.as_str()), "{actions:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.deliveries().len(), delivered, "nothing applied for Bob");
+    m.stop().await;
+}

@@ -21,11 +21,13 @@ const MAX_RESPONSES: usize = 10_000;
 pub struct DavResponse {
     /// The first `DAV:href`, as written (percent-encoded).
     pub href: Option<String>,
-    /// `DAV:resourcetype` holds `CALDAV:calendar`, and it is no scheduling
-    /// inbox or outbox (RFC 6638; DAViCal marks those calendars too).
+    /// `DAV:resourcetype` holds `CALDAV:calendar`.
     pub calendar: bool,
-    /// `DAV:resourcetype` holds `CALDAV:schedule-inbox` or `schedule-outbox`.
-    pub scheduling_box: bool,
+    /// `DAV:resourcetype` holds `CALDAV:schedule-inbox` (RFC 6638): the
+    /// iTIP messages received, copies of events among them (DAViCal marks
+    /// it a calendar too). An outbox is no such thing, and SOGo's personal
+    /// calendar is its outbox as well.
+    pub scheduling_inbox: bool,
     pub etag: Option<String>,
     /// `CALDAV:calendar-data`, entities and CDATA resolved.
     pub calendar_data: Option<String>,
@@ -155,7 +157,7 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     }
                     (Space::Dav, "resourcetype") => in_resourcetype = true,
                     (Space::CalDav, "calendar") if in_resourcetype => r.calendar = true,
-                    (Space::CalDav, "schedule-inbox" | "schedule-outbox") if in_resourcetype => r.scheduling_box = true,
+                    (Space::CalDav, "schedule-inbox") if in_resourcetype => r.scheduling_inbox = true,
                     _ => {}
                 }
             }
@@ -166,9 +168,7 @@ pub fn multistatus(xml: &str) -> Result<Vec<DavResponse>, String> {
                     }
                     match (space, e.local_name().as_ref()) {
                         (Space::CalDav, "calendar") if in_resourcetype => r.calendar = true,
-                        (Space::CalDav, "schedule-inbox" | "schedule-outbox") if in_resourcetype => {
-                            r.scheduling_box = true
-                        }
+                        (Space::CalDav, "schedule-inbox") if in_resourcetype => r.scheduling_inbox = true,
                         _ => {}
                     }
                 }

@@ -11,28 +11,41 @@ impl CalDav {
     /// a UID that exists nowhere); nothing is written.
     pub async fn check_organizer(&self, organizer: &str) -> Vec<Finding> {
         let mut out = Vec::new();
-        let (home, how) = match self.home(organizer).await {
-            Ok(h) => (h.url, h.how),
+        let home = match self.home(organizer).await {
+            Ok(h) => h,
             Err(o) => return vec![Finding::fail("organizer", describe(&o))],
         };
         out.push(Finding::ok(
             "organizer",
-            format!("{organizer}: calendar home {home} ({how})"),
+            format!("{organizer}: calendar home {} ({})", home.url, home.how),
         ));
-        let calendars = match self.calendars(&home).await {
-            Ok(c) if c.is_empty() => {
-                out.push(Finding::fail(
-                    "organizer",
-                    format!("{home} holds no calendar the service account can see (its rights on the server)"),
-                ));
-                return out;
-            }
-            Ok(c) => c,
+        // Where delivery looks: her home, and what she shares with the
+        // service account.
+        let searched = match self.searched(&home).await {
+            Ok(s) => s,
             Err(o) => {
                 out.push(Finding::fail("organizer", describe(&o)));
                 return out;
             }
         };
+        if let Some(why) = &searched.unsearched {
+            out.push(Finding::warn(
+                "organizer",
+                format!("the calendars shared with the service account could not be listed: {why}"),
+            ));
+        }
+        if searched.hers == 0 {
+            out.push(Finding::fail(
+                "organizer",
+                format!(
+                    "no calendar of {organizer} is visible to the service account: grant it write on her calendar \
+                     and subscribe it (SOGo: POST <subscribe/> to her calendar as the service account; Cyrus: IMAP \
+                     SUBSCRIBE \"Other Users/<her>/#calendars/Default\" as the service account; README, Calendar servers)"
+                ),
+            ));
+            return out;
+        }
+        let calendars = searched.calendars;
         let shown: Vec<&str> = calendars.iter().take(5).map(String::as_str).collect();
         out.push(Finding::ok(
             "organizer",
@@ -112,10 +125,34 @@ impl CalDav {
                     r.status()
                 ),
             ),
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 207 => {
-                Finding::ok("target", format!("{} answers {}", self.base, r.status()))
+            // A DAV server answers PROPFIND with a multistatus.
+            Ok(r) if r.status().as_u16() == 207 => Finding::ok("target", format!("{} answers {}", self.base, r.status())),
+            Ok(r) => {
+                let status = r.status();
+                let html = r
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|t| t.to_ascii_lowercase().starts_with("text/html"));
+                let location = r
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|l| crate::address::printable(&l.chars().take(200).collect::<String>()));
+                let what = match (html, location) {
+                    (_, Some(to)) => format!("redirects to {to} (not followed)"),
+                    (true, None) => "a web page (a login page?), not a DAV answer".to_owned(),
+                    (false, None) => "no DAV answer".to_owned(),
+                };
+                Finding::fail(
+                    "target",
+                    format!(
+                        "{} answers PROPFIND with {status}: {what}; set target.url to the server's CalDAV root \
+                         (SOGo: …/SOGo/dav/, Cyrus: …/dav/, DAViCal: …/caldav.php/)",
+                        self.base
+                    ),
+                )
             }
-            Ok(r) => Finding::warn("target", format!("{} answers {}", self.base, r.status())),
             Err(e) => Finding::fail("target", format!("{}: {}", self.base, crate::errors::chain(&e))),
         }
     }

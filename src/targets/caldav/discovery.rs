@@ -307,6 +307,44 @@ impl CalDav {
     /// (DAV:owner): calendars the organizer shared with it (Cyrus shows
     /// them as `alice.calendar`). A calendar that names no owner, or
     /// another, is not searched: anyone can share a calendar.
+    /// The calendars delivery searches for the owner of `home`: those in
+    /// her home, then those she shares with the service account, shown in
+    /// its own home with DAV:owner her principal (SOGo's `alice_personal/`,
+    /// Cyrus's `alice.Default/`). A home that is the service account's own
+    /// (Cyrus answers the reader's home for anybody's calendar-home-set)
+    /// holds none of hers but the shared ones.
+    pub(super) async fn searched(&self, home: &Home) -> Result<Searched, Outcome> {
+        let own = match self.own_home().await {
+            Ok(own) => own,
+            Err(o) => {
+                tracing::debug!("the service account's own home is unknown: {}", describe(&o));
+                None
+            }
+        };
+        let in_own = own.as_deref().is_some_and(|o| same_url(o, &home.url));
+        let mut out = Searched::default();
+        if !in_own {
+            out.calendars = self.calendars(&home.url).await?;
+            out.hers = out.calendars.len();
+        }
+        if let Some(principal) = &home.principal {
+            let skip = if in_own { "" } else { home.url.as_str() };
+            match self.shared_by(principal, skip).await {
+                Ok(shared) => {
+                    for c in shared {
+                        if !out.calendars.contains(&c) {
+                            out.calendars.push(c);
+                            out.hers += 1;
+                        }
+                    }
+                }
+                Err(o @ Outcome::Permanent(_)) => tracing::debug!("shared calendars not searched: {}", describe(&o)),
+                Err(o) => out.unsearched = Some(describe(&o)),
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn shared_by(&self, principal: &str, skip: &str) -> Result<Vec<String>, Outcome> {
         let Some(own) = self.own_home().await? else {
             return Ok(Vec::new());
@@ -317,7 +355,7 @@ impl CalDav {
         let listed = self.propfind(&own, "1", "<D:resourcetype/><D:owner/>").await?;
         Ok(listed
             .into_iter()
-            .filter(|r| r.calendar && !r.scheduling_box)
+            .filter(|r| r.calendar && !r.scheduling_inbox)
             .filter(|r| {
                 r.owner
                     .iter()
@@ -376,7 +414,7 @@ impl CalDav {
         Ok(read_multistatus(xml)
             .await?
             .into_iter()
-            .filter(|r| r.calendar && !r.scheduling_box)
+            .filter(|r| r.calendar && !r.scheduling_inbox)
             .filter_map(|r| r.href)
             .filter_map(|h| self.under(&h, home))
             .collect())
@@ -386,6 +424,15 @@ impl CalDav {
 /// Two URLs of one resource (a trailing slash aside).
 fn same_url(a: &str, b: &str) -> bool {
     a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// What `searched` found: the calendars to search, how many of them are
+/// the organizer's, and why the shared ones could not be listed, if so.
+#[derive(Debug, Default)]
+pub(super) struct Searched {
+    pub calendars: Vec<String>,
+    pub hers: usize,
+    pub unsearched: Option<String>,
 }
 
 /// What a principal-property-search came to.

@@ -205,29 +205,15 @@ impl CalDav {
             Ok(home) => home,
             Err(o) => return o,
         };
-        let mut calendars = match self.calendars(&home.url).await {
-            Ok(c) => c,
+        let discovery::Searched {
+            calendars, unsearched, ..
+        } = match self.searched(&home).await {
+            Ok(s) => s,
             Err(o) => {
                 self.forget_home(organizer);
                 return o;
             }
         };
-        // Calendars the organizer shared with the service account, shown in
-        // its own home; searched after hers. Not searched now: try later.
-        let mut unsearched = None;
-        if let Some(principal) = &home.principal {
-            match self.shared_by(principal, &home.url).await {
-                Ok(shared) => {
-                    for c in shared {
-                        if !calendars.contains(&c) {
-                            calendars.push(c);
-                        }
-                    }
-                }
-                Err(o @ Outcome::Permanent(_)) => tracing::debug!("shared calendars not searched: {}", describe(&o)),
-                Err(o) => unsearched = Some(describe(&o)),
-            }
-        }
         let mut object = None;
         for cal in &calendars {
             match self.find(cal, uid, organizer).await {
