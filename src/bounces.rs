@@ -106,7 +106,8 @@ mod tests {
     fn failed_recipients_as_reports_write_them() {
         let qmail = "Hi. This is the qmail-send program at mail.example.net.\nI'm afraid I wasn't able to deliver your message to the following addresses.\n\n<bob@example.com>:\nSorry, no mailbox here by that name.\n";
         assert_eq!(failed_recipient(qmail).as_deref(), Some("bob@example.com"));
-        let gmail = "Delivery to the following recipient failed permanently:\n\n     bob@example.com\n\nTechnical details";
+        let gmail =
+            "Delivery to the following recipient failed permanently:\n\n     bob@example.com\n\nTechnical details";
         assert_eq!(failed_recipient(gmail).as_deref(), Some("bob@example.com"));
         let google = "Address not found\n\nYour message wasn't delivered to bob@example.com because the address couldn't be found.";
         assert_eq!(failed_recipient(google).as_deref(), Some("bob@example.com"));
@@ -116,7 +117,10 @@ mod tests {
     #[test]
     fn the_quoted_message_starts_after_the_separator() {
         let text = "failure notice\n\n--- Below this line is a copy of the message.\n\nReturn-Path: <a@example.org>\nSubject: x\n\nbody\n";
-        assert_eq!(quoted_message(text), Some("Return-Path: <a@example.org>\nSubject: x\n\nbody\n"));
+        assert_eq!(
+            quoted_message(text),
+            Some("Return-Path: <a@example.org>\nSubject: x\n\nbody\n")
+        );
         assert_eq!(quoted_message("no separator here\n"), None);
         assert_eq!(quoted_message("--- Below this line is a copy of the message.\n"), None);
     }

@@ -388,7 +388,10 @@ pub fn decide_unbound(binding: &Binding, mixed: bool, organizer: Option<&str>) -
                     ..Decision::new(Disposition::Redirect, format!("{why}; redirected to the organizer"))
                 })
             }
-            _ => (why.clone(), "The delivery report cannot be tied to one attendee; please write to the organizer"),
+            _ => (
+                why.clone(),
+                "The delivery report cannot be tied to one attendee; please write to the organizer",
+            ),
         },
         Binding::ForeignUid(uid) => (
             format!("the reply is about event {uid}, not the token's"),
@@ -562,10 +565,10 @@ mod tests {
 
     #[test]
     fn unbound_messages_are_refused_with_a_sentence() {
-        let d = decide_unbound(&Binding::ForeignUid("ev-2".into()), false).unwrap();
+        let d = decide_unbound(&Binding::ForeignUid("ev-2".into()), false, None).unwrap();
         assert_eq!(d.smtp_reply.map(|r| r.enhanced), Some("5.7.1"));
-        let d = decide_unbound(&Binding::ForeignAttendee("mailto:dana@example.com".into()), true).unwrap();
+        let d = decide_unbound(&Binding::ForeignAttendee("mailto:dana@example.com".into()), true, None).unwrap();
         assert_eq!(d.disposition, Disposition::DeleteRecipients);
-        assert!(decide_unbound(&Binding::Answers("mailto:bob@example.com".into()), false).is_none());
+        assert!(decide_unbound(&Binding::Answers("mailto:bob@example.com".into()), false, None).is_none());
     }
 }

@@ -159,7 +159,8 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
     // A report may sit inside a multipart/mixed (RFC 6522; Lotus Domino).
     let is_report = message.parts.iter().take(MAX_PARTS).any(|p| {
         p.content_type().is_some_and(|ct| {
-            ct.ctype().eq_ignore_ascii_case("multipart") && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
+            ct.ctype().eq_ignore_ascii_case("multipart")
+                && ct.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report"))
         })
     });
     if !nested {
@@ -196,7 +197,9 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
             } else {
                 summary.attached_calendars += inner_summary.calendars.len();
                 summary.carried_calendars.extend(inner_summary.calendars);
-                summary.carried_message_ids.extend(inner.message_id().map(|id| format!("<{id}>")));
+                summary
+                    .carried_message_ids
+                    .extend(inner.message_id().map(|id| format!("<{id}>")));
             }
             continue;
         }
@@ -219,9 +222,7 @@ fn walk(message: &Message<'_>, summary: &mut MessageSummary, budget: &mut usize,
             ("text", "plain" | "html") if part.text_contents().is_some_and(|t| !t.trim().is_empty()) => {
                 summary.has_text = true;
                 if !nested && summary.first_text.is_none() {
-                    summary.first_text = part
-                        .text_contents()
-                        .map(|t| t.chars().take(MAX_REPORT_TEXT).collect());
+                    summary.first_text = part.text_contents().map(|t| t.chars().take(MAX_REPORT_TEXT).collect());
                 }
             }
             _ => {}
@@ -334,7 +335,9 @@ pub fn parse_delivery_status(body: &str) -> Option<DeliveryStatus> {
         let described = !current.action.is_empty() || current.status.is_some();
         let new_group = match name.as_str() {
             "original-recipient" => described || original_seen,
-            "final-recipient" => described || current.final_recipient.is_some(),
+            // Exim writes Action before Final-Recipient: only a second
+            // recipient line starts another group.
+            "final-recipient" => current.final_recipient.is_some(),
             _ => false,
         };
         if new_group {

@@ -153,7 +153,8 @@ fn answers(reply: &str) -> Result<Vec<Answer>, String> {
         let comment = param_of(att_line, "X-RESPONSE-COMMENT")
             .or_else(|| c.property(&ICalendarProperty::Comment).and_then(text_of))
             .and_then(|t| param_text(&t));
-        let guests = param_of(att_line, "X-NUM-GUESTS").filter(|g| !g.is_empty() && g.len() <= 4 && g.bytes().all(|b| b.is_ascii_digit()));
+        let guests = param_of(att_line, "X-NUM-GUESTS")
+            .filter(|g| !g.is_empty() && g.len() <= 4 && g.bytes().all(|b| b.is_ascii_digit()));
         out.push(Answer {
             recurrence_id: rid.and_then(instant),
             recurrence_line: rid.map(|e| {
@@ -690,9 +691,18 @@ mod tests {
         let plain = reply("dana@example.com", "DECLINED", "", 1, "20261122T100000Z");
         let out = changed(apply(&out, &plain, Crashers::Refuse).unwrap());
         let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
-        assert!(!dana.contains("X-RESPONSE-COMMENT") && dana.contains("PARTSTAT=DECLINED"), "{dana}");
+        assert!(
+            !dana.contains("X-RESPONSE-COMMENT") && dana.contains("PARTSTAT=DECLINED"),
+            "{dana}"
+        );
         // Bounded.
-        let long = reply("dana@example.com", "ACCEPTED", &format!("COMMENT:{}\r\n", "x".repeat(5000)), 1, "20261123T100000Z");
+        let long = reply(
+            "dana@example.com",
+            "ACCEPTED",
+            &format!("COMMENT:{}\r\n", "x".repeat(5000)),
+            1,
+            "20261123T100000Z",
+        );
         let out = changed(apply(&out, &long, Crashers::Refuse).unwrap());
         let dana = out.lines().find(|l| l.contains("dana@example.com")).unwrap();
         assert!(dana.len() < 500, "{}", dana.len());

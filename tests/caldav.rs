@@ -1056,7 +1056,8 @@ fn replies_land_in_xandikos_found_by_discovery() {
     assert_eq!(
         partstat(&ics, "bob@example.com", None).as_deref(),
         Some("ACCEPTED"),
-        "{ics}"
+        "{ics}\n{}",
+        cli(&config, &["queue", "list", "--all"])
     );
     assert_eq!(
         partstat(&ics, "dana@example.com", None).as_deref(),

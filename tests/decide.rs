@@ -332,9 +332,15 @@ fn bounces_as_the_world_writes_them() {
         let a = analyse(&fixture(name));
         assert_eq!(a.kind, Kind::Bounce, "{name}: {}", a.reason);
         assert_eq!(a.loose_report, loose, "{name}");
-        assert_eq!(a.failed_recipient().as_deref(), Some("mailto:bob@example.com"), "{name}");
+        assert_eq!(
+            a.failed_recipient().as_deref(),
+            Some("mailto:bob@example.com"),
+            "{name}"
+        );
         assert!(
-            a.returned_message_ids.iter().any(|m| m == "<planning-invite@example.org>"),
+            a.returned_message_ids
+                .iter()
+                .any(|m| m == "<planning-invite@example.org>"),
             "{name}: {:?}",
             a.returned_message_ids
         );

@@ -126,7 +126,9 @@ impl CalDav {
                 ),
             ),
             // A DAV server answers PROPFIND with a multistatus.
-            Ok(r) if r.status().as_u16() == 207 => Finding::ok("target", format!("{} answers {}", self.base, r.status())),
+            Ok(r) if r.status().as_u16() == 207 => {
+                Finding::ok("target", format!("{} answers {}", self.base, r.status()))
+            }
             Ok(r) => {
                 let status = r.status();
                 let html = r

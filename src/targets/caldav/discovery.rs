@@ -288,6 +288,9 @@ impl CalDav {
             .into_iter()
             .flat_map(|r| r.current_user_principal)
             .find_map(|h| self.on_origin(&h));
+        if let (Ok(mut own), Some(p)) = (self.own_principal.lock(), &principal) {
+            *own = Some(p.clone());
+        }
         let home = match principal {
             Some(p) => self
                 .propfind(&p, "0", "<C:calendar-home-set/>")
@@ -321,7 +324,13 @@ impl CalDav {
                 None
             }
         };
-        let in_own = own.as_deref().is_some_and(|o| same_url(o, &home.url));
+        // The service account's home, and she is somebody else.
+        let own_principal = self.own_principal.lock().ok().and_then(|p| p.clone());
+        let someone_else = match (&own_principal, &home.principal) {
+            (Some(mine), Some(hers)) => !same_url(mine, hers),
+            _ => true,
+        };
+        let in_own = someone_else && own.as_deref().is_some_and(|o| same_url(o, &home.url));
         let mut out = Searched::default();
         if !in_own {
             out.calendars = self.calendars(&home.url).await?;

@@ -42,6 +42,8 @@ pub struct CalDav {
     homes: Mutex<HashMap<String, (Home, Instant)>>,
     /// The service account's own home, and when it was asked for.
     own: Mutex<Option<(Option<String>, Instant)>>,
+    /// The service account's principal, learnt with its home.
+    own_principal: Mutex<Option<String>>,
     auth: Auth,
     crashers: Crashers,
     max_response_bytes: usize,
@@ -90,6 +92,7 @@ impl CalDav {
             home_template: config.calendar_home.clone(),
             homes: Mutex::new(HashMap::new()),
             own: Mutex::new(None),
+            own_principal: Mutex::new(None),
             auth,
             crashers: if config.party_crashers_record {
                 Crashers::Record
