@@ -714,7 +714,10 @@ fn comment_reaches_the_organizer(config: &std::path::Path, bob: &str, get: impl 
     assert_eq!(code, 0, "{err}");
     let line = attendee_line(&get(), "bob@example.com", None).unwrap_or_default();
     assert!(
-        line.contains("X-RESPONSE-COMMENT=\"Running late; start without me\"")
+        // SOGo writes the value back escaped (`late\;`) rather than quoted.
+        line.contains("X-RESPONSE-COMMENT=")
+            && line.contains("Running late")
+            && line.contains("start without me")
             && line.contains("X-NUM-GUESTS=1")
             && line.contains("PARTSTAT=TENTATIVE"),
         "{line}"
@@ -1263,5 +1266,73 @@ fn a_reply_answering_many_instances_creates_lean_overrides_or_none() {
         ics.matches("mailto:dana@example.com").count(),
         3,
         "every attendee in each: {ics}"
+    );
+}
+
+/// SOGo (Mailcow, iRedMail): `target.url` at …/SOGo/dav, no calendar_home.
+/// SOGo's principal search knows CalendarServer's email-address-set only;
+/// its personal calendar says schedule-outbox too and is a calendar all the
+/// same. Without a grant nothing of alice's is visible and check says how
+/// to fix it; with the grant (as SOGo's sharing dialog gives it) a reply and
+/// a declined instance are applied, a subscription adds the same calendar
+/// under the service account's home without harm, and check is quiet.
+#[test]
+fn replies_land_in_sogo_found_by_discovery() {
+    use common::sogo::Sogo;
+    let sogo = Sogo::start();
+    let path = format!("{}weekly-sync.ics", Sogo::calendar("alice"));
+    let resp = sogo.request("alice", "PUT", &path, &[("Content-Type", "text/calendar")], &event());
+    assert!(
+        matches!(resp.status, 201 | 204),
+        "PUT: {} {}\n{}",
+        resp.status,
+        resp.body,
+        sogo.log()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bob) = standalone(dir.path(), &sogo.url());
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(out.contains("OK   target:"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL organizer")),
+        "no grant yet: {out}"
+    );
+
+    sogo.grant("alice", "imip");
+    let dana = format!(
+        "calendar+{}@example.org",
+        common::add_token(&config, "alice@example.org", "dana@example.com", UID)
+    );
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(
+        !out.lines().any(|l| l.starts_with("FAIL organizer")),
+        "{out}\n{}",
+        sogo.log()
+    );
+    for (gateway, msg) in [(&bob, apple(&bob)), (&dana, google(&dana))] {
+        let (code, err) = deliver(&config, gateway, &msg);
+        assert_eq!(code, 0, "{err}");
+    }
+    let ics = sogo.request("alice", "GET", &path, &[], "").body;
+    let queue = cli(&config, &["queue", "list", "--all"]);
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}\n{queue}\n{}",
+        sogo.log()
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", Some("20261214T090000Z")).as_deref(),
+        Some("DECLINED"),
+        "{ics}\n{queue}"
+    );
+    // Subscribed too: one calendar under two URLs; the next answer lands once.
+    sogo.subscribe("alice", "imip");
+    comment_reaches_the_organizer(&config, &bob, || sogo.request("alice", "GET", &path, &[], "").body);
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(
+        out.contains("principal-property-search")
+            && !out.lines().any(|l| l.starts_with("FAIL organizer") || l.starts_with("FAIL target")),
+        "{out}"
     );
 }

@@ -8,6 +8,7 @@ pub mod postfix;
 pub mod postgres;
 pub mod proxy;
 pub mod radicale;
+pub mod sogo;
 pub mod tls;
 pub mod xandikos;
 

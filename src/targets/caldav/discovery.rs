@@ -209,9 +209,35 @@ impl CalDav {
     /// (servers match by substring). A matching principal elsewhere than on
     /// target.url's origin is an error, not a miss.
     async fn search_principal(&self, collection: &str, address: &str) -> Result<Search, Outcome> {
+        let found = self
+            .search_principal_by(
+                collection,
+                address,
+                "<C:calendar-user-address-set/>",
+                &format!("mailto:{address}"),
+            )
+            .await?;
+        match found {
+            // SOGo searches CalendarServer's email-address-set only ("unhandled
+            // key" for the others); what it finds must list the address all the same.
+            Search::Principals(p) if p.is_empty() => {
+                self.search_principal_by(collection, address, "<CS:email-address-set/>", address)
+                    .await
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn search_principal_by(
+        &self,
+        collection: &str,
+        address: &str,
+        property: &str,
+        matched: &str,
+    ) -> Result<Search, Outcome> {
         let wanted = format!("mailto:{address}");
         let body = format!(
-            r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:property-search><D:prop><C:calendar-user-address-set/></D:prop><D:match>{wanted}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
+            r#"<?xml version="1.0" encoding="utf-8"?><D:principal-property-search xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav" xmlns:CS="http://calendarserver.org/ns/"><D:property-search><D:prop>{property}</D:prop><D:match>{matched}</D:match></D:property-search><D:prop><C:calendar-home-set/><C:calendar-user-address-set/></D:prop></D:principal-property-search>"#
         );
         let resp = self.send_xml(b"REPORT", collection, "0", body).await?;
         let status = resp.status().as_u16();
