@@ -1289,6 +1289,14 @@ fn replies_land_in_sogo_found_by_discovery() {
         resp.body,
         sogo.log()
     );
+    // The server root is SOGo's login page: named as such.
+    let root = tempfile::tempdir().unwrap();
+    let (at_root, _) = standalone(root.path(), &format!("http://127.0.0.1:{}/", sogo.port));
+    let out = cli(&at_root, &["check"]);
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL target") && l.contains("a web page")),
+        "{out}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let (config, bob) = standalone(dir.path(), &sogo.url());
     let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
