@@ -1294,7 +1294,8 @@ fn replies_land_in_sogo_found_by_discovery() {
     let (at_root, _) = standalone(root.path(), &format!("http://127.0.0.1:{}/", sogo.port));
     let out = cli(&at_root, &["check"]);
     assert!(
-        out.lines().any(|l| l.starts_with("FAIL target") && l.contains("a web page")),
+        out.lines()
+            .any(|l| l.starts_with("FAIL target") && l.contains("a web page")),
         "{out}"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -1340,7 +1341,73 @@ fn replies_land_in_sogo_found_by_discovery() {
     let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
     assert!(
         out.contains("principal-property-search")
-            && !out.lines().any(|l| l.starts_with("FAIL organizer") || l.starts_with("FAIL target")),
+            && !out
+                .lines()
+                .any(|l| l.starts_with("FAIL organizer") || l.starts_with("FAIL target")),
         "{out}"
+    );
+}
+
+/// Cyrus (Fastmail, universities): principals are found by the local part
+/// (its search matches within `userid@servername`), and the organizer's
+/// calendar-home-set answers the reader's own home: her calendar is the
+/// shared `alice.Default/` in the service account's home, there only while
+/// it is subscribed. Without the subscription check says so instead of OK;
+/// with it a reply and a declined instance are applied.
+#[test]
+fn replies_land_in_cyrus_through_the_subscribed_calendar() {
+    use common::cyrus::Cyrus;
+    let cyrus = Cyrus::start();
+    let path = format!(
+        "{}weekly-sync.ics",
+        Cyrus::home("alice").replace("/user/alice/", "/user/alice/Default/")
+    );
+    let resp = cyrus.request("alice", "PUT", &path, &[("Content-Type", "text/calendar")], &event());
+    assert!(
+        matches!(resp.status, 201 | 204),
+        "PUT {path}: {} {}\n{}",
+        resp.status,
+        resp.body,
+        cyrus.log()
+    );
+    cyrus.grant("alice", "imip");
+    cyrus.grant_home("alice", "imip");
+    let dir = tempfile::tempdir().unwrap();
+    let (config, bob) = standalone(dir.path(), &cyrus.url());
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(out.contains("OK   target:"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL organizer") && l.contains("subscribe")),
+        "not subscribed: {out}"
+    );
+
+    cyrus.subscribe("alice", "imip");
+    let out = cli(&config, &["check", "--organizer", "alice@example.org"]);
+    assert!(
+        out.contains("alice.Default") && !out.lines().any(|l| l.starts_with("FAIL organizer")),
+        "{out}\n{}",
+        cyrus.log()
+    );
+    let dana = format!(
+        "calendar+{}@example.org",
+        common::add_token(&config, "alice@example.org", "dana@example.com", UID)
+    );
+    for (gateway, msg) in [(&bob, apple(&bob)), (&dana, google(&dana))] {
+        let (code, err) = deliver(&config, gateway, &msg);
+        assert_eq!(code, 0, "{err}");
+    }
+    let ics = unfold(&cyrus.request("alice", "GET", &path, &[], "").body);
+    let queue = cli(&config, &["queue", "list", "--all"]);
+    assert_eq!(
+        partstat(&ics, "bob@example.com", None).as_deref(),
+        Some("ACCEPTED"),
+        "{ics}\n{queue}\n{}",
+        cyrus.log()
+    );
+    assert_eq!(
+        partstat(&ics, "dana@example.com", Some("20261214T090000Z")).as_deref(),
+        Some("DECLINED"),
+        "{ics}\n{queue}"
     );
 }

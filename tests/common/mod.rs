@@ -3,6 +3,7 @@
 //! Postfix instance.
 #![allow(dead_code)]
 
+pub mod cyrus;
 pub mod davical;
 pub mod postfix;
 pub mod postgres;

@@ -209,23 +209,28 @@ impl CalDav {
     /// (servers match by substring). A matching principal elsewhere than on
     /// target.url's origin is an error, not a miss.
     async fn search_principal(&self, collection: &str, address: &str) -> Result<Search, Outcome> {
-        let found = self
-            .search_principal_by(
-                collection,
-                address,
-                "<C:calendar-user-address-set/>",
-                &format!("mailto:{address}"),
-            )
-            .await?;
-        match found {
-            // SOGo searches CalendarServer's email-address-set only ("unhandled
-            // key" for the others); what it finds must list the address all the same.
-            Search::Principals(p) if p.is_empty() => {
-                self.search_principal_by(collection, address, "<CS:email-address-set/>", address)
-                    .await
+        let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+        let mailto = format!("mailto:{address}");
+        // RFC 6638's property first; SOGo searches CalendarServer's
+        // email-address-set only ("unhandled key" for the others); Cyrus
+        // matches its text within `userid@servername`, so the local part
+        // finds her. Whatever is found must list her address
+        // (search_principal_by keeps only those).
+        let tries = [
+            ("<C:calendar-user-address-set/>", mailto.as_str()),
+            ("<CS:email-address-set/>", address),
+            ("<C:calendar-user-address-set/>", local),
+        ];
+        let mut first = None;
+        for (property, matched) in tries {
+            match self.search_principal_by(collection, address, property, matched).await? {
+                Search::Principals(p) if !p.is_empty() => return Ok(Search::Principals(p)),
+                other => {
+                    first.get_or_insert(other);
+                }
             }
-            other => Ok(other),
         }
+        Ok(first.unwrap_or(Search::Principals(Vec::new())))
     }
 
     async fn search_principal_by(
