@@ -38,6 +38,7 @@ pub struct Metrics {
     token_lookups_remembered: AtomicU64,
     token_lookups_refused: AtomicU64,
     outbound: [AtomicU64; 3],
+    token_store_errors: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -51,6 +52,7 @@ pub static METRICS: Metrics = Metrics {
     token_lookups_remembered: AtomicU64::new(0),
     token_lookups_refused: AtomicU64::new(0),
     outbound: [const { AtomicU64::new(0) }; 3],
+    token_store_errors: AtomicU64::new(0),
 };
 
 /// What became of an outgoing invitation, as counted.
@@ -99,6 +101,11 @@ impl Metrics {
         self.token_lookups_refused.fetch_add(1, Relaxed);
     }
 
+    /// The token store failed a lookup or a mint (a 451 followed).
+    pub fn token_store_error(&self) {
+        self.token_store_errors.fetch_add(1, Relaxed);
+    }
+
     pub fn outbound(&self, result: OutboundResult) {
         self.outbound[result as usize].fetch_add(1, Relaxed);
     }
@@ -137,6 +144,15 @@ impl Metrics {
                 self.outbound[i].load(Relaxed)
             );
         }
+        out.push_str(
+            "# HELP imip_milter_token_store_errors_total Token lookups and mints the store failed (answered 451).\n",
+        );
+        out.push_str("# TYPE imip_milter_token_store_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "imip_milter_token_store_errors_total {}",
+            self.token_store_errors.load(Relaxed)
+        );
         out.push_str("# HELP imip_milter_spool_pending Records waiting for delivery.\n");
         out.push_str("# TYPE imip_milter_spool_pending gauge\n");
         let _ = writeln!(out, "imip_milter_spool_pending {spool_pending}");

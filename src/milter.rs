@@ -90,7 +90,10 @@ impl Shared {
         let decision = match looked_up {
             Ok(Lookup::Valid(r)) => return Ok(Some(r)),
             Ok(l) => decision::decide_unknown_token(l == Lookup::Expired),
-            Err(e) => decision::decide_store_failed(&crate::errors::chain(&e)),
+            Err(e) => {
+                METRICS.token_store_error();
+                decision::decide_store_failed(&crate::errors::chain(&e))
+            }
         };
         self.clients.count_bad(client, crate::clock::now_ms());
         Err(Refusal {
@@ -890,6 +893,7 @@ async fn tokenize(
             // Not tokenized, the invitation would leave with the organizer's
             // own address and replies would bypass the gateway: try again later.
             let e = crate::errors::chain(&e);
+            METRICS.token_store_error();
             warn!("{queue_id}: outbound invitation not tokenized: {e}");
             let d = decision::decide_store_failed(&e);
             outcome(OutboundResult::Tempfail, &d.reason, None);
