@@ -192,30 +192,28 @@ fn no_record(id: &str) -> String {
 /// Tokens a prefix must have at least: fewer would name too many to act on.
 const MIN_TOKEN_PREFIX: usize = 4;
 
-/// The token `given` names: the token itself, or the one token it is a
-/// prefix of (as `tokens list` prints them, `…` and all).
-async fn resolve_token(store: &dyn TokenStore, given: &str) -> Result<Result<String, String>, tokens::StoreError> {
-    if store.get(given).await?.is_some() {
-        return Ok(Ok(given.to_owned()));
+/// The token `given` names, with its record: the token itself, or the one
+/// token it is a prefix of (as `tokens list` prints them, `…` and all).
+async fn resolve_token(store: &dyn TokenStore, given: &str) -> Result<Result<TokenRecord, String>, tokens::StoreError> {
+    if let Some(t) = store.get(given).await? {
+        return Ok(Ok(t));
     }
     let prefix = given.trim_end_matches('…');
     if prefix.chars().count() < MIN_TOKEN_PREFIX {
         return Ok(Err("no such token".into()));
     }
-    let matching: Vec<String> = store
+    let mut matching: Vec<TokenRecord> = store
         .list()
         .await?
         .into_iter()
         .filter(|t| t.token.starts_with(prefix))
-        .map(|t| t.token)
         .collect();
-    Ok(match matching.as_slice() {
-        [] => Err("no such token".into()),
-        [one] => Ok(one.clone()),
-        many => Err(format!(
-            "{} is the prefix of {} tokens; give more of it",
-            crate::address::printable(prefix),
-            many.len()
+    Ok(match matching.len() {
+        0 => Err("no such token".into()),
+        1 => Ok(matching.remove(0)),
+        n => Err(format!(
+            "{} is the prefix of {n} tokens; give more of it",
+            crate::address::printable(prefix)
         )),
     })
 }
@@ -247,14 +245,10 @@ pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
             let n = t.len();
             with(t, n)
         }),
-        Request::TokensShow { token } => match resolve_token(store, token).await {
-            Ok(Ok(token)) => store.get(&token).await.map(|t| match t {
-                Some(t) => with(vec![t], 1),
-                None => Response::error("no such token"),
-            }),
-            Ok(Err(why)) => Ok(Response::error(why)),
-            Err(e) => Err(e),
-        },
+        Request::TokensShow { token } => resolve_token(store, token).await.map(|found| match found {
+            Ok(t) => with(vec![t], 1),
+            Err(why) => Response::error(why),
+        }),
         Request::TokensAdd {
             organizer,
             attendees,
@@ -265,7 +259,7 @@ pub async fn handle_tokens(store: &dyn TokenStore, req: &Request) -> Response {
         }
         .map(|t| with(vec![t], 1)),
         Request::TokensRevoke { token } => match resolve_token(store, token).await {
-            Ok(Ok(token)) => store.revoke(&token).await.map(|found| match found {
+            Ok(Ok(t)) => store.revoke(&t.token).await.map(|found| match found {
                 true => with(Vec::new(), 1),
                 false => Response::error("no such token"),
             }),

@@ -6,7 +6,6 @@
 
 use crate::{
     address::{GatewayAddresses, Recipient},
-    analysis::analyse_bounded,
     decision::{self, Decision},
     settings::Settings,
     spool::Envelope,
@@ -70,7 +69,8 @@ pub enum TokenAnswer {
 }
 
 /// Decides what the milter would do with `raw` sent to `rcpts`, offline:
-/// the gateway addresses and limits only, no token store, policy or target.
+/// the gateway addresses and limits only, no token store, policy or target
+/// (the milter's path with the sender policy `token` and no token lookups).
 pub fn inspect(
     gateway: &GatewayAddresses,
     max_message_bytes: usize,
@@ -78,36 +78,19 @@ pub fn inspect(
     rcpts: &[String],
     raw: &[u8],
 ) -> Verdict {
-    let mut accepted = Vec::new();
-    let mut rejected = Vec::new();
-    let mut last_reject = None;
-    for r in rcpts {
-        let class = gateway.classify(r);
-        match decision::decide_recipient(&class) {
-            Some(d) => {
-                rejected.push(rejected_recipient(r, &d));
-                last_reject = Some(d);
-            }
-            None => accepted.push(class),
-        }
-    }
-    let mut v = match last_reject {
-        // Every recipient refused: the transaction ends at RCPT.
-        Some(d) if accepted.is_empty() => verdict(&d, "none"),
-        _ => {
-            if let Some(d) = decision::decide_data(&accepted) {
-                verdict(&d, "none")
-            } else if raw.len() > max_message_bytes {
-                verdict(&decision::decide_too_large(max_message_bytes, false), "none")
-            } else {
-                let analysis = analyse_bounded(raw, limits);
-                let d = decision::decide_message(&analysis, &accepted);
-                with_analysis(verdict(&d, analysis.kind.as_str()), &analysis, &accepted)
-            }
-        }
+    let settings = Settings {
+        gateway: gateway.clone(),
+        max_message_bytes,
+        limits,
+        // Offline there is no per-message bound of gateway recipients.
+        max_gateway_recipients: usize::MAX,
+        max_buffered_bytes: max_message_bytes,
+        policy: crate::config::SenderPolicy::Token,
+        replies_only: false,
+        tokens: None,
+        outbound: None,
     };
-    v.rejected_recipients = rejected;
-    v
+    replay(&settings, "", rcpts, raw, None)
 }
 
 /// Decides as the milter configured with `settings` would: each gateway

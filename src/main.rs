@@ -462,7 +462,6 @@ fn replay(
             .unwrap_or_default(),
     };
     let now = imip_milter::clock::now_ms();
-    let days = u64::from(config.tokens.days_to_live) * 86_400_000;
     let mut lookup = |token: &str| match control::request_or_open(
         config,
         &Request::TokensShow {
@@ -470,7 +469,7 @@ fn replay(
         },
     ) {
         Ok(r) if r.ok => match r.tokens.and_then(|t| t.into_iter().next()) {
-            Some(t) if now.saturating_sub(t.last_used_ms.max(t.created_ms)) > days => TokenAnswer::Expired,
+            Some(t) if t.expired(now, config.tokens.days_to_live) => TokenAnswer::Expired,
             Some(t) => TokenAnswer::Valid(t),
             None => TokenAnswer::Unknown,
         },

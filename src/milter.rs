@@ -906,11 +906,7 @@ async fn tokenize(
     };
     let delimiter = settings.gateway.delimiters().first().copied().unwrap_or('+');
     let address = format!("{}{delimiter}{}@{}", base.local, record.token, base.domain);
-    let body_start = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
-        .unwrap_or(message.len());
+    let body_start = outbound::body_start(&message);
     let Some(body) = outbound::rewrite_body(&message, body_start, &inv, &format!("mailto:{address}")) else {
         warn!(
             "{queue_id}: outbound invitation uid={} not rewritten: calendar part unreadable",

@@ -205,8 +205,15 @@ pub fn find(raw: &[u8], cfg: &Outbound) -> Option<Invitation> {
 pub fn organizer_given_back(raw: &[u8], organizer: &str) -> Option<Vec<u8>> {
     let mut inv = find_where(raw, |_, _| true)?;
     inv.organizer = organizer.to_owned();
-    let body_start = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)?;
-    rewrite_body(raw, body_start, &inv, organizer)
+    rewrite_body(raw, body_start(raw), &inv, organizer)
+}
+
+/// Where the body of `raw` begins (after the first empty line); its end
+/// when it has none.
+pub fn body_start(raw: &[u8]) -> usize {
+    raw.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |p| p + 4)
 }
 
 /// The first calendar part whose METHOD and ORGANIZER `keep` takes, with
@@ -539,7 +546,7 @@ mod tests {
         let inv = find(raw, &cfg()).expect("an invitation");
         assert_eq!(inv.organizer, "mailto:alice@example.org");
         assert_eq!(inv.uid, "ev-1");
-        let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let start = body_start(raw);
         let tok = "mailto:calendar+8e3c0d1a-5b7e-4f61-9a0c-2d4f3b6a7c81@example.org";
         let body = rewrite_body(raw, start, &inv, tok).unwrap();
         let mut whole = raw[..start].to_vec();
@@ -552,7 +559,7 @@ mod tests {
     fn plain_part_only_organizer_changes() {
         let raw = message("8bit", INVITE);
         let (body, cal) = roundtrip(&raw);
-        let start = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let start = body_start(&raw);
         let before = String::from_utf8(raw[start..].to_vec()).unwrap();
         let after = String::from_utf8(body).unwrap().replace("\r\n ", "");
         assert_eq!(before.lines().count(), after.lines().count());

@@ -252,12 +252,20 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
         ));
     }
 
+    // master.cf's services and their -o overrides, asked once.
+    let services = postconf(dir, &["-M"]).unwrap_or_default();
+    let overrides = postconf(dir, &["-P"]);
     out.extend(greylisting(config, dir));
-    out.extend(service_overrides(config, dir));
-    out.extend(submission(config, dir, &milters));
+    out.extend(service_overrides(config, dir, overrides.as_deref()));
+    out.extend(submission(
+        config,
+        dir,
+        &milters,
+        &services,
+        overrides.as_deref().unwrap_or(""),
+    ));
     out.extend(safety_net_route(config, dir));
 
-    let services = postconf(dir, &["-M"]).unwrap_or_default();
     if services
         .lines()
         .any(|l| l.starts_with("imip-milter ") || l.starts_with("imip-milter\t"))
@@ -292,12 +300,17 @@ pub(super) fn checks(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
 /// while the milter is down: with default_action=accept an invitation
 /// leaves with the organizer's own address and its replies bypass the
 /// gateway. Inbound keeps accept and the safety net.
-fn submission(config: &Config, dir: Option<&Path>, main_milters: &str) -> Vec<Finding> {
+fn submission(
+    config: &Config,
+    dir: Option<&Path>,
+    main_milters: &str,
+    services: &str,
+    overrides: &str,
+) -> Vec<Finding> {
     let Some(outbound) = &config.outbound else {
         return Vec::new();
     };
     let names = milter_names(&config.listen);
-    let overrides = postconf(dir, &["-P"]).unwrap_or_default();
     let overridden = |service: &str, key: &str| {
         overrides.lines().find_map(|l| {
             let (k, v) = l.split_once('=')?;
@@ -305,7 +318,6 @@ fn submission(config: &Config, dir: Option<&Path>, main_milters: &str) -> Vec<Fi
         })
     };
     let main_action = postconf(dir, &["-h", "milter_default_action"]).unwrap_or_default();
-    let services = postconf(dir, &["-M"]).unwrap_or_default();
     let mut out = Vec::new();
     for l in services.lines() {
         let fields: Vec<&str> = l.split_whitespace().collect();
@@ -360,8 +372,8 @@ fn submission(config: &Config, dir: Option<&Path>, main_milters: &str) -> Vec<Fi
     out
 }
 
-fn service_overrides(config: &Config, dir: Option<&Path>) -> Vec<Finding> {
-    let Some(params) = postconf(dir, &["-P"]) else {
+fn service_overrides(config: &Config, dir: Option<&Path>, overrides: Option<&str>) -> Vec<Finding> {
+    let Some(params) = overrides else {
         return Vec::new();
     };
     let names = milter_names(&config.listen);

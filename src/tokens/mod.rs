@@ -44,6 +44,11 @@ pub struct TokenRecord {
 pub const MAX_INVITATIONS: usize = 8;
 
 impl TokenRecord {
+    /// Expired: unused for `days_to_live` days (CalendarServer's ACCESSED).
+    pub fn expired(&self, now_ms: u64, days_to_live: u32) -> bool {
+        now_ms.saturating_sub(self.last_used_ms.max(self.created_ms)) > u64::from(days_to_live) * 86_400_000
+    }
+
     /// The attendees this token may answer for: its own, or a shared token's list.
     pub fn allowed(&self) -> Vec<&str> {
         if self.attendee.is_empty() {
@@ -153,9 +158,7 @@ pub enum Lookup {
 pub async fn lookup(store: &dyn TokenStore, token: &str, now_ms: u64, days_to_live: u32) -> Result<Lookup, StoreError> {
     Ok(match store.get(token).await? {
         None => Lookup::Unknown,
-        Some(r) if now_ms.saturating_sub(r.last_used_ms.max(r.created_ms)) > u64::from(days_to_live) * 86_400_000 => {
-            Lookup::Expired
-        }
+        Some(r) if r.expired(now_ms, days_to_live) => Lookup::Expired,
         Some(r) => Lookup::Valid(r),
     })
 }
