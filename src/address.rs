@@ -144,6 +144,20 @@ impl GatewayAddresses {
     }
 }
 
+/// An address a command line or a header may carry as it is: local@domain,
+/// printable ASCII without spaces, brackets, quotes or commas, at most 254
+/// characters, not starting with `-`.
+pub fn is_plain_address(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && s.len() <= 254
+        && !s.starts_with('-')
+        && s.chars().all(|c| c.is_ascii_graphic() && !"<>\"(),;:[]\\".contains(c))
+}
+
 /// Removes angle brackets and a source route (`<@a,@b:user@c>`).
 fn strip_envelope(rcpt: &str) -> Option<&str> {
     let s = rcpt.trim();

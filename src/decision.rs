@@ -470,6 +470,21 @@ pub fn decide_spool_failed(error: &str) -> Decision {
     )
 }
 
+/// `deliver` in observe mode: the message stays in Postfix's queue (while
+/// observing, the gateway address goes to its mailbox, not to the
+/// imip-milter transport).
+pub fn decide_observing_deliver() -> Decision {
+    Decision::new(
+        Disposition::Tempfail,
+        "mode = \"observe\": deliver takes nothing; route the gateway address to its mailbox while observing",
+    )
+    .reply(
+        "451",
+        "4.3.0",
+        "imip-milter is in observe mode and takes no message; please try again later",
+    )
+}
+
 fn capitalise(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {

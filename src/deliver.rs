@@ -125,6 +125,13 @@ pub async fn take(
         mail_from: sender.to_owned(),
         client_addr,
     };
+    if settings.observe {
+        // Taken here, the message would be gone: it waits in Postfix's
+        // queue instead, and the journal says what would have become of it.
+        let intake = intake::observe(raw, &recipients, &records, &settings, &envelope).await;
+        intake::record(&shared.spool, &envelope, &recipients, &intake, "deliver");
+        return Verdict::from_decision(&decision::decide_observing_deliver());
+    }
     let store = settings.tokens.as_ref().map(|l| l.store.as_ref());
     let mut intake = intake::take(&shared.spool, store, raw, &recipients, &records, &settings, &envelope).await;
     if let Some(to) = intake.decision.redirect_to.clone() {

@@ -6,7 +6,8 @@ use crate::{
     config::DeliveryConfig,
     errors,
     metrics::{DeliveryResult, METRICS},
-    spool::{Record, Spool, State},
+    notice::Notices,
+    spool::{Notice, Record, Spool, State},
     targets::{Outcome, Target},
 };
 use std::{
@@ -152,9 +153,10 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let Delivering { target, cfg } = reloads.borrow_and_update().clone();
+    let Delivering { target, cfg, notices } = reloads.borrow_and_update().clone();
     let mut cfg = cfg;
     let mut worker = Worker {
+        notices,
         limit: Arc::new(Semaphore::new(cfg.concurrency)),
         in_flight: Arc::default(),
         health: Arc::default(),
@@ -170,15 +172,18 @@ pub async fn run(
     // The last scan left due records behind (more than could start): each
     // delivery that ends starts the next, as fast as the target takes them.
     let mut backlog = false;
+    let mut reloaded = false;
 
     loop {
         let notified = spool.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
 
-        if reloads.has_changed().unwrap_or(false) {
+        // changed() below marks the new value seen: `reloaded` remembers it.
+        if reloaded || reloads.has_changed().unwrap_or(false) {
+            reloaded = false;
             let new = reloads.borrow_and_update().clone();
-            worker.reconfigure(new.target, &new.cfg);
+            worker.reconfigure(new.target, &new.cfg, new.notices);
             cfg = new.cfg;
         }
         let now = now_ms();
@@ -233,7 +238,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => return drain(tasks).await,
             _ = notified => {}
-            Ok(()) = reloads.changed() => {}
+            Ok(()) = reloads.changed() => reloaded = true,
             _ = time::sleep(Duration::from_millis(sleep_ms).min(MAX_IDLE)) => {}
             Some(res) = tasks.join_next(), if backlog => {
                 if let Err(e) = res {
@@ -263,6 +268,8 @@ pub async fn run(
 pub struct Delivering {
     pub target: Arc<Target>,
     pub cfg: DeliveryConfig,
+    /// Whom a reply that fails for good goes to, and how.
+    pub notices: Arc<Notices>,
 }
 
 /// The next record from the spool's writer; never, without a channel.
@@ -334,12 +341,14 @@ struct Worker {
     spool: Spool,
     target: Arc<Target>,
     cfg: DeliveryConfig,
+    notices: Arc<Notices>,
 }
 
 impl Worker {
     /// A reloaded target and `[delivery]`: attempts that start from now on
     /// use them; those in flight finish with the old ones.
-    fn reconfigure(&mut self, target: Arc<Target>, cfg: &DeliveryConfig) {
+    fn reconfigure(&mut self, target: Arc<Target>, cfg: &DeliveryConfig, notices: Arc<Notices>) {
+        self.notices = notices;
         let (old, new) = (self.cfg.concurrency, cfg.concurrency);
         if new > old {
             self.limit.add_permits(new - old);
@@ -404,6 +413,7 @@ impl Worker {
                 rec.finished_ms = Some(now);
                 let outcome = Outcome::Permanent(why.clone());
                 rec.last_error = Some(why);
+                hand_over(&self.spool, &self.notices, &mut rec).await;
                 let event = delivery_event(&rec, &outcome);
                 let id = rec.id.clone();
                 self.spool.record_outcome(rec, Some(event), move |r| {
@@ -461,16 +471,17 @@ impl Worker {
         if let Ok(mut f) = self.in_flight.lock() {
             f.busy.insert(rec.id.clone());
         }
-        let (spool, target, cfg, in_flight, health) = (
+        let (spool, target, cfg, in_flight, health, notices) = (
             self.spool.clone(),
             self.target.clone(),
             self.cfg.clone(),
             self.in_flight.clone(),
             self.health.clone(),
+            self.notices.clone(),
         );
         tasks.spawn(async move {
             let id = rec.id.clone();
-            let outcome = attempt(&spool, &target, &cfg, rec, move || {
+            let outcome = attempt(&spool, &target, &cfg, &notices, rec, move || {
                 // Leaves the in-flight set only once its new state is committed
                 // (a record still pending makes the writer ask for a scan).
                 if let Ok(mut f) = in_flight.lock() {
@@ -517,6 +528,7 @@ pub async fn attempt(
     spool: &Spool,
     target: &Target,
     cfg: &DeliveryConfig,
+    notices: &Notices,
     mut rec: Record,
     committed: impl FnOnce() + Send + 'static,
 ) -> Outcome {
@@ -566,6 +578,9 @@ pub async fn attempt(
             rec.last_error.as_deref().unwrap_or("")
         ),
     }
+    if rec.state == State::Failed {
+        hand_over(spool, notices, &mut rec).await;
+    }
     // The journal tells the record's story, not every attempt: its first
     // failure, each change of reason, and the end.
     let changed = rec.state != State::Pending || rec.last_error != error_before;
@@ -578,6 +593,67 @@ pub async fn attempt(
         committed();
     });
     outcome
+}
+
+/// A reply that just failed for good goes to its organizer, once
+/// (`delivery.on_failure`); the record keeps what became of the notice
+/// and the journal says it.
+async fn hand_over(spool: &Spool, notices: &Notices, rec: &mut Record) {
+    if !notices.wanted(rec) {
+        return;
+    }
+    let queue_id = rec.queue_id.clone().unwrap_or_else(|| "-".into());
+    let to = notices.recipient(rec);
+    let sent = match &to {
+        Err(why) => Err(why.clone()),
+        Ok(to) => {
+            // The message may be megabytes: read and composed off the runtime.
+            let (s, r, n, t) = (spool.clone(), rec.clone(), notices.clone(), to.clone());
+            let composed = tokio::task::spawn_blocking(move || match s.original(&r) {
+                Ok(Some(original)) => {
+                    let b = crate::notice::boundary(&original);
+                    Ok(crate::notice::compose(&n, &r, &t, &original, &b, now_ms()))
+                }
+                Ok(None) => Err("the message as received was not kept".to_owned()),
+                Err(e) => Err(format!("cannot read the message from the spool: {}", errors::chain(&e))),
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("composing the notice failed: {e}")));
+            match composed {
+                Ok(message) => notices.send(to, &message).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    METRICS.notice(sent.is_ok());
+    let (disposition, reason) = match (&sent, &to) {
+        (Ok(()), Ok(to)) => {
+            info!(
+                "{queue_id}: notice sent id={} to=<{}>: the reply was not applied",
+                rec.id, to
+            );
+            ("sent", format!("to {to}: {}", rec.last_error.as_deref().unwrap_or("")))
+        }
+        (Err(why), _) => {
+            warn!("{queue_id}: notice not sent id={}: {why}", rec.id);
+            ("not-sent", why.clone())
+        }
+        (Ok(()), Err(_)) => ("not-sent", String::new()),
+    };
+    rec.notice = Some(Notice {
+        sent: sent.is_ok(),
+        to: to.as_ref().ok().cloned(),
+        time_ms: now_ms(),
+        reason: sent.err().unwrap_or_default(),
+    });
+    let mut event = delivery_event(rec, &Outcome::Delivered);
+    event.event = "notice".into();
+    event.disposition = disposition.into();
+    event.reason = crate::journal::Event::now("notice", disposition, &reason).reason;
+    if let Ok(to) = &to {
+        event.organizer = Some(to.clone());
+    }
+    spool.journal_later(event);
 }
 
 /// The journal's line for one delivery attempt.
@@ -619,6 +695,9 @@ mod tests {
                 max_events: 1000,
             },
             probe_interval: Duration::from_secs(60),
+            on_failure: crate::config::OnFailure::Keep,
+            sendmail: "/usr/sbin/sendmail".into(),
+            notice_sender: String::new(),
         }
     }
 
@@ -645,6 +724,9 @@ mod tests {
             repeats_since_ms: 0,
             finished_ms: None,
             payload: serde_json::Value::Null,
+            message_ref: None,
+            original: None,
+            notice: None,
         }
     }
 

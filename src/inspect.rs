@@ -89,6 +89,7 @@ pub fn inspect(
         replies_only: false,
         tokens: None,
         outbound: None,
+        observe: false,
     };
     replay(&settings, "", rcpts, raw, None)
 }

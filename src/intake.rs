@@ -35,6 +35,19 @@ pub struct Intake {
     /// The message, given back when it is redirected: the milter gives the
     /// organizer her own address back in it.
     pub message: Option<Vec<u8>>,
+    /// Observe mode: decided only; shown as what it would have been.
+    pub observed: bool,
+}
+
+impl Intake {
+    /// The disposition as the log and the journal name it.
+    pub fn disposition(&self) -> String {
+        let d = self.decision.disposition.as_str();
+        match self.observed {
+            true => crate::journal::would(d),
+            false => d.to_owned(),
+        }
+    }
 }
 
 /// Analyses, decides and, for a reply or bounce, spools durably.
@@ -53,32 +66,6 @@ pub async fn take(
     // The spool's writer may hold its commit a moment for this append.
     let coming = spool.append_coming();
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
-    // Parsing, deciding and rewriting are CPU work. A small message (nearly
-    // every reply) is handled in place: a hop to another thread and back
-    // costs more than the work. A larger one goes off the session thread, a
-    // few at a time (each holds a whole message), so no session waits
-    // behind it. A panic in a parser is a refusal, never a dead session.
-    let prepared = if raw.len() <= IN_PLACE {
-        std::panic::catch_unwind(AssertUnwindSafe(|| {
-            prepare(&raw, recipients, tokens, settings, envelope)
-        }))
-        .map(|p| (p, raw))
-        .map_err(|_| "a parser panicked".to_owned())
-    } else {
-        let _slot = ANALYSES.acquire().await;
-        let (recipients, tokens, settings, envelope) = (
-            recipients.to_vec(),
-            tokens.to_vec(),
-            Arc::clone(settings),
-            envelope.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            let p = prepare(&raw, &recipients, &tokens, &settings, &envelope);
-            (p, raw)
-        })
-        .await
-        .map_err(|e| e.to_string())
-    };
     let (
         Prepared {
             mut decision,
@@ -87,24 +74,27 @@ pub async fn take(
             organizer,
         },
         raw,
-    ) = match prepared {
+    ) = match prepared(raw, recipients, tokens, settings, envelope).await {
         Ok(p) => p,
-        Err(e) => {
-            error!("{queue_id}: analysis failed: {e}");
-            return Intake {
-                decision: decision::decide_spool_failed("analysis failed"),
-                analysis: Analysis::failed(),
-                ids: Vec::new(),
-                duplicates: 0,
-                organizer: None,
-                decided_ms: crate::clock::now_ms(),
-                message: None,
-            };
-        }
+        Err(e) => return failed(queue_id, &e),
     };
     let decided_ms = crate::clock::now_ms();
     let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
     let mut duplicates = 0;
+    let mut records = records;
+    // A reply is kept as it arrived: if it fails for good, the organizer
+    // gets it (delivery.on_failure). Spooled records mean no redirect, so
+    // the message is not needed back.
+    let raw = match records.iter().any(|r| r.kind == "reply") {
+        true => {
+            let original = Arc::new(raw);
+            for r in records.iter_mut().filter(|r| r.kind == "reply") {
+                r.original = Some(original.clone());
+            }
+            Vec::new()
+        }
+        false => raw,
+    };
     if !records.is_empty() {
         drop(coming);
         match spool.append(records).await {
@@ -130,7 +120,87 @@ pub async fn take(
         duplicates,
         decided_ms,
         message,
+        observed: false,
     }
+}
+
+/// The analysis and decision of one message, off the session thread when
+/// it is large. Err: the analysis failed (a parser panicked).
+async fn prepared(
+    raw: Vec<u8>,
+    recipients: &[(String, Recipient)],
+    tokens: &[TokenRecord],
+    settings: &Arc<Settings>,
+    envelope: &Envelope,
+) -> Result<(Prepared, Vec<u8>), String> {
+    // Parsing, deciding and rewriting are CPU work. A small message (nearly
+    // every reply) is handled in place: a hop to another thread and back
+    // costs more than the work. A larger one goes off the session thread, a
+    // few at a time (each holds a whole message), so no session waits
+    // behind it. A panic in a parser is a refusal, never a dead session.
+    if raw.len() <= IN_PLACE {
+        return std::panic::catch_unwind(AssertUnwindSafe(|| {
+            prepare(&raw, recipients, tokens, settings, envelope)
+        }))
+        .map(|p| (p, raw))
+        .map_err(|_| "a parser panicked".to_owned());
+    }
+    let _slot = ANALYSES.acquire().await;
+    let (recipients, tokens, settings, envelope) = (
+        recipients.to_vec(),
+        tokens.to_vec(),
+        Arc::clone(settings),
+        envelope.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let p = prepare(&raw, &recipients, &tokens, &settings, &envelope);
+        (p, raw)
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// What a message whose analysis failed gets: 451, the sender retries.
+fn failed(queue_id: &str, e: &str) -> Intake {
+    error!("{queue_id}: analysis failed: {e}");
+    Intake {
+        decision: decision::decide_spool_failed("analysis failed"),
+        analysis: Analysis::failed(),
+        ids: Vec::new(),
+        duplicates: 0,
+        organizer: None,
+        decided_ms: crate::clock::now_ms(),
+        message: None,
+        observed: false,
+    }
+}
+
+/// Observe mode: what `take` would do, decided and nothing else; no spool,
+/// no token touched. The intake is marked observed: the log, the journal
+/// and the metrics say "would-…".
+pub async fn observe(
+    raw: Vec<u8>,
+    recipients: &[(String, Recipient)],
+    tokens: &[TokenRecord],
+    settings: &Arc<Settings>,
+    envelope: &Envelope,
+) -> Intake {
+    let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
+    let mut intake = match prepared(raw, recipients, tokens, settings, envelope).await {
+        Ok((p, _)) => Intake {
+            ids: p.records.iter().map(|r| r.id.clone()).collect(),
+            decision: p.decision,
+            analysis: p.analysis,
+            duplicates: 0,
+            organizer: p.organizer,
+            decided_ms: crate::clock::now_ms(),
+            message: None,
+            observed: true,
+        },
+        Err(e) => failed(queue_id, &e),
+    };
+    intake.observed = true;
+    intake
 }
 
 /// The decision `take` would come to, without spooling anything: what
@@ -301,7 +371,7 @@ pub fn journal_event(
         0 => d.reason.clone(),
         n => format!("{}; duplicate: {n} of its records were spooled already", d.reason),
     };
-    let mut now = crate::journal::Event::now("message", d.disposition.as_str(), &reason);
+    let mut now = crate::journal::Event::now("message", &intake.disposition(), &reason);
     now.time_ms = intake.decided_ms;
     now.time = crate::journal::rfc3339(intake.decided_ms);
     crate::journal::Event {
@@ -313,7 +383,7 @@ pub fn journal_event(
         organizer: intake.organizer.clone(),
         token: gateway(recipients).next().map(|(_, t)| crate::journal::token8(t)),
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
-        record_id: (!intake.ids.is_empty()).then(|| intake.ids.join(",")),
+        record_id: (!intake.ids.is_empty() && !intake.observed).then(|| intake.ids.join(",")),
         ..now
     }
 }
@@ -379,7 +449,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         printable(queue_id),
         printable(&envelope.mail_from),
         printable(intake.analysis.message_id.as_deref().unwrap_or("-")),
-        intake.decision.disposition.as_str(),
+        intake.disposition(),
         intake.analysis.kind.as_str(),
         if tokens.is_empty() {
             "-".into()
@@ -388,7 +458,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         },
         crate::address::quoted(&intake.decision.reason),
     );
-    if !intake.ids.is_empty() {
+    if !intake.ids.is_empty() && !intake.observed {
         line.push_str(&format!(" id={}", intake.ids.join(",")));
     }
     if intake.duplicates > 0 {
@@ -397,8 +467,11 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
     if !via.is_empty() {
         line.push_str(&format!(" via={via}"));
     }
-    crate::metrics::METRICS.message(intake.decision.disposition);
-    if intake.analysis.kind == Kind::Report {
+    match intake.observed {
+        true => crate::metrics::METRICS.observed(&intake.disposition()),
+        false => crate::metrics::METRICS.message(intake.decision.disposition),
+    }
+    if intake.analysis.kind == Kind::Report && !intake.observed {
         crate::metrics::METRICS.report();
     }
     match intake.decision.disposition {

@@ -28,7 +28,9 @@ pub struct Event {
     /// The first 8 characters of the token.
     pub token: Option<String>,
     /// accept, discard, reject, tempfail, redirect, delete-recipients;
-    /// for deliveries: delivered, retry, failed.
+    /// for deliveries: delivered, retry, failed; for notices to the
+    /// organizer: sent, not-sent; in observe mode `would-` and the
+    /// disposition (would-discard, would-tokenize).
     pub disposition: String,
     pub smtp_reply: Option<String>,
     pub reason: String,
@@ -144,6 +146,15 @@ pub fn token8(token: &str) -> String {
 
 pub fn clip(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(500).collect()
+}
+
+/// A disposition as observe mode journals it: what would have been done.
+pub fn would(disposition: &str) -> String {
+    match disposition {
+        "tokenized" => "would-tokenize".into(),
+        "not-tokenized" => "would-not-tokenize".into(),
+        d => format!("would-{d}"),
+    }
 }
 
 pub fn rfc3339(ms: u64) -> String {

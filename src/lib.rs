@@ -24,6 +24,7 @@ pub mod journal;
 pub mod message;
 pub mod metrics;
 pub mod milter;
+pub mod notice;
 pub mod outbound;
 pub mod policy;
 pub mod privileges;
@@ -188,6 +189,7 @@ pub async fn run_with_reload(
     let (delivering, delivering_rx) = watch::channel(forward::Delivering {
         target,
         cfg: config.delivery.clone(),
+        notices: Arc::new(notice::Notices::from_config(&config)),
     });
     let forwarder = tokio::spawn(forward::run(spool.clone(), delivering_rx, stopped(stop_rx.clone())));
     let mut settings = settings::Settings::from_config(&config);
@@ -225,9 +227,10 @@ pub async fn run_with_reload(
     };
     let (pending, oldest) = spool.pending_stats().unwrap_or((0, None));
     info!(
-        "imip-milter {} listening on {}, spool {} ({pending} pending{})",
+        "imip-milter {} listening on {}, mode {}, spool {} ({pending} pending{})",
         env!("CARGO_PKG_VERSION"),
         config.listen,
+        config.mode.as_str(),
         config.spool_path().display(),
         oldest
             .map(|o| format!(", oldest {}s", clock::now_ms().saturating_sub(o) / 1000))
@@ -328,12 +331,14 @@ async fn apply_reloads(
                 }
             },
         };
+        let notices = Arc::new(notice::Notices::from_config(&now));
         if now.target != running.target || now.delivery != running.delivery {
             match targets::Target::new(&now.target) {
                 Ok(t) => {
                     let _ = delivering.send(forward::Delivering {
                         target: Arc::new(t),
                         cfg: now.delivery.clone(),
+                        notices,
                     });
                 }
                 Err(e) => {
@@ -341,9 +346,15 @@ async fn apply_reloads(
                     now.target = running.target.clone();
                     settings.replies_only = running.target.kind == config::TargetKind::CalDav;
                     let cfg = now.delivery.clone();
-                    delivering.send_modify(|d| d.cfg = cfg);
+                    delivering.send_modify(|d| {
+                        d.cfg = cfg;
+                        d.notices = notices;
+                    });
                 }
             }
+        } else {
+            // The gateway addresses and local domains the notices check.
+            delivering.send_modify(|d| d.notices = notices);
         }
         shared.clients.set_limits(
             now.tokens.max_unknown,

@@ -621,6 +621,14 @@ fn queue(arg: &ConfigArg, action: QueueAction) -> ExitCode {
 /// (`created_ms` and `created_at`), for the people who read it.
 fn pretty_with_times(value: &impl serde::Serialize) -> String {
     let mut v = serde_json::to_value(value).unwrap_or_default();
+    add_times(&mut v);
+    if let Some(notice) = v.get_mut("notice") {
+        add_times(notice);
+    }
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn add_times(v: &mut serde_json::Value) {
     if let Some(obj) = v.as_object_mut() {
         let times: Vec<(String, String)> = obj
             .iter()
@@ -638,7 +646,6 @@ fn pretty_with_times(value: &impl serde::Serialize) -> String {
             obj.insert(k, t.into());
         }
     }
-    serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
 fn deliver(
@@ -724,9 +731,11 @@ fn deliver_without_daemon(
         if !verdict.new_ids.is_empty() {
             match Target::new(&config.target) {
                 Ok(target) => {
+                    let notices = imip_milter::notice::Notices::from_config(&config);
                     for id in &verdict.new_ids {
                         if let Ok(Some(rec)) = spool.get(id) {
-                            imip_milter::forward::attempt(&spool, &target, &config.delivery, rec, || {}).await;
+                            let (cfg, n) = (&config.delivery, &notices);
+                            imip_milter::forward::attempt(&spool, &target, cfg, n, rec, || {}).await;
                         }
                     }
                 }

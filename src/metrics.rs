@@ -25,6 +25,18 @@ const RESULTS: [&str; 3] = ["delivered", "retry", "failed"];
 /// What became of an outgoing invitation (`[outbound]`).
 const OUTBOUND: [&str; 3] = ["tokenized", "not_tokenized", "tempfail"];
 /// Delivery latency bucket bounds, seconds.
+/// What observe mode counts: each disposition, and the outbound ones, as
+/// they would have been.
+const OBSERVED: [&str; 8] = [
+    "would-accept",
+    "would-discard",
+    "would-delete-recipients",
+    "would-reject",
+    "would-tempfail",
+    "would-redirect",
+    "would-tokenize",
+    "would-not-tokenize",
+];
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
 pub struct Metrics {
@@ -39,6 +51,10 @@ pub struct Metrics {
     token_lookups_refused: AtomicU64,
     outbound: [AtomicU64; 3],
     token_store_errors: AtomicU64,
+    /// Observe mode: decisions by what they would have been (OBSERVED).
+    observed: [AtomicU64; OBSERVED.len()],
+    /// Notices to organizers: sent, not sent.
+    notices: [AtomicU64; 2],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -53,6 +69,8 @@ pub static METRICS: Metrics = Metrics {
     token_lookups_refused: AtomicU64::new(0),
     outbound: [const { AtomicU64::new(0) }; 3],
     token_store_errors: AtomicU64::new(0),
+    notices: [AtomicU64::new(0), AtomicU64::new(0)],
+    observed: [const { AtomicU64::new(0) }; OBSERVED.len()],
 };
 
 /// What became of an outgoing invitation, as counted.
@@ -106,6 +124,18 @@ impl Metrics {
         self.token_store_errors.fetch_add(1, Relaxed);
     }
 
+    /// Observe mode: a decision that was not carried out (`would-…`).
+    pub fn observed(&self, would: &str) {
+        if let Some(i) = OBSERVED.iter().position(|x| *x == would) {
+            self.observed[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A reply that failed for good, handed to its organizer or not.
+    pub fn notice(&self, sent: bool) {
+        self.notices[usize::from(!sent)].fetch_add(1, Relaxed);
+    }
+
     pub fn outbound(&self, result: OutboundResult) {
         self.outbound[result as usize].fetch_add(1, Relaxed);
     }
@@ -153,6 +183,26 @@ impl Metrics {
             "imip_milter_token_store_errors_total {}",
             self.token_store_errors.load(Relaxed)
         );
+        out.push_str("# HELP imip_milter_observed_total Observe mode: decisions not carried out, by what they would have been.\n");
+        out.push_str("# TYPE imip_milter_observed_total counter\n");
+        for (i, d) in OBSERVED.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_observed_total{{disposition=\"{d}\"}} {}",
+                self.observed[i].load(Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP imip_milter_notices_total Replies that failed for good, sent to their organizer or not.\n",
+        );
+        out.push_str("# TYPE imip_milter_notices_total counter\n");
+        for (i, result) in ["sent", "not-sent"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "imip_milter_notices_total{{result=\"{result}\"}} {}",
+                self.notices[i].load(Relaxed)
+            );
+        }
         out.push_str("# HELP imip_milter_spool_pending Records waiting for delivery.\n");
         out.push_str("# TYPE imip_milter_spool_pending gauge\n");
         let _ = writeln!(out, "imip_milter_spool_pending {spool_pending}");

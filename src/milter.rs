@@ -124,7 +124,7 @@ impl Shared {
             sender: Some(sender.to_owned()),
             token: token.map(crate::journal::token8),
             smtp_reply: reply,
-            ..crate::journal::Event::now("recipient", d.disposition.as_str(), &d.reason)
+            ..crate::journal::Event::now("recipient", &word(&self.settings(), d.disposition), &d.reason)
         };
         self.spool.journal_later(event);
     }
@@ -262,11 +262,12 @@ fn refuse_message(
     recipients: &[(String, Recipient)],
     d: &Decision,
 ) -> Status {
-    METRICS.message(d.disposition);
+    let settings = shared.settings();
+    count(&settings, d.disposition);
     let line = format!(
         "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
         crate::address::printable(sender),
-        d.disposition.as_str(),
+        word(&settings, d.disposition),
         crate::address::quoted(&d.reason)
     );
     if d.disposition == Disposition::Tempfail {
@@ -281,9 +282,43 @@ fn refuse_message(
             .next()
             .map(|(_, t)| crate::journal::token8(t)),
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
-        ..crate::journal::Event::now("message", d.disposition.as_str(), &d.reason)
+        ..crate::journal::Event::now("message", &word(&settings, d.disposition), &d.reason)
     };
     shared.spool.journal_later(event);
+    if settings.observe {
+        return Status::Accept;
+    }
+    set_reply(reply, d);
+    match d.disposition {
+        Disposition::Tempfail => Status::Tempfail,
+        _ => Status::Reject,
+    }
+}
+
+/// A disposition as the log and the journal name it: in observe mode,
+/// what it would have been.
+fn word(settings: &Settings, d: Disposition) -> String {
+    match settings.observe {
+        true => crate::journal::would(d.as_str()),
+        false => d.as_str().to_owned(),
+    }
+}
+
+/// Counts a decision in the metrics: as carried out, or as observed.
+fn count(settings: &Settings, d: Disposition) {
+    match settings.observe {
+        true => METRICS.observed(&word(settings, d)),
+        false => METRICS.message(d),
+    }
+}
+
+/// The answer to a recipient refused at RCPT; in observe mode Postfix goes
+/// on as if the milter were not there (the recipient is not kept as a
+/// gateway recipient either).
+fn refuse_recipient(settings: &Settings, reply: &mut impl SetErrorReply, d: &Decision) -> Status {
+    if settings.observe {
+        return Status::Continue;
+    }
     set_reply(reply, d);
     match d.disposition {
         Disposition::Tempfail => Status::Tempfail,
@@ -477,15 +512,15 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
     let settings = shared.settings();
     let class = settings.gateway.classify(&raw);
     if let Some(d) = decision::decide_recipient(&class) {
-        METRICS.message(Disposition::Reject);
+        count(&settings, d.disposition);
         info!(
-            "{}: reject RCPT {} from=<{}>: {}",
+            "{}: {} RCPT {} from=<{}>: {}",
             queue_id(&cx.macros),
+            word(&settings, d.disposition),
             settings.gateway.redact(&raw),
             cx.data.as_ref().map(|s| s.mail_from.as_str()).unwrap_or(""),
             d.reason
         );
-        set_reply(&mut cx.reply, &d);
         let sender = cx.data.as_ref().map(|s| s.mail_from.clone()).unwrap_or_default();
         let client = cx.data.as_ref().and_then(|s| s.client_addr.clone());
         let client = client.as_deref().unwrap_or("-");
@@ -497,7 +532,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
             shared.clients.count_bad(client, now);
         }
         shared.journal_recipient(client, tallied, queue_id(&cx.macros), &sender, None, &d);
-        return Status::Reject;
+        return refuse_recipient(&settings, &mut cx.reply, &d);
     }
     if matches!(&class, Recipient::Gateway { token } if token == crate::address::CHECK_TOKEN) {
         // Not a guess: neither counted, journaled nor in the metrics.
@@ -514,15 +549,15 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
     if matches!(class, Recipient::Gateway { .. }) && gateways >= settings.max_gateway_recipients {
         // Each would be spooled: the count is the amplification bound.
         let d = decision::decide_too_many_recipients(settings.max_gateway_recipients);
-        METRICS.message(d.disposition);
+        count(&settings, d.disposition);
         info!(
-            "{}: tempfail RCPT {}: {}",
+            "{}: {} RCPT {}: {}",
             queue_id(&cx.macros),
+            word(&settings, d.disposition),
             settings.gateway.redact(&raw),
             d.reason
         );
-        set_reply(&mut cx.reply, &d);
-        return Status::Tempfail;
+        return refuse_recipient(&settings, &mut cx.reply, &d);
     }
     let client = session.client_addr.clone();
     if let Recipient::Gateway { token } = &class {
@@ -532,24 +567,20 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
             Ok(Some(record)) => session.token_records.push(record),
             Ok(None) => {}
             Err(Refusal { decision: d, tallied }) => {
-                METRICS.message(d.disposition);
+                count(&settings, d.disposition);
                 info!(
                     "{}: {} RCPT {} from=<{}> client={}: {}",
                     queue_id(&cx.macros),
-                    d.disposition.as_str(),
+                    word(&settings, d.disposition),
                     settings.gateway.redact(&raw),
                     session.mail_from,
                     session.client_addr.as_deref().unwrap_or("-"),
                     d.reason
                 );
-                set_reply(&mut cx.reply, &d);
                 let sender = session.mail_from.clone();
                 let client = client.as_deref().unwrap_or("-");
                 shared.journal_recipient(client, tallied, queue_id(&cx.macros), &sender, Some(token), &d);
-                return match d.disposition {
-                    Disposition::Tempfail => Status::Tempfail,
-                    _ => Status::Reject,
-                };
+                return refuse_recipient(&settings, &mut cx.reply, &d);
             }
         }
     }
@@ -709,9 +740,10 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         let recipients = std::mem::take(&mut session.recipients);
         let from = std::mem::take(&mut session.mail_from);
         session.reset_message();
-        let d = decision::decide_too_large(shared.settings().max_message_bytes, true);
-        METRICS.message(d.disposition);
-        for (raw, _) in intake::gateway(&recipients) {
+        let settings = shared.settings();
+        let d = decision::decide_too_large(settings.max_message_bytes, true);
+        count(&settings, d.disposition);
+        for (raw, _) in intake::gateway(&recipients).filter(|_| !settings.observe) {
             if let Err(e) = cx.actions.delete_recipient(raw).await {
                 warn!("{queue_id}: cannot delete recipient: {e}");
                 let d = decision::decide_spool_failed(&format!("cannot delete recipient: {e}"));
@@ -722,7 +754,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         info!(
             "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
             crate::address::printable(&from),
-            d.disposition.as_str(),
+            word(&settings, d.disposition),
             crate::address::quoted(&d.reason)
         );
         return Status::Accept;
@@ -738,6 +770,12 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     session.reset_message();
 
     let settings = shared.settings();
+    if settings.observe {
+        // Decided and journaled; the message goes on as it came.
+        let intake = intake::observe(message, &recipients, &token_records, &settings, &envelope).await;
+        intake::record(&shared.spool, &envelope, &recipients, &intake, "");
+        return Status::Accept;
+    }
     let store = settings.tokens.as_ref().map(|l| l.store.as_ref());
     let mut intake = intake::take(
         &shared.spool,
@@ -853,12 +891,18 @@ async fn tokenize(
     // Every outbound decision is journaled and counted: "did the invitation
     // get a token?" is the first question asked.
     let outcome = |result: OutboundResult, reason: &str, token: Option<&str>| {
-        METRICS.outbound(result);
-        let disposition = match result {
+        let mut disposition = match result {
             OutboundResult::Tokenized => "tokenized",
             OutboundResult::NotTokenized => "not-tokenized",
             OutboundResult::Tempfail => "tempfail",
-        };
+        }
+        .to_owned();
+        if settings.observe {
+            disposition = crate::journal::would(&disposition);
+            METRICS.observed(&disposition);
+        } else {
+            METRICS.outbound(result);
+        }
         shared.spool.journal_later(crate::journal::Event {
             queue_id: Some(queue_id.to_owned()),
             message_id: inv.message_id.clone(),
@@ -866,21 +910,38 @@ async fn tokenize(
             organizer: Some(inv.organizer.clone()),
             attendee: Some(externals.join(", ")),
             token: token.map(crate::journal::token8),
-            ..crate::journal::Event::now("outbound", disposition, reason)
+            ..crate::journal::Event::now("outbound", &disposition, reason)
         });
     };
     let how = match out.authorize(&inv.organizer, submitter.login.as_deref(), submitter.client) {
         Ok(how) => how,
         Err(why) => {
             warn!(
-                "{queue_id}: from=<{}> outbound invitation uid={} not tokenized: {why}",
+                "{queue_id}: from=<{}> outbound invitation uid={} {}: {why}",
                 crate::address::printable(from),
-                crate::address::printable(&inv.uid)
+                crate::address::printable(&inv.uid),
+                match settings.observe {
+                    true => "would not be tokenized",
+                    false => "not tokenized",
+                },
             );
             outcome(OutboundResult::NotTokenized, &why, None);
             return Status::Accept;
         }
     };
+    if settings.observe {
+        // No token minted, nothing changed: the invitation leaves as it came.
+        info!(
+            "{queue_id}: from=<{}> outbound method={} uid={} organizer={} attendees={} would be tokenized, authorized-by={how}",
+            crate::address::printable(from),
+            inv.method,
+            crate::address::printable(&inv.uid),
+            crate::address::printable(&inv.organizer),
+            externals.len(),
+        );
+        outcome(OutboundResult::Tokenized, &format!("authorized by {how}"), None);
+        return Status::Accept;
+    }
     let now = crate::clock::now_ms();
     let mid = inv.message_id.as_deref();
     let record = match externals.as_slice() {

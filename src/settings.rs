@@ -36,6 +36,8 @@ pub struct Settings {
     pub tokens: Option<LocalTokens>,
     /// Set when outbound tokenization is enabled (needs local tokens).
     pub outbound: Option<Outbound>,
+    /// `mode = "observe"`: decide and journal, change nothing.
+    pub observe: bool,
 }
 
 impl Settings {
@@ -53,6 +55,7 @@ impl Settings {
             replies_only: config.target.kind == crate::config::TargetKind::CalDav,
             tokens: None,
             outbound: config.outbound.clone(),
+            observe: config.mode == crate::config::Mode::Observe,
         }
     }
 }

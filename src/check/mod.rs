@@ -11,6 +11,20 @@ use crate::{
 };
 use std::path::Path;
 
+/// What the milter does with its decisions: observe mode says so in every
+/// check, so that nobody forgets it is on.
+fn mode(config: &Config) -> Finding {
+    match config.mode {
+        crate::config::Mode::Enforce => Finding::ok("mode", "enforce: decisions are carried out"),
+        crate::config::Mode::Observe => Finding::ok(
+            "mode",
+            "observe: every decision is journaled as what it would have been (would-discard, \
+             would-reject …); no message is changed, refused or spooled. Set mode = \"enforce\" and \
+             send SIGHUP to take over",
+        ),
+    }
+}
+
 /// Runs every check. `postfix_config`: Postfix's configuration directory
 /// (postconf -c), None for the default one. `organizer`: prove the target
 /// works for this organizer (caldav: home, calendars, a search), writing
@@ -21,7 +35,10 @@ pub async fn run(
     postfix_config: Option<&Path>,
     organizer: Option<&str>,
 ) -> Vec<Finding> {
-    let mut out = vec![Finding::ok("config", format!("{} is valid", config_path.display()))];
+    let mut out = vec![
+        Finding::ok("config", format!("{} is valid", config_path.display())),
+        mode(config),
+    ];
     out.extend(state_dir(config));
     out.extend(milter_socket(config));
     out.extend(secret_files(config));

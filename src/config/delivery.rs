@@ -6,7 +6,7 @@ use super::{
     raw::{RawDelivery, RawJournal},
     ConfigError,
 };
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
@@ -22,6 +22,21 @@ pub struct DeliveryConfig {
     pub journal: JournalConfig,
     /// While the target is down: one attempt this often.
     pub probe_interval: Duration,
+    /// What becomes of a reply whose record fails for good.
+    pub on_failure: OnFailure,
+    /// A sendmail-compatible program, run as `-i -f SENDER -- RCPT`.
+    pub sendmail: PathBuf,
+    /// The envelope sender of notices; empty: the null sender.
+    pub notice_sender: String,
+}
+
+/// `delivery.on_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// The original goes to the organizer with a note of what failed.
+    Organizer,
+    /// The record stays in the spool; nobody is told.
+    Keep,
 }
 
 /// `[journal]`: how much of what happened `imip-milter journal` can show.
@@ -45,6 +60,39 @@ pub fn build(delivery: Option<RawDelivery>, journal: Option<RawJournal>) -> Resu
         )?,
         keep_failed: duration("delivery.keep_failed", d.keep_failed, Duration::from_secs(30 * 86_400))?,
         probe_interval: duration("delivery.probe_interval", d.probe_interval, Duration::from_secs(60))?,
+        on_failure: match d.on_failure.as_deref().unwrap_or("organizer") {
+            "organizer" => OnFailure::Organizer,
+            "keep" => OnFailure::Keep,
+            other => {
+                return Err(ConfigError::new(
+                    "delivery.on_failure",
+                    format!("`{other}` is not organizer or keep"),
+                ))
+            }
+        },
+        sendmail: match d.sendmail {
+            None => PathBuf::from("/usr/sbin/sendmail"),
+            Some(p) if p.is_absolute() => p,
+            Some(p) => {
+                return Err(ConfigError::new(
+                    "delivery.sendmail",
+                    format!("`{}` is not an absolute path", p.display()),
+                ))
+            }
+        },
+        notice_sender: match d.notice_sender.map(|s| s.trim().to_owned()).unwrap_or_default() {
+            s if s.is_empty() || s == "<>" => String::new(),
+            s if crate::address::is_plain_address(&s) => s,
+            s => {
+                return Err(ConfigError::new(
+                    "delivery.notice_sender",
+                    format!(
+                        "`{}` is not an address (local@domain, or empty for the null sender)",
+                        crate::address::printable(&s)
+                    ),
+                ))
+            }
+        },
         journal: {
             let j = journal.unwrap_or_default();
             JournalConfig {

@@ -13,7 +13,7 @@ pub mod reload;
 mod target;
 pub mod tokens;
 
-pub use delivery::{DeliveryConfig, JournalConfig};
+pub use delivery::{DeliveryConfig, JournalConfig, OnFailure};
 pub use params::{parse_duration, read_secret, ListenSocket};
 pub use policy::SenderPolicy;
 pub use target::{TargetConfig, TargetKind};
@@ -85,9 +85,29 @@ pub enum LogFormat {
     Json,
 }
 
+/// `mode`: whether decisions are carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Every decision journaled as what it would have been; every message
+    /// continues unchanged, nothing is spooled.
+    Observe,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Observe => "observe",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: ListenSocket,
+    /// `observe`: decide and journal, change nothing.
+    pub mode: Mode,
     pub state_dir: PathBuf,
     pub max_message_bytes: usize,
     pub max_sessions: usize,
@@ -162,8 +182,14 @@ impl Config {
                     .map_err(|_| ConfigError::new("metrics.listen", format!("`{l}` is not ADDRESS:PORT")))?,
             ),
         };
+        let mode = match raw.mode.as_deref().unwrap_or("enforce") {
+            "enforce" => Mode::Enforce,
+            "observe" => Mode::Observe,
+            other => return Err(ConfigError::new("mode", format!("`{other}` is not enforce or observe"))),
+        };
         let config = Self {
             listen,
+            mode,
             state_dir,
             max_message_bytes,
             max_sessions,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<String>,
+    pub mode: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub max_message_bytes: Option<i64>,
     pub max_sessions: Option<i64>,
@@ -112,6 +113,9 @@ pub struct RawDelivery {
     pub keep_delivered: Option<RawDuration>,
     pub keep_failed: Option<RawDuration>,
     pub probe_interval: Option<RawDuration>,
+    pub on_failure: Option<String>,
+    pub sendmail: Option<PathBuf>,
+    pub notice_sender: Option<String>,
 }
 
 /// A duration written as seconds (`30`) or with a unit (`500ms`, `30s`, `5m`, `2h`, `5d`).

@@ -26,14 +26,16 @@ pub(super) fn share(payload: &Value, content: &mut redb::Table<&str, &[u8]>) -> 
     if text.len() < SHARE_FROM {
         return Ok(None);
     }
-    let key: String = Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    store(text.as_bytes(), content).map(Some)
+}
+
+/// Stores `bytes` once under their hash; returns the key.
+pub(super) fn store(bytes: &[u8], content: &mut redb::Table<&str, &[u8]>) -> Result<String, SpoolError> {
+    let key: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
     if redb_try!(content.get(key.as_str()), "spool read").is_none() {
-        redb_try!(content.insert(key.as_str(), text.as_bytes()), "spool write");
+        redb_try!(content.insert(key.as_str(), bytes), "spool write");
     }
-    Ok(Some(key))
+    Ok(key)
 }
 
 /// The payload as stored: the shared text replaced by its key.

@@ -27,7 +27,7 @@ mod layout;
 mod records;
 mod writer;
 
-pub use records::{build_record, delivery_id, Appended, Envelope, Record, State};
+pub use records::{build_record, delivery_id, Appended, Envelope, Notice, Record, State};
 pub use writer::AppendComing;
 
 use crate::clock::now_ms;
@@ -240,6 +240,20 @@ impl Spool {
             .map(|r| hydrate(r, &content)))
     }
 
+    /// The message a record was built from, as received (replies only).
+    pub fn original(&self, rec: &Record) -> Result<Option<Vec<u8>>, SpoolError> {
+        if let Some(o) = &rec.original {
+            return Ok(Some(o.as_ref().clone()));
+        }
+        let Some(key) = rec.message_ref.as_deref() else {
+            return Ok(None);
+        };
+        let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
+        let content = redb_try!(txn.open_table(CONTENT), "spool read");
+        let found = redb_try!(content.get(key), "spool read");
+        Ok(found.map(|v| v.value().to_vec()))
+    }
+
     /// All records, oldest first; only pending and failed unless `all`.
     pub fn list(&self, all: bool) -> Result<Vec<Record>, SpoolError> {
         let txn = redb_try!(self.db.get()?.begin_read(), "spool read");
@@ -393,7 +407,8 @@ impl Spool {
         let kept: HashSet<&str> = all
             .iter()
             .filter(|r| !old.contains(&r.id))
-            .filter_map(|r| content::reference(&r.payload))
+            .flat_map(|r| [content::reference(&r.payload), r.message_ref.as_deref()])
+            .flatten()
             .collect();
         let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
         {

@@ -13,7 +13,10 @@ use crate::{
 use redb::{Database, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,6 +57,27 @@ pub struct Record {
     pub finished_ms: Option<u64>,
     /// The document handed to the target (DESIGN §3).
     pub payload: serde_json::Value,
+    /// The key in CONTENT of the message as received (replies only): what
+    /// the organizer gets if the record fails for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_ref: Option<String>,
+    /// The message as received, until the record is first stored.
+    #[serde(skip)]
+    pub original: Option<Arc<Vec<u8>>>,
+    /// What became of the notice to the organizer, once the record failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<Notice>,
+}
+
+/// The notice sent (or not) when a record failed for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub sent: bool,
+    /// The organizer it went to (or would have).
+    pub to: Option<String>,
+    pub time_ms: u64,
+    /// Not sent: why.
+    pub reason: String,
 }
 
 /// The SMTP envelope of one message.
@@ -144,6 +168,9 @@ pub fn build_record(analysis: &Analysis, envelope: &Envelope, rcpt: &str, token:
         repeats_since_ms: 0,
         finished_ms: None,
         payload,
+        message_ref: None,
+        original: None,
+        notice: None,
     }
 }
 
@@ -156,11 +183,17 @@ fn strip_brackets(rcpt: &str) -> &str {
 /// keeps its hash in `icalendar_ref`.
 fn encode(rec: &Record, content: &mut redb::Table<&str, &[u8]>) -> Result<Vec<u8>, SpoolError> {
     let encode = |r: &Record| serde_json::to_vec(r).map_err(|e| SpoolError::with("spool encode", e));
-    let Some(key) = content::share(&rec.payload, content)? else {
+    let shared = content::share(&rec.payload, content)?;
+    if shared.is_none() && rec.original.is_none() {
         return encode(rec);
-    };
+    }
     let mut stored = rec.clone();
-    content::refer(&mut stored.payload, key);
+    if let Some(key) = shared {
+        content::refer(&mut stored.payload, key);
+    }
+    if let Some(original) = &rec.original {
+        stored.message_ref = Some(content::store(original, content)?);
+    }
     encode(&stored)
 }
 

@@ -1,0 +1,392 @@
+//! A reply that failed for good goes to a person: the organizer gets the
+//! message as it arrived, with a note of what was not applied and why
+//! (`delivery.on_failure = "organizer"`). Never to a gateway address, never
+//! to a stranger named by the reply alone, never twice for one record.
+
+use crate::{
+    address::{printable, GatewayAddresses, Recipient},
+    config::{Config, OnFailure},
+    spool::Record,
+};
+use std::{path::PathBuf, process::Stdio, time::Duration};
+use tokio::io::AsyncWriteExt;
+
+/// How long sendmail may take to accept a notice.
+const SENDMAIL_TIMEOUT: Duration = Duration::from_secs(60);
+/// What of sendmail's complaint is kept.
+const SHOWN_STDERR: usize = 300;
+
+/// What the delivery worker needs to hand a failed reply to its organizer.
+#[derive(Debug, Clone)]
+pub struct Notices {
+    pub on_failure: OnFailure,
+    pub sendmail: PathBuf,
+    /// Envelope sender; empty: the null sender.
+    pub sender: String,
+    gateway: GatewayAddresses,
+    /// Where an organizer named only by the reply may be: the gateway
+    /// addresses' domains and outbound.organizer_domains.
+    local_domains: Vec<String>,
+}
+
+impl Notices {
+    pub fn from_config(c: &Config) -> Self {
+        let mut local_domains: Vec<String> = c.gateway.bases().iter().map(|b| b.domain.clone()).collect();
+        if let Some(out) = &c.outbound {
+            local_domains.extend(out.organizer_domains.iter().cloned());
+        }
+        Self {
+            on_failure: c.delivery.on_failure,
+            sendmail: c.delivery.sendmail.clone(),
+            sender: c.delivery.notice_sender.clone(),
+            gateway: c.gateway.clone(),
+            local_domains,
+        }
+    }
+
+    /// Whether a notice is due for this record, now that it failed: a
+    /// reply (a bounce holds nothing for a person to apply), none sent yet.
+    pub fn wanted(&self, rec: &Record) -> bool {
+        self.on_failure == OnFailure::Organizer && rec.kind == "reply" && !rec.notice.as_ref().is_some_and(|n| n.sent)
+    }
+
+    /// The organizer the notice goes to, or why it goes to nobody. The
+    /// token's organizer is believed; one named only by the reply (the
+    /// sender wrote it) must be in a local domain, or anybody could have
+    /// this host mail anything to anyone.
+    pub fn recipient(&self, rec: &Record) -> Result<String, String> {
+        let (named, trusted) = match rec.payload["organizer"].as_str() {
+            Some(o) => (o.to_owned(), true),
+            None => {
+                let from_reply = rec.payload["icalendar"]
+                    .as_str()
+                    .and_then(|cal| crate::itip::read(cal, None).ok())
+                    .and_then(|i| i.organizer);
+                match from_reply {
+                    Some(o) => (o, false),
+                    None => return Err("the reply names no organizer".into()),
+                }
+            }
+        };
+        let address = strip_mailto(&named);
+        if !crate::address::is_plain_address(address) {
+            return Err(format!("the organizer {} is not a mail address", printable(&named)));
+        }
+        if self.gateway.classify(address) != Recipient::Other {
+            return Err(format!(
+                "the organizer {} is a gateway address (a notice there would loop)",
+                printable(address)
+            ));
+        }
+        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+        if !trusted && !self.local_domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+            return Err(format!(
+                "the organizer {} is named by the reply only and is not in a local domain \
+                 (the gateway addresses' or outbound.organizer_domains)",
+                printable(address)
+            ));
+        }
+        Ok(address.to_owned())
+    }
+
+    /// Hands the notice to sendmail; Err says why it was not taken.
+    pub async fn send(&self, to: &str, message: &[u8]) -> Result<(), String> {
+        let sender = match self.sender.as_str() {
+            "" => "<>",
+            s => s,
+        };
+        let mut child = tokio::process::Command::new(&self.sendmail)
+            .args(["-i", "-f", sender, "--", to])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.sendmail.display()))?;
+        let run = async {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(message).await?;
+                stdin.shutdown().await?;
+            }
+            child.wait_with_output().await
+        };
+        let out = match tokio::time::timeout(SENDMAIL_TIMEOUT, run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("{}: {e}", self.sendmail.display())),
+            Err(_) => {
+                return Err(format!(
+                    "{} took longer than {}s",
+                    self.sendmail.display(),
+                    SENDMAIL_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        if out.status.success() {
+            return Ok(());
+        }
+        let said: String = printable(String::from_utf8_lossy(&out.stderr).trim())
+            .chars()
+            .take(SHOWN_STDERR)
+            .collect();
+        Err(format!("{} {}: {said}", self.sendmail.display(), out.status))
+    }
+
+    /// The From header: the configured sender, else the postmaster of the
+    /// first gateway address's domain (a person can answer there).
+    fn author(&self) -> String {
+        match self.sender.as_str() {
+            "" => {
+                let domain = self.gateway.bases().first().map_or("localhost", |b| b.domain.as_str());
+                format!("Calendar gateway <postmaster@{domain}>")
+            }
+            s => format!("Calendar gateway <{s}>"),
+        }
+    }
+}
+
+fn strip_mailto(uri: &str) -> &str {
+    let t = uri.trim();
+    match t.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("mailto:") => t.get(7..).unwrap_or(""),
+        _ => t,
+    }
+}
+
+/// A header value from outside: printable ASCII only, one line, bounded.
+fn header_text(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .take(200)
+        .collect()
+}
+
+/// The notice: a text part in the organizer's words, the original as it
+/// arrived attached as message/rfc822. Lines end in LF (sendmail's input).
+pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &str, now_ms: u64) -> Vec<u8> {
+    let p = &rec.payload;
+    let text = |k: &str| p[k].as_str().map(printable);
+    let attendee = text("attendee").map(|a| strip_mailto(&a).to_owned());
+    let who = attendee
+        .clone()
+        .or_else(|| text("from"))
+        .unwrap_or_else(|| "an attendee".into());
+    let answer = text("partstat").unwrap_or_else(|| "an answer".into());
+    let why = printable(rec.last_error.as_deref().unwrap_or("refused by the calendar server"));
+    let date = chrono::DateTime::<chrono::Utc>::from(std::time::UNIX_EPOCH + Duration::from_millis(now_ms))
+        .format("%a, %d %b %Y %H:%M:%S +0000");
+    let domain = to.rsplit_once('@').map_or("localhost", |(_, d)| d);
+    let mut out = String::new();
+    out.push_str(&format!("From: {}\n", n.author()));
+    out.push_str(&format!("To: <{}>\n", header_text(to)));
+    out.push_str(&format!(
+        "Subject: Not applied to your calendar: {} from {}\n",
+        header_text(&answer),
+        header_text(&who)
+    ));
+    out.push_str(&format!("Date: {date}\n"));
+    out.push_str(&format!(
+        "Message-ID: <imip-milter.{}.{now_ms}@{}>\n",
+        rec.id,
+        header_text(domain)
+    ));
+    // RFC 3834: no vacation program answers it.
+    out.push_str("Auto-Submitted: auto-replied\n");
+    out.push_str(&format!("X-IMIP-Milter-Notice: {}\n", rec.id));
+    out.push_str("MIME-Version: 1.0\n");
+    out.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\n\n"));
+    out.push_str("This is a MIME message: a note and the reply it is about.\n\n");
+    out.push_str(&format!("--{boundary}\n"));
+    out.push_str("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n");
+    out.push_str(&format!(
+        "{who} answered your invitation ({answer}), but the answer could not be\n\
+         entered in your calendar.\n\n"
+    ));
+    out.push_str(&format!("  Attendee:  {}\n", attendee.as_deref().unwrap_or("-")));
+    out.push_str(&format!("  Event UID: {}\n", text("uid").unwrap_or_else(|| "-".into())));
+    out.push_str(&format!("  Answer:    {answer}\n"));
+    out.push_str(&format!(
+        "  Received:  {}\n",
+        text("received_at").unwrap_or_else(|| "-".into())
+    ));
+    out.push_str(&format!("  Why:       {why}\n\n"));
+    out.push_str(
+        "The reply is attached as it arrived. Open it in your calendar program to\n\
+         enter the answer yourself, or ask the attendee to answer again.\n\n",
+    );
+    out.push_str(&format!(
+        "-- \nimip-milter, record {} (queue id {})\n\n",
+        rec.id,
+        rec.queue_id.as_deref().map(printable).unwrap_or_else(|| "-".into())
+    ));
+    out.push_str(&format!("--{boundary}\n"));
+    out.push_str("Content-Type: message/rfc822\nContent-Disposition: attachment\nContent-Transfer-Encoding: 8bit\n\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend(unix_lines(original));
+    if bytes.last() != Some(&b'\n') {
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(format!("\n--{boundary}--\n").as_bytes());
+    bytes
+}
+
+/// CRLF line ends as LF, as sendmail reads its input.
+fn unix_lines(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter().peekable();
+    while let Some(&b) = bytes.next() {
+        if b == b'\r' && bytes.peek() == Some(&&b'\n') {
+            continue;
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// A MIME boundary that occurs nowhere in `original`: random, so that a
+/// sender cannot plant it in the message to break the notice apart.
+pub fn boundary(original: &[u8]) -> String {
+    loop {
+        let mut seed = [0u8; 12];
+        let random = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        if random.is_err() {
+            // Without randomness: the clock, checked against the message below.
+            seed[..8].copy_from_slice(&crate::clock::now_ms().to_be_bytes());
+        }
+        let b: String = seed.iter().map(|x| format!("{x:02x}")).collect();
+        let b = format!("=_imip-milter_{b}");
+        if !original.windows(b.len()).any(|w| w == b.as_bytes()) {
+            return b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::State;
+
+    fn notices(outbound: &str) -> Notices {
+        let c = Config::parse(&format!(
+            "[gateway]\naddresses = [\"calendar@example.org\"]\n[target]\nurl = \"http://127.0.0.1:9/\"\n{outbound}"
+        ))
+        .unwrap();
+        Notices::from_config(&c)
+    }
+
+    fn record(organizer: Option<&str>, cal_organizer: &str) -> Record {
+        let cal = format!(
+            "BEGIN:VCALENDAR\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\nUID:u1\r\nORGANIZER:{cal_organizer}\r\n\
+             ATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+        );
+        let mut payload = serde_json::json!({
+            "attendee": "mailto:bob@example.com", "partstat": "DECLINED", "uid": "u1",
+            "received_at": "2026-12-06T03:00:00.000Z", "icalendar": cal,
+        });
+        if let Some(o) = organizer {
+            payload["organizer"] = o.into();
+        }
+        Record {
+            id: "abc".into(),
+            state: State::Failed,
+            kind: "reply".into(),
+            token_prefix: "12345678…".into(),
+            queue_id: Some("4QX".into()),
+            created_ms: 0,
+            attempts: 1,
+            next_attempt_ms: 0,
+            last_error: Some("HTTP 404: no such event\r\nInjected: header".into()),
+            repeats: 0,
+            repeats_since_ms: 0,
+            finished_ms: Some(1),
+            payload,
+            message_ref: None,
+            original: None,
+            notice: None,
+        }
+    }
+
+    #[test]
+    fn the_organizer_is_the_tokens_or_a_local_one_and_never_a_gateway() {
+        let n = notices("");
+        // The token names her: believed wherever she is.
+        assert_eq!(
+            n.recipient(&record(Some("alice@partner.example"), "mailto:x@evil.example")),
+            Ok("alice@partner.example".into())
+        );
+        // Named by the reply only: a local domain, or nobody.
+        assert_eq!(
+            n.recipient(&record(None, "mailto:alice@example.org")),
+            Ok("alice@example.org".into())
+        );
+        let stranger = n
+            .recipient(&record(None, "mailto:victim@elsewhere.example"))
+            .unwrap_err();
+        assert!(stranger.contains("not in a local domain"), "{stranger}");
+        let with_domains = notices(
+            "[tokens]\nmode = \"local\"\n[outbound]\nenabled = true\norganizer_domains = [\"elsewhere.example\"]\n",
+        );
+        assert!(with_domains
+            .recipient(&record(None, "mailto:victim@elsewhere.example"))
+            .is_ok());
+        // A gateway address: the notice would come back.
+        for gateway in ["mailto:calendar+12345678abc@example.org", "mailto:Calendar@Example.org"] {
+            let e = n.recipient(&record(None, gateway)).unwrap_err();
+            assert!(e.contains("gateway address"), "{e}");
+            let e = n
+                .recipient(&record(Some(gateway), "mailto:alice@example.org"))
+                .unwrap_err();
+            assert!(e.contains("gateway address"), "{e}");
+        }
+        assert!(n.recipient(&record(Some("a b@example.org"), "")).is_err());
+    }
+
+    #[test]
+    fn a_bounce_or_a_record_noticed_before_gets_none() {
+        let n = notices("");
+        let mut r = record(Some("alice@example.org"), "");
+        assert!(n.wanted(&r));
+        r.kind = "bounce".into();
+        assert!(!n.wanted(&r));
+        r.kind = "reply".into();
+        r.notice = Some(crate::spool::Notice {
+            sent: true,
+            to: Some("alice@example.org".into()),
+            time_ms: 1,
+            reason: String::new(),
+        });
+        assert!(!n.wanted(&r));
+        let keep = notices("[delivery]\non_failure = \"keep\"\n");
+        assert!(!keep.wanted(&record(Some("alice@example.org"), "")));
+    }
+
+    #[test]
+    fn the_notice_says_what_failed_and_carries_the_original() {
+        let n = notices("");
+        let r = record(Some("alice@example.org"), "");
+        let original = b"From: Bob <bob@example.com>\r\nSubject: Declined\r\n\r\nBEGIN:VCALENDAR\r\n";
+        let b = boundary(original);
+        let text = String::from_utf8(compose(&n, &r, "alice@example.org", original, &b, 0)).unwrap();
+        assert!(text.starts_with("From: Calendar gateway <postmaster@example.org>\nTo: <alice@example.org>\n"));
+        assert!(text.contains("Subject: Not applied to your calendar: DECLINED from bob@example.com\n"));
+        assert!(text.contains("Auto-Submitted: auto-replied\n"));
+        // What the target said stays one line of the text, never a header.
+        assert!(
+            text.contains("  Why:       HTTP 404: no such event\\u{d}\\u{a}Injected: header\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\nInjected:"));
+        assert!(text.contains(&format!("--{b}\nContent-Type: message/rfc822\n")));
+        assert!(text.contains("\n\nFrom: Bob <bob@example.com>\nSubject: Declined\n\nBEGIN:VCALENDAR\n"));
+        assert!(text.ends_with(&format!("\n--{b}--\n")));
+        assert!(!text.contains('\r'));
+        let parsed = crate::analysis::analyse(text.as_bytes());
+        assert_eq!(parsed.message_id.as_deref(), Some("<imip-milter.abc.0@example.org>"));
+    }
+
+    #[test]
+    fn a_boundary_is_never_in_the_message() {
+        let b = boundary(b"");
+        assert!(b.starts_with("=_imip-milter_") && b.len() == 14 + 24, "{b}");
+        assert_ne!(b, boundary(b""));
+    }
+}

@@ -1,0 +1,186 @@
+//! A reply that fails for good reaches its organizer: through a private
+//! Postfix, its sendmail and a local mailbox, with the real daemon.
+
+mod common;
+
+use common::{cli, postfix::Postfix, smtp_send, wait_until, Daemon, Webhook};
+use std::time::Duration;
+
+/// Bob's answer to alice's event `uid`, sent to `to`.
+fn reply(to: &str, uid: &str, message_id: &str) -> Vec<u8> {
+    format!(
+        "From: Bob <bob@example.com>\r\nTo: <{to}>\r\nSubject: Declined: Board meeting\r\n\
+         Message-ID: <{message_id}>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/calendar; charset=utf-8; method=REPLY\r\n\r\n\
+         BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//Client//EN\r\nMETHOD:REPLY\r\nBEGIN:VEVENT\r\n\
+         UID:{uid}\r\nDTSTAMP:20261206T090000Z\r\nORGANIZER:mailto:{to}\r\n\
+         ATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+    )
+    .into_bytes()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The record spooled for `message_id`, once it has failed: `queue show` as JSON.
+fn failed_record(config: &std::path::Path, message_id: &str) -> serde_json::Value {
+    let mut shown = serde_json::Value::Null;
+    wait_until(Duration::from_secs(20), || {
+        let out = cli(config, &["queue", "show", &format!("<{message_id}>")]);
+        shown = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        shown["state"] == "failed"
+            && (shown["kind"] == "bounce" || shown.get("notice").is_some() || {
+                // on_failure = keep: nothing more to wait for.
+                std::fs::read_to_string(config)
+                    .unwrap_or_default()
+                    .contains("on_failure = \"keep\"")
+            })
+    });
+    shown
+}
+
+#[test]
+fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    let wrapper = dir.path().join("sendmail");
+    let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        format!(
+            "{}\n[tokens]\nmode = \"local\"\n",
+            c.replace(
+                "[delivery]\n",
+                &format!("[delivery]\nsendmail = \"{}\"\n", wrapper.display())
+            )
+        )
+    });
+    let postfix = Postfix::start(&format!(
+        "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
+        milter.port
+    ));
+    // The private instance's own sendmail, as delivery.sendmail runs it.
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/sendmail -C {} \"$@\"\n",
+            postfix.etc().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = milter.config_path.clone();
+    let diagnostics = || format!("--- maillog\n{}\n--- milter\n{}", postfix.log(), milter.log());
+
+    // The event is gone from the calendar server: 404, for good.
+    let token = common::add_token(&config, "alice@example.org", "bob@example.com", "board-1@example.org");
+    let gateway = format!("calendar+{token}@example.org");
+    hook.fail_next(&[404]);
+    let out = smtp_send(
+        postfix.port,
+        "bob@example.com",
+        &[&gateway],
+        &reply(&gateway, "board-1@example.org", "declined-1@example.com"),
+    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+
+    let mail = postfix.wait_mailbox("alice", 1);
+    assert_eq!(mail.len(), 1, "{}", diagnostics());
+    let notice = &mail[0];
+    println!("--- the notice alice received\n{notice}");
+    assert!(notice.starts_with("Return-Path: <>"), "from the null sender:\n{notice}");
+    assert!(notice.contains("Subject: Not applied to your calendar: DECLINED from bob@example.com"));
+    assert!(notice.contains("Auto-Submitted: auto-replied"));
+    assert!(notice.contains("  Why:       HTTP 404"), "{notice}");
+    assert!(notice.contains("Content-Type: message/rfc822"), "{notice}");
+    // The original, as it arrived, with its calendar part for her calendar program.
+    let parsed = imip_milter::analysis::analyse(notice.as_bytes());
+    assert!(
+        notice.contains("Message-ID: <declined-1@example.com>") && notice.contains("ATTENDEE;PARTSTAT=DECLINED"),
+        "{notice}"
+    );
+    assert_ne!(parsed.message_id.as_deref(), Some("<declined-1@example.com>"));
+    // The notice does not come back to the gateway: calendar's mailbox is empty.
+    assert!(postfix.mailbox("calendar").is_empty());
+
+    let shown = failed_record(&config, "declined-1@example.com");
+    assert_eq!(shown["notice"]["sent"], true, "{shown}");
+    assert_eq!(shown["notice"]["to"], "alice@example.org");
+    assert!(
+        shown["notice"]["time_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{shown}"
+    );
+    let journal = text(&cli(&config, &["journal", "--message-id", "<declined-1@example.com>"]));
+    println!("--- journal\n{journal}");
+    assert!(journal.contains("notice") && journal.contains("sent"), "{journal}");
+
+    // A retry that fails again sends nothing more: never twice.
+    hook.fail_next(&[404]);
+    let id = shown["id"].as_str().unwrap().to_owned();
+    let out = cli(&config, &["queue", "retry", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(Duration::from_secs(20), || {
+        text(&cli(&config, &["journal", "--message-id", "<declined-1@example.com>"]))
+            .matches("failed")
+            .count()
+            >= 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(postfix.mailbox("alice").len(), 1, "{}", diagnostics());
+
+    // An organizer that is a gateway address: the notice would loop.
+    let looping = common::add_token(
+        &config,
+        "calendar+feedc0de@example.org",
+        "bob@example.com",
+        "board-2@example.org",
+    );
+    let gateway2 = format!("calendar+{looping}@example.org");
+    hook.fail_next(&[404]);
+    let out = smtp_send(
+        postfix.port,
+        "bob@example.com",
+        &[&gateway2],
+        &reply(&gateway2, "board-2@example.org", "declined-2@example.com"),
+    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    let shown = failed_record(&config, "declined-2@example.com");
+    assert_eq!(shown["notice"]["sent"], false, "{shown}");
+    let why = shown["notice"]["reason"].as_str().unwrap_or_default();
+    assert!(why.contains("gateway address"), "{shown}");
+    let journal = text(&cli(&config, &["journal", "--message-id", "<declined-2@example.com>"]));
+    assert!(
+        journal.contains("not-sent") && journal.contains("gateway address"),
+        "{journal}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(postfix.mailbox("calendar").is_empty(), "{}", diagnostics());
+
+    // delivery.on_failure = "keep", by SIGHUP: the record stays, nobody is mailed.
+    let edited = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[delivery]\n", "[delivery]\non_failure = \"keep\"\n");
+    std::fs::write(&config, edited).unwrap();
+    milter.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || milter
+        .log()
+        .contains("delivery.on_failure changed")));
+    let token3 = common::add_token(&config, "alice@example.org", "bob@example.com", "board-3@example.org");
+    let gateway3 = format!("calendar+{token3}@example.org");
+    hook.fail_next(&[404]);
+    let out = smtp_send(
+        postfix.port,
+        "bob@example.com",
+        &[&gateway3],
+        &reply(&gateway3, "board-3@example.org", "declined-3@example.com"),
+    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    let shown = failed_record(&config, "declined-3@example.com");
+    assert_eq!(shown["state"], "failed", "{shown}\n{}", diagnostics());
+    assert!(shown.get("notice").is_none(), "{shown}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(postfix.mailbox("alice").len(), 1, "{}", diagnostics());
+}
