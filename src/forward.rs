@@ -611,6 +611,7 @@ async fn hand_over(spool: &Spool, notices: &Notices, rec: &mut Record) {
             let (s, r, n, t) = (spool.clone(), rec.clone(), notices.clone(), to.clone());
             let composed = tokio::task::spawn_blocking(move || match s.original(&r) {
                 Ok(Some(original)) => {
+                    let original = crate::notice::attachment(original, r.payload["organizer"].as_str());
                     let b = crate::notice::boundary(&original);
                     Ok(crate::notice::compose(&n, &r, &t, &original, &b, now_ms()))
                 }

@@ -229,6 +229,23 @@ pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &
     bytes
 }
 
+/// The original as attached: with local tokens, her own address is the
+/// ORGANIZER again where the reply names the gateway, so that her calendar
+/// program takes it as an answer to her event (and the token's calendar
+/// text goes no further). Headers stay as they arrived.
+pub fn attachment(original: Vec<u8>, organizer: Option<&str>) -> Vec<u8> {
+    let Some(organizer) = organizer else { return original };
+    match crate::outbound::organizer_given_back(&original, organizer) {
+        Some(body) => {
+            let start = crate::outbound::body_start(&original);
+            let mut out = original.get(..start).unwrap_or_default().to_vec();
+            out.extend(body);
+            out
+        }
+        None => original,
+    }
+}
+
 /// CRLF line ends as LF, as sendmail reads its input.
 fn unix_lines(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());

@@ -103,6 +103,12 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
         "{notice}"
     );
     assert_ne!(parsed.message_id.as_deref(), Some("<declined-1@example.com>"));
+    // Her own address as ORGANIZER again: her calendar program knows the event.
+    assert!(
+        notice.contains("ORGANIZER;EMAIL=alice@example.org:mailto:alice@example.org"),
+        "{notice}"
+    );
+    assert!(!notice.contains(&format!("ORGANIZER:mailto:{gateway}")), "{notice}");
     // The notice does not come back to the gateway: calendar's mailbox is empty.
     assert!(postfix.mailbox("calendar").is_empty());
 
