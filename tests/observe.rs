@@ -130,6 +130,27 @@ fn observe_mode_passes_everything_unchanged_and_journals_what_would_have_been() 
         "{journal}"
     );
 
+    // The safety net takes nothing either: the message stays in Postfix's queue.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
+        .args(["deliver", "--config"])
+        .arg(&config)
+        .args(["--sender", "bob@example.com", "--queue-id", "OBSDQ1", "--rcpt", &gateway])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("deliver");
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        &reply(&gateway, "observed-pipe@example.com"),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out));
+    assert!(text(&out).contains("observe mode"), "{}", text(&out));
+    let piped = text(&cli(&config, &["journal", "--queue-id", "OBSDQ1"]));
+    assert!(piped.contains("message would-discard"), "{piped}");
+    assert!(hook.deliveries().is_empty());
+
     // One key and SIGHUP: the same kind of reply is now taken.
     let edited = std::fs::read_to_string(&config)
         .unwrap()
