@@ -18,6 +18,9 @@ pub struct Itip {
     pub attendee: Option<String>,
     pub partstat: Option<String>,
     pub organizer: Option<String>,
+    /// The ORGANIZER's EMAIL parameter: her real address where the value is
+    /// a tokenized gateway address (CalendarServer writes it so).
+    pub organizer_email: Option<String>,
     /// Number of scheduling components (VEVENT, VTODO, VJOURNAL).
     pub components: usize,
     /// Every distinct UID of the scheduling components, in order.
@@ -62,10 +65,12 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         .and_then(|e| e.parameter(&ICalendarParameterName::Partstat))
         .and_then(|p| p.as_text())
         .map(|p| p.to_ascii_uppercase());
-    let organizer = first
-        .and_then(|c| c.property(&ICalendarProperty::Organizer))
-        .and_then(first_text)
-        .map(normalise_mailto);
+    let organizer_entry = first.and_then(|c| c.property(&ICalendarProperty::Organizer));
+    let organizer = organizer_entry.and_then(first_text).map(normalise_mailto);
+    let organizer_email = organizer_entry
+        .and_then(|e| e.parameter(&ICalendarParameterName::Email))
+        .and_then(|p| p.as_text())
+        .map(|e| e.trim().to_owned());
     // Hashed sets: a hostile reply may list 100 000 attendees.
     let mut uids = Distinct::exact();
     let mut attendees = Distinct::any_case();
@@ -91,6 +96,7 @@ pub fn read(text: &str, method_param: Option<&str>) -> Result<Itip, String> {
         attendee,
         partstat,
         organizer,
+        organizer_email,
         components: scheduling.len(),
         uids: uids.list,
         attendees: attendees.list,

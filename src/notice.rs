@@ -55,14 +55,25 @@ impl Notices {
     /// sender wrote it) must be in a local domain, or anybody could have
     /// this host mail anything to anyone.
     pub fn recipient(&self, rec: &Record) -> Result<String, String> {
-        let (named, trusted) = match rec.payload["organizer"].as_str() {
+        // CalendarServer's token table may name her by a urn:uuid: then
+        // the reply's ORGANIZER, as for a server's own tokens.
+        let token_organizer = rec.payload["organizer"]
+            .as_str()
+            .filter(|o| crate::address::is_plain_address(strip_mailto(o)));
+        let (named, trusted) = match token_organizer {
             Some(o) => (o.to_owned(), true),
             None => {
-                let from_reply = rec.payload["icalendar"]
+                let itip = rec.payload["icalendar"]
                     .as_str()
-                    .and_then(|cal| crate::itip::read(cal, None).ok())
-                    .and_then(|i| i.organizer);
-                match from_reply {
+                    .and_then(|cal| crate::itip::read(cal, None).ok());
+                let (value, email) = itip.map(|i| (i.organizer, i.organizer_email)).unwrap_or_default();
+                // A server's own token (CalendarServer) is in the ORGANIZER
+                // the invitation went out with; her address is its EMAIL.
+                let value = match (value, email) {
+                    (Some(v), Some(e)) if self.gateway.classify(strip_mailto(&v)) != Recipient::Other => Some(e),
+                    (v, _) => v,
+                };
+                match value {
                     Some(o) => (o, false),
                     None => return Err("the reply names no organizer".into()),
                 }
@@ -234,7 +245,9 @@ pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &
 /// program takes it as an answer to her event (and the token's calendar
 /// text goes no further). Headers stay as they arrived.
 pub fn attachment(original: Vec<u8>, organizer: Option<&str>) -> Vec<u8> {
-    let Some(organizer) = organizer else { return original };
+    let Some(organizer) = organizer.filter(|o| o.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("mailto:"))) else {
+        return original;
+    };
     match crate::outbound::organizer_given_back(&original, organizer) {
         Some(body) => {
             let start = crate::outbound::body_start(&original);
@@ -355,6 +368,17 @@ mod tests {
             assert!(e.contains("gateway address"), "{e}");
         }
         assert!(n.recipient(&record(Some("a b@example.org"), "")).is_err());
+        // A server's own token: her address is the ORGANIZER's EMAIL, local only.
+        let tokenized = "ORGANIZER;EMAIL=alice@example.org:mailto:calendar+12345678abc@example.org";
+        let r = record(None, "x").payload["icalendar"]
+            .as_str()
+            .unwrap()
+            .replace("ORGANIZER:x", tokenized);
+        let mut rec = record(None, "x");
+        rec.payload["icalendar"] = r.clone().into();
+        assert_eq!(n.recipient(&rec), Ok("alice@example.org".into()));
+        rec.payload["icalendar"] = r.replace("alice@example.org:", "victim@elsewhere.example:").into();
+        assert!(n.recipient(&rec).unwrap_err().contains("not in a local domain"));
     }
 
     #[test]

@@ -134,7 +134,14 @@ fn observe_mode_passes_everything_unchanged_and_journals_what_would_have_been() 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imip-milter"))
         .args(["deliver", "--config"])
         .arg(&config)
-        .args(["--sender", "bob@example.com", "--queue-id", "OBSDQ1", "--rcpt", &gateway])
+        .args([
+            "--sender",
+            "bob@example.com",
+            "--queue-id",
+            "OBSDQ1",
+            "--rcpt",
+            &gateway,
+        ])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
