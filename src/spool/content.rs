@@ -119,4 +119,40 @@ mod tests {
         assert_eq!(spool.purge_finished(2, 0).unwrap(), 1);
         assert_eq!(spool.get("r1").unwrap().unwrap().payload["icalendar"], text.as_str());
     }
+
+    #[tokio::test]
+    async fn a_reply_is_kept_as_it_arrived_until_it_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let message = std::sync::Arc::new(b"From: b@example.com\r\n\r\nthe reply".to_vec());
+        let records: Vec<Record> = ["ok", "bad"]
+            .iter()
+            .map(|id| {
+                let mut r = record(id);
+                r.id = (*id).into();
+                r.original = Some(message.clone());
+                r
+            })
+            .collect();
+        spool.append(records).await.unwrap();
+        spool.flush().unwrap();
+        let stored = spool.get("ok").unwrap().unwrap();
+        assert!(stored.original.is_none() && stored.message_ref.is_some());
+        assert_eq!(spool.original(&stored).unwrap().as_deref(), Some(message.as_slice()));
+        for (id, state) in [("ok", State::Delivered), ("bad", State::Failed)] {
+            let mut r = spool.get(id).unwrap().unwrap();
+            r.state = state;
+            r.finished_ms = Some(now_ms());
+            spool.update(&r).unwrap();
+        }
+        // The purge forgets no record yet, and the delivered one's message
+        // only when no failed record shares it.
+        assert_eq!(spool.purge_finished(0, 0).unwrap(), 0);
+        let failed = spool.get("bad").unwrap().unwrap();
+        assert_eq!(spool.original(&failed).unwrap().as_deref(), Some(message.as_slice()));
+        spool.delete("bad").unwrap();
+        spool.purge_finished(0, 0).unwrap();
+        let delivered = spool.get("ok").unwrap().unwrap();
+        assert_eq!(spool.original(&delivered).unwrap(), None);
+    }
 }

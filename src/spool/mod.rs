@@ -407,7 +407,12 @@ impl Spool {
         let kept: HashSet<&str> = all
             .iter()
             .filter(|r| !old.contains(&r.id))
-            .flat_map(|r| [content::reference(&r.payload), r.message_ref.as_deref()])
+            // A delivered reply's message is needed no more (it is kept
+            // for a notice, should the record fail).
+            .flat_map(|r| {
+                let message = r.message_ref.as_deref().filter(|_| r.state != State::Delivered);
+                [content::reference(&r.payload), message]
+            })
             .flatten()
             .collect();
         let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
