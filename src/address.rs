@@ -144,18 +144,24 @@ impl GatewayAddresses {
     }
 }
 
-/// An address a command line or a header may carry as it is: local@domain,
-/// printable ASCII without spaces, brackets, quotes or commas, at most 254
-/// characters, not starting with `-`.
+/// An address a command line or a header may carry as it is, and that
+/// Postfix routes as written: one `@`; a local part of letters, digits and
+/// `. _ + - '`; a domain of letters, digits, `-` and `.`; at most 254
+/// characters; not starting with `-`. No `%`, `!` or second `@`: Postfix
+/// would route `victim%elsewhere@example.org` elsewhere.
 pub fn is_plain_address(s: &str) -> bool {
-    let Some((local, domain)) = s.rsplit_once('@') else {
+    let Some((local, domain)) = s.split_once('@') else {
         return false;
     };
+    let local_ok = |c: char| c.is_ascii_alphanumeric() || "._+-'".contains(c);
+    let domain_ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
     !local.is_empty()
         && !domain.is_empty()
         && s.len() <= 254
-        && !s.starts_with('-')
-        && s.chars().all(|c| c.is_ascii_graphic() && !"<>\"(),;:[]\\".contains(c))
+        && !local.starts_with(['-', '.'])
+        && !domain.starts_with(['-', '.'])
+        && local.chars().all(local_ok)
+        && domain.chars().all(domain_ok)
 }
 
 /// Removes angle brackets and a source route (`<@a,@b:user@c>`).
@@ -295,6 +301,28 @@ pub fn token_prefix(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_addresses_are_routed_as_written() {
+        for ok in ["alice@example.org", "o'brien.j+cal@mx-1.example.org"] {
+            assert!(is_plain_address(ok), "{ok}");
+        }
+        for bad in [
+            "victim%evil.example@example.org",
+            "victim@evil.example@example.org",
+            "evil.example!victim@example.org",
+            "-oQ/tmp@example.org",
+            "a b@example.org",
+            "\"a\"@example.org",
+            "alice@example.org>",
+            "alice",
+            "@example.org",
+            "alice@",
+            "alice@exa_mple.org",
+        ] {
+            assert!(!is_plain_address(bad), "{bad}");
+        }
+    }
 
     fn gw() -> GatewayAddresses {
         GatewayAddresses::new(

@@ -81,8 +81,14 @@ pub async fn take(
 ) -> Verdict {
     let client_addr = client_addr.filter(|a| a.parse::<std::net::IpAddr>().is_ok());
     let settings = shared.settings();
+    // Observe mode takes nothing: whatever it would have said, the message
+    // waits in Postfix's queue.
+    let verdict = |d: &decision::Decision| match settings.observe {
+        true => Verdict::from_decision(&decision::decide_observing_deliver()),
+        false => Verdict::from_decision(d),
+    };
     if raw.len() > settings.max_message_bytes {
-        return too_large(settings.max_message_bytes);
+        return verdict(&decision::decide_too_large(settings.max_message_bytes, false));
     }
     let class = settings.gateway.classify(rcpt);
     // Refusals are journaled as the milter's are at RCPT: the bounce
@@ -90,16 +96,19 @@ pub async fn take(
     let queue = queue_id.clone().unwrap_or_else(|| "NOQUEUE".into());
     let client = client_addr.as_deref().unwrap_or("-");
     let refused = |d: &decision::Decision, token: Option<&str>, tallied: bool| {
+        let word = match settings.observe {
+            true => crate::journal::would(d.disposition.as_str()),
+            false => d.disposition.as_str().to_owned(),
+        };
         tracing::info!(
-            "{}: {} RCPT {} from=<{}> via=deliver: {}",
+            "{}: {word} RCPT {} from=<{}> via=deliver: {}",
             crate::address::printable(&queue),
-            d.disposition.as_str(),
             settings.gateway.redact(rcpt),
             crate::address::printable(sender),
             d.reason
         );
         shared.journal_recipient(client, tallied, queue.clone(), sender, token, d);
-        Verdict::from_decision(d)
+        verdict(d)
     };
     if let Some(d) = decision::decide_recipient(&class) {
         return refused(&d, None, false);

@@ -6,8 +6,8 @@ use crate::{
     config::DeliveryConfig,
     errors,
     metrics::{DeliveryResult, METRICS},
-    notice::Notices,
-    spool::{Notice, Record, Spool, State},
+    notice::{self, Notices},
+    spool::{Record, Spool, State},
     targets::{Outcome, Target},
 };
 use std::{
@@ -155,8 +155,17 @@ pub async fn run(
     tokio::pin!(shutdown);
     let Delivering { target, cfg, notices } = reloads.borrow_and_update().clone();
     let mut cfg = cfg;
+    // Notices go out one at a time beside the deliveries: a slow sendmail
+    // holds no delivery up.
+    let (queue, queued) = notice::Queue::new();
+    let current = reloads.clone();
+    tokio::spawn(notice::run(spool.clone(), queued, move || {
+        current.borrow().notices.clone()
+    }));
+    queue.pending(&spool).await;
     let mut worker = Worker {
         notices,
+        queue,
         limit: Arc::new(Semaphore::new(cfg.concurrency)),
         in_flight: Arc::default(),
         health: Arc::default(),
@@ -191,6 +200,7 @@ pub async fn run(
             last_purge = now;
             purge(&spool, &cfg, now).await;
             worker.expire(now).await;
+            worker.queue.pending(&spool).await;
         }
 
         let plan = worker.plan(now);
@@ -342,6 +352,7 @@ struct Worker {
     target: Arc<Target>,
     cfg: DeliveryConfig,
     notices: Arc<Notices>,
+    queue: notice::Queue,
 }
 
 impl Worker {
@@ -413,12 +424,15 @@ impl Worker {
                 rec.finished_ms = Some(now);
                 let outcome = Outcome::Permanent(why.clone());
                 rec.last_error = Some(why);
-                hand_over(&self.spool, &self.notices, &mut rec).await;
+                let noticed = self.notices.mark(&mut rec).then(|| self.queue.clone());
                 let event = delivery_event(&rec, &outcome);
                 let id = rec.id.clone();
-                self.spool.record_outcome(rec, Some(event), move |r| {
-                    if let Err(e) = r {
-                        error!("cannot record that {id} expired: {e}");
+                self.spool.record_outcome(rec, Some(event), move |r| match r {
+                    Err(e) => error!("cannot record that {id} expired: {e}"),
+                    Ok(()) => {
+                        if let Some(q) = noticed {
+                            q.push(id);
+                        }
                     }
                 });
             }
@@ -471,17 +485,18 @@ impl Worker {
         if let Ok(mut f) = self.in_flight.lock() {
             f.busy.insert(rec.id.clone());
         }
-        let (spool, target, cfg, in_flight, health, notices) = (
+        let (spool, target, cfg, in_flight, health, notices, queue) = (
             self.spool.clone(),
             self.target.clone(),
             self.cfg.clone(),
             self.in_flight.clone(),
             self.health.clone(),
             self.notices.clone(),
+            self.queue.clone(),
         );
         tasks.spawn(async move {
             let id = rec.id.clone();
-            let outcome = attempt(&spool, &target, &cfg, &notices, rec, move || {
+            let outcome = attempt(&spool, &target, &cfg, &notices, Some(&queue), rec, move || {
                 // Leaves the in-flight set only once its new state is committed
                 // (a record still pending makes the writer ask for a scan).
                 if let Ok(mut f) = in_flight.lock() {
@@ -529,6 +544,7 @@ pub async fn attempt(
     target: &Target,
     cfg: &DeliveryConfig,
     notices: &Notices,
+    queue: Option<&notice::Queue>,
     mut rec: Record,
     committed: impl FnOnce() + Send + 'static,
 ) -> Outcome {
@@ -578,83 +594,26 @@ pub async fn attempt(
             rec.last_error.as_deref().unwrap_or("")
         ),
     }
-    if rec.state == State::Failed {
-        hand_over(spool, notices, &mut rec).await;
-    }
+    // A reply failed for good: its notice is committed with the failure,
+    // then sent (without a notice task here, the daemon's next pass sends it).
+    let noticed = notices.mark(&mut rec).then(|| queue.cloned()).flatten();
     // The journal tells the record's story, not every attempt: its first
     // failure, each change of reason, and the end.
     let changed = rec.state != State::Pending || rec.last_error != error_before;
     let event = changed.then(|| delivery_event(&rec, &outcome));
     let id = rec.id.clone();
     spool.record_outcome(rec, event, move |result| {
-        if let Err(e) = result {
-            error!("{queue_id}: cannot record the delivery outcome of {id}: {e}");
+        match result {
+            Err(e) => error!("{queue_id}: cannot record the delivery outcome of {id}: {e}"),
+            Ok(()) => {
+                if let Some(q) = noticed {
+                    q.push(id);
+                }
+            }
         }
         committed();
     });
     outcome
-}
-
-/// A reply that just failed for good goes to its organizer, once
-/// (`delivery.on_failure`); the record keeps what became of the notice
-/// and the journal says it.
-async fn hand_over(spool: &Spool, notices: &Notices, rec: &mut Record) {
-    if !notices.wanted(rec) {
-        return;
-    }
-    let queue_id = rec.queue_id.clone().unwrap_or_else(|| "-".into());
-    let to = notices.recipient(rec);
-    let sent = match &to {
-        Err(why) => Err(why.clone()),
-        Ok(to) => {
-            // The message may be megabytes: read and composed off the runtime.
-            let (s, r, n, t) = (spool.clone(), rec.clone(), notices.clone(), to.clone());
-            let composed = tokio::task::spawn_blocking(move || match s.original(&r) {
-                Ok(Some(original)) => {
-                    let original = crate::notice::attachment(original, r.payload["organizer"].as_str());
-                    let b = crate::notice::boundary(&original);
-                    Ok(crate::notice::compose(&n, &r, &t, &original, &b, now_ms()))
-                }
-                Ok(None) => Err("the message as received was not kept".to_owned()),
-                Err(e) => Err(format!("cannot read the message from the spool: {}", errors::chain(&e))),
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("composing the notice failed: {e}")));
-            match composed {
-                Ok(message) => notices.send(to, &message).await,
-                Err(e) => Err(e),
-            }
-        }
-    };
-    METRICS.notice(sent.is_ok());
-    let (disposition, reason) = match (&sent, &to) {
-        (Ok(()), Ok(to)) => {
-            info!(
-                "{queue_id}: notice sent id={} to=<{}>: the reply was not applied",
-                rec.id, to
-            );
-            ("sent", format!("to {to}: {}", rec.last_error.as_deref().unwrap_or("")))
-        }
-        (Err(why), _) => {
-            warn!("{queue_id}: notice not sent id={}: {why}", rec.id);
-            ("not-sent", why.clone())
-        }
-        (Ok(()), Err(_)) => ("not-sent", String::new()),
-    };
-    rec.notice = Some(Notice {
-        sent: sent.is_ok(),
-        to: to.as_ref().ok().cloned(),
-        time_ms: now_ms(),
-        reason: sent.err().unwrap_or_default(),
-    });
-    let mut event = delivery_event(rec, &Outcome::Delivered);
-    event.event = "notice".into();
-    event.disposition = disposition.into();
-    event.reason = crate::journal::Event::now("notice", disposition, &reason).reason;
-    if let Ok(to) = &to {
-        event.organizer = Some(to.clone());
-    }
-    spool.journal_later(event);
 }
 
 /// The journal's line for one delivery attempt.

@@ -90,6 +90,7 @@ pub fn inspect(
         tokens: None,
         outbound: None,
         observe: false,
+        keep_originals: false,
     };
     replay(&settings, "", rcpts, raw, None)
 }

@@ -83,9 +83,10 @@ pub async fn take(
     let mut duplicates = 0;
     let mut records = records;
     // A reply is kept as it arrived: if it fails for good, the organizer
-    // gets it (delivery.on_failure). Spooled records mean no redirect, so
-    // the message is not needed back.
-    let raw = match records.iter().any(|r| r.kind == "reply") {
+    // gets it (delivery.on_failure); a larger one, its calendar text.
+    // Spooled records mean no redirect, so the message is not needed back.
+    let keep = settings.keep_originals && raw.len() <= crate::notice::MAX_KEPT;
+    let raw = match keep && records.iter().any(|r| r.kind == "reply") {
         true => {
             let original = Arc::new(raw);
             for r in records.iter_mut().filter(|r| r.kind == "reply") {

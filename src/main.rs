@@ -735,7 +735,7 @@ fn deliver_without_daemon(
                     for id in &verdict.new_ids {
                         if let Ok(Some(rec)) = spool.get(id) {
                             let (cfg, n) = (&config.delivery, &notices);
-                            imip_milter::forward::attempt(&spool, &target, cfg, n, rec, || {}).await;
+                            imip_milter::forward::attempt(&spool, &target, cfg, n, None, rec, || {}).await;
                         }
                     }
                 }

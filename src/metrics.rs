@@ -53,8 +53,8 @@ pub struct Metrics {
     token_store_errors: AtomicU64,
     /// Observe mode: decisions by what they would have been (OBSERVED).
     observed: [AtomicU64; OBSERVED.len()],
-    /// Notices to organizers: sent, not sent.
-    notices: [AtomicU64; 2],
+    /// Notices to organizers: sent, refused, failed.
+    notices: [AtomicU64; 3],
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -69,7 +69,7 @@ pub static METRICS: Metrics = Metrics {
     token_lookups_refused: AtomicU64::new(0),
     outbound: [const { AtomicU64::new(0) }; 3],
     token_store_errors: AtomicU64::new(0),
-    notices: [AtomicU64::new(0), AtomicU64::new(0)],
+    notices: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
     observed: [const { AtomicU64::new(0) }; OBSERVED.len()],
 };
 
@@ -132,8 +132,15 @@ impl Metrics {
     }
 
     /// A reply that failed for good, handed to its organizer or not.
-    pub fn notice(&self, sent: bool) {
-        self.notices[usize::from(!sent)].fetch_add(1, Relaxed);
+    pub fn notice(&self, state: crate::spool::NoticeState) {
+        use crate::spool::NoticeState::*;
+        let i = match state {
+            Sent => 0,
+            Refused => 1,
+            Failed => 2,
+            Pending => return,
+        };
+        self.notices[i].fetch_add(1, Relaxed);
     }
 
     pub fn outbound(&self, result: OutboundResult) {
@@ -193,10 +200,10 @@ impl Metrics {
             );
         }
         out.push_str(
-            "# HELP imip_milter_notices_total Replies that failed for good, sent to their organizer or not.\n",
+            "# HELP imip_milter_notices_total Replies that failed for good: sent to their organizer, refused by rule (no organizer, a gateway address, not local), failed (sendmail).\n",
         );
         out.push_str("# TYPE imip_milter_notices_total counter\n");
-        for (i, result) in ["sent", "not-sent"].iter().enumerate() {
+        for (i, result) in ["sent", "refused", "failed"].iter().enumerate() {
             let _ = writeln!(
                 out,
                 "imip_milter_notices_total{{result=\"{result}\"}} {}",

@@ -203,6 +203,9 @@ pub struct Session {
     /// The shared budget and this session's part of it.
     budget: Option<Arc<Budget>>,
     reserved: usize,
+    /// Observe mode, as of the last connect or RCPT: a bug's 451 is not
+    /// given either.
+    observe: bool,
 }
 
 impl Session {
@@ -354,7 +357,10 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
                 // A panic here costs this recipient a 451; Postfix goes on.
                 match AssertUnwindSafe(rcpt(&s, &mut *cx, args)).catch_unwind().await {
                     Ok(status) => status,
-                    Err(_) => panicked(&cx.macros, &mut cx.reply, "RCPT"),
+                    Err(_) => {
+                        let observe = cx.data.as_ref().is_some_and(|s| s.observe);
+                        panicked(&cx.macros, &mut cx.reply, "RCPT", observe)
+                    }
                 }
             })
         })
@@ -381,7 +387,10 @@ pub fn callbacks(shared: Arc<Shared>) -> Callbacks<Session> {
             Box::pin(async move {
                 match AssertUnwindSafe(eom(&s, &mut *cx)).catch_unwind().await {
                     Ok(status) => status,
-                    Err(_) => panicked(&cx.macros, &mut cx.reply, "end of message"),
+                    Err(_) => {
+                        let observe = cx.data.as_ref().is_some_and(|s| s.observe);
+                        panicked(&cx.macros, &mut cx.reply, "end of message", observe)
+                    }
                 }
             })
         })
@@ -400,6 +409,7 @@ fn guarded(
     match std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut *cx))) {
         Ok(status) => status,
         Err(_) => {
+            let observe = cx.data.as_ref().is_some_and(|s| s.observe);
             if let Some(s) = cx.data.as_mut() {
                 if !step.is_empty() && s.no_reply.contains(step) {
                     s.reset_message();
@@ -409,13 +419,18 @@ fn guarded(
                 // A 451 after RCPT ends the message.
                 s.reset_message();
             }
-            panicked(&cx.macros, &mut cx.reply, stage)
+            panicked(&cx.macros, &mut cx.reply, stage, observe)
         }
     }
 }
 
-fn panicked(macros: &indymilter::Macros, reply: &mut impl SetErrorReply, stage: &str) -> Status {
+fn panicked(macros: &indymilter::Macros, reply: &mut impl SetErrorReply, stage: &str, observe: bool) -> Status {
     let queue_id = queue_id(macros);
+    if observe {
+        // Observe mode changes nothing, not even for its own bug.
+        tracing::error!("{queue_id}: internal error at {stage}; observe mode: the message goes on");
+        return Status::Accept;
+    }
     tracing::error!("{queue_id}: internal error at {stage}; answered 451, the sender retries");
     let d = decision::decide_internal_error(stage);
     set_reply(reply, &d);
@@ -473,6 +488,7 @@ async fn connect(shared: &Shared, cx: &mut Context<Session>, info: SocketInfo) -
         _ => None,
     };
     session.budget = Some(shared.budget.clone());
+    session.observe = shared.settings().observe;
     let status = go_on(&session, ProtoOpts::NOREPLY_CONNECT);
     cx.data = Some(session);
     status
@@ -510,6 +526,9 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         return Status::Continue;
     };
     let settings = shared.settings();
+    if let Some(s) = cx.data.as_mut() {
+        s.observe = settings.observe;
+    }
     let class = settings.gateway.classify(&raw);
     if let Some(d) = decision::decide_recipient(&class) {
         count(&settings, d.disposition);
@@ -601,7 +620,7 @@ fn data(shared: &Shared, cx: &mut Context<Session>) -> Status {
     match decision::decide_data(&session.classes()) {
         Some(_) if outbound_candidate(shared, session) => Status::Continue,
         Some(_) => {
-            METRICS.message(Disposition::Accept);
+            count(&shared.settings(), Disposition::Accept);
             Status::Accept
         }
         None => Status::Continue,
@@ -702,7 +721,8 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
     // What headers and body found, answered here where Postfix waits.
     if let Some(stage) = session.broken_at {
         session.reset_message();
-        return panicked(&cx.macros, &mut cx.reply, stage);
+        let observe = session.observe;
+        return panicked(&cx.macros, &mut cx.reply, stage, observe);
     }
     let only_gateway = !session.recipients.iter().any(|(_, c)| *c == Recipient::Other);
     let refusal = if session.budget_spent {

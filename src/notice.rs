@@ -5,11 +5,24 @@
 
 use crate::{
     address::{printable, GatewayAddresses, Recipient},
+    clock::now_ms,
     config::{Config, OnFailure},
-    spool::Record,
+    errors,
+    metrics::METRICS,
+    spool::{Notice, NoticeState, Record, Spool, State},
 };
-use std::{path::PathBuf, process::Stdio, time::Duration};
-use tokio::io::AsyncWriteExt;
+use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
+use tokio::{io::AsyncWriteExt, sync::mpsc};
+use tracing::{info, warn};
+
+/// The largest message kept for a notice; a larger one is not kept, and
+/// its notice carries the calendar text alone.
+pub const MAX_KEPT: usize = 1 << 20;
+/// Text from the reply (UID, answer, addresses) shown in the note at most.
+const SHOWN: usize = 100;
+/// Record ids waiting for the notice task; more wait in the spool for the
+/// next pass.
+const QUEUED: usize = 4096;
 
 /// How long sendmail may take to accept a notice.
 const SENDMAIL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -47,7 +60,24 @@ impl Notices {
     /// Whether a notice is due for this record, now that it failed: a
     /// reply (a bounce holds nothing for a person to apply), none sent yet.
     pub fn wanted(&self, rec: &Record) -> bool {
-        self.on_failure == OnFailure::Organizer && rec.kind == "reply" && !rec.notice.as_ref().is_some_and(|n| n.sent)
+        self.on_failure == OnFailure::Organizer
+            && rec.kind == "reply"
+            && !rec.notice.as_ref().is_some_and(|n| n.state == NoticeState::Sent)
+    }
+
+    /// Marks a reply that just failed for good for its notice, committed
+    /// with the failure; the notice task sends it then. Whether it did.
+    pub fn mark(&self, rec: &mut Record) -> bool {
+        if rec.state != State::Failed || !self.wanted(rec) {
+            return false;
+        }
+        rec.notice = Some(Notice {
+            state: NoticeState::Pending,
+            to: None,
+            time_ms: now_ms(),
+            reason: String::new(),
+        });
+        true
     }
 
     /// The organizer the notice goes to, or why it goes to nobody. The
@@ -114,16 +144,21 @@ impl Notices {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.sendmail.display()))?;
-        let run = async {
-            if let Some(mut stdin) = child.stdin.take() {
+        let stdin = child.stdin.take();
+        // Written while its output is read: a sendmail that complains
+        // before it reads all of its input does not stall.
+        let write = async move {
+            if let Some(mut stdin) = stdin {
                 stdin.write_all(message).await?;
                 stdin.shutdown().await?;
             }
-            child.wait_with_output().await
+            Ok::<(), std::io::Error>(())
         };
+        let run = async { tokio::join!(write, child.wait_with_output()) };
         let out = match tokio::time::timeout(SENDMAIL_TIMEOUT, run).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(format!("{}: {e}", self.sendmail.display())),
+            Ok((_, Ok(out))) if out.status.success() => return Ok(()),
+            Ok((_, Ok(out))) => out,
+            Ok((Err(e), _)) | Ok((_, Err(e))) => return Err(format!("{}: {e}", self.sendmail.display())),
             Err(_) => {
                 return Err(format!(
                     "{} took longer than {}s",
@@ -132,9 +167,6 @@ impl Notices {
                 ))
             }
         };
-        if out.status.success() {
-            return Ok(());
-        }
         let said: String = printable(String::from_utf8_lossy(&out.stderr).trim())
             .chars()
             .take(SHOWN_STDERR)
@@ -163,6 +195,136 @@ fn strip_mailto(uri: &str) -> &str {
     }
 }
 
+/// The ids of records whose notice is due, for the notice task.
+#[derive(Clone, Debug)]
+pub struct Queue(mpsc::Sender<String>);
+
+impl Queue {
+    pub fn new() -> (Self, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(QUEUED);
+        (Self(tx), rx)
+    }
+
+    /// Never waits: an id that does not fit stays pending in the spool,
+    /// for the next pass (`pending`).
+    pub fn push(&self, id: String) {
+        let _ = self.0.try_send(id);
+    }
+
+    /// Queues the notices a crash left pending.
+    pub async fn pending(&self, spool: &Spool) {
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.notices_pending()).await {
+            Ok(Ok(ids)) => ids.into_iter().for_each(|id| self.push(id)),
+            Ok(Err(e)) => warn!("cannot read the spool for notices: {}", errors::chain(&e)),
+            Err(e) => warn!("cannot read the spool for notices: {e}"),
+        }
+    }
+}
+
+/// Sends the notices queued, one at a time, with the settings `current`
+/// gives (a SIGHUP may change them), until the queue closes.
+pub async fn run(spool: Spool, mut ids: mpsc::Receiver<String>, current: impl Fn() -> Arc<Notices>) {
+    while let Some(id) = ids.recv().await {
+        hand_over(&spool, &current(), &id).await;
+    }
+}
+
+/// One pending notice: sent to the organizer, or refused with why; the
+/// record and the journal say which.
+async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
+    let (s, i) = (spool.clone(), id.to_owned());
+    let rec = match tokio::task::spawn_blocking(move || s.get(&i)).await {
+        Ok(Ok(Some(rec))) => rec,
+        Ok(Err(e)) => return warn!("cannot read record {id} for its notice: {}", errors::chain(&e)),
+        _ => return,
+    };
+    // Sent already (queued twice), or retried since.
+    if rec.state != State::Failed || rec.notice.as_ref().map(|n| n.state) != Some(NoticeState::Pending) {
+        return;
+    }
+    let to = match notices.on_failure {
+        OnFailure::Keep => Err("delivery.on_failure is keep".to_owned()),
+        OnFailure::Organizer => notices.recipient(&rec),
+    };
+    let result = match &to {
+        Err(why) => Err((NoticeState::Refused, why.clone())),
+        Ok(to) => {
+            // The message may be a megabyte: read and composed off the runtime.
+            let (s, r, n, t) = (spool.clone(), rec.clone(), notices.clone(), to.clone());
+            let composed = tokio::task::spawn_blocking(move || {
+                s.original(&r).map(|original| {
+                    let original = original.map(|o| attachment(o, r.payload["organizer"].as_str()));
+                    let b = boundary(original.as_deref().unwrap_or_default());
+                    compose(&n, &r, &t, original.as_deref(), &b, now_ms())
+                })
+            })
+            .await;
+            match composed {
+                Ok(Ok(message)) => notices.send(to, &message).await.map_err(|e| (NoticeState::Failed, e)),
+                Ok(Err(e)) => Err((
+                    NoticeState::Failed,
+                    format!("cannot read the message from the spool: {}", errors::chain(&e)),
+                )),
+                Err(e) => Err((NoticeState::Failed, format!("composing the notice failed: {e}"))),
+            }
+        }
+    };
+    let queue_id = rec.queue_id.clone().unwrap_or_else(|| "-".into());
+    let (state, reason) = match result {
+        Ok(()) => {
+            info!(
+                "{queue_id}: notice sent id={} to=<{}>: the reply was not applied",
+                rec.id,
+                to.as_deref().unwrap_or("")
+            );
+            (NoticeState::Sent, String::new())
+        }
+        Err((state, why)) => {
+            warn!(
+                "{queue_id}: notice {} id={}: {}",
+                state.as_str(),
+                rec.id,
+                printable(&why)
+            );
+            (state, why)
+        }
+    };
+    METRICS.notice(state);
+    let notice = Notice {
+        state,
+        to: to.as_ref().ok().cloned(),
+        time_ms: now_ms(),
+        reason: reason.clone(),
+    };
+    let (s, i, n) = (spool.clone(), rec.id.clone(), notice.clone());
+    match tokio::task::spawn_blocking(move || s.set_notice(&i, &n)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(
+            "{queue_id}: cannot record the notice of {}: {}",
+            rec.id,
+            errors::chain(&e)
+        ),
+        Err(e) => warn!("{queue_id}: cannot record the notice of {}: {e}", rec.id),
+    }
+    let shown = match (state, &to) {
+        (NoticeState::Sent, Ok(to)) => format!("to {to}: {}", rec.last_error.as_deref().unwrap_or("")),
+        _ => reason,
+    };
+    let text = |k: &str| rec.payload[k].as_str().map(str::to_owned);
+    spool.journal_later(crate::journal::Event {
+        queue_id: rec.queue_id.clone(),
+        message_id: text("message_id"),
+        sender: rec.payload["envelope"]["mail_from"].as_str().map(str::to_owned),
+        from: text("from"),
+        attendee: text("attendee"),
+        organizer: to.ok().or_else(|| text("organizer")),
+        token: Some(crate::journal::token8(&rec.token_prefix)),
+        record_id: Some(rec.id.clone()),
+        ..crate::journal::Event::now("notice", state.as_str(), &shown)
+    });
+}
+
 /// A header value from outside: printable ASCII only, one line, bounded.
 fn header_text(s: &str) -> String {
     s.chars()
@@ -173,16 +335,24 @@ fn header_text(s: &str) -> String {
 
 /// The notice: a text part in the organizer's words, the original as it
 /// arrived attached as message/rfc822. Lines end in LF (sendmail's input).
-pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &str, now_ms: u64) -> Vec<u8> {
+/// Without the original (larger than MAX_KEPT, or spooled before it was
+/// kept), the reply's calendar text is attached instead.
+pub fn compose(n: &Notices, rec: &Record, to: &str, original: Option<&[u8]>, boundary: &str, now_ms: u64) -> Vec<u8> {
     let p = &rec.payload;
-    let text = |k: &str| p[k].as_str().map(printable);
+    let text = |k: &str| {
+        p[k].as_str()
+            .map(|v| printable(v).chars().take(SHOWN).collect::<String>())
+    };
     let attendee = text("attendee").map(|a| strip_mailto(&a).to_owned());
     let who = attendee
         .clone()
         .or_else(|| text("from"))
         .unwrap_or_else(|| "an attendee".into());
     let answer = text("partstat").unwrap_or_else(|| "an answer".into());
-    let why = printable(rec.last_error.as_deref().unwrap_or("refused by the calendar server"));
+    let why: String = printable(rec.last_error.as_deref().unwrap_or("refused by the calendar server"))
+        .chars()
+        .take(4 * SHOWN)
+        .collect();
     let date = chrono::DateTime::<chrono::Utc>::from(std::time::UNIX_EPOCH + Duration::from_millis(now_ms))
         .format("%a, %d %b %Y %H:%M:%S +0000");
     let domain = to.rsplit_once('@').map_or("localhost", |(_, d)| d);
@@ -204,7 +374,8 @@ pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &
     out.push_str("Auto-Submitted: auto-replied\n");
     out.push_str(&format!("X-IMIP-Milter-Notice: {}\n", rec.id));
     out.push_str("MIME-Version: 1.0\n");
-    out.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\n\n"));
+    out.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\n"));
+    out.push_str("Content-Transfer-Encoding: 8bit\n\n");
     out.push_str("This is a MIME message: a note and the reply it is about.\n\n");
     out.push_str(&format!("--{boundary}\n"));
     out.push_str("Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n");
@@ -220,19 +391,36 @@ pub fn compose(n: &Notices, rec: &Record, to: &str, original: &[u8], boundary: &
         text("received_at").unwrap_or_else(|| "-".into())
     ));
     out.push_str(&format!("  Why:       {why}\n\n"));
-    out.push_str(
-        "The reply is attached as it arrived. Open it in your calendar program to\n\
-         enter the answer yourself, or ask the attendee to answer again.\n\n",
-    );
+    out.push_str(match original {
+        Some(_) => {
+            "The reply is attached as it arrived. Open it in your calendar program to\n\
+             enter the answer yourself, or ask the attendee to answer again.\n\n"
+        }
+        None => {
+            "The reply's calendar data is attached. Open it in your calendar program to\n\
+             enter the answer yourself, or ask the attendee to answer again.\n\n"
+        }
+    });
     out.push_str(&format!(
         "-- \nimip-milter, record {} (queue id {})\n\n",
         rec.id,
         rec.queue_id.as_deref().map(printable).unwrap_or_else(|| "-".into())
     ));
     out.push_str(&format!("--{boundary}\n"));
-    out.push_str("Content-Type: message/rfc822\nContent-Disposition: attachment\nContent-Transfer-Encoding: 8bit\n\n");
+    let attached = match original {
+        Some(original) => {
+            out.push_str("Content-Type: message/rfc822\nContent-Disposition: attachment\n");
+            original.to_vec()
+        }
+        None => {
+            out.push_str("Content-Type: text/calendar; charset=utf-8; method=REPLY\n");
+            out.push_str("Content-Disposition: attachment; filename=\"reply.ics\"\n");
+            p["icalendar"].as_str().unwrap_or_default().as_bytes().to_vec()
+        }
+    };
+    out.push_str("Content-Transfer-Encoding: 8bit\n\n");
     let mut bytes = out.into_bytes();
-    bytes.extend(unix_lines(original));
+    bytes.extend(unix_lines(&attached));
     if bytes.last() != Some(&b'\n') {
         bytes.push(b'\n');
     }
@@ -390,12 +578,16 @@ mod tests {
         assert!(!n.wanted(&r));
         r.kind = "reply".into();
         r.notice = Some(crate::spool::Notice {
-            sent: true,
+            state: NoticeState::Sent,
             to: Some("alice@example.org".into()),
             time_ms: 1,
             reason: String::new(),
         });
         assert!(!n.wanted(&r));
+        // A notice refused or failed before is tried again with the next failure.
+        r.notice.as_mut().unwrap().state = NoticeState::Failed;
+        assert!(n.mark(&mut r));
+        assert_eq!(r.notice.as_ref().unwrap().state, NoticeState::Pending);
         let keep = notices("[delivery]\non_failure = \"keep\"\n");
         assert!(!keep.wanted(&record(Some("alice@example.org"), "")));
     }
@@ -406,7 +598,7 @@ mod tests {
         let r = record(Some("alice@example.org"), "");
         let original = b"From: Bob <bob@example.com>\r\nSubject: Declined\r\n\r\nBEGIN:VCALENDAR\r\n";
         let b = boundary(original);
-        let text = String::from_utf8(compose(&n, &r, "alice@example.org", original, &b, 0)).unwrap();
+        let text = String::from_utf8(compose(&n, &r, "alice@example.org", Some(original), &b, 0)).unwrap();
         assert!(text.starts_with("From: Calendar gateway <postmaster@example.org>\nTo: <alice@example.org>\n"));
         assert!(text.contains("Subject: Not applied to your calendar: DECLINED from bob@example.com\n"));
         assert!(text.contains("Auto-Submitted: auto-replied\n"));
@@ -422,6 +614,18 @@ mod tests {
         assert!(!text.contains('\r'));
         let parsed = crate::analysis::analyse(text.as_bytes());
         assert_eq!(parsed.message_id.as_deref(), Some("<imip-milter.abc.0@example.org>"));
+    }
+
+    #[test]
+    fn without_the_original_the_calendar_text_is_attached_and_reply_text_is_clipped() {
+        let n = notices("");
+        let mut r = record(Some("alice@example.org"), "");
+        r.payload["uid"] = "u".repeat(5000).into();
+        let text = String::from_utf8(compose(&n, &r, "alice@example.org", None, "B", 0)).unwrap();
+        assert!(text.contains("--B\nContent-Type: text/calendar; charset=utf-8; method=REPLY\n"));
+        assert!(text.contains("ATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\n"));
+        assert!(text.lines().all(|l| l.len() <= 998), "lines within RFC 5322's limit");
+        assert!(text.contains(&format!("Event UID: {}\n", "u".repeat(100))));
     }
 
     #[test]

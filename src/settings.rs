@@ -38,6 +38,9 @@ pub struct Settings {
     pub outbound: Option<Outbound>,
     /// `mode = "observe"`: decide and journal, change nothing.
     pub observe: bool,
+    /// delivery.on_failure = "organizer": a reply is kept as it arrived,
+    /// for its notice should it fail.
+    pub keep_originals: bool,
 }
 
 impl Settings {
@@ -56,6 +59,7 @@ impl Settings {
             tokens: None,
             outbound: config.outbound.clone(),
             observe: config.mode == crate::config::Mode::Observe,
+            keep_originals: config.delivery.on_failure == crate::config::OnFailure::Organizer,
         }
     }
 }

@@ -34,7 +34,7 @@ fn failed_record(config: &std::path::Path, message_id: &str) -> serde_json::Valu
         let out = cli(config, &["queue", "show", &format!("<{message_id}>")]);
         shown = serde_json::from_slice(&out.stdout).unwrap_or_default();
         shown["state"] == "failed"
-            && (shown["kind"] == "bounce" || shown.get("notice").is_some() || {
+            && (shown["notice"]["state"].as_str().is_some_and(|s| s != "pending") || {
                 // on_failure = keep: nothing more to wait for.
                 std::fs::read_to_string(config)
                     .unwrap_or_default()
@@ -66,8 +66,10 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexec /usr/sbin/sendmail -C {} \"$@\"\n",
-            postfix.etc().display()
+            "#!/bin/sh\n[ -e {fail} ] && {{ echo 'postdrop: fatal: queue file write error' >&2; exit 75; }}\n\
+             exec /usr/sbin/sendmail -C {} \"$@\"\n",
+            postfix.etc().display(),
+            fail = dir.path().join("fail").display()
         ),
     )
     .unwrap();
@@ -113,7 +115,8 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     assert!(postfix.mailbox("calendar").is_empty());
 
     let shown = failed_record(&config, "declined-1@example.com");
-    assert_eq!(shown["notice"]["sent"], true, "{shown}");
+    assert_eq!(shown["notice"]["state"], "sent", "{shown}");
+    assert!(shown.get("message_ref").is_none(), "kept no longer: {shown}");
     assert_eq!(shown["notice"]["to"], "alice@example.org");
     assert!(
         shown["notice"]["time_at"].as_str().is_some_and(|t| t.ends_with('Z')),
@@ -121,7 +124,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     );
     let journal = text(&cli(&config, &["journal", "--message-id", "<declined-1@example.com>"]));
     println!("--- journal\n{journal}");
-    assert!(journal.contains("notice") && journal.contains("sent"), "{journal}");
+    assert!(journal.contains("notice sent"), "{journal}");
 
     // A retry that fails again sends nothing more: never twice.
     hook.fail_next(&[404]);
@@ -154,16 +157,38 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     );
     assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
     let shown = failed_record(&config, "declined-2@example.com");
-    assert_eq!(shown["notice"]["sent"], false, "{shown}");
+    assert_eq!(shown["notice"]["state"], "refused", "{shown}");
     let why = shown["notice"]["reason"].as_str().unwrap_or_default();
     assert!(why.contains("gateway address"), "{shown}");
     let journal = text(&cli(&config, &["journal", "--message-id", "<declined-2@example.com>"]));
     assert!(
-        journal.contains("not-sent") && journal.contains("gateway address"),
+        journal.contains("notice refused") && journal.contains("gateway address"),
         "{journal}"
     );
     std::thread::sleep(Duration::from_secs(2));
     assert!(postfix.mailbox("calendar").is_empty(), "{}", diagnostics());
+
+    // sendmail fails: the notice is failed with its words, the record keeps the reply.
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    let token4 = common::add_token(&config, "alice@example.org", "bob@example.com", "board-4@example.org");
+    let gateway4 = format!("calendar+{token4}@example.org");
+    hook.fail_next(&[404]);
+    let out = smtp_send(
+        postfix.port,
+        "bob@example.com",
+        &[&gateway4],
+        &reply(&gateway4, "board-4@example.org", "declined-4@example.com"),
+    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    let shown = failed_record(&config, "declined-4@example.com");
+    assert_eq!(shown["notice"]["state"], "failed", "{shown}");
+    assert!(shown["message_ref"].is_string(), "{shown}");
+    let journal = text(&cli(&config, &["journal", "--message-id", "<declined-4@example.com>"]));
+    assert!(
+        journal.contains("notice failed") && journal.contains("queue file write error"),
+        "{journal}"
+    );
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
 
     // delivery.on_failure = "keep", by SIGHUP: the record stays, nobody is mailed.
     let edited = std::fs::read_to_string(&config)

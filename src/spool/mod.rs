@@ -27,7 +27,7 @@ mod layout;
 mod records;
 mod writer;
 
-pub use records::{build_record, delivery_id, Appended, Envelope, Notice, Record, State};
+pub use records::{build_record, delivery_id, Appended, Envelope, Notice, NoticeState, Record, State};
 pub use writer::AppendComing;
 
 use crate::clock::now_ms;
@@ -252,6 +252,46 @@ impl Spool {
         let content = redb_try!(txn.open_table(CONTENT), "spool read");
         let found = redb_try!(content.get(key), "spool read");
         Ok(found.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes what became of a record's notice, leaving the rest of the
+    /// record as it is now (a `queue retry` may have changed it meanwhile);
+    /// a sent notice's message is needed no more. Ok(false): no such record.
+    pub fn set_notice(&self, id: &str, notice: &Notice) -> Result<bool, SpoolError> {
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
+        let found = {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            let stored = redb_try!(records.get(id), "spool read")
+                .and_then(|raw| serde_json::from_slice::<serde_json::Value>(raw.value()).ok());
+            match stored {
+                Some(mut rec) => {
+                    let value = serde_json::to_value(notice).map_err(|e| SpoolError::with("spool encode", e))?;
+                    if let Some(obj) = rec.as_object_mut() {
+                        obj.insert("notice".into(), value);
+                        if notice.state == NoticeState::Sent {
+                            obj.remove("message_ref");
+                        }
+                    }
+                    let bytes = serde_json::to_vec(&rec).map_err(|e| SpoolError::with("spool encode", e))?;
+                    redb_try!(records.insert(id, bytes.as_slice()), "spool write");
+                    true
+                }
+                None => false,
+            }
+        };
+        redb_try!(txn.commit(), "spool commit");
+        Ok(found)
+    }
+
+    /// Failed records whose notice is still to be sent (a crash came
+    /// between the failure and the notice).
+    pub fn notices_pending(&self) -> Result<Vec<String>, SpoolError> {
+        Ok(self
+            .list(false)?
+            .into_iter()
+            .filter(|r| r.state == State::Failed && r.notice.as_ref().is_some_and(|n| n.state == NoticeState::Pending))
+            .map(|r| r.id)
+            .collect())
     }
 
     /// All records, oldest first; only pending and failed unless `all`.

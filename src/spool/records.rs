@@ -69,15 +69,43 @@ pub struct Record {
     pub notice: Option<Notice>,
 }
 
-/// The notice sent (or not) when a record failed for good.
+/// The notice to the organizer of a reply that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
-    pub sent: bool,
+    pub state: NoticeState,
     /// The organizer it went to (or would have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
     pub time_ms: u64,
     /// Not sent: why.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+}
+
+/// Where a notice stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoticeState {
+    /// Committed with the failure, to be sent (again after a crash).
+    Pending,
+    Sent,
+    /// Not sent, by rule: no organizer, one that is a gateway address or
+    /// outside the local domains.
+    Refused,
+    /// Not sent: sendmail or the spool failed. Another failure of the
+    /// record (after `queue retry`) tries again.
+    Failed,
+}
+
+impl NoticeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Sent => "sent",
+            Self::Refused => "refused",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// The SMTP envelope of one message.
