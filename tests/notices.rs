@@ -215,3 +215,71 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(postfix.mailbox("alice").len(), 1, "{}", diagnostics());
 }
+
+/// A crash between the failure and the notice: the notice, committed with
+/// the failure, is sent at the next start, and once only.
+#[test]
+fn a_notice_left_pending_by_a_crash_is_sent_at_the_next_start_once() {
+    use imip_milter::spool::{build_record, Envelope, Notice, NoticeState, Spool, State};
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start();
+    let postfix = Postfix::start("");
+    let wrapper = dir.path().join("sendmail");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec /usr/sbin/sendmail -C {} \"$@\"\n",
+            postfix.etc().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // The spool as the crash left it.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    {
+        let spool = Spool::open(&state.join("spool.redb")).unwrap();
+        let gateway = "calendar+0a1b2c3d4e5f@example.org";
+        let raw = reply(gateway, "board-9@example.org", "declined-9@example.com");
+        let analysis = imip_milter::analysis::analyse(&raw);
+        let envelope = Envelope {
+            queue_id: Some("CRASH1".into()),
+            mail_from: "bob@example.com".into(),
+            client_addr: None,
+        };
+        let mut rec = build_record(&analysis, &envelope, gateway, "0a1b2c3d4e5f");
+        let now = imip_milter::clock::now_ms();
+        rec.payload["organizer"] = "mailto:alice@example.org".into();
+        rec.state = State::Failed;
+        rec.finished_ms = Some(now);
+        rec.last_error = Some("HTTP 410 Gone".into());
+        rec.original = Some(std::sync::Arc::new(raw));
+        rec.notice = Some(Notice {
+            state: NoticeState::Pending,
+            to: None,
+            time_ms: now,
+            reason: String::new(),
+        });
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(spool.append(vec![rec])).unwrap();
+        spool.flush().unwrap();
+    }
+
+    let mut milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+        c.replace(
+            "[delivery]\n",
+            &format!("[delivery]\nsendmail = \"{}\"\n", wrapper.display()),
+        )
+    });
+    let mail = postfix.wait_mailbox("alice", 1);
+    assert_eq!(mail.len(), 1, "{}\n{}", postfix.log(), milter.log());
+    assert!(mail[0].contains("Why:       HTTP 410 Gone"), "{}", mail[0]);
+    assert!(mail[0].contains("Message-ID: <declined-9@example.com>"), "{}", mail[0]);
+
+    // Another start sends nothing more.
+    milter.terminate();
+    milter.spawn();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(postfix.mailbox("alice").len(), 1, "{}", milter.log());
+}
