@@ -247,6 +247,17 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
         OnFailure::Keep => Err("delivery.on_failure is keep".to_owned()),
         OnFailure::Organizer => notices.recipient(&rec),
     };
+    // One message for several gateway recipients (tokens) is several
+    // records: their organizer gets it once.
+    let to = match to {
+        Ok(to) => match sent_with(spool, &rec, &to).await {
+            Some(other) => Err(format!(
+                "the same message went to {to} with record {other}: one notice per message"
+            )),
+            None => Ok(to),
+        },
+        Err(e) => Err(e),
+    };
     let result = match &to {
         Err(why) => Err((NoticeState::Refused, why.clone())),
         Ok(to) => {
@@ -323,6 +334,26 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
         record_id: Some(rec.id.clone()),
         ..crate::journal::Event::now("notice", state.as_str(), &shown)
     });
+}
+
+/// Another record of the same message (queue id and Message-ID) whose
+/// notice went to `to` already.
+async fn sent_with(spool: &Spool, rec: &Record, to: &str) -> Option<String> {
+    let (Some(queue_id), Some(message_id)) = (rec.queue_id.clone(), rec.payload["message_id"].as_str()) else {
+        return None;
+    };
+    let (s, id, message_id, to) = (spool.clone(), rec.id.clone(), message_id.to_owned(), to.to_owned());
+    let found = tokio::task::spawn_blocking(move || {
+        s.list(false).ok()?.into_iter().find_map(|r| {
+            let sent = r
+                .notice
+                .as_ref()
+                .is_some_and(|n| n.state == NoticeState::Sent && n.to.as_deref() == Some(&to));
+            let same = r.queue_id.as_deref() == Some(&queue_id) && r.payload["message_id"] == message_id.as_str();
+            (sent && same && r.id != id).then_some(r.id)
+        })
+    });
+    found.await.ok().flatten()
 }
 
 /// A header value from outside: printable ASCII only, one line, bounded.
@@ -626,6 +657,36 @@ mod tests {
         assert!(text.contains("ATTENDEE;PARTSTAT=DECLINED:mailto:bob@example.com\n"));
         assert!(text.lines().all(|l| l.len() <= 998), "lines within RFC 5322's limit");
         assert!(text.contains(&format!("Event UID: {}\n", "u".repeat(100))));
+    }
+
+    #[tokio::test]
+    async fn one_message_to_several_tokens_is_one_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let mut first = record(Some("alice@example.org"), "");
+        first.payload["message_id"] = "<m@example.com>".into();
+        let mut second = first.clone();
+        second.id = "def".into();
+        let mut other_message = first.clone();
+        other_message.id = "ghi".into();
+        other_message.payload["message_id"] = "<other@example.com>".into();
+        first.notice = Some(Notice {
+            state: NoticeState::Sent,
+            to: Some("alice@example.org".into()),
+            time_ms: 1,
+            reason: String::new(),
+        });
+        spool
+            .append(vec![first, second.clone(), other_message.clone()])
+            .await
+            .unwrap();
+        spool.flush().unwrap();
+        assert_eq!(
+            sent_with(&spool, &second, "alice@example.org").await.as_deref(),
+            Some("abc")
+        );
+        assert_eq!(sent_with(&spool, &second, "grace@example.org").await, None);
+        assert_eq!(sent_with(&spool, &other_message, "alice@example.org").await, None);
     }
 
     #[test]
