@@ -54,6 +54,16 @@ fn observe_mode_passes_everything_unchanged_and_journals_what_would_have_been() 
     let config = milter.config_path.clone();
     let diagnostics = || format!("--- maillog\n{}\n--- milter\n{}", postfix.log(), milter.log());
     assert!(milter.log().contains(", mode observe, "), "{}", milter.log());
+    let check = text(&cli(
+        &config,
+        &["check", "--postfix-config", &postfix.etc().display().to_string()],
+    ));
+    assert!(
+        check
+            .lines()
+            .any(|l| l.starts_with("OK") && l.contains("mode") && l.contains("observe:")),
+        "{check}"
+    );
 
     let token = common::add_token(&config, "alice@example.org", "bob@example.com", "review-7@example.org");
     let gateway = format!("calendar+{token}@example.org");
