@@ -159,9 +159,17 @@ pub async fn run(
     // holds no delivery up.
     let (queue, queued) = notice::Queue::new();
     let current = reloads.clone();
-    tokio::spawn(notice::run(spool.clone(), queued, move || {
-        current.borrow().notices.clone()
-    }));
+    let (stop_notices, stop) = watch::channel(false);
+    let noticing = tokio::spawn(notice::run(
+        spool.clone(),
+        queued,
+        move || current.borrow().notices.clone(),
+        stop,
+    ));
+    let notices_task = NoticeTask {
+        stop: stop_notices,
+        task: noticing,
+    };
     queue.pending(&spool).await;
     let mut worker = Worker {
         notices,
@@ -226,7 +234,7 @@ pub async fn run(
             for rec in due {
                 let permit = tokio::select! {
                     p = worker.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    _ = &mut shutdown => { return drain(tasks).await; }
+                    _ = &mut shutdown => { return drain(tasks, notices_task).await; }
                 };
                 worker.start(&mut tasks, rec, permit);
             }
@@ -246,7 +254,7 @@ pub async fn run(
 
         scan = true;
         tokio::select! {
-            _ = &mut shutdown => return drain(tasks).await,
+            _ = &mut shutdown => return drain(tasks, notices_task).await,
             _ = notified => {}
             Ok(()) = reloads.changed() => reloaded = true,
             _ = time::sleep(Duration::from_millis(sleep_ms).min(MAX_IDLE)) => {}
@@ -529,11 +537,23 @@ impl Worker {
     }
 }
 
-async fn drain(mut tasks: JoinSet<()>) {
+/// The notice task, stopped after the deliveries in flight.
+struct NoticeTask {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Lets the deliveries in flight finish, then the notice being sent (a
+/// notice queued but not begun is sent at the next start).
+async fn drain(mut tasks: JoinSet<()>, notices: NoticeTask) {
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             error!("delivery task failed: {e}");
         }
+    }
+    let _ = notices.stop.send(true);
+    if time::timeout(Duration::from_secs(65), notices.task).await.is_err() {
+        warn!("a notice was still being sent at shutdown; it is sent again at the next start");
     }
 }
 

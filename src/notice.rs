@@ -11,8 +11,17 @@ use crate::{
     metrics::METRICS,
     spool::{Notice, NoticeState, Record, Spool, State},
 };
-use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
-use tokio::{io::AsyncWriteExt, sync::mpsc};
+use std::{
+    collections::{HashMap, VecDeque},
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    sync::{mpsc, watch},
+};
 use tracing::{info, warn};
 
 /// The largest message kept for a notice; a larger one is not kept, and
@@ -222,17 +231,99 @@ impl Queue {
     }
 }
 
-/// Sends the notices queued, one at a time, with the settings `current`
-/// gives (a SIGHUP may change them), until the queue closes.
-pub async fn run(spool: Spool, mut ids: mpsc::Receiver<String>, current: impl Fn() -> Arc<Notices>) {
-    while let Some(id) = ids.recv().await {
-        hand_over(&spool, &current(), &id).await;
+/// Messages remembered as noticed, for one notice per message.
+const SENT_REMEMBERED: usize = 100_000;
+
+/// What the notice task keeps between notices.
+#[derive(Default)]
+struct Memory {
+    /// (queue id, Message-ID, organizer) of the notices sent, and the
+    /// record each went with; the oldest forgotten past SENT_REMEMBERED.
+    sent: HashMap<(String, String, String), String>,
+    order: VecDeque<(String, String, String)>,
+    /// Notices sent whose result the spool did not take: written again,
+    /// never sent again.
+    unwritten: HashMap<String, Notice>,
+}
+
+impl Memory {
+    /// The notices the spool holds as sent: one scan, at start.
+    async fn load(spool: &Spool) -> Self {
+        let mut m = Self::default();
+        let s = spool.clone();
+        if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.list(false)).await {
+            for r in records {
+                if let (Some((q, mid)), Some(n)) = (message_key(&r), &r.notice) {
+                    if let (NoticeState::Sent, Some(to)) = (n.state, &n.to) {
+                        m.remember((q, mid, to.clone()), r.id.clone());
+                    }
+                }
+            }
+        }
+        m
     }
+
+    fn remember(&mut self, key: (String, String, String), id: String) {
+        if self.sent.insert(key.clone(), id).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > SENT_REMEMBERED {
+            if let Some(old) = self.order.pop_front() {
+                self.sent.remove(&old);
+            }
+        }
+    }
+}
+
+/// What makes two records one message: its queue id and Message-ID.
+fn message_key(rec: &Record) -> Option<(String, String)> {
+    Some((rec.queue_id.clone()?, rec.payload["message_id"].as_str()?.to_owned()))
+}
+
+/// Sends the notices queued, one at a time, with the settings `current`
+/// gives (a SIGHUP may change them), until `stop` (a notice being sent is
+/// finished first) or the queue closes.
+pub async fn run(
+    spool: Spool,
+    mut ids: mpsc::Receiver<String>,
+    current: impl Fn() -> Arc<Notices>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut memory = Memory::load(&spool).await;
+    loop {
+        let id = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            id = ids.recv() => match id {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        hand_over(&spool, &current(), &id, &mut memory).await;
+    }
+}
+
+/// Writes what became of a notice; kept to write again if the spool fails.
+async fn write_notice(spool: &Spool, id: &str, notice: Notice, memory: &mut Memory) {
+    let (s, i, n) = (spool.clone(), id.to_owned(), notice.clone());
+    let why = match tokio::task::spawn_blocking(move || s.set_notice(&i, &n)).await {
+        Ok(Ok(_)) => {
+            memory.unwritten.remove(id);
+            return;
+        }
+        Ok(Err(e)) => errors::chain(&e),
+        Err(e) => e.to_string(),
+    };
+    warn!("cannot record the notice of {id} (written again with the next pass): {why}");
+    memory.unwritten.insert(id.to_owned(), notice);
 }
 
 /// One pending notice: sent to the organizer, or refused with why; the
 /// record and the journal say which.
-async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
+async fn hand_over(spool: &Spool, notices: &Notices, id: &str, memory: &mut Memory) {
+    if let Some(done) = memory.unwritten.get(id).cloned() {
+        return write_notice(spool, id, done, memory).await;
+    }
     let (s, i) = (spool.clone(), id.to_owned());
     let rec = match tokio::task::spawn_blocking(move || s.get(&i)).await {
         Ok(Ok(Some(rec))) => rec,
@@ -249,14 +340,15 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
     };
     // One message for several gateway recipients (tokens) is several
     // records: their organizer gets it once.
-    let to = match to {
-        Ok(to) => match sent_with(spool, &rec, &to).await {
+    let key = message_key(&rec);
+    let to = match (to, &key) {
+        (Ok(to), Some((q, m))) => match memory.sent.get(&(q.clone(), m.clone(), to.clone())) {
             Some(other) => Err(format!(
                 "the same message went to {to} with record {other}: one notice per message"
             )),
             None => Ok(to),
         },
-        Err(e) => Err(e),
+        (to, _) => to,
     };
     let result = match &to {
         Err(why) => Err((NoticeState::Refused, why.clone())),
@@ -308,16 +400,10 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
         time_ms: now_ms(),
         reason: reason.clone(),
     };
-    let (s, i, n) = (spool.clone(), rec.id.clone(), notice.clone());
-    match tokio::task::spawn_blocking(move || s.set_notice(&i, &n)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => warn!(
-            "{queue_id}: cannot record the notice of {}: {}",
-            rec.id,
-            errors::chain(&e)
-        ),
-        Err(e) => warn!("{queue_id}: cannot record the notice of {}: {e}", rec.id),
+    if let (NoticeState::Sent, Some((q, m)), Ok(to)) = (state, key, &to) {
+        memory.remember((q, m, to.clone()), rec.id.clone());
     }
+    write_notice(spool, &rec.id, notice, memory).await;
     let shown = match (state, &to) {
         (NoticeState::Sent, Ok(to)) => format!("to {to}: {}", rec.last_error.as_deref().unwrap_or("")),
         _ => reason,
@@ -334,26 +420,6 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str) {
         record_id: Some(rec.id.clone()),
         ..crate::journal::Event::now("notice", state.as_str(), &shown)
     });
-}
-
-/// Another record of the same message (queue id and Message-ID) whose
-/// notice went to `to` already.
-async fn sent_with(spool: &Spool, rec: &Record, to: &str) -> Option<String> {
-    let (Some(queue_id), Some(message_id)) = (rec.queue_id.clone(), rec.payload["message_id"].as_str()) else {
-        return None;
-    };
-    let (s, id, message_id, to) = (spool.clone(), rec.id.clone(), message_id.to_owned(), to.to_owned());
-    let found = tokio::task::spawn_blocking(move || {
-        s.list(false).ok()?.into_iter().find_map(|r| {
-            let sent = r
-                .notice
-                .as_ref()
-                .is_some_and(|n| n.state == NoticeState::Sent && n.to.as_deref() == Some(&to));
-            let same = r.queue_id.as_deref() == Some(&queue_id) && r.payload["message_id"] == message_id.as_str();
-            (sent && same && r.id != id).then_some(r.id)
-        })
-    });
-    found.await.ok().flatten()
 }
 
 /// A header value from outside: printable ASCII only, one line, bounded.
@@ -667,26 +733,54 @@ mod tests {
         first.payload["message_id"] = "<m@example.com>".into();
         let mut second = first.clone();
         second.id = "def".into();
-        let mut other_message = first.clone();
-        other_message.id = "ghi".into();
-        other_message.payload["message_id"] = "<other@example.com>".into();
+        second.notice = Some(Notice {
+            state: NoticeState::Pending,
+            to: None,
+            time_ms: 1,
+            reason: String::new(),
+        });
         first.notice = Some(Notice {
             state: NoticeState::Sent,
             to: Some("alice@example.org".into()),
             time_ms: 1,
             reason: String::new(),
         });
-        spool
-            .append(vec![first, second.clone(), other_message.clone()])
-            .await
-            .unwrap();
+        spool.append(vec![first, second]).await.unwrap();
         spool.flush().unwrap();
-        assert_eq!(
-            sent_with(&spool, &second, "alice@example.org").await.as_deref(),
-            Some("abc")
-        );
-        assert_eq!(sent_with(&spool, &second, "grace@example.org").await, None);
-        assert_eq!(sent_with(&spool, &other_message, "alice@example.org").await, None);
+        // Remembered from the spool at start: the second record's notice
+        // is refused without sendmail (the configured one does not exist).
+        let mut memory = Memory::load(&spool).await;
+        let mut n = notices("");
+        n.sendmail = "/nonexistent/sendmail".into();
+        hand_over(&spool, &n, "def", &mut memory).await;
+        let notice = spool.get("def").unwrap().unwrap().notice.unwrap();
+        assert_eq!(notice.state, NoticeState::Refused, "{notice:?}");
+        assert!(notice.reason.contains("with record abc"), "{}", notice.reason);
+    }
+
+    #[tokio::test]
+    async fn a_sent_notice_is_never_undone_by_an_older_copy_of_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool.redb")).unwrap();
+        let mut r = record(Some("alice@example.org"), "");
+        r.notice = Some(Notice {
+            state: NoticeState::Pending,
+            to: None,
+            time_ms: 1,
+            reason: String::new(),
+        });
+        spool.append(vec![r.clone()]).await.unwrap();
+        let sent = Notice {
+            state: NoticeState::Sent,
+            to: Some("alice@example.org".into()),
+            time_ms: 2,
+            reason: String::new(),
+        };
+        assert!(spool.set_notice("abc", &sent).unwrap());
+        // The worker's copy, read before, comes back with a new outcome.
+        r.state = State::Pending;
+        spool.update(&r).unwrap();
+        assert_eq!(spool.get("abc").unwrap().unwrap().notice, Some(sent));
     }
 
     #[test]

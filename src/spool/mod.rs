@@ -430,42 +430,46 @@ impl Spool {
     /// Forgets delivered records finished before `delivered_before` and
     /// failed ones before `failed_before` (ms); returns how many.
     pub fn purge_finished(&self, delivered_before: u64, failed_before: u64) -> Result<usize, SpoolError> {
-        let all = self.list(true)?;
-        let old: Vec<String> = all
-            .iter()
-            .filter(|r| {
+        // Read and written in one transaction: a record the writer commits
+        // meanwhile cannot lose its texts to a list read before it.
+        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
+        let purged = {
+            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+            let mut old = Vec::new();
+            let mut kept: HashSet<String> = HashSet::new();
+            for entry in redb_try!(records.iter(), "spool read") {
+                let (id, raw) = redb_try!(entry, "spool read");
+                let Ok(r) = serde_json::from_slice::<Record>(raw.value()) else {
+                    continue;
+                };
                 let finished = r.finished_ms.unwrap_or(r.created_ms);
-                match r.state {
+                let forgotten = match r.state {
                     State::Delivered => finished < delivered_before,
                     State::Failed => finished < failed_before,
                     State::Pending => false,
+                };
+                if forgotten {
+                    old.push(id.value().to_owned());
+                    continue;
                 }
-            })
-            .map(|r| r.id.clone())
-            .collect();
-        // Calendar texts no remaining record refers to go too.
-        let kept: HashSet<&str> = all
-            .iter()
-            .filter(|r| !old.contains(&r.id))
-            // A delivered reply's message is needed no more (it is kept
-            // for a notice, should the record fail).
-            .flat_map(|r| {
-                let message = r.message_ref.as_deref().filter(|_| r.state != State::Delivered);
-                [content::reference(&r.payload), message]
-            })
-            .flatten()
-            .collect();
-        let txn = redb_try!(self.db.get()?.begin_write(), "spool write");
-        {
-            let mut records = redb_try!(txn.open_table(RECORDS), "spool write");
+                // Calendar texts no remaining record refers to go too; a
+                // delivered reply's message is needed no more (it is kept
+                // for a notice, should the record fail).
+                kept.extend(content::reference(&r.payload).map(str::to_owned));
+                if r.state != State::Delivered {
+                    kept.extend(r.message_ref.clone());
+                }
+            }
             for id in &old {
                 redb_try!(records.remove(id.as_str()), "spool write");
             }
             let mut texts = redb_try!(txn.open_table(CONTENT), "spool write");
+            let kept: HashSet<&str> = kept.iter().map(String::as_str).collect();
             content::keep_only(&mut texts, &kept)?;
-        }
+            old.len()
+        };
         redb_try!(txn.commit(), "spool commit");
-        Ok(old.len())
+        Ok(purged)
     }
 
     /// Pending records created before `before` (ms), at most `limit`, but

@@ -251,8 +251,26 @@ impl<'t> RecordTables<'t> {
         })
     }
 
-    /// A record and its pending index entries.
+    /// A record and its pending index entries. A notice stored as sent
+    /// stays sent: a copy of the record read before (a delivery attempt, a
+    /// `queue retry`) never undoes it, so no organizer hears twice.
     pub(super) fn put(&mut self, rec: &Record) -> Result<(), SpoolError> {
+        let stored_sent = redb_try!(self.records.get(rec.id.as_str()), "spool read")
+            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(raw.value()).ok())
+            .and_then(|v| serde_json::from_value::<Notice>(v.get("notice")?.clone()).ok())
+            .filter(|n| n.state == NoticeState::Sent);
+        let kept;
+        let rec = match stored_sent {
+            Some(sent) if rec.notice.as_ref().map(|n| n.state) != Some(NoticeState::Sent) => {
+                let mut r = rec.clone();
+                r.notice = Some(sent);
+                r.message_ref = None;
+                r.original = None;
+                kept = r;
+                &kept
+            }
+            _ => rec,
+        };
         let bytes = encode(rec, &mut self.content)?;
         let id = rec.id.as_str();
         redb_try!(self.records.insert(id, bytes.as_slice()), "spool write");
