@@ -258,8 +258,11 @@ fn compare() {
     hook.keep_alive();
     let dir = tempfile::tempdir().unwrap();
     // Logging as shipped (info: a line or two per message), not the tests' debug.
+    // IMIP_BENCH_ON_FAILURE=keep: without keeping each reply for its notice.
+    let on_failure = std::env::var("IMIP_BENCH_ON_FAILURE").unwrap_or_else(|_| "organizer".into());
     let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
         c.replace("log_level = \"debug\"", "log_level = \"info\"")
+            .replace("[delivery]\n", &format!("[delivery]\non_failure = \"{on_failure}\"\n"))
     });
     let pid = milter.pid().expect("daemon pid");
     let dkim = OpenDkim::start();
