@@ -25,6 +25,35 @@ fn mode(config: &Config) -> Finding {
     }
 }
 
+/// Whether a reply that fails for good can reach its organizer.
+fn notices(config: &Config) -> Finding {
+    use std::os::unix::fs::PermissionsExt;
+    let d = &config.delivery;
+    if d.on_failure == crate::config::OnFailure::Keep {
+        return Finding::ok(
+            "notices",
+            "delivery.on_failure = keep: a failed reply stays in the spool, nobody is mailed",
+        );
+    }
+    match std::fs::metadata(&d.sendmail) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Finding::ok(
+            "notices",
+            format!(
+                "a reply that fails for good is mailed to its organizer through {}",
+                d.sendmail.display()
+            ),
+        ),
+        _ => Finding::warn(
+            "notices",
+            format!(
+                "delivery.sendmail {} is not an executable file: a reply that fails for good cannot be mailed to \
+                 its organizer (install Postfix's sendmail, or set delivery.on_failure = \"keep\")",
+                d.sendmail.display()
+            ),
+        ),
+    }
+}
+
 /// Runs every check. `postfix_config`: Postfix's configuration directory
 /// (postconf -c), None for the default one. `organizer`: prove the target
 /// works for this organizer (caldav: home, calendars, a search), writing
@@ -45,6 +74,7 @@ pub async fn run(
     out.extend(service_user_access(config));
     out.extend(token_database(config).await);
     out.push(target(config).await);
+    out.push(notices(config));
     if let Some(o) = organizer {
         out.extend(for_organizer(config, o).await);
     }
@@ -283,5 +313,32 @@ async fn target(config: &Config) -> Finding {
     match Target::new(&config.target) {
         Ok(t) => t.check().await,
         Err(e) => Finding::fail("target", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_sendmail_is_named() {
+        let text = |extra: &str| {
+            format!(
+                "[gateway]\naddresses = [\"calendar@example.org\"]\n[target]\nurl = \"http://127.0.0.1:9/\"\n{extra}"
+            )
+        };
+        let missing = Config::parse(&text("[delivery]\nsendmail = \"/nonexistent/sendmail\"\n")).unwrap();
+        let f = notices(&missing);
+        assert!(
+            f.to_string().starts_with("WARN") && f.to_string().contains("/nonexistent/sendmail"),
+            "{f}"
+        );
+        let present = Config::parse(&text("[delivery]\nsendmail = \"/bin/sh\"\n")).unwrap();
+        assert!(notices(&present).to_string().starts_with("OK"), "{}", notices(&present));
+        let keep = Config::parse(&text(
+            "[delivery]\non_failure = \"keep\"\nsendmail = \"/nonexistent/x\"\n",
+        ))
+        .unwrap();
+        assert!(notices(&keep).to_string().starts_with("OK"));
     }
 }
