@@ -1,6 +1,7 @@
 //! Every step that reads outside input costs time proportional to it: each
 //! test builds a hostile input at size n and 8n and fails when the time
-//! grows more than 12× (a quadratic step grows 64×). Inputs are built
+//! grows more than 16× (a quadratic step grows 64×; 12× was seen once for a
+//! linear step on a loaded machine, ×7–8 alone). Inputs are built
 //! outside the timing; each size runs three times and the fastest counts.
 
 use imip_milter::{itip, message, outbound, schedule, targets::dav_xml};
@@ -33,7 +34,7 @@ fn linear<T>(what: &str, n: usize, build: impl Fn(usize) -> T, run: impl Fn(&T))
     let ratio = large.as_secs_f64() / small.max(FLOOR / 8).as_secs_f64();
     eprintln!("{what}: n={n} {small:?}, 8n {large:?}, ×{ratio:.1}");
     assert!(
-        large < FLOOR || ratio <= 12.0,
+        large < FLOOR || ratio <= 16.0,
         "{what}: {small:?} at n={n}, {large:?} at 8n: ×{ratio:.1}, more than linear"
     );
 }
