@@ -85,6 +85,7 @@ impl Notices {
             to: None,
             time_ms: now_ms(),
             reason: String::new(),
+            attempts: 0,
         });
         true
     }
@@ -330,10 +331,11 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str, memory: &mut Memo
         Ok(Err(e)) => return warn!("cannot read record {id} for its notice: {}", errors::chain(&e)),
         _ => return,
     };
-    // Sent already (queued twice), or retried since.
-    if rec.state != State::Failed || rec.notice.as_ref().map(|n| n.state) != Some(NoticeState::Pending) {
+    // Sent already (queued twice), given up, or retried since.
+    if rec.state != State::Failed || !rec.notice.as_ref().is_some_and(Notice::due) {
         return;
     }
+    let attempts = rec.notice.as_ref().map_or(0, |n| n.attempts);
     let to = match notices.on_failure {
         OnFailure::Keep => Err("delivery.on_failure is keep".to_owned()),
         OnFailure::Organizer => notices.recipient(&rec),
@@ -399,6 +401,10 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str, memory: &mut Memo
         to: to.as_ref().ok().cloned(),
         time_ms: now_ms(),
         reason: reason.clone(),
+        attempts: match state {
+            NoticeState::Sent | NoticeState::Failed => attempts.saturating_add(1),
+            _ => attempts,
+        },
     };
     if let (NoticeState::Sent, Some((q, m)), Ok(to)) = (state, key, &to) {
         memory.remember((q, m, to.clone()), rec.id.clone());
@@ -679,6 +685,7 @@ mod tests {
             to: Some("alice@example.org".into()),
             time_ms: 1,
             reason: String::new(),
+            attempts: 0,
         });
         assert!(!n.wanted(&r));
         // A notice refused or failed before is tried again with the next failure.
@@ -738,12 +745,14 @@ mod tests {
             to: None,
             time_ms: 1,
             reason: String::new(),
+            attempts: 0,
         });
         first.notice = Some(Notice {
             state: NoticeState::Sent,
             to: Some("alice@example.org".into()),
             time_ms: 1,
             reason: String::new(),
+            attempts: 0,
         });
         spool.append(vec![first, second]).await.unwrap();
         spool.flush().unwrap();
@@ -768,6 +777,7 @@ mod tests {
             to: None,
             time_ms: 1,
             reason: String::new(),
+            attempts: 0,
         });
         spool.append(vec![r.clone()]).await.unwrap();
         let sent = Notice {
@@ -775,6 +785,7 @@ mod tests {
             to: Some("alice@example.org".into()),
             time_ms: 2,
             reason: String::new(),
+            attempts: 0,
         };
         assert!(spool.set_notice("abc", &sent).unwrap());
         // The worker's copy, read before, comes back with a new outcome.

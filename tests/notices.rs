@@ -49,7 +49,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     let dir = tempfile::tempdir().unwrap();
     let hook = Webhook::start();
     let wrapper = dir.path().join("sendmail");
-    let milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
+    let mut milter = Daemon::start_edited(dir.path(), &hook.url(), None, |c| {
         format!(
             "{}\n[tokens]\nmode = \"local\"\n",
             c.replace(
@@ -75,7 +75,11 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     .unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let config = milter.config_path.clone();
-    let diagnostics = || format!("--- maillog\n{}\n--- milter\n{}", postfix.log(), milter.log());
+    let milter_log = milter.log_path.clone();
+    let diagnostics = || {
+        let log = std::fs::read_to_string(&milter_log).unwrap_or_default();
+        format!("--- maillog\n{}\n--- milter\n{log}", postfix.log())
+    };
 
     // The event is gone from the calendar server: 404, for good.
     let token = common::add_token(&config, "alice@example.org", "bob@example.com", "board-1@example.org");
@@ -189,6 +193,15 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
         "{journal}"
     );
     std::fs::remove_file(dir.path().join("fail")).unwrap();
+    // Tried again with the hourly pass and at start: here, a restart.
+    milter.terminate();
+    milter.spawn();
+    let mail = postfix.wait_mailbox("alice", 2);
+    assert_eq!(mail.len(), 2, "{}", diagnostics());
+    assert!(mail[1].contains("Message-ID: <declined-4@example.com>"), "{}", mail[1]);
+    let shown = failed_record(&config, "declined-4@example.com");
+    assert_eq!(shown["notice"]["state"], "sent", "{shown}");
+    assert_eq!(shown["notice"]["attempts"], 2, "{shown}");
 
     // delivery.on_failure = "keep", by SIGHUP: the record stays, nobody is mailed.
     let edited = std::fs::read_to_string(&config)
@@ -213,7 +226,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     assert_eq!(shown["state"], "failed", "{shown}\n{}", diagnostics());
     assert!(shown.get("notice").is_none(), "{shown}");
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(postfix.mailbox("alice").len(), 1, "{}", diagnostics());
+    assert_eq!(postfix.mailbox("alice").len(), 2, "{}", diagnostics());
 }
 
 /// A crash between the failure and the notice: the notice, committed with
@@ -260,6 +273,7 @@ fn a_notice_left_pending_by_a_crash_is_sent_at_the_next_start_once() {
             to: None,
             time_ms: now,
             reason: String::new(),
+            attempts: 0,
         });
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(spool.append(vec![rec])).unwrap();

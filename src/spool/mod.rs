@@ -27,7 +27,7 @@ mod layout;
 mod records;
 mod writer;
 
-pub use records::{build_record, delivery_id, Appended, Envelope, Notice, NoticeState, Record, State};
+pub use records::{build_record, delivery_id, Appended, Envelope, Notice, NoticeState, Record, State, NOTICE_ATTEMPTS};
 pub use writer::AppendComing;
 
 use crate::clock::now_ms;
@@ -283,13 +283,13 @@ impl Spool {
         Ok(found)
     }
 
-    /// Failed records whose notice is still to be sent (a crash came
-    /// between the failure and the notice).
+    /// Failed records whose notice is still to be sent: a crash came
+    /// between the failure and the notice, or sendmail failed.
     pub fn notices_pending(&self) -> Result<Vec<String>, SpoolError> {
         Ok(self
             .list(false)?
             .into_iter()
-            .filter(|r| r.state == State::Failed && r.notice.as_ref().is_some_and(|n| n.state == NoticeState::Pending))
+            .filter(|r| r.state == State::Failed && r.notice.as_ref().is_some_and(Notice::due))
             .map(|r| r.id)
             .collect())
     }

@@ -80,6 +80,29 @@ pub struct Notice {
     /// Not sent: why.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Times sendmail was tried.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Times a notice is tried while sendmail fails: at the failure, then with
+/// each hourly pass and at each start, a day long.
+pub const NOTICE_ATTEMPTS: u32 = 24;
+
+impl Notice {
+    /// Still to be sent: pending, or sendmail failed fewer than
+    /// NOTICE_ATTEMPTS times.
+    pub fn due(&self) -> bool {
+        match self.state {
+            NoticeState::Pending => true,
+            NoticeState::Failed => self.attempts < NOTICE_ATTEMPTS,
+            NoticeState::Sent | NoticeState::Refused => false,
+        }
+    }
 }
 
 /// Where a notice stands.
@@ -92,8 +115,8 @@ pub enum NoticeState {
     /// Not sent, by rule: no organizer, one that is a gateway address or
     /// outside the local domains.
     Refused,
-    /// Not sent: sendmail or the spool failed. Another failure of the
-    /// record (after `queue retry`) tries again.
+    /// Not sent: sendmail failed. Tried again with the hourly pass and at
+    /// start, NOTICE_ATTEMPTS times in all, and when the record fails again.
     Failed,
 }
 
