@@ -96,13 +96,10 @@ pub async fn take(
     let queue = queue_id.clone().unwrap_or_else(|| "NOQUEUE".into());
     let client = client_addr.as_deref().unwrap_or("-");
     let refused = |d: &decision::Decision, token: Option<&str>, tallied: bool| {
-        let word = match settings.observe {
-            true => crate::journal::would(d.disposition.as_str()),
-            false => d.disposition.as_str().to_owned(),
-        };
         tracing::info!(
-            "{}: {word} RCPT {} from=<{}> via=deliver: {}",
+            "{}: {} RCPT {} from=<{}> via=deliver: {}",
             crate::address::printable(&queue),
+            settings.shown(d.disposition),
             settings.gateway.redact(rcpt),
             crate::address::printable(sender),
             d.reason

@@ -170,7 +170,6 @@ pub async fn run(
         stop: stop_notices,
         task: noticing,
     };
-    queue.pending(&spool).await;
     let mut worker = Worker {
         notices,
         queue,
@@ -644,18 +643,7 @@ fn delivery_event(rec: &Record, outcome: &Outcome) -> crate::journal::Event {
         (_, State::Failed) => ("failed", rec.last_error.clone().unwrap_or_default()),
         _ => ("retry", rec.last_error.clone().unwrap_or_default()),
     };
-    let text = |k: &str| rec.payload[k].as_str().map(str::to_owned);
-    crate::journal::Event {
-        queue_id: rec.queue_id.clone(),
-        message_id: text("message_id"),
-        sender: rec.payload["envelope"]["mail_from"].as_str().map(str::to_owned),
-        from: text("from"),
-        attendee: text("attendee"),
-        organizer: text("organizer"),
-        token: Some(crate::journal::token8(&rec.token_prefix)),
-        record_id: Some(rec.id.clone()),
-        ..crate::journal::Event::now("delivery", disposition, &reason)
-    }
+    rec.event("delivery", disposition, &reason)
 }
 
 #[cfg(test)]

@@ -187,9 +187,10 @@ pub async fn observe(
     envelope: &Envelope,
 ) -> Intake {
     let queue_id = envelope.queue_id.as_deref().unwrap_or("NOQUEUE");
-    let mut intake = match prepared(raw, recipients, tokens, settings, envelope).await {
+    match prepared(raw, recipients, tokens, settings, envelope).await {
+        // Nothing spooled: no record ids to show.
         Ok((p, _)) => Intake {
-            ids: p.records.iter().map(|r| r.id.clone()).collect(),
+            ids: Vec::new(),
             decision: p.decision,
             analysis: p.analysis,
             duplicates: 0,
@@ -198,10 +199,11 @@ pub async fn observe(
             message: None,
             observed: true,
         },
-        Err(e) => failed(queue_id, &e),
-    };
-    intake.observed = true;
-    intake
+        Err(e) => Intake {
+            observed: true,
+            ..failed(queue_id, &e)
+        },
+    }
 }
 
 /// The decision `take` would come to, without spooling anything: what
@@ -384,7 +386,7 @@ pub fn journal_event(
         organizer: intake.organizer.clone(),
         token: gateway(recipients).next().map(|(_, t)| crate::journal::token8(t)),
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
-        record_id: (!intake.ids.is_empty() && !intake.observed).then(|| intake.ids.join(",")),
+        record_id: (!intake.ids.is_empty()).then(|| intake.ids.join(",")),
         ..now
     }
 }
@@ -459,7 +461,7 @@ pub fn log(envelope: &Envelope, recipients: &[(String, Recipient)], intake: &Int
         },
         crate::address::quoted(&intake.decision.reason),
     );
-    if !intake.ids.is_empty() && !intake.observed {
+    if !intake.ids.is_empty() {
         line.push_str(&format!(" id={}", intake.ids.join(",")));
     }
     if intake.duplicates > 0 {

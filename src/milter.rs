@@ -124,7 +124,7 @@ impl Shared {
             sender: Some(sender.to_owned()),
             token: token.map(crate::journal::token8),
             smtp_reply: reply,
-            ..crate::journal::Event::now("recipient", &word(&self.settings(), d.disposition), &d.reason)
+            ..crate::journal::Event::now("recipient", &self.settings().shown(d.disposition), &d.reason)
         };
         self.spool.journal_later(event);
     }
@@ -270,7 +270,7 @@ fn refuse_message(
     let line = format!(
         "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
         crate::address::printable(sender),
-        word(&settings, d.disposition),
+        settings.shown(d.disposition),
         crate::address::quoted(&d.reason)
     );
     if d.disposition == Disposition::Tempfail {
@@ -285,32 +285,19 @@ fn refuse_message(
             .next()
             .map(|(_, t)| crate::journal::token8(t)),
         smtp_reply: d.smtp_reply.as_ref().map(ToString::to_string),
-        ..crate::journal::Event::now("message", &word(&settings, d.disposition), &d.reason)
+        ..crate::journal::Event::now("message", &settings.shown(d.disposition), &d.reason)
     };
     shared.spool.journal_later(event);
-    if settings.observe {
-        return Status::Accept;
-    }
-    set_reply(reply, d);
-    match d.disposition {
-        Disposition::Tempfail => Status::Tempfail,
-        _ => Status::Reject,
-    }
-}
-
-/// A disposition as the log and the journal name it: in observe mode,
-/// what it would have been.
-fn word(settings: &Settings, d: Disposition) -> String {
     match settings.observe {
-        true => crate::journal::would(d.as_str()),
-        false => d.as_str().to_owned(),
+        true => Status::Accept,
+        false => refuse(reply, d),
     }
 }
 
 /// Counts a decision in the metrics: as carried out, or as observed.
 fn count(settings: &Settings, d: Disposition) {
     match settings.observe {
-        true => METRICS.observed(&word(settings, d)),
+        true => METRICS.observed(&settings.shown(d)),
         false => METRICS.message(d),
     }
 }
@@ -319,9 +306,14 @@ fn count(settings: &Settings, d: Disposition) {
 /// on as if the milter were not there (the recipient is not kept as a
 /// gateway recipient either).
 fn refuse_recipient(settings: &Settings, reply: &mut impl SetErrorReply, d: &Decision) -> Status {
-    if settings.observe {
-        return Status::Continue;
+    match settings.observe {
+        true => Status::Continue,
+        false => refuse(reply, d),
     }
+}
+
+/// A refusal's reply and status: 4xx or 5xx as decided.
+fn refuse(reply: &mut impl SetErrorReply, d: &Decision) -> Status {
     set_reply(reply, d);
     match d.disposition {
         Disposition::Tempfail => Status::Tempfail,
@@ -535,7 +527,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         info!(
             "{}: {} RCPT {} from=<{}>: {}",
             queue_id(&cx.macros),
-            word(&settings, d.disposition),
+            settings.shown(d.disposition),
             settings.gateway.redact(&raw),
             cx.data.as_ref().map(|s| s.mail_from.as_str()).unwrap_or(""),
             d.reason
@@ -572,7 +564,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
         info!(
             "{}: {} RCPT {}: {}",
             queue_id(&cx.macros),
-            word(&settings, d.disposition),
+            settings.shown(d.disposition),
             settings.gateway.redact(&raw),
             d.reason
         );
@@ -590,7 +582,7 @@ async fn rcpt(shared: &Shared, cx: &mut Context<Session>, args: Vec<CString>) ->
                 info!(
                     "{}: {} RCPT {} from=<{}> client={}: {}",
                     queue_id(&cx.macros),
-                    word(&settings, d.disposition),
+                    settings.shown(d.disposition),
                     settings.gateway.redact(&raw),
                     session.mail_from,
                     session.client_addr.as_deref().unwrap_or("-"),
@@ -774,7 +766,7 @@ async fn eom(shared: &Shared, cx: &mut EomContext<Session>) -> Status {
         info!(
             "{queue_id}: from=<{}> disposition={} reason=\"{}\"",
             crate::address::printable(&from),
-            word(&settings, d.disposition),
+            settings.shown(d.disposition),
             crate::address::quoted(&d.reason)
         );
         return Status::Accept;

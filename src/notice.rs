@@ -197,12 +197,10 @@ impl Notices {
     }
 }
 
+/// A `mailto:` URI's address; anything else (a bare address) as it is.
 fn strip_mailto(uri: &str) -> &str {
     let t = uri.trim();
-    match t.get(..7) {
-        Some(p) if p.eq_ignore_ascii_case("mailto:") => t.get(7..).unwrap_or(""),
-        _ => t,
-    }
+    crate::decision::bare_address(t).unwrap_or(t)
 }
 
 /// The ids of records whose notice is due, for the notice task.
@@ -221,7 +219,8 @@ impl Queue {
         let _ = self.0.try_send(id);
     }
 
-    /// Queues the notices a crash left pending.
+    /// Queues the notices still to be sent (the hourly pass; the task
+    /// finds those of the start itself).
     pub async fn pending(&self, spool: &Spool) {
         let s = spool.clone();
         match tokio::task::spawn_blocking(move || s.notices_pending()).await {
@@ -248,20 +247,24 @@ struct Memory {
 }
 
 impl Memory {
-    /// The notices the spool holds as sent: one scan, at start.
-    async fn load(spool: &Spool) -> Self {
+    /// One scan, at start: the notices the spool holds as sent, and the
+    /// ids of those still to be sent (a crash, sendmail failing).
+    async fn load(spool: &Spool) -> (Self, Vec<String>) {
         let mut m = Self::default();
+        let mut due = Vec::new();
         let s = spool.clone();
         if let Ok(Ok(records)) = tokio::task::spawn_blocking(move || s.list(false)).await {
             for r in records {
-                if let (Some((q, mid)), Some(n)) = (message_key(&r), &r.notice) {
-                    if let (NoticeState::Sent, Some(to)) = (n.state, &n.to) {
-                        m.remember((q, mid, to.clone()), r.id.clone());
-                    }
+                let Some(n) = &r.notice else { continue };
+                if r.notice_due() {
+                    due.push(r.id.clone());
+                }
+                if let (Some((q, mid)), NoticeState::Sent, Some(to)) = (message_key(&r), n.state, &n.to) {
+                    m.remember((q, mid, to.clone()), r.id.clone());
                 }
             }
         }
-        m
+        (m, due)
     }
 
     fn remember(&mut self, key: (String, String, String), id: String) {
@@ -290,7 +293,13 @@ pub async fn run(
     current: impl Fn() -> Arc<Notices>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut memory = Memory::load(&spool).await;
+    let (mut memory, due) = Memory::load(&spool).await;
+    for id in due {
+        if *stop.borrow() {
+            return;
+        }
+        hand_over(&spool, &current(), &id, &mut memory).await;
+    }
     loop {
         let id = tokio::select! {
             biased;
@@ -332,7 +341,7 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str, memory: &mut Memo
         _ => return,
     };
     // Sent already (queued twice), given up, or retried since.
-    if rec.state != State::Failed || !rec.notice.as_ref().is_some_and(Notice::due) {
+    if !rec.notice_due() {
         return;
     }
     let attempts = rec.notice.as_ref().map_or(0, |n| n.attempts);
@@ -414,18 +423,11 @@ async fn hand_over(spool: &Spool, notices: &Notices, id: &str, memory: &mut Memo
         (NoticeState::Sent, Ok(to)) => format!("to {to}: {}", rec.last_error.as_deref().unwrap_or("")),
         _ => reason,
     };
-    let text = |k: &str| rec.payload[k].as_str().map(str::to_owned);
-    spool.journal_later(crate::journal::Event {
-        queue_id: rec.queue_id.clone(),
-        message_id: text("message_id"),
-        sender: rec.payload["envelope"]["mail_from"].as_str().map(str::to_owned),
-        from: text("from"),
-        attendee: text("attendee"),
-        organizer: to.ok().or_else(|| text("organizer")),
-        token: Some(crate::journal::token8(&rec.token_prefix)),
-        record_id: Some(rec.id.clone()),
-        ..crate::journal::Event::now("notice", state.as_str(), &shown)
-    });
+    let mut event = rec.event("notice", state.as_str(), &shown);
+    if let Ok(to) = to {
+        event.organizer = Some(to);
+    }
+    spool.journal_later(event);
 }
 
 /// A header value from outside: printable ASCII only, one line, bounded.
@@ -536,7 +538,7 @@ pub fn compose(n: &Notices, rec: &Record, to: &str, original: Option<&[u8]>, bou
 /// program takes it as an answer to her event (and the token's calendar
 /// text goes no further). Headers stay as they arrived.
 pub fn attachment(original: Vec<u8>, organizer: Option<&str>) -> Vec<u8> {
-    let Some(organizer) = organizer.filter(|o| o.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("mailto:"))) else {
+    let Some(organizer) = organizer.filter(|o| crate::decision::bare_address(o).is_some()) else {
         return original;
     };
     match crate::outbound::organizer_given_back(&original, organizer) {
@@ -758,7 +760,8 @@ mod tests {
         spool.flush().unwrap();
         // Remembered from the spool at start: the second record's notice
         // is refused without sendmail (the configured one does not exist).
-        let mut memory = Memory::load(&spool).await;
+        let (mut memory, due) = Memory::load(&spool).await;
+        assert_eq!(due, ["def"]);
         let mut n = notices("");
         n.sendmail = "/nonexistent/sendmail".into();
         hand_over(&spool, &n, "def", &mut memory).await;

@@ -44,6 +44,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// A disposition as the log and the journal name it: in observe mode,
+    /// what it would have been.
+    pub fn shown(&self, d: crate::decision::Disposition) -> String {
+        match self.observe {
+            true => crate::journal::would(d.as_str()),
+            false => d.as_str().to_owned(),
+        }
+    }
+
     pub fn from_config(config: &crate::config::Config) -> Self {
         Self {
             gateway: config.gateway.clone(),

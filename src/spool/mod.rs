@@ -289,7 +289,7 @@ impl Spool {
         Ok(self
             .list(false)?
             .into_iter()
-            .filter(|r| r.state == State::Failed && r.notice.as_ref().is_some_and(Notice::due))
+            .filter(Record::notice_due)
             .map(|r| r.id)
             .collect())
     }

@@ -69,6 +69,30 @@ pub struct Record {
     pub notice: Option<Notice>,
 }
 
+impl Record {
+    /// A failed record whose notice is still to be sent.
+    pub fn notice_due(&self) -> bool {
+        self.state == State::Failed && self.notice.as_ref().is_some_and(Notice::due)
+    }
+
+    /// The journal's line about this record: `event` (delivery, notice),
+    /// with what the record knows of its message.
+    pub fn event(&self, event: &str, disposition: &str, reason: &str) -> crate::journal::Event {
+        let text = |k: &str| self.payload[k].as_str().map(str::to_owned);
+        crate::journal::Event {
+            queue_id: self.queue_id.clone(),
+            message_id: text("message_id"),
+            sender: self.payload["envelope"]["mail_from"].as_str().map(str::to_owned),
+            from: text("from"),
+            attendee: text("attendee"),
+            organizer: text("organizer"),
+            token: Some(crate::journal::token8(&self.token_prefix)),
+            record_id: Some(self.id.clone()),
+            ..crate::journal::Event::now(event, disposition, reason)
+        }
+    }
+}
+
 /// The notice to the organizer of a reply that failed for good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
