@@ -44,6 +44,40 @@ fn failed_record(config: &std::path::Path, message_id: &str) -> serde_json::Valu
     shown
 }
 
+/// The private instance's own sendmail at `path`, as delivery.sendmail runs
+/// it; while the file `fail` exists it fails as postdrop would.
+fn sendmail_wrapper(path: &std::path::Path, postfix: &Postfix, fail: &std::path::Path) {
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\n[ -e {} ] && {{ echo 'postdrop: fatal: queue file write error' >&2; exit 75; }}\n\
+             exec /usr/sbin/sendmail -C {} \"$@\"\n",
+            fail.display(),
+            postfix.etc().display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// Bob declines `organizer`'s event board-`n` through a token minted for it;
+/// the target answers 404 (the event is gone), for good. The gateway address.
+fn declined_for_good(postfix: &Postfix, hook: &Webhook, config: &std::path::Path, organizer: &str, n: u32) -> String {
+    let uid = format!("board-{n}@example.org");
+    let token = common::add_token(config, organizer, "bob@example.com", &uid);
+    let gateway = format!("calendar+{token}@example.org");
+    hook.fail_next(&[404]);
+    let message_id = format!("declined-{n}@example.com");
+    let out = smtp_send(
+        postfix.port,
+        "bob@example.com",
+        &[&gateway],
+        &reply(&gateway, &uid, &message_id),
+    );
+    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    gateway
+}
+
 #[test]
 fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,18 +96,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
         "{{ inet:127.0.0.1:{}, default_action=tempfail, command_timeout=10s }}",
         milter.port
     ));
-    // The private instance's own sendmail, as delivery.sendmail runs it.
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\n[ -e {fail} ] && {{ echo 'postdrop: fatal: queue file write error' >&2; exit 75; }}\n\
-             exec /usr/sbin/sendmail -C {} \"$@\"\n",
-            postfix.etc().display(),
-            fail = dir.path().join("fail").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    sendmail_wrapper(&wrapper, &postfix, &dir.path().join("fail"));
     let config = milter.config_path.clone();
     let milter_log = milter.log_path.clone();
     let diagnostics = || {
@@ -82,16 +105,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     };
 
     // The event is gone from the calendar server: 404, for good.
-    let token = common::add_token(&config, "alice@example.org", "bob@example.com", "board-1@example.org");
-    let gateway = format!("calendar+{token}@example.org");
-    hook.fail_next(&[404]);
-    let out = smtp_send(
-        postfix.port,
-        "bob@example.com",
-        &[&gateway],
-        &reply(&gateway, "board-1@example.org", "declined-1@example.com"),
-    );
-    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    let gateway = declined_for_good(&postfix, &hook, &config, "alice@example.org", 1);
 
     let mail = postfix.wait_mailbox("alice", 1);
     assert_eq!(mail.len(), 1, "{}", diagnostics());
@@ -145,21 +159,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     assert_eq!(postfix.mailbox("alice").len(), 1, "{}", diagnostics());
 
     // An organizer that is a gateway address: the notice would loop.
-    let looping = common::add_token(
-        &config,
-        "calendar+feedc0de@example.org",
-        "bob@example.com",
-        "board-2@example.org",
-    );
-    let gateway2 = format!("calendar+{looping}@example.org");
-    hook.fail_next(&[404]);
-    let out = smtp_send(
-        postfix.port,
-        "bob@example.com",
-        &[&gateway2],
-        &reply(&gateway2, "board-2@example.org", "declined-2@example.com"),
-    );
-    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    declined_for_good(&postfix, &hook, &config, "calendar+feedc0de@example.org", 2);
     let shown = failed_record(&config, "declined-2@example.com");
     assert_eq!(shown["notice"]["state"], "refused", "{shown}");
     let why = shown["notice"]["reason"].as_str().unwrap_or_default();
@@ -174,16 +174,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
 
     // sendmail fails: the notice is failed with its words, the record keeps the reply.
     std::fs::write(dir.path().join("fail"), "").unwrap();
-    let token4 = common::add_token(&config, "alice@example.org", "bob@example.com", "board-4@example.org");
-    let gateway4 = format!("calendar+{token4}@example.org");
-    hook.fail_next(&[404]);
-    let out = smtp_send(
-        postfix.port,
-        "bob@example.com",
-        &[&gateway4],
-        &reply(&gateway4, "board-4@example.org", "declined-4@example.com"),
-    );
-    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    declined_for_good(&postfix, &hook, &config, "alice@example.org", 4);
     let shown = failed_record(&config, "declined-4@example.com");
     assert_eq!(shown["notice"]["state"], "failed", "{shown}");
     assert!(shown["message_ref"].is_string(), "{shown}");
@@ -212,16 +203,7 @@ fn a_reply_that_fails_for_good_goes_to_its_organizer_once_and_never_in_a_loop() 
     assert!(wait_until(Duration::from_secs(10), || milter
         .log()
         .contains("delivery.on_failure changed")));
-    let token3 = common::add_token(&config, "alice@example.org", "bob@example.com", "board-3@example.org");
-    let gateway3 = format!("calendar+{token3}@example.org");
-    hook.fail_next(&[404]);
-    let out = smtp_send(
-        postfix.port,
-        "bob@example.com",
-        &[&gateway3],
-        &reply(&gateway3, "board-3@example.org", "declined-3@example.com"),
-    );
-    assert!(out.data.as_deref().unwrap_or("").starts_with("250"), "{out:?}");
+    declined_for_good(&postfix, &hook, &config, "alice@example.org", 3);
     let shown = failed_record(&config, "declined-3@example.com");
     assert_eq!(shown["state"], "failed", "{shown}\n{}", diagnostics());
     assert!(shown.get("notice").is_none(), "{shown}");
@@ -238,15 +220,7 @@ fn a_notice_left_pending_by_a_crash_is_sent_at_the_next_start_once() {
     let hook = Webhook::start();
     let postfix = Postfix::start("");
     let wrapper = dir.path().join("sendmail");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec /usr/sbin/sendmail -C {} \"$@\"\n",
-            postfix.etc().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    sendmail_wrapper(&wrapper, &postfix, &dir.path().join("never"));
 
     // The spool as the crash left it.
     let state = dir.path().join("state");
